@@ -1,0 +1,64 @@
+"""The server process: sources feeding the cache, the xDS server reading it, one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import is_loopback, parse_address
+from .xds.cache import ResourceCache
+from .xds.server import ServerSettings, XdsServer
+
+log = logging.getLogger("xds_server")
+
+
+@dataclass
+class AppConfig:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    resources: Path | None = None  # a directory of raw Envoy resources (YAML/JSON)
+
+
+async def serve(config: AppConfig, *, started: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    from .sources.resource_files import ResourceDirectory  # imports every Envoy proto: lazily
+
+    host, _ = parse_address(config.server.address, "--xds-address")
+    if not is_loopback(host):
+        log.warning(
+            "xDS listening beyond loopback without TLS: only do this on a trusted network",
+            extra={"address": config.server.address},
+        )
+    cache = ResourceCache()
+    tasks: list[asyncio.Task] = []
+    stop = asyncio.Event()
+    if config.resources is not None:
+        directory = ResourceDirectory(config.resources, cache)
+        errors = directory.load()
+        log.info(
+            "loaded raw resources",
+            extra={"directory": str(config.resources), "errors": len(errors),
+                   "resources": sum(len(cache.resources(t)) for t in cache.type_urls())},
+        )
+        tasks.append(asyncio.create_task(directory.run(stop), name="resource-files"))
+
+    server = XdsServer(cache, config.server)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    log.info("serving", extra={"xds_address": server.address})
+    if started is not None:
+        started.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down", extra={"grace_seconds": config.server.shutdown_grace})
+        await server.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

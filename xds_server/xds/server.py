@@ -1,0 +1,418 @@
+"""The xDS gRPC server: ADS and the per-type services, state-of-the-world and delta.
+
+The server owns connections and scheduling; the protocol rules live in `stream.py`. Each
+stream has a reader task (requests -> state) and a writer loop (state -> responses), so a
+slow or stuck client only ever holds up itself (CONFORMANCE rule 8): its pending work is a
+set of dirty flags recomputed from the cache's latest state, never a queue of old pushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from . import types
+from .cache import Change, FullView, ResourceCache, View
+from .push import Debouncer, Pending, SubscriptionIndex
+from .stream import Ack, ProtocolError, Push, StreamState, Variant
+
+log = logging.getLogger("xds_server.xds")
+
+# gRPC service name -> (resource type it serves, or None for ADS; method name prefix)
+SERVICES: dict[str, tuple[str | None, str]] = {
+    "envoy.service.discovery.v3.AggregatedDiscoveryService": (None, "AggregatedResources"),
+    "envoy.service.cluster.v3.ClusterDiscoveryService": (types.CLUSTER, "Clusters"),
+    "envoy.service.endpoint.v3.EndpointDiscoveryService": (types.ENDPOINT, "Endpoints"),
+    "envoy.service.listener.v3.ListenerDiscoveryService": (types.LISTENER, "Listeners"),
+    "envoy.service.route.v3.RouteDiscoveryService": (types.ROUTE, "Routes"),
+    "envoy.service.secret.v3.SecretDiscoveryService": (types.SECRET, "Secrets"),
+}
+
+
+@dataclass
+class ServerSettings:
+    """Everything about the gRPC server an operator may tune. Defaults are production-safe."""
+
+    address: str = "127.0.0.1:15010"  # loopback unless configured otherwise
+    debounce_quiet: float = 0.1  # seconds without a change before pushing; 0 = off
+    debounce_max: float = 1.0  # longest a burst of changes may delay a push
+    max_concurrent_pushes: int = 1000  # responses being built or written at once
+    slow_write_seconds: float = 1.0  # a write slower than this stops counting against the cap
+    keepalive_time: float = 30.0  # server pings an idle connection this often
+    keepalive_timeout: float = 10.0  # and closes it if the ping is not answered in time
+    min_client_ping_interval: float = 10.0  # clients pinging more often are told off (GOAWAY)
+    max_receive_message_bytes: int = 4 * 1024 * 1024  # requests are small
+    max_send_message_bytes: int = 64 * 1024 * 1024  # a large mesh's CDS can be big
+    max_concurrent_streams: int = 1024  # per HTTP/2 connection
+    max_pending_streams: int = 50_000  # stream opens queued at once (bursts of reconnects)
+    max_names_per_request: int = 20_000
+    shutdown_grace: float = 5.0
+    control_plane_id: str = field(default_factory=lambda: f"xds-server@{socket.gethostname()}")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.so_reuseport", 0),  # two servers must never silently share a port
+            ("grpc.keepalive_time_ms", int(self.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.min_client_ping_interval * 1000)),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_receive_message_length", self.max_receive_message_bytes),
+            ("grpc.max_send_message_length", self.max_send_message_bytes),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.server.max_pending_requests", self.max_pending_streams),
+            ("grpc.server.max_pending_requests_hard_limit", self.max_pending_streams * 2),
+        ]
+
+
+ViewProvider = Callable[[base_pb2.Node], View]
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def proxy_label(node: base_pb2.Node | None) -> str:
+    return node.id if node is not None and node.id else "<unknown>"
+
+
+class Connection:
+    """One open xDS stream: protocol state plus what the server needs to drive it."""
+
+    def __init__(self, state: StreamState, peer: str, method: str) -> None:
+        self.state = state
+        self.peer = peer
+        self.method = method
+        self.wake = asyncio.Event()
+        self.closing = False
+        self.error: tuple[grpc.StatusCode, str] | None = None
+
+    @property
+    def proxy_id(self) -> str:
+        return proxy_label(self.state.node)
+
+    def __hash__(self) -> int:
+        return self.state.id
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+@dataclass
+class ServerStats:
+    """Counters the admin API and metrics read (issue 6 exports them to Prometheus)."""
+
+    pushes: int = 0
+    push_bytes: int = 0
+    acks: int = 0
+    nacks: int = 0
+    streams_opened: int = 0
+    protocol_errors: int = 0
+    flushes: int = 0
+
+
+class XdsServer:
+    def __init__(
+        self,
+        cache: ResourceCache,
+        settings: ServerSettings | None = None,
+        *,
+        view_for: ViewProvider | None = None,
+    ) -> None:
+        self.cache = cache
+        self.settings = settings or ServerSettings()
+        self._view_for = view_for or (lambda node, _full=FullView(cache): _full)
+        self.connections: set[Connection] = set()
+        self.stats = ServerStats()
+        self._index = SubscriptionIndex()
+        self._ids = itertools.count(1)
+        self._debouncer = Debouncer(
+            self.settings.debounce_quiet, self.settings.debounce_max, self._on_flush
+        )
+        self._push_slots = asyncio.Semaphore(max(1, self.settings.max_concurrent_pushes))
+        self._server: aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._remove_listener: Callable[[], None] | None = None
+        self._closing = False
+        self.port = 0
+        # Hooks for observers (metrics, admin): called with (connection, push) / (connection, ack).
+        self.on_push: list[Callable[[Connection, Push], None]] = []
+        self.on_ack: list[Callable[[Connection, Ack], None]] = []
+
+    # Life cycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        server = aio.server(options=self.settings.grpc_options())
+        server.add_generic_rpc_handlers([self._handlers()])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        service_names = list(SERVICES) + [
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(service_names, server)
+        self.port = server.add_insecure_port(self.settings.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.address}")
+        await server.start()
+        self._server = server
+        self._remove_listener = self.cache.add_listener(self._on_change)
+        for name in [""] + list(SERVICES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("xDS server listening", extra={"address": self.address})
+
+    @property
+    def address(self) -> str:
+        host = self.settings.address.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: refuse new streams, finish in-flight responses, then close every
+        stream with UNAVAILABLE so clients reconnect (to another replica)."""
+        if self._server is None:
+            return
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self._closing = True
+        await self._health.enter_graceful_shutdown()
+        if self._remove_listener is not None:
+            self._remove_listener()
+        self._debouncer.cancel()
+        for conn in list(self.connections):
+            conn.closing = True
+            conn.wake.set()
+        await self._server.stop(grace)
+        self._server = None
+        log.info("xDS server stopped")
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    # Changes --------------------------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        self._debouncer.add(change)
+
+    def _on_flush(self, pending: Pending, waited: float) -> None:
+        self.stats.flushes += 1
+        woken: set[Connection] = set()
+        for type_url, names in pending.items():
+            for conn in self._index.affected(type_url, names):
+                view = conn.state.view
+                if view is not None and not any(view.may_see(type_url, n) for n in names):
+                    continue
+                if conn.state.mark_dirty((type_url,)):
+                    woken.add(conn)
+        for conn in woken:
+            conn.wake.set()
+
+    def push_all(self) -> int:
+        """Re-evaluate every stream now (a debugging aid; normal pushes follow changes)."""
+        for conn in self.connections:
+            conn.state.mark_dirty(list(conn.state.types))
+            conn.wake.set()
+        return len(self.connections)
+
+    # gRPC plumbing --------------------------------------------------------------------------
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for service, (fixed_type, suffix) in SERVICES.items():
+            stream_name = "Stream" + suffix
+            delta_name = "Delta" + suffix
+            handlers[f"/{service}/{stream_name}"] = grpc.stream_stream_rpc_method_handler(
+                self._stream_handler(Variant.SOTW, fixed_type, stream_name),
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_identity,
+            )
+            handlers[f"/{service}/{delta_name}"] = grpc.stream_stream_rpc_method_handler(
+                self._stream_handler(Variant.DELTA, fixed_type, delta_name),
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_identity,
+            )
+            if fixed_type is not None:
+                handlers[f"/{service}/Fetch{suffix}"] = grpc.unary_unary_rpc_method_handler(
+                    self._fetch_handler(fixed_type),
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=_identity,
+                )
+        return _MethodTable(handlers)
+
+    def _stream_handler(self, variant: Variant, fixed_type: str | None, method: str):
+        async def handle(requests: AsyncIterator, context: aio.ServicerContext) -> None:
+            await self._serve_stream(variant, fixed_type, method, requests, context)
+
+        return handle
+
+    def _fetch_handler(self, type_url: str):
+        async def fetch(request: discovery_pb2.DiscoveryRequest, context: aio.ServicerContext) -> bytes:
+            state = StreamState(next(self._ids), Variant.SOTW, fixed_type=type_url,
+                                control_plane=self.settings.control_plane_id)
+            try:
+                state.on_sotw_request(request)
+            except ProtocolError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            state.view = self._view_for(state.node)
+            push = state.next_push()
+            if push is None:
+                # REST-style fetch: "nothing new" is an empty response at the same version.
+                return discovery_pb2.DiscoveryResponse(
+                    version_info=request.version_info, type_url=type_url
+                ).SerializeToString()
+            return push.data
+
+        return fetch
+
+    async def _serve_stream(
+        self,
+        variant: Variant,
+        fixed_type: str | None,
+        method: str,
+        requests: AsyncIterator,
+        context: aio.ServicerContext,
+    ) -> None:
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down")
+        state = StreamState(
+            next(self._ids),
+            variant,
+            fixed_type=fixed_type,
+            control_plane=self.settings.control_plane_id,
+            max_names=self.settings.max_names_per_request,
+        )
+        conn = Connection(state, context.peer(), method)
+        self.connections.add(conn)
+        self.stats.streams_opened += 1
+        reader = asyncio.create_task(self._read(conn, requests))
+        try:
+            await self._write_loop(conn, context)
+        finally:
+            reader.cancel()
+            self._forget(conn)
+            if state.node is not None:
+                log.info(
+                    "stream closed",
+                    extra={"proxy": conn.proxy_id, "method": method, "stream": state.id},
+                )
+        if conn.error is not None:
+            await context.abort(*conn.error)
+        if conn.closing and self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; reconnect")
+
+    async def _read(self, conn: Connection, requests: AsyncIterator) -> None:
+        state = conn.state
+        try:
+            async for request in requests:
+                first = state.node is None
+                try:
+                    if state.variant is Variant.SOTW:
+                        type_state, ack, added, dropped = state.on_sotw_request(request)
+                    else:
+                        type_state, ack, added, dropped = state.on_delta_request(request)
+                except ProtocolError as err:
+                    self.stats.protocol_errors += 1
+                    log.warning(
+                        "protocol error, closing stream: %s", err,
+                        extra={"proxy": conn.proxy_id, "peer": conn.peer},
+                    )
+                    conn.error = (grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                    break
+                if first:
+                    state.view = self._view_for(state.node)
+                    log.info(
+                        "stream opened",
+                        extra={"proxy": conn.proxy_id, "peer": conn.peer, "method": conn.method,
+                               "stream": state.id},
+                    )
+                if type_state is None:
+                    continue  # stale nonce (rule 9)
+                self._index.subscribe(conn, type_state.type_url, added)
+                self._index.unsubscribe(conn, type_state.type_url, dropped)
+                self._index.set_wildcard(conn, type_state.type_url, type_state.wildcard)
+                if ack is not None:
+                    self._record_ack(conn, ack)
+                if state.wants_push():
+                    conn.wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a broken or garbage stream ends only itself
+            if conn.error is None and not conn.closing:
+                log.info("stream read ended: %s", err, extra={"proxy": conn.proxy_id})
+        finally:
+            conn.closing = True
+            conn.wake.set()
+
+    def _record_ack(self, conn: Connection, ack: Ack) -> None:
+        if ack.nack is None:
+            self.stats.acks += 1
+        else:
+            self.stats.nacks += 1
+            log.warning(
+                "config rejected (NACK): %s", ack.nack.message,
+                extra={"proxy": conn.proxy_id, "type": types.short_name(ack.type_url),
+                       "version": ack.nack.version},
+            )
+        for hook in self.on_ack:
+            hook(conn, ack)
+
+    async def _write_loop(self, conn: Connection, context: aio.ServicerContext) -> None:
+        state = conn.state
+        slots = self._push_slots
+        slow = self.settings.slow_write_seconds
+        while True:
+            await conn.wake.wait()
+            conn.wake.clear()
+            if conn.closing:
+                return
+            while state.view is not None:
+                await slots.acquire()
+                released = False
+                try:
+                    push = state.next_push()
+                    if push is None:
+                        break
+                    write = asyncio.ensure_future(context.write(push.data))
+                    done, _ = await asyncio.wait((write,), timeout=slow)
+                    if not done:
+                        # A slow reader keeps its stream, but not a push slot: others go on.
+                        slots.release()
+                        released = True
+                    await write
+                finally:
+                    if not released:
+                        slots.release()
+                self.stats.pushes += 1
+                self.stats.push_bytes += len(push.data)
+                for hook in self.on_push:
+                    hook(conn, push)
+                if conn.closing:
+                    return
+
+    def _forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        for type_state in conn.state.types.values():
+            self._index.unsubscribe(conn, type_state.type_url, type_state.names)
+            self._index.set_wildcard(conn, type_state.type_url, False)
+
+
+class _MethodTable(grpc.GenericRpcHandler):
+    def __init__(self, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._handlers = handlers
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)
+
+    def service_names(self) -> Iterable[str]:
+        return list(SERVICES)

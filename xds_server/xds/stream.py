@@ -1,0 +1,418 @@
+"""Per-stream protocol state: what one xDS stream asked for, was sent, and acknowledged.
+
+This module is the protocol's rule book (see CONFORMANCE.md; rule numbers are cited inline)
+and has no gRPC in it: the server feeds it requests and asks it for the next response.
+Responses are built from the cache's pre-encoded entries, so a push to a stream costs a byte
+join plus a small header.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from .cache import View
+from .resource import Resource, set_version
+from .types import FULL_STATE_TYPES, order_key
+
+WILDCARD = "*"
+
+
+class Variant(Enum):
+    SOTW = "sotw"
+    DELTA = "delta"
+
+
+class ProtocolError(Exception):
+    """A request that breaks the protocol; the stream is closed with INVALID_ARGUMENT."""
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    version: str  # the version the client rejected
+    nonce: str
+    message: str
+    at: float  # unix time
+
+
+@dataclass(slots=True)
+class TypeState:
+    type_url: str
+    full_state: bool
+    wildcard: bool = False
+    legacy_wildcard: bool = False  # wildcard because the first request named nothing
+    names: set[str] = field(default_factory=set)  # explicit subscriptions
+    seen_request: bool = False
+    # What the client has been sent (or told us it has): name -> version.
+    known: dict[str, str] = field(default_factory=dict)
+    # SotW full-state types: the resources last sent, kept to re-send a removal we defer.
+    last_full: dict[str, Resource] = field(default_factory=dict)
+    full_version: str | None = None
+    latest_nonce: str | None = None
+    pending_nonce: str | None = None  # the one response that may be outstanding (rule 5)
+    pending_version: str = ""
+    sent_version: str = ""
+    acked_version: str = ""
+    nack: Nack | None = None
+    dirty: bool = False  # something this stream may need changed
+    removal_pending: bool = False  # a removal waits for make-before-break (rule 6)
+    must_reply: bool = False  # answer even an empty set (rule 12)
+    sent_at: float = 0.0
+    acked_at: float = 0.0
+
+    def status(self) -> str:
+        """The operator's word for this type, as `istioctl proxy-status` uses it."""
+        if self.sent_version == "":
+            return "NOT SENT"
+        if self.nack is not None and self.pending_nonce is None and self.nack.version == self.sent_version:
+            return "NACKED"
+        if self.pending_nonce is not None or self.acked_version != self.sent_version:
+            return "STALE"
+        return "SYNCED"
+
+
+@dataclass(slots=True)
+class Push:
+    """A response ready to write, with what to record once it is on the wire."""
+
+    type_url: str
+    data: bytes
+    nonce: str
+    version: str
+    resources: int
+    removed: int
+
+
+@dataclass(slots=True)
+class Ack:
+    """What a request said about the previous response of its type."""
+
+    type_url: str
+    nonce: str
+    nack: Nack | None
+
+
+class StreamState:
+    """The protocol state of one stream (ADS or a per-type service, SotW or delta)."""
+
+    def __init__(
+        self,
+        stream_id: int,
+        variant: Variant,
+        *,
+        fixed_type: str | None = None,
+        control_plane: str = "xds-server",
+        max_names: int = 100_000,
+    ) -> None:
+        self.id = stream_id
+        self.variant = variant
+        self.fixed_type = fixed_type
+        self.node: base_pb2.Node | None = None
+        self.view: View | None = None
+        self.types: dict[str, TypeState] = {}
+        self.connected_at = time.time()
+        self._nonce = 0
+        plane = base_pb2.ControlPlane(identifier=control_plane)
+        # Encoded once per stream and appended to every response (protobuf merges fields).
+        self._plane_sotw = discovery_pb2.DiscoveryResponse(control_plane=plane).SerializeToString()
+        self._plane_delta = discovery_pb2.DeltaDiscoveryResponse(
+            control_plane=plane
+        ).SerializeToString()
+        self._max_names = max_names
+
+    # Requests ----------------------------------------------------------------------------
+
+    def _type_state(self, type_url: str) -> TypeState:
+        state = self.types.get(type_url)
+        if state is None:
+            state = TypeState(type_url, full_state=type_url in FULL_STATE_TYPES)
+            self.types[type_url] = state
+        return state
+
+    def _resolve_type(self, type_url: str) -> str:
+        if self.fixed_type is not None:
+            if type_url and type_url != self.fixed_type:
+                raise ProtocolError(f"type_url {type_url!r} on the {self.fixed_type} service")
+            return self.fixed_type  # per-type services fill it in (rule 2)
+        if not type_url:
+            raise ProtocolError("an ADS request must carry type_url")
+        return type_url
+
+    def _take_node(self, node: base_pb2.Node, has_node: bool) -> None:
+        # Rule 1: the node comes with the first request and is kept for the whole stream.
+        if self.node is None:
+            if not has_node:
+                raise ProtocolError("the first request of a stream must carry the node")
+            self.node = node
+
+    def _check_names(self, count: int) -> None:
+        if count > self._max_names:
+            raise ProtocolError(f"{count} resource names in one request (limit {self._max_names})")
+
+    def on_sotw_request(
+        self, request: discovery_pb2.DiscoveryRequest
+    ) -> tuple[TypeState | None, Ack | None, set[str], set[str]]:
+        """Apply a SotW request. Returns (state or None if ignored, ack, names added, names dropped)."""
+        self._take_node(request.node, request.HasField("node"))
+        type_url = self._resolve_type(request.type_url)
+        self._check_names(len(request.resource_names))
+        state = self._type_state(type_url)
+        nonce = request.response_nonce
+        # Rule 9: a request answering anything but our latest response of its type is stale.
+        if state.latest_nonce is not None and nonce != state.latest_nonce:
+            return None, None, set(), set()
+        ack = self._settle(state, nonce, request.version_info, request)
+
+        requested = set(request.resource_names)
+        wants_wildcard = WILDCARD in requested
+        requested.discard(WILDCARD)
+        if not state.seen_request:
+            # Rule 12: an empty first request and an explicit "*" both mean wildcard.
+            state.legacy_wildcard = not requested and not wants_wildcard
+            wildcard = state.legacy_wildcard or wants_wildcard
+        elif wants_wildcard:
+            wildcard = True
+        elif not requested:
+            # Empty after names: unsubscribe from all (Envoy does this for EDS), unless
+            # the stream has been legacy wildcard all along.
+            wildcard = state.legacy_wildcard
+        else:
+            wildcard = False
+            state.legacy_wildcard = False
+        state.seen_request = True
+        added = requested - state.names
+        dropped = state.names - requested
+        if wildcard and not state.wildcard:
+            state.must_reply = True  # rule 12: answered even when there is nothing to send
+        state.wildcard = wildcard
+        state.names = requested
+        # Rule 11: forget what an unsubscribed name was sent, so re-subscribing re-sends it.
+        for name in dropped:
+            state.known.pop(name, None)
+        if state.full_state and (added or dropped):
+            state.full_version = None
+        if added or dropped or ack is None:
+            state.dirty = True
+        return state, ack, added, dropped
+
+    def on_delta_request(
+        self, request: discovery_pb2.DeltaDiscoveryRequest
+    ) -> tuple[TypeState, Ack | None, set[str], set[str]]:
+        """Apply a delta request. Returns (state, ack, names added, names dropped)."""
+        self._take_node(request.node, request.HasField("node"))
+        type_url = self._resolve_type(request.type_url)
+        self._check_names(
+            len(request.resource_names_subscribe)
+            + len(request.resource_names_unsubscribe)
+            + len(request.initial_resource_versions)
+        )
+        state = self._type_state(type_url)
+        ack = None
+        nonce = request.response_nonce
+        if nonce and nonce == state.pending_nonce:
+            ack = self._settle(state, nonce, "", request)
+        # Rule 13: subscription changes count even when the nonce is stale.
+        subscribe = set(request.resource_names_subscribe)
+        unsubscribe = set(request.resource_names_unsubscribe)
+        if not state.seen_request:
+            # Rule 14: resume from what the client already has.
+            state.known.update(request.initial_resource_versions)
+            # Rule 15: a first request naming nothing is (legacy) wildcard.
+            if not subscribe and not unsubscribe:
+                state.wildcard = True
+                state.must_reply = True
+            state.seen_request = True
+        if WILDCARD in subscribe:
+            if not state.wildcard:
+                state.must_reply = True
+            state.wildcard = True
+        if WILDCARD in unsubscribe:
+            state.wildcard = False
+            if state.names:
+                # Forget what came only through the wildcard: the client drops it too.
+                for name in [n for n in state.known if n not in state.names]:
+                    del state.known[name]
+            else:
+                state.known.clear()
+        subscribe.discard(WILDCARD)
+        unsubscribe.discard(WILDCARD)
+        added = subscribe - state.names
+        dropped = (unsubscribe - subscribe) & state.names
+        state.names |= added
+        state.names -= dropped
+        for name in dropped:
+            if not state.wildcard:
+                state.known.pop(name, None)
+        if added or dropped or WILDCARD in request.resource_names_subscribe or not nonce:
+            state.dirty = True
+        return state, ack, added, dropped
+
+    def _settle(self, state: TypeState, nonce: str, version: str, request) -> Ack | None:
+        """Record the ACK or NACK of the outstanding response, if this request answers it."""
+        if not nonce or nonce != state.pending_nonce:
+            return None
+        state.pending_nonce = None
+        if request.HasField("error_detail"):
+            # Rule 4: record the NACK; `known` already holds the rejected content, so the same
+            # content is not sent again; only a change of config produces a new push.
+            nack = Nack(state.pending_version, nonce, request.error_detail.message, time.time())
+            state.nack = nack
+            return Ack(state.type_url, nonce, nack)
+        state.acked_version = state.pending_version
+        state.acked_at = time.time()
+        state.nack = None
+        return Ack(state.type_url, nonce, None)
+
+    # Responses -----------------------------------------------------------------------------
+
+    def ordered_types(self) -> list[TypeState]:
+        return sorted(self.types.values(), key=lambda s: order_key(s.type_url))
+
+    def wants_push(self) -> bool:
+        return any(
+            (s.dirty or s.removal_pending) and s.pending_nonce is None for s in self.types.values()
+        )
+
+    def next_push(self) -> Push | None:
+        """The next response to write, in make-before-break order, or None."""
+        states = self.ordered_types()
+        for index, state in enumerate(states):
+            if state.pending_nonce is not None or not (state.dirty or state.removal_pending):
+                continue
+            others_settled = all(
+                o.pending_nonce is None and not o.dirty for o in states if o is not state
+            )
+            # Removals go in reverse order (routes and listeners before the clusters they
+            # used), one type at a time, once everything else has been applied (rule 6).
+            later_removal = any(o.removal_pending for o in states[index + 1 :])
+            allow_removals = others_settled and not later_removal
+            state.dirty = False
+            push = (
+                self._sotw_push(state, allow_removals)
+                if self.variant is Variant.SOTW
+                else self._delta_push(state, allow_removals)
+            )
+            if push is not None:
+                return push
+        return None
+
+    def _nonce_for(self, state: TypeState) -> str:
+        self._nonce += 1
+        nonce = str(self._nonce)  # unique per stream (rule 3)
+        state.latest_nonce = nonce
+        state.pending_nonce = nonce
+        state.sent_at = time.time()
+        return nonce
+
+    def _targets(self, state: TypeState) -> dict[str, Resource]:
+        view = self.view
+        assert view is not None
+        targets: dict[str, Resource] = {}
+        if state.wildcard:
+            for resource in view.visible(state.type_url):
+                targets[resource.name] = resource
+        for name in state.names:
+            if name not in targets:
+                resource = view.get(state.type_url, name)
+                if resource is not None:
+                    targets[name] = resource
+        return targets
+
+    def _sotw_push(self, state: TypeState, allow_removals: bool) -> Push | None:
+        targets = self._targets(state)
+        if state.full_state:
+            return self._sotw_full_push(state, targets, allow_removals)
+        known = state.known
+        # Names that left the cache are forgotten, so their return is sent again.
+        for name in [n for n in known if n not in targets]:
+            del known[name]
+        send = [r for n, r in targets.items() if known.get(n) != r.version]
+        if not send and not state.must_reply:
+            return None
+        state.must_reply = False
+        for resource in send:
+            known[resource.name] = resource.version
+        version = set_version({r.name: r.version for r in send})
+        return self._sotw_response(state, send, version)
+
+    def _sotw_full_push(
+        self, state: TypeState, targets: dict[str, Resource], allow_removals: bool
+    ) -> Push | None:
+        # Rule 10: Listener and Cluster responses carry the complete set.
+        removed = state.last_full.keys() - targets.keys()
+        version = set_version({n: r.version for n, r in targets.items()})
+        if version == state.full_version and not state.must_reply:
+            state.removal_pending = False
+            return None
+        state.removal_pending = False
+        if removed and not allow_removals:
+            changed = any(state.known.get(n) != r.version for n, r in targets.items())
+            state.removal_pending = True
+            if not changed and not state.must_reply:
+                return None
+            for name in removed:  # keep them until what referenced them is updated
+                targets[name] = state.last_full[name]
+            version = set_version({n: r.version for n, r in targets.items()})
+        state.must_reply = False
+        state.full_version = version if not state.removal_pending else None
+        state.last_full = targets
+        state.known = {n: r.version for n, r in targets.items()}
+        return self._sotw_response(state, list(targets.values()), version)
+
+    def _sotw_response(self, state: TypeState, resources: list[Resource], version: str) -> Push:
+        nonce = self._nonce_for(state)
+        header = discovery_pb2.DiscoveryResponse(
+            version_info=version, type_url=state.type_url, nonce=nonce
+        ).SerializeToString()
+        data = b"".join([r.sotw_entry for r in resources]) + header + self._plane_sotw
+        state.pending_version = version
+        state.sent_version = version
+        return Push(state.type_url, data, nonce, version, len(resources), 0)
+
+    def _delta_push(self, state: TypeState, allow_removals: bool) -> Push | None:
+        targets = self._targets(state)
+        known = state.known
+        send = [r for n, r in targets.items() if known.get(n) != r.version]
+        # Rule 14/17: only names the client has are reported removed.
+        removed = [n for n in known if n not in targets]
+        state.removal_pending = False
+        if removed and not allow_removals:
+            state.removal_pending = True
+            removed = []
+        if not send and not removed and not state.must_reply:
+            return None
+        state.must_reply = False
+        for resource in send:
+            known[resource.name] = resource.version
+        for name in removed:
+            del known[name]
+        version = set_version(known)
+        nonce = self._nonce_for(state)
+        header = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version,
+            type_url=state.type_url,
+            nonce=nonce,
+            removed_resources=sorted(removed),
+        ).SerializeToString()
+        data = header + b"".join([r.delta_entry for r in send]) + self._plane_delta
+        state.pending_version = version
+        state.sent_version = version
+        return Push(state.type_url, data, nonce, version, len(send), len(removed))
+
+    # Changes -------------------------------------------------------------------------------
+
+    def mark_dirty(self, type_urls: Iterable[str]) -> bool:
+        """Flag types whose resources changed; True if this stream has work now."""
+        woke = False
+        for type_url in type_urls:
+            state = self.types.get(type_url)
+            if state is not None and state.seen_request:
+                state.dirty = True
+                woke = woke or state.pending_nonce is None
+        return woke
+
