@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from .types import PREFIX, resource_name
+from .types import CLUSTER, PREFIX, resource_name
 
 
 def content_version(body: bytes) -> str:
@@ -32,22 +32,32 @@ class Resource:
     body: bytes  # the deterministic serialization of the resource message
     sotw_entry: bytes = field(repr=False)  # DiscoveryResponse.resources[] field, encoded
     delta_entry: bytes = field(repr=False)  # DeltaDiscoveryResponse.resources[] field, encoded
+    # An EDS cluster that Envoy (re)creates waits ("warms") for its ClusterLoadAssignment, even
+    # an unchanged one: the name of that assignment, so a push of the cluster can re-send it.
+    warms_with: str | None = None
 
     @classmethod
     def from_message(cls, message: Message, name: str | None = None) -> "Resource":
         body = message.SerializeToString(deterministic=True)
         type_url = PREFIX + message.DESCRIPTOR.full_name
-        return cls.from_bytes(type_url, name if name is not None else resource_name(message), body)
+        warms_with = None
+        if type_url == CLUSTER and message.type == message.EDS:
+            warms_with = message.eds_cluster_config.service_name or message.name
+        return cls.from_bytes(
+            type_url, name if name is not None else resource_name(message), body, warms_with
+        )
 
     @classmethod
-    def from_bytes(cls, type_url: str, name: str, body: bytes) -> "Resource":
+    def from_bytes(
+        cls, type_url: str, name: str, body: bytes, warms_with: str | None = None
+    ) -> "Resource":
         version = content_version(body)
         packed = any_pb2.Any(type_url=type_url, value=body)
         sotw_entry = discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()
         delta_entry = discovery_pb2.DeltaDiscoveryResponse(
             resources=[discovery_pb2.Resource(name=name, version=version, resource=packed)]
         ).SerializeToString()
-        return cls(name, type_url, version, body, sotw_entry, delta_entry)
+        return cls(name, type_url, version, body, sotw_entry, delta_entry, warms_with)
 
     def __eq__(self, other: object) -> bool:
         return (

@@ -18,9 +18,22 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from .cache import View
 from .resource import Resource, set_version
-from .types import FULL_STATE_TYPES, order_key
+from .types import CLUSTER, ENDPOINT, FULL_STATE_TYPES, LISTENER, ROUTE, SECRET, order_key
 
 WILDCARD = "*"
+
+# Break order (rule 6): a resource is removed only after what refers to it. Listeners refer to
+# route configurations, routes to clusters, clusters to their endpoints, listeners and clusters
+# to secrets. (The reverse of the push order would remove routes before the listeners using
+# them and endpoints before their clusters.) Unknown types go last.
+REMOVAL_ORDER: tuple[str, ...] = (LISTENER, ROUTE, CLUSTER, ENDPOINT, SECRET)
+
+
+def _removal_rank(type_url: str) -> int:
+    try:
+        return REMOVAL_ORDER.index(type_url)
+    except ValueError:
+        return len(REMOVAL_ORDER)
 
 
 class Variant(Enum):
@@ -281,24 +294,42 @@ class StreamState:
     def next_push(self) -> Push | None:
         """The next response to write, in make-before-break order, or None."""
         states = self.ordered_types()
-        for index, state in enumerate(states):
-            if state.pending_nonce is not None or not (state.dirty or state.removal_pending):
-                continue
-            others_settled = all(
-                o.pending_nonce is None and not o.dirty for o in states if o is not state
-            )
-            # Removals go in reverse order (routes and listeners before the clusters they
-            # used), one type at a time, once everything else has been applied (rule 6).
-            later_removal = any(o.removal_pending for o in states[index + 1 :])
-            allow_removals = others_settled and not later_removal
-            state.dirty = False
-            push = (
-                self._sotw_push(state, allow_removals)
-                if self.variant is Variant.SOTW
-                else self._delta_push(state, allow_removals)
-            )
-            if push is not None:
-                return push
+        # Whether a removal may go depends on the other types being settled, and a pass
+        # settles types as it goes (a dirty type with nothing to send is just cleaned). So a
+        # pass that cleaned something and sent nothing is followed by one more, or a deferred
+        # removal would wait for some unrelated later event. A second pass cleans nothing, so
+        # a third could not decide differently.
+        for _ in range(2):
+            cleaned = False
+            for state in states:
+                if state.pending_nonce is not None or not (state.dirty or state.removal_pending):
+                    continue
+                others_settled = all(
+                    o.pending_nonce is None and not o.dirty for o in states if o is not state
+                )
+                # Removals go referrers first (listeners, routes, clusters, endpoints,
+                # secrets), one type at a time, once everything else has been applied (rule
+                # 6). A type whose last update was rejected may still refer to what we would
+                # remove, so its NACK holds back removals of the types it can refer to until
+                # an update of it is accepted.
+                rank = _removal_rank(state.type_url)
+                referrers_pending = any(
+                    (o.removal_pending or o.nack is not None) and _removal_rank(o.type_url) < rank
+                    for o in states
+                    if o is not state
+                )
+                allow_removals = others_settled and not referrers_pending
+                cleaned = cleaned or state.dirty
+                state.dirty = False
+                push = (
+                    self._sotw_push(state, allow_removals)
+                    if self.variant is Variant.SOTW
+                    else self._delta_push(state, allow_removals)
+                )
+                if push is not None:
+                    return push
+            if not cleaned:
+                break
         return None
 
     def _nonce_for(self, state: TypeState) -> str:
@@ -360,6 +391,7 @@ class StreamState:
             version = set_version({n: r.version for n, r in targets.items()})
         state.must_reply = False
         state.full_version = version if not state.removal_pending else None
+        self._rewarm([r for n, r in targets.items() if state.known.get(n) != r.version])
         state.last_full = targets
         state.known = {n: r.version for n, r in targets.items()}
         return self._sotw_response(state, list(targets.values()), version)
@@ -387,6 +419,7 @@ class StreamState:
         if not send and not removed and not state.must_reply:
             return None
         state.must_reply = False
+        self._rewarm(send)
         for resource in send:
             known[resource.name] = resource.version
         for name in removed:
@@ -403,6 +436,20 @@ class StreamState:
         state.pending_version = version
         state.sent_version = version
         return Push(state.type_url, data, nonce, version, len(send), len(removed))
+
+    def _rewarm(self, sent: list[Resource]) -> None:
+        """Envoy re-creates a changed EDS cluster and the new one waits for its endpoints:
+        forget that the client has them, so they follow the cluster (as Istio does)."""
+        endpoints = None
+        for resource in sent:
+            if resource.warms_with is None:
+                continue
+            if endpoints is None:
+                endpoints = self.types.get(ENDPOINT)
+                if endpoints is None:
+                    return
+            if endpoints.known.pop(resource.warms_with, None) is not None:
+                endpoints.dirty = True
 
     # Changes -------------------------------------------------------------------------------
 
