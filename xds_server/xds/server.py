@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -131,10 +132,14 @@ class XdsServer:
         settings: ServerSettings | None = None,
         *,
         view_for: ViewProvider | None = None,
+        release_view: Callable[[base_pb2.Node], None] | None = None,
     ) -> None:
         self.cache = cache
         self.settings = settings or ServerSettings()
+        # Who sees what: called with the node of each new stream (and `release_view` when the
+        # stream ends), so a mesh can scope proxies and build their own resources.
         self._view_for = view_for or (lambda node, _full=FullView(cache): _full)
+        self._release_view = release_view
         self.connections: set[Connection] = set()
         self.stats = ServerStats()
         self._index = SubscriptionIndex()
@@ -265,7 +270,11 @@ class XdsServer:
             except ProtocolError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             state.view = self._view_for(state.node)
-            push = state.next_push()
+            try:
+                push = state.next_push()
+            finally:
+                if self._release_view is not None:
+                    self._release_view(state.node)
             if push is None:
                 # REST-style fetch: "nothing new" is an empty response at the same version.
                 return discovery_pb2.DiscoveryResponse(
@@ -347,6 +356,15 @@ class XdsServer:
                     conn.wake.set()
         except asyncio.CancelledError:
             raise
+        except DecodeError as err:
+            # Bytes that are not a request of this method: the client gets a clear status
+            # instead of a silent OK, and only its own stream ends.
+            self.stats.protocol_errors += 1
+            log.warning(
+                "malformed request, closing stream: %s", err,
+                extra={"proxy": conn.proxy_id, "peer": conn.peer},
+            )
+            conn.error = (grpc.StatusCode.INVALID_ARGUMENT, "malformed request: not a valid message")
         except Exception as err:  # a broken or garbage stream ends only itself
             if conn.error is None and not conn.closing:
                 log.info("stream read ended: %s", err, extra={"proxy": conn.proxy_id})
@@ -405,6 +423,11 @@ class XdsServer:
         for type_state in conn.state.types.values():
             self._index.unsubscribe(conn, type_state.type_url, type_state.names)
             self._index.set_wildcard(conn, type_state.type_url, False)
+        if conn.state.view is not None and self._release_view is not None and conn.state.node is not None:
+            try:
+                self._release_view(conn.state.node)
+            except Exception:
+                log.exception("releasing a proxy's view failed", extra={"proxy": conn.proxy_id})
 
 
 class _MethodTable(grpc.GenericRpcHandler):
