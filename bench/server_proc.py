@@ -55,6 +55,7 @@ async def main() -> None:
 
     from xds_server.xds import types
     from xds_server.xds.cache import ResourceCache
+    from xds_server.app import tune_gc
     from xds_server.xds.server import ServerSettings, XdsServer
 
     cache = ResourceCache()
@@ -64,6 +65,7 @@ async def main() -> None:
     settings = ServerSettings(address=args.address, debounce_quiet=0.0, debounce_max=0.0, **extra)
     server = XdsServer(cache, settings)
     await server.start()
+    tune_gc()  # what `xds-server serve` does after start-up
     emit("ready", port=server.port, pid=os.getpid(), kind="ours")
 
     pushes = 0

@@ -28,7 +28,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from . import types
 from .cache import Change, FullView, ResourceCache, View
 from .push import Debouncer, Pending, SubscriptionIndex
-from .stream import Ack, ProtocolError, Push, StreamState, Variant
+from .stream import MAX_TRACKED_CHANGES, Ack, ProtocolError, Push, StreamState, Variant
 
 log = logging.getLogger("xds_server.xds")
 
@@ -50,7 +50,7 @@ class ServerSettings:
     address: str = "127.0.0.1:15010"  # loopback unless configured otherwise
     debounce_quiet: float = 0.1  # seconds without a change before pushing; 0 = off
     debounce_max: float = 1.0  # longest a burst of changes may delay a push
-    max_concurrent_pushes: int = 1000  # responses being built or written at once
+    max_concurrent_pushes: int = 1000  # responses being written at once
     slow_write_seconds: float = 1.0  # a write slower than this stops counting against the cap
     keepalive_time: float = 30.0  # server pings an idle connection this often
     keepalive_timeout: float = 10.0  # and closes it if the ping is not answered in time
@@ -99,6 +99,8 @@ class Connection:
         self.method = method
         self.wake = asyncio.Event()
         self.closing = False
+        self.holds_slot = False  # a push slot is held for the write in flight
+        self.write_started = 0.0
         self.error: tuple[grpc.StatusCode, str] | None = None
 
     @property
@@ -123,6 +125,7 @@ class ServerStats:
     streams_opened: int = 0
     protocol_errors: int = 0
     flushes: int = 0
+    slow_writes: int = 0  # writes that outlived slow_write_seconds
 
 
 class XdsServer:
@@ -148,6 +151,8 @@ class XdsServer:
             self.settings.debounce_quiet, self.settings.debounce_max, self._on_flush
         )
         self._push_slots = asyncio.Semaphore(max(1, self.settings.max_concurrent_pushes))
+        self._writing: set[Connection] = set()
+        self._sweeper: asyncio.Task | None = None
         self._server: aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._remove_listener: Callable[[], None] | None = None
@@ -174,6 +179,7 @@ class XdsServer:
         await server.start()
         self._server = server
         self._remove_listener = self.cache.add_listener(self._on_change)
+        self._sweeper = asyncio.create_task(self._sweep_slow_writes(), name="slow-write-sweeper")
         for name in [""] + list(SERVICES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("xDS server listening", extra={"address": self.address})
@@ -194,6 +200,8 @@ class XdsServer:
         if self._remove_listener is not None:
             self._remove_listener()
         self._debouncer.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in list(self.connections):
             conn.closing = True
             conn.wake.set()
@@ -214,11 +222,19 @@ class XdsServer:
         self.stats.flushes += 1
         woken: set[Connection] = set()
         for type_url, names in pending.items():
+            # A bulk change makes every affected stream recompute the type once, rather than
+            # carry thousands of names each.
+            tracked: set[str] | None = names if len(names) <= MAX_TRACKED_CHANGES else None
             for conn in self._index.affected(type_url, names):
-                view = conn.state.view
-                if view is not None and not any(view.may_see(type_url, n) for n in names):
+                state = conn.state
+                type_state = state.types.get(type_url)
+                if type_state is None:
                     continue
-                if conn.state.mark_dirty((type_url,)):
+                if type_state.wildcard and state.view is not None and not any(
+                    state.view.may_see(type_url, n) for n in names
+                ):
+                    continue  # nothing this wildcard subscriber may see changed
+                if state.mark_dirty(type_url, tracked):
                     woken.add(conn)
         for conn in woken:
             conn.wake.set()
@@ -226,7 +242,8 @@ class XdsServer:
     def push_all(self) -> int:
         """Re-evaluate every stream now (a debugging aid; normal pushes follow changes)."""
         for conn in self.connections:
-            conn.state.mark_dirty(list(conn.state.types))
+            for type_url in list(conn.state.types):
+                conn.state.mark_dirty(type_url, None)
             conn.wake.set()
         return len(self.connections)
 
@@ -388,28 +405,29 @@ class XdsServer:
     async def _write_loop(self, conn: Connection, context: aio.ServicerContext) -> None:
         state = conn.state
         slots = self._push_slots
-        slow = self.settings.slow_write_seconds
+        loop = asyncio.get_running_loop()
         while True:
             await conn.wake.wait()
             conn.wake.clear()
             if conn.closing:
                 return
             while state.view is not None:
+                push = state.next_push()
+                if push is None:
+                    break
+                # The cap is on writes in flight. A write stuck behind a client that does not
+                # read gives its slot back after `slow_write_seconds` (see _sweep_slow_writes),
+                # so a stuck client holds up only itself.
                 await slots.acquire()
-                released = False
+                conn.holds_slot = True
+                conn.write_started = loop.time()
+                self._writing.add(conn)
                 try:
-                    push = state.next_push()
-                    if push is None:
-                        break
-                    write = asyncio.ensure_future(context.write(push.data))
-                    done, _ = await asyncio.wait((write,), timeout=slow)
-                    if not done:
-                        # A slow reader keeps its stream, but not a push slot: others go on.
-                        slots.release()
-                        released = True
-                    await write
+                    await context.write(push.data)
                 finally:
-                    if not released:
+                    self._writing.discard(conn)
+                    if conn.holds_slot:
+                        conn.holds_slot = False
                         slots.release()
                 self.stats.pushes += 1
                 self.stats.push_bytes += len(push.data)
@@ -417,6 +435,18 @@ class XdsServer:
                     hook(conn, push)
                 if conn.closing:
                     return
+
+    async def _sweep_slow_writes(self) -> None:
+        slow = self.settings.slow_write_seconds
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(slow / 2)
+            now = loop.time()
+            for conn in list(self._writing):
+                if conn.holds_slot and now - conn.write_started > slow:
+                    conn.holds_slot = False
+                    self._push_slots.release()
+                    self.stats.slow_writes += 1
 
     def _forget(self, conn: Connection) -> None:
         self.connections.discard(conn)

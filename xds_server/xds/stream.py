@@ -8,6 +8,7 @@ join plus a small header.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from .resource import Resource, set_version
 from .types import CLUSTER, ENDPOINT, FULL_STATE_TYPES, LISTENER, ROUTE, SECRET, order_key
 
 WILDCARD = "*"
+# A change touching more names than this makes a stream recompute everything of the type
+# instead of tracking each name (cheaper for bulk reloads).
+MAX_TRACKED_CHANGES = 256
 
 # Break order (rule 6): a resource is removed only after what refers to it. Listeners refer to
 # route configurations, routes to clusters, clusters to their endpoints, listeners and clusters
@@ -73,6 +77,10 @@ class TypeState:
     acked_version: str = ""
     nack: Nack | None = None
     dirty: bool = False  # something this stream may need changed
+    # Names that may have changed since the last response was computed; None means "any".
+    # Keeps a push proportional to the change, not to the subscription.
+    pending: set[str] | None = None
+    request_names: frozenset[str] = frozenset()  # the last SotW request's names, as sent
     removal_pending: bool = False  # a removal waits for make-before-break (rule 6)
     must_reply: bool = False  # answer even an empty set (rule 12)
     sent_at: float = 0.0
@@ -128,6 +136,7 @@ class StreamState:
         self.node: base_pb2.Node | None = None
         self.view: View | None = None
         self.types: dict[str, TypeState] = {}
+        self._ordered: list[TypeState] = []
         self.connected_at = time.time()
         self._nonce = 0
         plane = base_pb2.ControlPlane(identifier=control_plane)
@@ -145,6 +154,7 @@ class StreamState:
         if state is None:
             state = TypeState(type_url, full_state=type_url in FULL_STATE_TYPES)
             self.types[type_url] = state
+            self._ordered = sorted(self.types.values(), key=lambda s: order_key(s.type_url))
         return state
 
     def _resolve_type(self, type_url: str) -> str:
@@ -181,7 +191,18 @@ class StreamState:
             return None, None, set(), set()
         ack = self._settle(state, nonce, request.version_info, request)
 
-        requested = set(request.resource_names)
+        raw_names = request.resource_names
+        if (
+            state.seen_request
+            and len(raw_names) == len(state.request_names)
+            and all(n in state.request_names for n in raw_names)
+        ):
+            # The common case, an ACK repeating the subscription: nothing else to apply.
+            if ack is None:
+                _touch(state, None)
+            return state, ack, set(), set()
+        requested = {sys.intern(n) for n in raw_names}  # shared across streams, not copied
+        state.request_names = frozenset(requested)
         wants_wildcard = WILDCARD in requested
         requested.discard(WILDCARD)
         if not state.seen_request:
@@ -200,7 +221,8 @@ class StreamState:
         state.seen_request = True
         added = requested - state.names
         dropped = state.names - requested
-        if wildcard and not state.wildcard:
+        wildcard_turned_on = wildcard and not state.wildcard
+        if wildcard_turned_on:
             state.must_reply = True  # rule 12: answered even when there is nothing to send
         state.wildcard = wildcard
         state.names = requested
@@ -209,8 +231,10 @@ class StreamState:
             state.known.pop(name, None)
         if state.full_state and (added or dropped):
             state.full_version = None
-        if added or dropped or ack is None:
-            state.dirty = True
+        if wildcard_turned_on or ack is None:
+            _touch(state, None)
+        elif added or dropped:
+            _touch(state, added)
         return state, ack, added, dropped
 
     def on_delta_request(
@@ -230,8 +254,10 @@ class StreamState:
         if nonce and nonce == state.pending_nonce:
             ack = self._settle(state, nonce, "", request)
         # Rule 13: subscription changes count even when the nonce is stale.
-        subscribe = set(request.resource_names_subscribe)
+        subscribe = {sys.intern(n) for n in request.resource_names_subscribe}
         unsubscribe = set(request.resource_names_unsubscribe)
+        was_wildcard = state.wildcard
+        first = not state.seen_request
         if not state.seen_request:
             # Rule 14: resume from what the client already has.
             state.known.update(request.initial_resource_versions)
@@ -261,8 +287,10 @@ class StreamState:
         for name in dropped:
             if not state.wildcard:
                 state.known.pop(name, None)
-        if added or dropped or WILDCARD in request.resource_names_subscribe or not nonce:
-            state.dirty = True
+        if first or (state.wildcard and not was_wildcard) or not nonce:
+            _touch(state, None)
+        elif added or dropped:
+            _touch(state, added)
         return state, ack, added, dropped
 
     def _settle(self, state: TypeState, nonce: str, version: str, request) -> Ack | None:
@@ -284,7 +312,7 @@ class StreamState:
     # Responses -----------------------------------------------------------------------------
 
     def ordered_types(self) -> list[TypeState]:
-        return sorted(self.types.values(), key=lambda s: order_key(s.type_url))
+        return self._ordered
 
     def wants_push(self) -> bool:
         return any(
@@ -355,14 +383,29 @@ class StreamState:
         return targets
 
     def _sotw_push(self, state: TypeState, allow_removals: bool) -> Push | None:
-        targets = self._targets(state)
+        candidates, state.pending = state.pending, set()
         if state.full_state:
-            return self._sotw_full_push(state, targets, allow_removals)
+            return self._sotw_full_push(state, self._targets(state), allow_removals)
         known = state.known
-        # Names that left the cache are forgotten, so their return is sent again.
-        for name in [n for n in known if n not in targets]:
-            del known[name]
-        send = [r for n, r in targets.items() if known.get(n) != r.version]
+        if candidates is None:
+            targets = self._targets(state)
+            # Names that left the cache are forgotten, so their return is sent again.
+            for name in [n for n in known if n not in targets]:
+                del known[name]
+            send = [r for n, r in targets.items() if known.get(n) != r.version]
+        else:
+            send = []
+            view, type_url = self.view, state.type_url
+            for name in candidates:
+                if not state.wildcard and name not in state.names:
+                    continue
+                resource = view.get(type_url, name)
+                if resource is None:
+                    known.pop(name, None)
+                elif known.get(name) != resource.version:
+                    send.append(resource)
+            if len(send) > 1:
+                send.sort(key=lambda r: r.name)
         if not send and not state.must_reply:
             return None
         state.must_reply = False
@@ -407,14 +450,30 @@ class StreamState:
         return Push(state.type_url, data, nonce, version, len(resources), 0)
 
     def _delta_push(self, state: TypeState, allow_removals: bool) -> Push | None:
-        targets = self._targets(state)
+        candidates, state.pending = state.pending, set()
         known = state.known
-        send = [r for n, r in targets.items() if known.get(n) != r.version]
-        # Rule 14/17: only names the client has are reported removed.
-        removed = [n for n in known if n not in targets]
+        if candidates is None:
+            targets = self._targets(state)
+            send = [r for n, r in targets.items() if known.get(n) != r.version]
+            # Rule 14/17: only names the client has are reported removed.
+            removed = [n for n in known if n not in targets]
+        else:
+            send, removed = [], []
+            view, type_url = self.view, state.type_url
+            for name in candidates:
+                subscribed = state.wildcard or name in state.names
+                resource = view.get(type_url, name) if subscribed else None
+                if resource is None:
+                    if name in known:
+                        removed.append(name)
+                elif known.get(name) != resource.version:
+                    send.append(resource)
+            if len(send) > 1:
+                send.sort(key=lambda r: r.name)
         state.removal_pending = False
         if removed and not allow_removals:
             state.removal_pending = True
+            state.pending.update(removed)  # reconsidered once the referrers are settled
             removed = []
         if not send and not removed and not state.must_reply:
             return None
@@ -424,7 +483,9 @@ class StreamState:
             known[resource.name] = resource.version
         for name in removed:
             del known[name]
-        version = set_version(known)
+        # The response's own content (not the whole known set): cheap, and still equal for
+        # equal responses on every replica.
+        version = set_version({**{r.name: r.version for r in send}, **dict.fromkeys(removed, "")})
         nonce = self._nonce_for(state)
         header = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=version,
@@ -449,17 +510,28 @@ class StreamState:
                 if endpoints is None:
                     return
             if endpoints.known.pop(resource.warms_with, None) is not None:
-                endpoints.dirty = True
+                _touch(endpoints, (resource.warms_with,))
 
     # Changes -------------------------------------------------------------------------------
 
-    def mark_dirty(self, type_urls: Iterable[str]) -> bool:
-        """Flag types whose resources changed; True if this stream has work now."""
-        woke = False
-        for type_url in type_urls:
-            state = self.types.get(type_url)
-            if state is not None and state.seen_request:
-                state.dirty = True
-                woke = woke or state.pending_nonce is None
-        return woke
+    def mark_dirty(self, type_url: str, names: Iterable[str] | None = None) -> bool:
+        """Note that these names of a type changed (None: anything may have); True if this
+        stream can push now (nothing of that type outstanding)."""
+        state = self.types.get(type_url)
+        if state is None or not state.seen_request:
+            return False
+        _touch(state, names)
+        return state.pending_nonce is None
+
+
+def _touch(state: TypeState, names: Iterable[str] | None) -> None:
+    state.dirty = True
+    if state.pending is None:
+        return
+    if names is None:
+        state.pending = None
+        return
+    state.pending.update(names)
+    if len(state.pending) > MAX_TRACKED_CHANGES:
+        state.pending = None
 
