@@ -1,0 +1,1 @@
+"""The mesh model: the intermediate representation between sources and translators."""
