@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import is_loopback, parse_address
+from .model.store import MeshStore
+from .translate.controller import MeshController
+from .translate.scope import ScopeSettings
 from .xds.cache import ResourceCache
 from .xds.server import ServerSettings, XdsServer
 
@@ -20,7 +23,9 @@ log = logging.getLogger("xds_server")
 @dataclass
 class AppConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
+    source: Path | None = None  # a directory of Kubernetes-shaped YAML (the mesh)
     resources: Path | None = None  # a directory of raw Envoy resources (YAML/JSON)
+    scope: ScopeSettings = field(default_factory=ScopeSettings)
 
 
 def tune_gc() -> None:
@@ -59,7 +64,23 @@ async def serve(config: AppConfig, *, started: asyncio.Event | None = None) -> N
         )
         tasks.append(asyncio.create_task(directory.run(stop), name="resource-files"))
 
-    server = XdsServer(cache, config.server)
+    view_for = release = None
+    if config.source is not None:
+        from .sources.mesh_files import MeshDirectory
+
+        store = MeshStore()
+        controller = MeshController(store, cache, config.scope)
+        mesh = MeshDirectory(config.source, store)
+        errors = mesh.load()
+        log.info(
+            "loaded mesh",
+            extra={"directory": str(config.source), "errors": len(errors),
+                   "services": len(store.all("Service"))},
+        )
+        tasks.append(asyncio.create_task(mesh.run(stop), name="mesh-files"))
+        view_for, release = controller.view_for, controller.release
+
+    server = XdsServer(cache, config.server, view_for=view_for, release_view=release)
     await server.start()
     tune_gc()
     loop = asyncio.get_running_loop()

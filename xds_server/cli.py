@@ -11,6 +11,7 @@ import click
 from . import logs
 from .app import AppConfig, serve
 from .config import ConfigError, parse_address
+from .translate.scope import ScopeSettings
 from .xds.server import ServerSettings
 
 _DEFAULTS = ServerSettings()
@@ -38,6 +39,13 @@ def main(log_level: str, log_format: str) -> None:
 @main.command("serve")
 @click.option("--xds-address", envvar="XDS_SERVER_XDS_ADDRESS", default=_DEFAULTS.address,
               callback=_address, help="HOST:PORT for xDS gRPC (plaintext).")
+@click.option("--source", envvar="XDS_SERVER_SOURCE",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Directory of Kubernetes-shaped YAML (Services, EndpointSlices, Pods, "
+                   "HTTPRoutes, policies), hot-reloaded.")
+@click.option("--default-export-to", envvar="XDS_SERVER_DEFAULT_EXPORT_TO", default="*",
+              help="Where services are visible unless they say: '*' (everywhere) or '.' "
+                   "(own namespace only).")
 @click.option("--resources", envvar="XDS_SERVER_RESOURCES",
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Directory of raw Envoy resources (YAML/JSON, typed by @type), hot-reloaded.")
@@ -58,6 +66,8 @@ def main(log_level: str, log_format: str) -> None:
               default=_DEFAULTS.shutdown_grace, help="Seconds to finish in-flight work on SIGTERM.")
 def serve_command(
     xds_address: str,
+    source: Path | None,
+    default_export_to: str,
     resources: Path | None,
     debounce_quiet: float,
     debounce_max: float,
@@ -79,12 +89,119 @@ def serve_command(
         shutdown_grace=shutdown_grace,
     )
     try:
-        asyncio.run(serve(AppConfig(server=settings, resources=resources)))
+        scope = ScopeSettings(default_export_to=_export_list(default_export_to))
+        asyncio.run(serve(AppConfig(server=settings, source=source, resources=resources, scope=scope)))
     except OSError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+def _export_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) or ("*",)
+
+
+@main.command("validate")
+@click.argument("directory", type=click.Path(exists=True, path_type=Path))
+def validate_command(directory: Path) -> None:
+    """Check a mesh directory: every error, with file:line, object and field."""
+    from .sources.validate import format_errors, has_errors, validate_directory
+
+    errors = validate_directory(directory)
+    click.echo(format_errors(errors))
+    sys.exit(1 if has_errors(errors) else 0)
+
+
+@main.command("translate")
+@click.option("--source", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The mesh directory.")
+@click.option("--namespace", required=True)
+@click.option("--service-account", default="default")
+@click.option("--pod", default=None, help="Pod name (default: a proxy with no pod of its own).")
+@click.option("--pod-ip", default="", help="Pod IP, when the pod is not in the source.")
+@click.option("--type", "type_", type=click.Choice(["lds", "rds", "cds", "eds", "all"]),
+              default="all")
+@click.option("--default-export-to", default="*")
+def translate_command(
+    source: Path, namespace: str, service_account: str, pod: str | None, pod_ip: str,
+    type_: str, default_export_to: str,
+) -> None:
+    """Print the Envoy resources one proxy would receive, as JSON."""
+    import json
+
+    from google.protobuf import json_format, struct_pb2
+    from envoy.config.core.v3 import base_pb2
+
+    from .model.store import MeshStore
+    from .sources.mesh_files import MeshDirectory
+    from .translate.controller import MeshController, proxy_resources
+    from .xds import types
+    from .xds.cache import ResourceCache
+
+    store, cache = MeshStore(), ResourceCache()
+    controller = MeshController(store, cache, ScopeSettings(_export_list(default_export_to)))
+    errors = MeshDirectory(source, store).load()
+    for error in errors:
+        click.echo(f"warning: {error}", err=True)
+    pod_name = pod or f"{service_account}-proxy"
+    metadata = struct_pb2.Struct()
+    metadata.update({"namespace": namespace, "service_account": service_account,
+                     "pod": pod_name, "pod_ip": pod_ip})
+    view = controller.view_for(base_pb2.Node(id=f"{pod_name}.{namespace}", metadata=metadata))
+    wanted = {"lds": types.LISTENER, "rds": types.ROUTE, "cds": types.CLUSTER, "eds": types.ENDPOINT}
+    sections = {"lds": "listeners", "rds": "routes", "cds": "clusters", "eds": "endpoints"}
+    output: dict[str, list] = {}
+    for short, type_url in wanted.items():
+        if type_ not in ("all", short):
+            continue
+        message_class = _message_class(type_url)
+        output[sections[short]] = [
+            json_format.MessageToDict(r.unpack(message_class), preserving_proto_field_name=True)
+            for r in proxy_resources(view)[type_url]
+        ]
+    click.echo(json.dumps(output, indent=2))
+
+
+def _message_class(type_url: str):
+    from google.protobuf import symbol_database
+
+    return symbol_database.Default().GetSymbol(type_url.rsplit("/", 1)[-1])
+
+
+@main.command("bootstrap")
+@click.option("--namespace", required=True)
+@click.option("--service-account", default="default")
+@click.option("--pod", required=True)
+@click.option("--pod-ip", required=True)
+@click.option("--xds-address", default="127.0.0.1:15010", callback=_address)
+@click.option("--admin-address", default="127.0.0.1:15000", callback=_address,
+              help="Envoy admin: keep it on loopback.")
+@click.option("--inbound-port", type=int, default=15006)
+@click.option("--outbound-port", type=int, default=15001)
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option("--sotw", is_flag=True, help="State-of-the-world ADS instead of delta.")
+def bootstrap_command(
+    namespace: str, service_account: str, pod: str, pod_ip: str, xds_address: str,
+    admin_address: str, inbound_port: int, outbound_port: int, labels: tuple[str, ...], sotw: bool,
+) -> None:
+    """Print an Envoy bootstrap (YAML) for one workload's sidecar."""
+    import yaml
+
+    from .bootstrap import SidecarSpec, sidecar_bootstrap
+
+    label_map = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--label")
+        label_map[key] = value
+    spec = SidecarSpec(
+        namespace=namespace, service_account=service_account, pod=pod, pod_ip=pod_ip,
+        xds_address=xds_address, admin_address=admin_address, inbound_port=inbound_port,
+        outbound_port=outbound_port, labels=label_map, delta=not sotw,
+    )
+    click.echo(yaml.safe_dump(sidecar_bootstrap(spec), sort_keys=False))
 
 
 if __name__ == "__main__":

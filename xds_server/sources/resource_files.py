@@ -342,10 +342,18 @@ class ResourceDirectory:
             stop = asyncio.Event()
         while not stop.is_set():
             try:
-                await self._reload()  # catch up with anything changed while not watching
-                if self.directory.is_dir():
-                    async for _ in watchfiles.awatch(self.directory, stop_event=stop):
-                        await self._reload()
+                if not self.directory.is_dir():
+                    await self._reload()  # keeps the last good set and reports the problem
+                else:
+                    # Catch up once the watch exists (its first, empty, timeout yield), so a
+                    # change made between a scan and the start of the watch is never missed.
+                    caught_up = False
+                    async for changes in watchfiles.awatch(
+                        self.directory, stop_event=stop, yield_on_timeout=True, rust_timeout=500
+                    ):
+                        if changes or not caught_up:
+                            caught_up = True
+                            await self._reload()
                         if not self.directory.is_dir():
                             break  # its watch died with it: poll until it comes back
             except Exception as e:  # keep serving the last good set whatever happens

@@ -65,9 +65,9 @@ class TypeState:
     legacy_wildcard: bool = False  # wildcard because the first request named nothing
     names: set[str] = field(default_factory=set)  # explicit subscriptions
     seen_request: bool = False
-    # What the client has been sent (or told us it has): name -> version.
+    # What the client has been sent (or told us it has): name -> version. (SotW Listener and
+    # Cluster keep `last_full` instead: the resources last sent, to re-send a deferred removal.)
     known: dict[str, str] = field(default_factory=dict)
-    # SotW full-state types: the resources last sent, kept to re-send a removal we defer.
     last_full: dict[str, Resource] = field(default_factory=dict)
     full_version: str | None = None
     latest_nonce: str | None = None
@@ -80,7 +80,7 @@ class TypeState:
     # Names that may have changed since the last response was computed; None means "any".
     # Keeps a push proportional to the change, not to the subscription.
     pending: set[str] | None = None
-    request_names: frozenset[str] = frozenset()  # the last SotW request's names, as sent
+    request_star: bool = False  # the last SotW request named "*" (besides `names`)
     removal_pending: bool = False  # a removal waits for make-before-break (rule 6)
     must_reply: bool = False  # answer even an empty set (rule 12)
     sent_at: float = 0.0
@@ -194,15 +194,15 @@ class StreamState:
         raw_names = request.resource_names
         if (
             state.seen_request
-            and len(raw_names) == len(state.request_names)
-            and all(n in state.request_names for n in raw_names)
+            and len(raw_names) == len(state.names) + state.request_star
+            and all(n in state.names or n == WILDCARD for n in raw_names)
         ):
             # The common case, an ACK repeating the subscription: nothing else to apply.
             if ack is None:
                 _touch(state, None)
             return state, ack, set(), set()
         requested = {sys.intern(n) for n in raw_names}  # shared across streams, not copied
-        state.request_names = frozenset(requested)
+        state.request_star = WILDCARD in requested
         wants_wildcard = WILDCARD in requested
         requested.discard(WILDCARD)
         if not state.seen_request:
@@ -229,6 +229,8 @@ class StreamState:
         # Rule 11: forget what an unsubscribed name was sent, so re-subscribing re-sends it.
         for name in dropped:
             state.known.pop(name, None)
+            if name in state.last_full and not wildcard:
+                state.full_version = None  # the next complete set leaves it out
         if state.full_state and (added or dropped):
             state.full_version = None
         if wildcard_turned_on or ack is None:
@@ -425,7 +427,7 @@ class StreamState:
             return None
         state.removal_pending = False
         if removed and not allow_removals:
-            changed = any(state.known.get(n) != r.version for n, r in targets.items())
+            changed = any(_differs(state.last_full.get(n), r) for n, r in targets.items())
             state.removal_pending = True
             if not changed and not state.must_reply:
                 return None
@@ -434,9 +436,8 @@ class StreamState:
             version = set_version({n: r.version for n, r in targets.items()})
         state.must_reply = False
         state.full_version = version if not state.removal_pending else None
-        self._rewarm([r for n, r in targets.items() if state.known.get(n) != r.version])
+        self._rewarm([r for n, r in targets.items() if _differs(state.last_full.get(n), r)])
         state.last_full = targets
-        state.known = {n: r.version for n, r in targets.items()}
         return self._sotw_response(state, list(targets.values()), version)
 
     def _sotw_response(self, state: TypeState, resources: list[Resource], version: str) -> Push:
@@ -522,6 +523,10 @@ class StreamState:
             return False
         _touch(state, names)
         return state.pending_nonce is None
+
+
+def _differs(old: Resource | None, new: Resource) -> bool:
+    return old is None or old.version != new.version
 
 
 def _touch(state: TypeState, names: Iterable[str] | None) -> None:

@@ -1,0 +1,114 @@
+"""The Envoy bootstrap for a sidecar: ADS to the server, node identity, admin on loopback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import parse_address
+from .model.mesh import ENVOY_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT
+
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass
+class SidecarSpec:
+    namespace: str
+    service_account: str
+    pod: str
+    pod_ip: str
+    xds_address: str = "127.0.0.1:15010"
+    admin_address: str = f"127.0.0.1:{ENVOY_ADMIN_PORT}"
+    inbound_port: int = INBOUND_PORT
+    outbound_port: int = OUTBOUND_PORT
+    labels: dict[str, str] = field(default_factory=dict)
+    delta: bool = True  # incremental xDS: only changes travel
+
+
+def _socket(address: str, setting: str) -> dict[str, Any]:
+    host, port = parse_address(address, setting)
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
+    """A bootstrap dict (write it as YAML or JSON). The node metadata is what the server uses
+    to know the proxy: namespace, service account, pod, pod IP, sidecar ports, labels."""
+    grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": "xds-server"}}
+    ads = {"ads": {}, "resource_api_version": "V3"}
+    return {
+        "node": {
+            "id": f"{spec.pod}.{spec.namespace}",
+            "cluster": f"{spec.service_account}.{spec.namespace}",
+            "metadata": {
+                "namespace": spec.namespace,
+                "service_account": spec.service_account,
+                "pod": spec.pod,
+                "pod_ip": spec.pod_ip,
+                "inbound_port": str(spec.inbound_port),
+                "outbound_port": str(spec.outbound_port),
+                "labels": dict(spec.labels),
+            },
+        },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "DELTA_GRPC" if spec.delta else "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [grpc_service],
+                "set_node_on_first_message_only": True,
+            },
+            "cds_config": dict(ads),
+            "lds_config": dict(ads),
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "xds-server",
+                    "type": "STRICT_DNS",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "xds-server",
+                        "endpoints": [
+                            {"lb_endpoints": [{"endpoint": {"address": _socket(spec.xds_address, "--xds-address")}}]}
+                        ],
+                    },
+                    "typed_extension_protocol_options": {
+                        HTTP_PROTOCOL_OPTIONS: {
+                            "@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
+                            "explicit_http_config": {
+                                "http2_protocol_options": {
+                                    "connection_keepalive": {"interval": "30s", "timeout": "5s"}
+                                }
+                            },
+                        }
+                    },
+                }
+            ]
+        },
+        "admin": {"address": _socket(spec.admin_address, "--admin-address")},
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "static",
+                    "static_layer": {
+                        # Route regexes from users can exceed RE2's default program size of
+                        # 100, which would make Envoy reject the whole route configuration.
+                        "re2.max_program_size.error_level": 32768,
+                        "re2.max_program_size.warn_level": 1024,
+                    },
+                },
+                {"name": "admin", "admin_layer": {}},
+            ]
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 50000,
+                    },
+                }
+            ]
+        },
+    }

@@ -1,0 +1,83 @@
+"""Endpoints: one ClusterLoadAssignment per service port, from the service's EndpointSlices."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from google.protobuf import wrappers_pb2
+
+from ..model.mesh import Endpoint, EndpointCondition, EndpointSlice, Service, ServicePort, Workload
+from .names import cluster_name
+
+WorkloadLookup = Callable[[str, str, str], Workload | None]  # (namespace, pod, ip)
+
+
+def slice_port(service_port: ServicePort, endpoint_slice: EndpointSlice) -> int | None:
+    """The endpoint port a service port maps to: matched by name, as kube-proxy does."""
+    for port in endpoint_slice.ports:
+        if port.name == service_port.name:
+            return port.port
+    if len(endpoint_slice.ports) == 1 and not service_port.name:
+        return endpoint_slice.ports[0].port
+    return None
+
+
+def load_assignment(
+    service: Service,
+    port: ServicePort,
+    slices: Iterable[EndpointSlice],
+    workload: WorkloadLookup,
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """Endpoints grouped by zone (locality). Meshed pods are reached at their sidecar's
+    inbound port; others directly at the target port.
+
+    Readiness follows Kubernetes: ready endpoints take traffic; terminating-but-serving ones
+    only when nothing is ready (graceful drain, as kube-proxy does); the rest are listed as
+    UNHEALTHY so operators still see them.
+    """
+    entries: dict[str, tuple[Endpoint, int]] = {}
+    for endpoint_slice in sorted(slices, key=lambda s: s.name):
+        target = slice_port(port, endpoint_slice)
+        if target is None:
+            continue
+        for endpoint in endpoint_slice.endpoints:
+            entries.setdefault(endpoint.address, (endpoint, target))
+    any_ready = any(e.condition is EndpointCondition.READY for e, _ in entries.values())
+
+    by_zone: dict[str, list[endpoint_components_pb2.LbEndpoint]] = {}
+    for address in sorted(entries):
+        endpoint, target = entries[address]
+        condition = endpoint.condition
+        if condition is EndpointCondition.READY:
+            health = health_check_pb2.HEALTHY
+        elif condition is EndpointCondition.SERVING_TERMINATING and not any_ready:
+            health = health_check_pb2.HEALTHY
+        else:
+            health = health_check_pb2.UNHEALTHY
+        owner = workload(service.namespace, endpoint.pod, address)
+        port_value = owner.inbound_port if owner is not None and owner.meshed else target
+        by_zone.setdefault(endpoint.zone, []).append(
+            endpoint_components_pb2.LbEndpoint(
+                health_status=health,
+                endpoint=endpoint_components_pb2.Endpoint(
+                    address=address_pb2.Address(
+                        socket_address=address_pb2.SocketAddress(
+                            address=address, port_value=port_value
+                        )
+                    )
+                ),
+            )
+        )
+    assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(service.key, port.port))
+    for zone in sorted(by_zone):
+        # Locality and weight on every group: proxyless gRPC rejects either missing.
+        assignment.endpoints.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(zone=zone),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+                lb_endpoints=by_zone[zone],
+            )
+        )
+    return assignment

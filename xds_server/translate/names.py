@@ -1,0 +1,48 @@
+"""Envoy resource names the translators agree on. Istio-shaped, so operators recognise them."""
+
+from __future__ import annotations
+
+from ..model.mesh import ServiceKey
+
+
+def cluster_name(service: ServiceKey, port: int) -> str:
+    """The outbound cluster for one service port, e.g. `outbound|8080||api.shop.svc.cluster.local`."""
+    return f"outbound|{port}||{service.fqdn}"
+
+
+def inbound_cluster_name(port: int, namespace: str = "", pod: str = "") -> str:
+    """The sidecar's local cluster to its own app port. Named per proxy (the cache holds every
+    proxy's resources side by side), e.g. `inbound|8080||shop/api-7d9f`."""
+    return f"inbound|{port}||{namespace}/{pod}" if pod else f"inbound|{port}||"
+
+
+def outbound_route_name(scope: str) -> str:
+    """The route configuration every proxy of one scope (namespace view) shares."""
+    return f"outbound|http|{scope}"
+
+
+def inbound_route_name(namespace: str, pod: str) -> str:
+    return f"inbound|http|{namespace}/{pod}"
+
+
+def outbound_listener_name(namespace: str, pod: str) -> str:
+    return f"outbound|{namespace}/{pod}"
+
+
+def inbound_listener_name(namespace: str, pod: str) -> str:
+    return f"inbound|{namespace}/{pod}"
+
+
+def tcp_listener_name(namespace: str, pod: str, local_port: int) -> str:
+    return f"outbound|tcp|{local_port}|{namespace}/{pod}"
+
+
+def proxy_names_prefix(namespace: str, pod: str) -> str:
+    """Every per-proxy resource name ends with this suffix."""
+    return f"|{namespace}/{pod}"
+
+
+# HTTP filter names used in the HCMs and in per-route overrides.
+FAULT_FILTER = "envoy.filters.http.fault"
+LOCAL_RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+ROUTER_FILTER = "envoy.filters.http.router"
