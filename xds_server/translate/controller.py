@@ -142,6 +142,9 @@ class ProxyView:
             return None
         return self._controller.cache.get(type_url, name)
 
+    def cache_key(self, type_url: str, name: str) -> str:
+        return name
+
     def visible(self, type_url: str) -> Iterable[Resource]:
         return self._controller.visible(self._proxy, self._scope, type_url)
 

@@ -78,9 +78,9 @@ class ResourceCache:
         new: dict[str, Resource] = {}
         for item in items:
             resource = _as_resource(type_url, item)
-            if resource.name in new:
-                raise ValueError(f"duplicate {type_url} name {resource.name!r}")
-            new[resource.name] = resource
+            if resource.cache_key in new:
+                raise ValueError(f"duplicate {type_url} name {resource.cache_key!r}")
+            new[resource.cache_key] = resource
         old = self._types.get(type_url, {})
         changed = frozenset(n for n, r in new.items() if old.get(n) != r)
         removed = frozenset(old.keys() - new.keys())
@@ -102,9 +102,9 @@ class ResourceCache:
         removed: set[str] = set()
         for item in upsert:
             resource = _as_resource(type_url, item)
-            if store.get(resource.name) != resource:
-                store[resource.name] = resource
-                changed.add(resource.name)
+            if store.get(resource.cache_key) != resource:
+                store[resource.cache_key] = resource
+                changed.add(resource.cache_key)
         for name in remove:
             if store.pop(name, None) is not None:
                 removed.add(name)
@@ -143,6 +143,9 @@ class View(Protocol):
     def may_see(self, type_url: str, name: str) -> bool:
         """Whether a change to cache entry `name` can concern this view."""
 
+    def cache_key(self, type_url: str, name: str) -> str:
+        """The cache entry a subscription to `name` follows (usually `name` itself)."""
+
 
 class FullView:
     """Every resource in the cache: the default for a single-tenant server."""
@@ -162,6 +165,9 @@ class FullView:
 
     def may_see(self, type_url: str, name: str) -> bool:
         return True
+
+    def cache_key(self, type_url: str, name: str) -> str:
+        return name
 
 
 class FilteredView:
@@ -194,3 +200,6 @@ class FilteredView:
 
     def may_see(self, type_url: str, name: str) -> bool:
         return self._allow(type_url, name)
+
+    def cache_key(self, type_url: str, name: str) -> str:
+        return name

@@ -35,21 +35,31 @@ class Resource:
     # An EDS cluster that Envoy (re)creates waits ("warms") for its ClusterLoadAssignment, even
     # an unchanged one: the name of that assignment, so a push of the cluster can re-send it.
     warms_with: str | None = None
+    # Where the cache keeps it, when that differs from the name on the wire: every proxy asks
+    # for the SDS secret "default", but each identity's "default" is its own resource.
+    key: str = ""
+
+    @property
+    def cache_key(self) -> str:
+        return self.key or self.name
 
     @classmethod
-    def from_message(cls, message: Message, name: str | None = None) -> "Resource":
+    def from_message(
+        cls, message: Message, name: str | None = None, *, key: str = ""
+    ) -> "Resource":
         body = message.SerializeToString(deterministic=True)
         type_url = PREFIX + message.DESCRIPTOR.full_name
         warms_with = None
         if type_url == CLUSTER and message.type == message.EDS:
             warms_with = message.eds_cluster_config.service_name or message.name
         return cls.from_bytes(
-            type_url, name if name is not None else resource_name(message), body, warms_with
+            type_url, name if name is not None else resource_name(message), body, warms_with,
+            key=key,
         )
 
     @classmethod
     def from_bytes(
-        cls, type_url: str, name: str, body: bytes, warms_with: str | None = None
+        cls, type_url: str, name: str, body: bytes, warms_with: str | None = None, *, key: str = ""
     ) -> "Resource":
         version = content_version(body)
         packed = any_pb2.Any(type_url=type_url, value=body)
@@ -57,18 +67,19 @@ class Resource:
         delta_entry = discovery_pb2.DeltaDiscoveryResponse(
             resources=[discovery_pb2.Resource(name=name, version=version, resource=packed)]
         ).SerializeToString()
-        return cls(name, type_url, version, body, sotw_entry, delta_entry, warms_with)
+        return cls(name, type_url, version, body, sotw_entry, delta_entry, warms_with, key)
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, Resource)
             and self.type_url == other.type_url
             and self.name == other.name
+            and self.key == other.key
             and self.version == other.version
         )
 
     def __hash__(self) -> int:
-        return hash((self.type_url, self.name, self.version))
+        return hash((self.type_url, self.cache_key, self.version))
 
     def unpack(self, message_class: type[Message]) -> Message:
         return message_class.FromString(self.body)

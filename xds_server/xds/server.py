@@ -234,7 +234,11 @@ class XdsServer:
                     state.view.may_see(type_url, n) for n in names
                 ):
                     continue  # nothing this wildcard subscriber may see changed
-                if state.mark_dirty(type_url, tracked):
+                # Changed names are cache entries; where this view names them differently on
+                # the wire (per-identity secrets), the stream re-checks the whole type.
+                aliased = any(state.view.cache_key(type_url, n) != n for n in type_state.names) \
+                    if type_url == types.SECRET and state.view is not None else False
+                if state.mark_dirty(type_url, None if aliased else tracked):
                     woken.add(conn)
         for conn in woken:
             conn.wake.set()
@@ -364,8 +368,11 @@ class XdsServer:
                     )
                 if type_state is None:
                     continue  # stale nonce (rule 9)
-                self._index.subscribe(conn, type_state.type_url, added)
-                self._index.unsubscribe(conn, type_state.type_url, dropped)
+                type_url = type_state.type_url
+                key = state.view.cache_key
+                # Indexed by cache entry: a change wakes exactly the streams that follow it.
+                self._index.subscribe(conn, type_url, {key(type_url, n) for n in added})
+                self._index.unsubscribe(conn, type_url, {key(type_url, n) for n in dropped})
                 self._index.set_wildcard(conn, type_state.type_url, type_state.wildcard)
                 if ack is not None:
                     self._record_ack(conn, ack)
@@ -450,8 +457,12 @@ class XdsServer:
 
     def _forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        view = conn.state.view
         for type_state in conn.state.types.values():
-            self._index.unsubscribe(conn, type_state.type_url, type_state.names)
+            names = type_state.names
+            if view is not None:
+                names = {view.cache_key(type_state.type_url, n) for n in names}
+            self._index.unsubscribe(conn, type_state.type_url, names)
             self._index.set_wildcard(conn, type_state.type_url, False)
         if conn.state.view is not None and self._release_view is not None and conn.state.node is not None:
             try:
