@@ -81,15 +81,12 @@ _ip_counter = itertools.count(2)
 def next_loopback_ip() -> str:
     """Return a loopback address not handed out before in this process.
 
-    Without xdist: 127.0.0.2, 127.0.0.3, ... With xdist worker gwN the second octet is
-    10 + N (127.10.x.y for gw0), so workers never share an address. All of 127/8 routes to
-    `lo` on Linux, so no setup is needed. Separate pytest runs may reuse an address; that is
-    harmless as long as ports come from the kernel (`free_port(ip)` or binding port 0).
+    The second octet is derived from the process id (10-249), so concurrent test processes
+    (xdist workers, or separate pytest runs) get disjoint ranges and a backend on a fixed
+    app port never collides with another run's. The demo uses 127.0.10.x-style addresses of
+    its own only when run by hand. All of 127/8 routes to `lo` on Linux: no setup needed.
     """
-    worker = xdist_worker_index()
-    second = 0 if worker is None else 10 + worker
-    if second > 255:
-        raise RuntimeError(f"xdist worker index {worker} too large for a 127/8 address")
+    second = 10 + os.getpid() % 240
     with _ip_lock:
         while True:
             n = next(_ip_counter)
