@@ -91,7 +91,7 @@ def service_cluster(
     if policy.outlier_detection is not None:
         cluster.outlier_detection.CopyFrom(_outlier_detection(policy))
     if policy.health_check is not None:
-        cluster.health_checks.append(_health_check(policy))
+        cluster.health_checks.append(_health_check(policy, f"{service.key.fqdn}:{port.port}"))
     return cluster
 
 
@@ -151,7 +151,10 @@ def _outlier_detection(policy: TrafficPolicySpec) -> outlier_detection_pb2.Outli
     return detection
 
 
-def _health_check(policy: TrafficPolicySpec) -> health_check_pb2.HealthCheck:
+def _health_check(policy: TrafficPolicySpec, host: str) -> health_check_pb2.HealthCheck:
+    """`host` is the Host header of HTTP checks: the service's FQDN with the port, which the
+    destination's inbound routes map to the right app port (Envoy's default, the cluster
+    name `outbound|...`, is not a valid Host: the sidecar would answer 400 to every check)."""
     spec = policy.health_check
     assert spec is not None
     check = health_check_pb2.HealthCheck(
@@ -164,6 +167,7 @@ def _health_check(policy: TrafficPolicySpec) -> health_check_pb2.HealthCheck:
     )
     if spec.path is not None:
         check.http_health_check.path = spec.path
+        check.http_health_check.host = host
         for status in spec.expected_statuses:
             check.http_health_check.expected_statuses.append(
                 range_pb2.Int64Range(start=status, end=status + 1)
