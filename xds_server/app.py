@@ -41,8 +41,33 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def serve(config: AppConfig, *, started: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+@dataclass
+class RunningApp:
+    """The pieces of a started server process: what `serve` runs until a signal, and what
+    `xds-server demo` runs in-process next to its sidecars and backends."""
+
+    server: XdsServer
+    cache: ResourceCache
+    store: MeshStore | None  # the mesh from --source, when given
+    stop_event: asyncio.Event
+    tasks: list[asyncio.Task]
+
+    @property
+    def address(self) -> str:
+        """The xDS address actually bound (a configured port 0 is resolved)."""
+        return self.server.address
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop serving (streams end with UNAVAILABLE), then stop the sources."""
+        self.stop_event.set()
+        await self.server.stop(grace)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def start_app(config: AppConfig) -> RunningApp:
+    """Load the sources, start watching them and start the xDS server; return at once."""
     from .sources.resource_files import ResourceDirectory  # imports every Envoy proto: lazily
 
     host, _ = parse_address(config.server.address, "--xds-address")
@@ -65,6 +90,7 @@ async def serve(config: AppConfig, *, started: asyncio.Event | None = None) -> N
         tasks.append(asyncio.create_task(directory.run(stop), name="resource-files"))
 
     view_for = release = None
+    store: MeshStore | None = None
     if config.source is not None:
         from .sources.mesh_files import MeshDirectory
 
@@ -81,20 +107,30 @@ async def serve(config: AppConfig, *, started: asyncio.Event | None = None) -> N
         view_for, release = controller.view_for, controller.release
 
     server = XdsServer(cache, config.server, view_for=view_for, release_view=release)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return RunningApp(server, cache, store, stop, tasks)
+
+
+async def serve(config: AppConfig, *, started: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    app = await start_app(config)
     tune_gc()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    log.info("serving", extra={"xds_address": server.address})
+            loop.add_signal_handler(sig, app.stop_event.set)
+    log.info("serving", extra={"xds_address": app.address})
     if started is not None:
         started.set()
     try:
-        await stop.wait()
+        await app.stop_event.wait()
     finally:
         log.info("shutting down", extra={"grace_seconds": config.server.shutdown_grace})
-        await server.stop()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await app.close()

@@ -204,5 +204,60 @@ def bootstrap_command(
     click.echo(yaml.safe_dump(sidecar_bootstrap(spec), sort_keys=False))
 
 
+@main.command("crds")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write one file per CRD here (e.g. manifests/crds) instead of printing.")
+def crds_command(output_dir: Path | None) -> None:
+    """Print the project's CustomResourceDefinitions (YAML), generated from the models."""
+    from .crds import all_crds_yaml, write_crds
+
+    if output_dir is None:
+        click.echo(all_crds_yaml(), nl=False)
+    else:
+        for path in write_crds(output_dir):
+            click.echo(f"wrote {path}")
+
+
+@main.command("demo")
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="The demo mesh (Kubernetes-shaped YAML).  [default: examples/demo]")
+@click.option("--once", is_flag=True, help="One round of traffic, then exit (0 only if it all worked).")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="Rounds of traffic, then exit.  [default: until Ctrl-C]")
+@click.option("--requests", type=click.IntRange(min=1), default=200, help="HTTP requests per round.")
+@click.option("--concurrency", type=click.IntRange(min=1, max=64), default=4,
+              help="Connections the calling app sends on at once.")
+@click.option("--interval", type=click.FloatRange(min=0), default=1.0, help="Seconds between rounds.")
+@click.option("--xds-address", default=_DEFAULTS.address, callback=_address,
+              help="HOST:PORT for the in-process xDS server (port 0: any free port).")
+@click.pass_context
+def demo_command(
+    ctx: click.Context, source: Path | None, once: bool, rounds: int | None, requests: int,
+    concurrency: int, interval: float, xds_address: str,
+) -> None:
+    """Run a mesh here: the server, real Envoy sidecars, small apps, traffic, a table per round.
+
+    frontend -> api (HTTPRoute 90/10 to v1/v2, retries) and a TCP db, from examples/demo.
+    Ctrl-C stops everything cleanly.
+    """
+    import logging
+
+    from . import demo
+
+    if once:
+        rounds = 1
+    if ctx.parent is not None and \
+            ctx.parent.get_parameter_source("log_level") is click.core.ParameterSource.DEFAULT:
+        logging.getLogger().setLevel(logging.WARNING)  # the table is the output; --log-level info for more
+    options = demo.DemoOptions(
+        source=source or demo.default_source(), xds_address=xds_address, rounds=rounds,
+        requests=requests, concurrency=concurrency, interval=interval,
+    )
+    if not options.source.is_dir():
+        raise click.BadParameter(f"{options.source} is not a directory (run from the repository "
+                                 "root, or pass --source)", param_hint="--source")
+    sys.exit(demo.run(options))
+
+
 if __name__ == "__main__":
     main()

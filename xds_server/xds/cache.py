@@ -111,6 +111,16 @@ class ResourceCache:
                 changed.discard(name)
         return self._commit(Change(type_url, frozenset(changed), frozenset(removed)))
 
+    def touch(self, type_url: str, names: Iterable[str]) -> Change:
+        """Report existing resources as changed without changing them.
+
+        For a change of *who may see* them rather than of their content (a Service's export
+        annotation, a Namespace's tenant label): streams re-evaluate these names against
+        their views, so a newly visible resource is sent and a newly hidden one removed.
+        """
+        store = self._types.get(type_url, {})
+        return self._commit(Change(type_url, frozenset(n for n in names if n in store), frozenset()))
+
     def _commit(self, change: Change) -> Change:
         if change:
             self._generation[change.type_url] = self._generation.get(change.type_url, 0) + 1

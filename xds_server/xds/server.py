@@ -173,7 +173,10 @@ class XdsServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(service_names, server)
-        self.port = server.add_insecure_port(self.settings.address)
+        try:
+            self.port = server.add_insecure_port(self.settings.address)
+        except RuntimeError as err:  # grpc says "Failed to bind": name the address instead
+            raise OSError(f"cannot listen on {self.settings.address}: address in use or not local") from err
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.address}")
         await server.start()
@@ -231,9 +234,12 @@ class XdsServer:
                 if type_state is None:
                     continue
                 if type_state.wildcard and state.view is not None and not any(
-                    state.view.may_see(type_url, n) for n in names
+                    state.view.may_see(type_url, n)
+                    # ... or it has one it may no longer see (a visibility change): remove it
+                    or n in type_state.known or n in type_state.last_full
+                    for n in names
                 ):
-                    continue  # nothing this wildcard subscriber may see changed
+                    continue  # nothing this wildcard subscriber may see (or has) changed
                 # Changed names are cache entries; where this view names them differently on
                 # the wire (per-identity secrets), the stream re-checks the whole type.
                 aliased = any(state.view.cache_key(type_url, n) != n for n in type_state.names) \
