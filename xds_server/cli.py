@@ -259,5 +259,15 @@ def demo_command(
     sys.exit(demo.run(options))
 
 
+def _register_ca_commands() -> None:
+    from .ca.cli import cert_agent, token
+
+    main.add_command(token)
+    main.add_command(cert_agent)
+
+
+_register_ca_commands()
+
+
 if __name__ == "__main__":
     main()
