@@ -11,7 +11,7 @@ XDS_ADDRESS ?= 127.0.0.1:15010
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run serve test bench bench-smoke clean
+.PHONY: setup run serve test bench bench-smoke manifests clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -47,6 +47,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/push_bench.py
+
+# Regenerate the generated manifests (CRDs from the models, the example's sidecar bootstraps);
+# review the diff. tests/unit/test_manifests.py fails while they are stale.
+manifests: setup
+	$(BIN)/xds-server crds --output-dir manifests/crds
+	UPDATE_MANIFESTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_manifests.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/out

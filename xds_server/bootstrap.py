@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +57,8 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
                 "grpc_services": [grpc_service],
                 "set_node_on_first_message_only": True,
             },
-            "cds_config": dict(ads),
-            "lds_config": dict(ads),
+            "cds_config": copy.deepcopy(ads),  # separate objects: no YAML anchors in output
+            "lds_config": copy.deepcopy(ads),
         },
         "static_resources": {
             "clusters": [

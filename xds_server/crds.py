@@ -22,7 +22,9 @@ so the pydantic JSON schema is rewritten here:
   applies when it reads an object: an API-server default would be written into etcd and could
   never change again for existing objects;
 - values that the models parse from strings (durations such as `1m30s`) are described as the
-  strings users write, with the model's own pattern (see `VALUE_SCHEMAS`).
+  strings users write, with the model's own pattern (see `VALUE_SCHEMAS`); the model's numeric
+  bounds on them (`Field(gt=0)`) become CEL rules (`x-kubernetes-validations`) on the parsed
+  value, e.g. `duration(self) > duration('0s')`.
 
 Anything that cannot be expressed structurally raises `UnsupportedSchema` naming the model
 and field, rather than producing a CRD the API server would reject.
@@ -52,6 +54,7 @@ HEADER = (
     "# Regenerate with: xds-server crds --output-dir manifests/crds\n"
 )
 
+
 @dataclass(frozen=True)
 class ValueSchema:
     """How a value the model parses from a string appears in a CRD: the string's schema, and
@@ -60,10 +63,7 @@ class ValueSchema:
     schema: dict[str, Any]
     cel_value: str  # CEL for the parsed value of `self`
     cel_literal: Callable[[float], str]  # CEL for a bound
-
-
-def _duration_literal(seconds: float) -> str:
-    return f"duration('{seconds:g}s')"
+    show: Callable[[float], str]  # a bound as users write it, for messages
 
 
 # Before-validators that parse a string into another type: the CRD describes the string.
@@ -79,7 +79,8 @@ VALUE_SCHEMAS: dict[Callable[..., Any], ValueSchema] = {
             "description": "A duration such as 150ms, 2s, 1m30s or 1h.",
         },
         cel_value="duration(self)",
-        cel_literal=_duration_literal,
+        cel_literal=lambda seconds: f"duration('{seconds:g}s')",
+        show=lambda seconds: f"{seconds:g}s",
     ),
 }
 _VALUE_MARKER = "x-xds-server-value"  # internal: which ValueSchema a node came from
@@ -267,10 +268,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], where: str,
             # pydantic leaves numeric bounds of a parsed value (Field(gt=0) on a duration) as
             # they are; on the string, they become CEL rules on its parsed value.
             op, words = _BOUNDS[key]
-            literal = value_schema.cel_literal(value)
             out.setdefault("x-kubernetes-validations", []).append({
-                "rule": f"{value_schema.cel_value} {op} {literal}",
-                "message": f"must be {words} {literal.split(chr(39))[1]}",
+                "rule": f"{value_schema.cel_value} {op} {value_schema.cel_literal(value)}",
+                "message": f"must be {words} {value_schema.show(value)}",
             })
             continue
         if key == "const":

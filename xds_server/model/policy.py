@@ -37,6 +37,9 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+# Where zero means nothing sensible (a connect timeout, a check interval), Envoy rejects it:
+# refused here, with the field named, rather than by every proxy.
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Percent = Annotated[float, Field(ge=0, le=100)]
 
 
@@ -81,7 +84,7 @@ class LoadBalancer(Spec):
 
 class TcpSettings(Spec):
     max_connections: int | None = Field(default=None, ge=1)
-    connect_timeout: Duration | None = None
+    connect_timeout: PositiveDuration | None = None
 
 
 class HttpSettings(Spec):
@@ -101,8 +104,8 @@ class ConnectionPool(Spec):
 class OutlierDetection(Spec):
     consecutive_5xx_errors: int | None = Field(default=5, ge=0, alias="consecutive5xxErrors")
     consecutive_gateway_errors: int | None = Field(default=None, ge=0)
-    interval: Duration = 10.0
-    base_ejection_time: Duration = 30.0
+    interval: PositiveDuration = 10.0
+    base_ejection_time: PositiveDuration = 30.0
     max_ejection_percent: int = Field(default=10, ge=0, le=100)
 
 
@@ -127,7 +130,7 @@ class Retries(Spec):
 
 class FaultDelay(Spec):
     percentage: Percent
-    fixed_delay: Duration
+    fixed_delay: PositiveDuration
 
 
 class FaultAbort(Spec):
@@ -158,8 +161,8 @@ class LocalRateLimit(Spec):
 class HealthCheck(Spec):
     """Active health checks: HTTP GET `path` when set, else a TCP connect."""
 
-    interval: Duration = 5.0
-    timeout: Duration = 1.0
+    interval: PositiveDuration = 5.0
+    timeout: PositiveDuration = 1.0
     unhealthy_threshold: int = Field(default=2, ge=1)
     healthy_threshold: int = Field(default=1, ge=1)
     path: str | None = None

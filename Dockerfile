@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+# xds-server: `docker build -t xds-server:0.1.0 .`, then `docker run -p 15010:15010 xds-server:0.1.0`.
+#
+# Two stages: the first builds the project's wheel and the wheels of its runtime dependencies
+# (no test extras), the second installs exactly those into a virtualenv on a clean base and
+# runs as a non-root user. tests/unit/test_dockerfile.py runs these same RUN steps locally.
+#
+# The base is pinned to a Python patch release and Debian release; pin its digest too when
+# you publish images (`docker buildx imagetools inspect python:3.11.17-slim-trixie`) and let
+# a bot (Renovate, Dependabot) bump both.
+ARG PYTHON_IMAGE=python:3.11.17-slim-trixie
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY xds_server ./xds_server
+RUN pip wheel --wheel-dir /wheels .
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="xds-server" \
+      org.opencontainers.image.description="An xDS control plane for Envoy service meshes" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PATH=/opt/xds-server/bin:$PATH \
+    XDS_SERVER_XDS_ADDRESS=0.0.0.0:15010 \
+    XDS_SERVER_LOG_FORMAT=json
+RUN groupadd --system --gid 10001 xds \
+ && useradd --system --uid 10001 --gid xds --home-dir /var/lib/xds-server --shell /usr/sbin/nologin xds \
+ && install --directory --owner xds --group xds --mode 0750 /var/lib/xds-server
+# Only wheels built above, nothing from the network: the project and its runtime dependencies.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    python -m venv /opt/xds-server \
+ && /opt/xds-server/bin/pip install --no-cache-dir --no-index --find-links /wheels /wheels/xds_server-*.whl \
+ && /opt/xds-server/bin/pip check
+WORKDIR /var/lib/xds-server
+USER 10001:10001
+# xDS plaintext, xDS TLS (when it lands), admin HTTP (when it lands)
+EXPOSE 15010 15012 15014
+ENTRYPOINT ["xds-server", "serve"]
