@@ -79,7 +79,12 @@ def service_cluster(
     pool = policy.connection_pool
     if pool is not None and pool.tcp is not None and pool.tcp.connect_timeout is not None:
         cluster.connect_timeout.CopyFrom(duration(pool.tcp.connect_timeout))
-    if pool is not None and pool.http is not None and pool.http.max_requests_per_connection:
+    # An HTTP setting: a TCP port's cluster has no HTTP protocol options to put it in (and
+    # Envoy rejects HttpProtocolOptions without an upstream protocol).
+    if (
+        port.app_protocol.is_http
+        and pool is not None and pool.http is not None and pool.http.max_requests_per_connection
+    ):
         options = http_protocol_options_pb2.HttpProtocolOptions()
         key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
         if key in cluster.typed_extension_protocol_options:

@@ -13,11 +13,13 @@ gets a `ProxyView` that admits exactly what it may see (scope.py).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_pb2
@@ -105,6 +107,8 @@ class _Scope:
 
     namespace: str
     services: set[ServiceKey] = field(default_factory=set)
+    ordered: list[ServiceKey] = field(default_factory=list)  # `services`, sorted
+    entries: list[bytes] = field(default_factory=list)  # their encoded virtual hosts, in order
     clusters: list[str] = field(default_factory=list)  # sorted cluster names of visible services
     proxies: int = 0
 
@@ -163,7 +167,10 @@ class MeshController:
         self._workload_by_ip: dict[str, Workload] = {}
         self._routes: dict[tuple[str, str, str], Route] = {}
         self._routes_by_parent: dict[ServiceKey, set[tuple[str, str, str]]] = defaultdict(set)
+        # Routes naming a service as a backendRef or mirror: they re-resolve when it comes or goes.
+        self._routes_by_backend_index: dict[ServiceKey, set[tuple[str, str, str]]] = defaultdict(set)
         self._policies: dict[tuple[str, str], TrafficPolicy] = {}
+        self._policies_by_target: dict[ServiceKey, dict[tuple[str, str], TrafficPolicy]] = defaultdict(dict)
         self._policy_by_target: dict[ServiceKey, TrafficPolicy] = {}
         self._namespaces: dict[str, Namespace] = {}
         self._services_by_pod: dict[ProxyKey, set[ServiceKey]] = defaultdict(set)
@@ -191,21 +198,22 @@ class MeshController:
         endpoints: set[ServiceKey] = set()  # assignments only
         vhosts: set[ServiceKey] = set()
         proxies: set[ProxyKey] = set()
-        rescope = False
+        rescope = False  # every scope recomputed from scratch (namespaces, or a big batch)
+        rescoped: set[ServiceKey] = set()  # Services whose visibility is re-checked one by one
         for change in changes:
             kind = change.kind
             if kind == SERVICE:
                 for obj in (change.old, change.new):
                     if obj is not None:
                         services.add(obj.key)
+                        rescoped.add(obj.key)
                         proxies |= self._pods_backing(obj.key)
                 self._apply_service(change)
-                rescope = True
             elif kind == ENDPOINT_SLICE:
                 for obj in (change.old, change.new):
                     if obj is not None:
                         endpoints.add(obj.service_key)
-                        proxies |= {(obj.namespace, e.pod) for e in obj.endpoints if e.pod}
+                proxies |= self._slice_members_changed(change)
                 self._apply_slice(change)
             elif kind == POD:
                 for obj in (change.old, change.new):
@@ -216,9 +224,10 @@ class MeshController:
             elif kind in (HTTP_ROUTE, GRPC_ROUTE):
                 for obj in (change.old, change.new):
                     if obj is not None:
+                        # Only the parents' virtual hosts hold a route's rules; its backends'
+                        # own virtual hosts do not change (when a backend service appears or
+                        # goes, `_routes_by_backend` below re-resolves the parents).
                         vhosts |= {p.service for p in obj.parents}
-                        for rule in obj.rules:  # backends' existence decides 500s vs routing
-                            vhosts |= {b.service for b in rule.backends}
                 self._apply_route(change)
             elif kind == TRAFFIC_POLICY:
                 for obj in (change.old, change.new):
@@ -238,20 +247,59 @@ class MeshController:
         for key in list(services):
             for route_key in self._routes_by_backend(key):
                 vhosts |= {p.service for p in self._routes[route_key].parents}
+        # Per-scope updates below need the clusters these services had before this change.
+        old_clusters = {key: self._service_clusters.get(key, []) for key in rescoped}
         for key in services:
             self._rebuild_service(key)
         for key in endpoints - services:
             self._rebuild_assignments(key)
         changed_vhosts = {k for k in (services | vhosts) if self._rebuild_vhosts(k)}
-        if rescope:
-            for scope in self._scopes.values():
-                self._rescope(scope)
+        # Services some scope gained or lost (export annotation, tenant label, new or gone).
+        regated: set[ServiceKey] = set()
+        # A few Services changed: re-check just those in every scope (O(scopes x changed));
+        # a big batch (a source's first sync) is cheaper as one pass over every service.
+        rescope = rescope or len(rescoped) > max(64, len(self._services) // 16)
+        gated: set[str] = set()  # scopes whose set of services changed
+        for scope in self._scopes.values() if rescope or rescoped else ():
+            if rescope:
+                diff = self._rescope(scope)
+            else:
+                diff = self._rescope_services(scope, rescoped, old_clusters)
+            if diff:
+                regated |= diff
+                gated.add(scope.namespace)
+                # Their TCP upstream listeners depend on what the scope sees.
+                proxies |= {k for k in self._proxies if k[0] == scope.namespace}
         for scope in self._scopes.values():
-            if rescope or scope.services & changed_vhosts:
+            touched = scope.services & changed_vhosts
+            if touched and not rescope:
+                self._refresh_entries(scope, touched)
+            if rescope or scope.namespace in gated or touched:
                 self._rebuild_scope_routes(scope)
         for key in proxies:
             if key in self._proxies:
                 self._rebuild_proxy(self._proxies[key])
+        if regated:
+            # Visibility changed but the clusters and assignments did not, so the cache
+            # reported nothing: tell the server to re-check them against every view, so
+            # they reach the proxies that may now see them and leave those that may not.
+            shared = [n for key in regated for n in self._service_clusters.get(key, ())]
+            self.cache.touch(types.CLUSTER, shared)
+            self.cache.touch(types.ENDPOINT, shared)
+
+    @staticmethod
+    def _slice_members_changed(change: ObjectChange) -> set[ProxyKey]:
+        """The pods whose app ports a slice change may change (see `app_ports`): those that
+        joined or left it, or all of its pods when its ports or its service changed. An
+        endpoint change (readiness, zone) of a pod that stays rebuilds no proxy."""
+        old, new = change.old, change.new
+
+        def pods(s: EndpointSlice | None) -> set[ProxyKey]:
+            return {(s.namespace, e.pod) for e in s.endpoints if e.pod} if s is not None else set()
+
+        if old is None or new is None or old.ports != new.ports or old.service != new.service:
+            return pods(old) | pods(new)
+        return pods(old) ^ pods(new)
 
     def _apply_service(self, change: ObjectChange) -> None:
         if change.new is None:
@@ -261,15 +309,17 @@ class MeshController:
 
     def _apply_slice(self, change: ObjectChange) -> None:
         if change.old is not None:
-            self._slices[change.old.service_key].pop(change.old.name, None)
+            key = change.old.service_key  # a property making a new key: once per slice
+            self._slices[key].pop(change.old.name, None)
             for endpoint in change.old.endpoints:
                 if endpoint.pod:
-                    self._services_by_pod[(change.old.namespace, endpoint.pod)].discard(change.old.service_key)
+                    self._services_by_pod[(change.old.namespace, endpoint.pod)].discard(key)
         if change.new is not None:
-            self._slices[change.new.service_key][change.new.name] = change.new
+            key = change.new.service_key
+            self._slices[key][change.new.name] = change.new
             for endpoint in change.new.endpoints:
                 if endpoint.pod:
-                    self._services_by_pod[(change.new.namespace, endpoint.pod)].add(change.new.service_key)
+                    self._services_by_pod[(change.new.namespace, endpoint.pod)].add(key)
 
     def _apply_workload(self, change: ObjectChange) -> None:
         if change.old is not None:
@@ -286,37 +336,45 @@ class MeshController:
             self._routes.pop(change.old.key, None)
             for parent in change.old.parents:
                 self._routes_by_parent[parent.service].discard(change.old.key)
+            for backend in _route_backends(change.old):
+                routes = self._routes_by_backend_index[backend]
+                routes.discard(change.old.key)
+                if not routes:
+                    del self._routes_by_backend_index[backend]
         if change.new is not None:
             self._routes[change.new.key] = change.new
             for parent in change.new.parents:
                 self._routes_by_parent[parent.service].add(change.new.key)
+            for backend in _route_backends(change.new):
+                self._routes_by_backend_index[backend].add(change.new.key)
 
     def _apply_policy(self, change: ObjectChange) -> None:
         if change.old is not None:
             self._policies.pop((change.old.namespace, change.old.name), None)
+            old_target = ServiceKey(change.old.namespace, change.old.spec.target_ref.name)
+            self._policies_by_target[old_target].pop((change.old.namespace, change.old.name), None)
         if change.new is not None:
             self._policies[(change.new.namespace, change.new.name)] = change.new
+            new_target = ServiceKey(change.new.namespace, change.new.spec.target_ref.name)
+            self._policies_by_target[new_target][(change.new.namespace, change.new.name)] = change.new
         # Several policies may target one service: the oldest wins (Gateway API convention).
         targets = {
             ServiceKey(p.namespace, p.spec.target_ref.name)
             for p in (change.old, change.new) if p is not None
         }
         for target in targets:
-            candidates = sorted(
-                (p for p in self._policies.values()
-                 if p.namespace == target.namespace and p.spec.target_ref.name == target.name),
-                key=lambda p: (p.created or "~", p.name),
-            )
+            by_name = self._policies_by_target.get(target, {})
+            candidates = sorted(by_name.values(), key=lambda p: (p.created or "~", p.name))
+            if not by_name:
+                self._policies_by_target.pop(target, None)
             if candidates:
                 self._policy_by_target[target] = candidates[0]
             else:
                 self._policy_by_target.pop(target, None)
 
     def _routes_by_backend(self, key: ServiceKey) -> list[tuple[str, str, str]]:
-        return [
-            rk for rk, route in self._routes.items()
-            if any(b.service == key for rule in route.rules for b in rule.backends)
-        ]
+        # An index, not a scan of every route: a full build asks this for every service.
+        return list(self._routes_by_backend_index.get(key, ()))
 
     def _pods_backing(self, key: ServiceKey) -> set[ProxyKey]:
         return {
@@ -406,25 +464,70 @@ class MeshController:
 
     # Scopes ---------------------------------------------------------------------------------
 
-    def _rescope(self, scope: _Scope) -> None:
+    def _rescope(self, scope: _Scope) -> set[ServiceKey]:
+        """Recompute what the scope sees from every service; returns the services it gained
+        or lost."""
+        before = scope.services
         scope.services = {
             key for key, service in self._services.items()
             if visible(service, scope.namespace, self._namespaces, self.settings)
         }
+        # Sorted by plain tuples: the dataclass's own __lt__ is a Python call per comparison.
+        scope.ordered = sorted(scope.services, key=_by_name)
+        scope.entries = [self._scope_entry(scope, key) for key in scope.ordered]
         scope.clusters = sorted(
             name for key in scope.services for name in self._service_clusters.get(key, ())
         )
         self._scope_cluster_cache.pop(scope.namespace, None)
+        return before ^ scope.services
+
+    def _rescope_services(
+        self, scope: _Scope, keys: Iterable[ServiceKey], old_clusters: dict[ServiceKey, list[str]]
+    ) -> set[ServiceKey]:
+        """`_rescope` for a few changed services only (their clusters were `old_clusters`)."""
+        diff: set[ServiceKey] = set()
+        clusters_changed = False
+        for key in keys:
+            service = self._services.get(key)
+            was = key in scope.services
+            now = service is not None and visible(service, scope.namespace, self._namespaces, self.settings)
+            if was != now:
+                diff.add(key)
+                i = bisect.bisect_left(scope.ordered, _by_name(key), key=_by_name)
+                if now:
+                    scope.services.add(key)
+                    scope.ordered.insert(i, key)
+                    scope.entries.insert(i, self._scope_entry(scope, key))
+                else:
+                    scope.services.discard(key)
+                    del scope.ordered[i], scope.entries[i]
+            old_names = old_clusters.get(key, []) if was else []
+            new_names = self._service_clusters.get(key, []) if now else []
+            if old_names != new_names:
+                clusters_changed = True
+                for name in old_names:
+                    _sorted_remove(scope.clusters, name)
+                for name in new_names:
+                    bisect.insort(scope.clusters, name)
+        if diff or clusters_changed:
+            self._scope_cluster_cache.pop(scope.namespace, None)
+        return diff
+
+    def _scope_entry(self, scope: _Scope, key: ServiceKey) -> bytes:
+        return self._vhost_entries.get((key, key.namespace == scope.namespace), b"")
+
+    def _refresh_entries(self, scope: _Scope, keys: Iterable[ServiceKey]) -> None:
+        """Re-read the encoded virtual hosts of these (visible) services into the scope."""
+        for key in keys:
+            i = bisect.bisect_left(scope.ordered, _by_name(key), key=_by_name)
+            scope.entries[i] = self._scope_entry(scope, key)
 
     def _rebuild_scope_routes(self, scope: _Scope) -> None:
+        # A byte join of entries kept in order (see _rescope, _refresh_entries): a change to
+        # one service costs no per-service work here, whatever the number of services.
         head = outbound_route_configuration(scope.route_name, []).SerializeToString(deterministic=True)
-        entries = [
-            self._vhost_entries.get((key, key.namespace == scope.namespace), b"")
-            for key in sorted(scope.services)
-        ]
-        self.cache.update(
-            types.ROUTE, upsert=[Resource.from_bytes(types.ROUTE, scope.route_name, head + b"".join(entries))]
-        )
+        body = b"".join([head, *scope.entries])
+        self.cache.update(types.ROUTE, upsert=[Resource.from_bytes(types.ROUTE, scope.route_name, body)])
 
     def _scope_for(self, namespace: str) -> _Scope:
         scope = self._scopes.get(namespace)
@@ -616,6 +719,26 @@ def proxy_resources(view: ProxyView) -> dict[str, list[Resource]]:
         types.ROUTE: sorted(view.visible(types.ROUTE), key=lambda r: r.name),
         types.CLUSTER: sorted(clusters, key=lambda r: r.name),
         types.ENDPOINT: sorted(endpoints, key=lambda r: r.name),
+    }
+
+
+_by_name = attrgetter("namespace", "name")  # ServiceKey's order, as a C-compared tuple
+
+
+def _sorted_remove(items: list[str], item: str) -> None:
+    """Remove `item` from the sorted list `items` (if there)."""
+    i = bisect.bisect_left(items, item)
+    if i < len(items) and items[i] == item:
+        del items[i]
+
+
+def _route_backends(route: Route) -> set[ServiceKey]:
+    """Services a route resolves against (backendRefs and mirrors): its virtual hosts
+    change when one of them appears or disappears."""
+    return {
+        ref.service
+        for rule in route.rules
+        for ref in (*rule.backends, *(m.backend for m in rule.mirrors))
     }
 
 

@@ -404,12 +404,14 @@ def _backend_cluster(
 
 def _headers_to_add(modifier: HeaderModifier) -> list[base_pb2.HeaderValueOption]:
     """set -> overwrite-or-add, add -> append-or-add. Envoy refuses to modify pseudo-headers
-    and `host` this way, so those are skipped (set Host with URLRewrite hostname instead)."""
+    and `host` this way, so those are skipped (set Host with URLRewrite hostname instead).
+    Envoy reads `%` in a header value as the start of a substitution command (%REQ(...)%),
+    so a literal value has each `%` doubled: a user's "50%" is sent as "50%", not rejected."""
     out = []
     for action, pairs in ((_OVERWRITE, modifier.set), (_APPEND, modifier.add)):
         for key, value in pairs:
             if _modifiable(key):
-                header = base_pb2.HeaderValue(key=key, value=value)
+                header = base_pb2.HeaderValue(key=key, value=value.replace("%", "%%"))
                 out.append(base_pb2.HeaderValueOption(header=header, append_action=action))
     return out
 
