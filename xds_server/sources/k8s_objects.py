@@ -13,6 +13,7 @@ here also applies to a real cluster.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
@@ -362,7 +363,12 @@ def _endpoint_slice(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> En
     if not service:
         path = _key("metadata.labels", SERVICE_NAME_LABEL)
         r.fail(path, "required: the name of the Service this slice belongs to")
-    r.choice(obj.get("addressType"), "addressType", ("IPv4", "IPv6", "FQDN"), "IPv4")
+    family = r.choice(obj.get("addressType"), "addressType", ("IPv4", "IPv6", "FQDN"), "IPv4")
+    if family == "FQDN":
+        # Envoy's EDS takes IP addresses only: an FQDN endpoint would make every proxy reject
+        # the whole ClusterLoadAssignment. Skipped on purpose, and said so.
+        message = "FQDN EndpointSlices are not read by the mesh (endpoints must be IPs); skipped"
+        raise ObjectError(r.kind, r.namespace, r.name, "addressType", message, warning=True)
     ports: list[EndpointPort] = []
     for i, item in enumerate(r.items(obj.get("ports"), "ports")):
         path = f"ports[{i}]"
@@ -376,18 +382,26 @@ def _endpoint_slice(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> En
         number = r.port(item.get("port"), f"{path}.port")
         ports.append(EndpointPort(name, number, AppProtocol.parse(app or None, name)))
     endpoints = tuple(
-        _endpoint(r, item, f"endpoints[{i}]")
+        _endpoint(r, item, f"endpoints[{i}]", family)
         for i, item in enumerate(r.items(obj.get("endpoints"), "endpoints"))
     )
     return EndpointSlice(r.namespace, r.name, service, tuple(ports), endpoints)
 
 
-def _endpoint(r: _Reader, item: Any, path: str) -> Endpoint:
+def _endpoint(r: _Reader, item: Any, path: str, family: str = "IPv4") -> Endpoint:
     item = r.mapping(item, path)
     addresses = r.items(item.get("addresses"), f"{path}.addresses")
     if not addresses:
         r.fail(f"{path}.addresses", "required: at least one address")
     address = r.string(addresses[0], f"{path}.addresses[0]", required=True)
+    # As the API server checks it: an address of the slice's family (Envoy would reject
+    # anything else, for every proxy that sees the service).
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.version != (4 if family == "IPv4" else 6):
+        r.fail(f"{path}.addresses[0]", f"{address!r} is not an {family} address")
     conditions = r.mapping(item.get("conditions"), f"{path}.conditions")
     # Per the EndpointSlice API: unset ready and serving mean true, unset terminating false.
     ready = r.boolean(conditions.get("ready"), f"{path}.conditions.ready", True)
