@@ -15,7 +15,7 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
-from .resource import Resource
+from .resource import Resource, set_version
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,23 @@ class FullView:
 
     def __init__(self, cache: ResourceCache) -> None:
         self._cache = cache
+        self._maps: dict[str, tuple[int, dict[str, Resource], str]] = {}
 
     @property
     def key(self) -> Hashable:
         return ("full", id(self._cache))
+
+    def visible_map(self, type_url: str) -> tuple[dict[str, Resource], str]:
+        """Everything of one type with its set version, built once per cache generation and
+        shared by every wildcard stream (never mutate the returned map)."""
+        generation = self._cache.generation(type_url)
+        cached = self._maps.get(type_url)
+        if cached is None or cached[0] != generation:
+            resources = {r.name: r for r in self._cache.resources(type_url).values()}
+            version = set_version({n: r.version for n, r in resources.items()})
+            cached = (generation, resources, version)
+            self._maps[type_url] = cached
+        return cached[1], cached[2]
 
     def get(self, type_url: str, name: str) -> Resource | None:
         return self._cache.get(type_url, name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -76,6 +76,9 @@ class TypeState:
     sent_version: str = ""
     acked_version: str = ""
     nack: Nack | None = None
+    # The resources the latest response added or changed, kept until it is ACKed: what a
+    # NACK rejected, and what is in flight (CSDS reports them per resource).
+    last_changes: Sequence[Resource] = ()
     dirty: bool = False  # something this stream may need changed
     # Names that may have changed since the last response was computed; None means "any".
     # Keeps a push proportional to the change, not to the subscription.
@@ -309,6 +312,7 @@ class StreamState:
         state.acked_version = state.pending_version
         state.acked_at = time.time()
         state.nack = None
+        state.last_changes = ()
         return Ack(state.type_url, nonce, None)
 
     # Responses -----------------------------------------------------------------------------
@@ -387,6 +391,9 @@ class StreamState:
     def _sotw_push(self, state: TypeState, allow_removals: bool) -> Push | None:
         candidates, state.pending = state.pending, set()
         if state.full_state:
+            shared = self._shared_targets(state)
+            if shared is not None:
+                return self._sotw_full_push(state, shared[0], allow_removals, shared[1])
             return self._sotw_full_push(state, self._targets(state), allow_removals)
         known = state.known
         if candidates is None:
@@ -413,15 +420,30 @@ class StreamState:
         state.must_reply = False
         for resource in send:
             known[resource.name] = resource.version
+        state.last_changes = send
         version = set_version({r.name: r.version for r in send})
         return self._sotw_response(state, send, version)
 
+    def _shared_targets(self, state: TypeState) -> tuple[dict[str, Resource], str] | None:
+        """A plain wildcard subscriber's complete set, shared with every stream of the same
+        view (and its version, hashed once), when the view offers one."""
+        if not state.wildcard or state.names:
+            return None
+        visible_map = getattr(self.view, "visible_map", None)
+        return visible_map(state.type_url) if visible_map is not None else None
+
     def _sotw_full_push(
-        self, state: TypeState, targets: dict[str, Resource], allow_removals: bool
+        self,
+        state: TypeState,
+        targets: dict[str, Resource],
+        allow_removals: bool,
+        version: str | None = None,
     ) -> Push | None:
-        # Rule 10: Listener and Cluster responses carry the complete set.
+        # Rule 10: Listener and Cluster responses carry the complete set. `targets` may be
+        # shared with other streams: it is read, never changed, here.
         removed = state.last_full.keys() - targets.keys()
-        version = set_version({n: r.version for n, r in targets.items()})
+        if version is None:
+            version = set_version({n: r.version for n, r in targets.items()})
         if version == state.full_version and not state.must_reply:
             state.removal_pending = False
             return None
@@ -431,12 +453,15 @@ class StreamState:
             state.removal_pending = True
             if not changed and not state.must_reply:
                 return None
+            targets = dict(targets)
             for name in removed:  # keep them until what referenced them is updated
                 targets[name] = state.last_full[name]
             version = set_version({n: r.version for n, r in targets.items()})
         state.must_reply = False
         state.full_version = version if not state.removal_pending else None
-        self._rewarm([r for n, r in targets.items() if _differs(state.last_full.get(n), r)])
+        updated = [r for n, r in targets.items() if _differs(state.last_full.get(n), r)]
+        self._rewarm(updated)
+        state.last_changes = updated
         state.last_full = targets
         return self._sotw_response(state, list(targets.values()), version)
 
@@ -482,6 +507,7 @@ class StreamState:
         self._rewarm(send)
         for resource in send:
             known[resource.name] = resource.version
+        state.last_changes = send
         for name in removed:
             del known[name]
         # The response's own content (not the whole known set): cheap, and still equal for
