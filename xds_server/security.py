@@ -1,0 +1,214 @@
+"""Identity, CA and SDS wired into a server process (`xds-server serve --auth ...`).
+
+One `Security` holds the pieces the other modules define and connects them to an
+`XdsServer`:
+
+    CertificateAuthority (ca/authority.py)   the root or plugged-in intermediate, in --ca-dir
+    SvidIssuer + CertificateRegistry          X.509-SVIDs, --workload-ttl
+    TokenIssuer (ca/tokens.py)                workload tokens (`xds-server token create`)
+    TokenReviewer (sources/tokenreview.py)    Kubernetes tokens, when the mesh is a cluster
+    Authenticator + StreamGuard (xds/auth.py) checked on every stream before anything is sent
+    SecretProvider (ca/sds.py)                `default` and `ROOTCA` over ADS and SDS
+    RootRotation (ca/rotation.py)             started by `start_root_rotation()` (admin) or
+                                              `xds-server ca rotate-root` (CA files)
+    CertificateService (ca/service.py)        CSR signing on the xDS port, same authenticator
+
+With `--auth none` only the guard's bounds run: no CA is loaded, nothing is issued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .ca.authority import CLOCK_SKEW, CAError, CertificateAuthority, KeyAlgorithm
+from .ca.identity import DEFAULT_TRUST_DOMAIN, validate_trust_domain
+from .ca.rotation import RootRotation
+from .ca.sds import SecretProvider
+from .ca.service import CertificateService
+from .ca.svid import DEFAULT_TTL, MAX_TTL, SvidIssuer
+from .ca.tokens import TokenIssuer
+from .config import ConfigError
+from .xds.auth import Authenticator, AuthMode, GuardSettings, StreamGuard
+from .xds.cache import ResourceCache
+
+log = logging.getLogger("xds_server.security")
+
+# The audience Kubernetes tokens must be minted for (a projected service-account token
+# volume with `audience: xds-server`): a token for another service is no proof for us.
+DEFAULT_TOKEN_AUDIENCE = "xds-server"
+
+
+@dataclass
+class SecurityConfig:
+    auth: AuthMode = AuthMode.NONE
+    ca_dir: Path = Path("certs")
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    workload_ttl: timedelta = DEFAULT_TTL
+    token_audiences: tuple[str, ...] = (DEFAULT_TOKEN_AUDIENCE,)
+    key_algorithm: KeyAlgorithm | str = KeyAlgorithm.EC_P256
+    limits: GuardSettings = field(default_factory=GuardSettings)
+    # How long past its NotAfter a leaf may still be trusted by a peer with a slow clock:
+    # the old root stays in the bundle that much longer during a root rotation.
+    clock_skew: timedelta = CLOCK_SKEW
+    renewal_jitter: float = 0.10
+    # A root rotation does not switch signing during this long after start-up: proxies
+    # connected before a restart must reconnect (and ACK the new bundle) first.
+    rotation_startup_grace: timedelta = timedelta(seconds=30)
+    watch_ca_files: bool = True
+
+
+class Security:
+    """The CA, authentication and SDS of one server process (see the module doc)."""
+
+    def __init__(
+        self,
+        config: SecurityConfig,
+        guard: StreamGuard,
+        *,
+        authority: CertificateAuthority | None = None,
+        issuer: SvidIssuer | None = None,
+        tokens: TokenIssuer | None = None,
+        reviewer: Any = None,
+        provider: SecretProvider | None = None,
+        rotation: RootRotation | None = None,
+        csr_service: CertificateService | None = None,
+        kube_api: Any = None,
+    ) -> None:
+        self.config = config
+        self.guard = guard
+        self.authority = authority
+        self.issuer = issuer
+        self.tokens = tokens
+        self.reviewer = reviewer
+        self.provider = provider
+        self.rotation = rotation
+        self.csr_service = csr_service
+        self._kube_api = kube_api
+        self._server: Any = None
+
+    @property
+    def registry(self) -> Any:
+        return self.issuer.registry if self.issuer is not None else None
+
+    @property
+    def authenticator(self) -> Authenticator | None:
+        return self.guard.authenticator
+
+    @classmethod
+    def build(
+        cls,
+        config: SecurityConfig,
+        cache: ResourceCache,
+        listen_address: str,
+        *,
+        kubernetes: Any = None,
+        reviewer: Any = None,
+    ) -> Security:
+        """Load (or create) the CA and build every piece for `config.auth`. `kubernetes` is
+        the app's KubernetesConfig: when given, Kubernetes tokens are checked with
+        TokenReview against that cluster (or pass a ready `reviewer`). Raises ConfigError."""
+        mode = AuthMode(config.auth)
+        if mode is AuthMode.NONE:
+            log.warning("--auth none: streams are not authenticated and no workload "
+                        "certificate is issued (SDS secrets are not served)")
+            return cls(config, StreamGuard(None, config.limits))
+        try:
+            validate_trust_domain(config.trust_domain)
+        except ValueError as err:
+            raise ConfigError(f"--trust-domain: {err}") from None
+        if config.workload_ttl <= timedelta(0) or config.workload_ttl > MAX_TTL:
+            raise ConfigError(f"--workload-ttl must be positive and at most {MAX_TTL}")
+        try:
+            authority = CertificateAuthority(config.ca_dir, trust_domain=config.trust_domain,
+                                             key_algorithm=config.key_algorithm)
+            tokens = TokenIssuer(config.ca_dir)
+        except (CAError, ValueError, OSError) as err:
+            raise ConfigError(f"--ca-dir {config.ca_dir}: {err}") from None
+        issuer = SvidIssuer(authority, trust_domain=config.trust_domain,
+                            default_ttl=config.workload_ttl, key_algorithm=config.key_algorithm)
+        rotation = RootRotation(authority, issuer.registry, max_ttl=issuer.max_ttl,
+                                clock_skew=config.clock_skew)
+        kube_api = None
+        if reviewer is None and kubernetes is not None:
+            from .sources.kube_api import ConfigError as KubeConfigError
+            from .sources.kube_api import KubeApi, make_api_client
+            from .sources.tokenreview import TokenReviewer
+
+            try:
+                kube_api = KubeApi(make_api_client(kubernetes.kubeconfig,
+                                                   in_cluster=kubernetes.in_cluster or None))
+            except KubeConfigError as err:
+                raise ConfigError(str(err)) from err
+            reviewer = TokenReviewer(kube_api, audiences=config.token_audiences)
+        authenticator = Authenticator(mode, tokens=tokens, reviewer=reviewer,
+                                      listen_address=listen_address)
+        provider = SecretProvider(
+            cache, issuer, rotation=rotation, jitter=config.renewal_jitter,
+            startup_grace=config.rotation_startup_grace.total_seconds(),
+        )
+        guard = StreamGuard(authenticator, config.limits, secrets=provider)
+        csr = CertificateService(issuer, authenticator.verify_token)
+        log.info("authentication and SDS enabled", extra={
+            "auth": mode.value, "trust_domain": config.trust_domain,
+            "workload_ttl_seconds": int(config.workload_ttl.total_seconds()),
+            "token_review": reviewer is not None,
+            "token_audiences": ",".join(config.token_audiences) if reviewer is not None else "",
+        })
+        return cls(config, guard, authority=authority, issuer=issuer, tokens=tokens,
+                   reviewer=reviewer, provider=provider, rotation=rotation, csr_service=csr,
+                   kube_api=kube_api)
+
+    def attach(self, server: Any) -> None:
+        """Guard `server`'s streams and serve the CSR service on its port (before start)."""
+        self._server = server
+        server.guard = self.guard
+        if self.csr_service is not None:
+            server.extra_handlers.append(self.csr_service.handler())
+        if self.provider is not None:
+            self.provider.attach(server)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Renewal, root rotation, CA file changes and token revocations, until `stop`."""
+        jobs = []
+        if self.provider is not None:
+            jobs.append(asyncio.create_task(
+                self.provider.run(stop, watch_files=self.config.watch_ca_files), name="sds"))
+        if self._server is not None:
+            server = self._server
+            jobs.append(asyncio.create_task(self.guard.watch_revocations(
+                lambda: server.connections, server.close_connection, stop), name="revocations"))
+        try:
+            if jobs:
+                await asyncio.gather(*jobs)
+            else:
+                await stop.wait()
+        finally:
+            for job in jobs:
+                job.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*jobs, return_exceptions=True)
+            if self._kube_api is not None:
+                self._kube_api.close()
+
+    # For the admin API -----------------------------------------------------------------------
+
+    def start_root_rotation(self) -> dict[str, Any]:
+        """Begin a root rotation (raises rotation.RotationError when one is under way or the
+        CA is an operator's). Returns its status."""
+        if self.provider is None:
+            raise ConfigError("root rotation needs the CA: run with --auth tokens")
+        return self.provider.start_root_rotation()
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"auth": self.guard.mode.value, "guard": self.guard.stats.to_dict()}
+        if self.provider is not None:
+            data["sds"] = self.provider.stats.to_dict()
+            data["identities"] = self.provider.identities()
+            data["root_rotation"] = self.provider.rotation_status()
+        return data

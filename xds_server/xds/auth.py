@@ -1,0 +1,482 @@
+"""Who is on the other end of an xDS stream, proven before anything is sent (CONFORMANCE 18),
+and the per-stream and per-identity bounds of rule 19.
+
+The server calls a `StreamGuard` at four points of a stream's life:
+
+- `admit(conn)` once, with the first request's node and the call's metadata, *before* the
+  stream gets a view (so before any response can be computed). It raises `StreamRefused`
+  with a gRPC status and a reason, and the server closes the stream with it:
+  UNAUTHENTICATED (no or bad credential, identity other than the node claims),
+  UNAVAILABLE (TokenReview could not be asked: not the caller's fault, retry),
+  RESOURCE_EXHAUSTED (too many streams for one identity).
+- `on_request(conn)` for every request: a token bucket per stream (RESOURCE_EXHAUSTED).
+- `subscribed(conn, type_url, names, wildcard)` after a request changed subscriptions: SDS
+  names go to the secret provider, which issues the proxy's own secret or refuses and counts.
+- `closed(conn)` when the stream ends.
+
+Authentication modes (`--auth`):
+
+- `tokens`: a bearer token in the `authorization` metadata of the stream. A workload token
+  this server issued (`xds-server token create`, ES256, our key id) is verified locally,
+  revocation included; any other token is a Kubernetes service-account token and is asked to
+  the API server with TokenReview (audience-bound, see sources/tokenreview.py). The proven
+  (namespace, service account) must equal what the node claims (the node metadata written by
+  `xds-server bootstrap`, or an id `<pod>.<namespace>`); a token bound to a pod must match the
+  node's pod too.
+- `insecure-node-metadata`: the node's claim is believed. Only on a loopback listener and for
+  loopback peers, with a warning at start and on every stream. A token, when one is sent
+  anyway, is still verified: this mode only adds trust, never skips a check.
+- `none`: no identity at all (the library default, for tests of the protocol alone). No SDS
+  secret can be issued without an identity, so nothing secret is served either.
+
+Failures are counted by reason (`stats.auth_failures`) and logged without the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+import grpc
+
+from envoy.config.core.v3 import base_pb2
+
+from ..ca.identity import AuthError, Identity
+from ..ca.service import bearer_token
+from ..config import ConfigError, is_loopback, parse_address
+from . import types
+from .cache import View
+
+log = logging.getLogger("xds_server.auth")
+
+__all__ = [
+    "AuthMode",
+    "AuthUnavailable",
+    "Authenticator",
+    "GuardSettings",
+    "NodeClaim",
+    "Proof",
+    "SecretAccess",
+    "StreamGuard",
+    "StreamRefused",
+    "claimed_identity",
+    "failure_reason",
+]
+
+
+class AuthMode(str, Enum):
+    TOKENS = "tokens"
+    INSECURE_NODE_METADATA = "insecure-node-metadata"
+    NONE = "none"
+
+
+class AuthUnavailable(AuthError):
+    """The credential could not be checked (TokenReview down): refused, retry later."""
+
+
+class StreamRefused(Exception):
+    """Close the stream with `code` and `reason` (safe to send: never holds a credential)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, counter: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.counter = counter
+
+
+@dataclass(frozen=True, slots=True)
+class NodeClaim:
+    """Who a node says it is (unverified)."""
+
+    namespace: str
+    service_account: str
+    pod: str
+
+
+def claimed_identity(node: base_pb2.Node) -> NodeClaim:
+    """The node's claim, read the way the translator reads it (translate/controller.py
+    `identity_from_node`): metadata `namespace`, `service_account`, `pod`, else an id
+    `<pod>.<namespace>`; an absent namespace or service account means `default`."""
+    meta = node.metadata.fields if node.HasField("metadata") else {}
+
+    def text(key: str) -> str:
+        value = meta.get(key)
+        return value.string_value if value is not None else ""
+
+    namespace, pod = text("namespace"), text("pod")
+    if not namespace and "." in node.id:
+        pod, namespace = node.id.rsplit(".", 1)
+    return NodeClaim(namespace or "default", text("service_account") or "default", pod or node.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """What a stream proved: the identity, how, and what revocation needs to know."""
+
+    identity: Identity
+    method: str  # "workload-token" | "kubernetes-token" | "node-metadata"
+    token_id: str = ""  # a workload token's id (jti), to notice its revocation
+    pod: str = ""  # the pod a bound Kubernetes token names
+
+    def __str__(self) -> str:
+        return f"{self.identity} ({self.method})"
+
+
+class TokenVerifier(Protocol):
+    """`ca.tokens.TokenIssuer`: our own workload tokens."""
+
+    issuer: str
+    key_id: str
+
+    def verify_claims(self, token: str) -> tuple[Identity, dict]: ...
+
+    def is_revoked(self, token_id: str) -> bool: ...
+
+
+class TokenReview(Protocol):
+    """`sources.tokenreview.TokenReviewer`: Kubernetes service-account tokens."""
+
+    async def review(self, token: str) -> Any: ...
+
+
+# Reasons, as counters: what an operator needs to tell apart.
+_REASONS: tuple[tuple[str, str], ...] = (
+    ("missing 'authorization", "missing-token"),
+    ("expired", "expired"),
+    ("revoked", "revoked"),
+    ("not valid yet", "not-yet-valid"),
+    ("signature", "bad-signature"),
+    ("audience", "wrong-audience"),
+    ("issuer", "wrong-issuer"),
+    ("bound to pod", "pod-mismatch"),
+    ("node claims", "identity-mismatch"),
+    ("not a service-account", "not-a-service-account"),
+    ("loopback", "not-loopback"),
+    ("node metadata", "bad-node-metadata"),
+    ("unavailable", "review-unavailable"),
+    ("malformed", "malformed"),
+    ("algorithm", "malformed"),
+)
+
+
+def failure_reason(reason: str) -> str:
+    """The counter an authentication failure is counted under."""
+    lowered = reason.lower()
+    for needle, counter in _REASONS:
+        if needle.lower() in lowered:
+            return counter
+    return "refused"
+
+
+def _peer_is_loopback(peer: str) -> bool:
+    """gRPC peer strings: `ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:/path`."""
+    scheme, _, rest = peer.partition(":")
+    if scheme == "unix":
+        return True  # only local processes reach a unix socket
+    if scheme not in ("ipv4", "ipv6"):
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Authenticator:
+    """Turns a stream's credential (and node) into a `Proof`, or raises `AuthError`."""
+
+    def __init__(
+        self,
+        mode: AuthMode | str = AuthMode.TOKENS,
+        *,
+        tokens: TokenVerifier | None = None,
+        reviewer: TokenReview | None = None,
+        listen_address: str | None = None,
+        claim: Callable[[base_pb2.Node], NodeClaim] = claimed_identity,
+    ) -> None:
+        self.mode = AuthMode(mode)
+        self.tokens = tokens
+        self.reviewer = reviewer
+        self.claim = claim
+        if self.mode is AuthMode.TOKENS and tokens is None and reviewer is None:
+            raise ConfigError("--auth tokens needs workload tokens (a CA directory) or TokenReview")
+        if self.mode is AuthMode.INSECURE_NODE_METADATA:
+            host = parse_address(listen_address or "", "--xds-address")[0] if listen_address else ""
+            if not is_loopback(host):
+                raise ConfigError(
+                    "--auth insecure-node-metadata trusts whatever a node claims: it is only "
+                    f"allowed on a loopback --xds-address, not {listen_address!r}"
+                )
+            log.warning(
+                "INSECURE: --auth insecure-node-metadata: proxies without a token are trusted "
+                "to be who their node metadata says. Loopback demos only; never in production.",
+                extra={"address": listen_address},
+            )
+
+    # Credentials -----------------------------------------------------------------------------
+
+    def _is_workload_token(self, token: str) -> bool:
+        """Ours (verified locally) or someone else's (a Kubernetes token, for TokenReview)?
+        Decided on the unverified header/claims only: a forged 'ours' still fails our
+        signature check, and a forged 'theirs' fails TokenReview."""
+        if self.tokens is None:
+            return False
+        import jwt
+
+        try:
+            header = jwt.get_unverified_header(token)
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            return self.reviewer is None  # opaque: only TokenReview can know it
+        return header.get("kid") == self.tokens.key_id or claims.get("iss") == self.tokens.issuer \
+            or self.reviewer is None
+
+    async def prove(self, token: str) -> Proof:
+        """Verify a bearer token (either kind). Raises AuthError (AuthUnavailable when the
+        API server could not be asked)."""
+        if self._is_workload_token(token):
+            assert self.tokens is not None
+            identity, claims = self.tokens.verify_claims(token)
+            return Proof(identity, "workload-token", token_id=str(claims.get("jti", "")))
+        if self.reviewer is None:
+            raise AuthError("malformed token: not a token of this server (and TokenReview is off)")
+        result = await self.reviewer.review(token)
+        if not result.authenticated:
+            error = result.error or "not authenticated"
+            if result.unavailable:
+                raise AuthUnavailable(f"token review unavailable: {error}")
+            raise AuthError(f"token refused by TokenReview: {error}")
+        account = result.service_account
+        if account is None:
+            raise AuthError("the token is not a service-account token")
+        try:
+            identity = Identity(*account)
+        except ValueError as err:
+            raise AuthError(f"the token names an invalid service account: {err}") from None
+        return Proof(identity, "kubernetes-token", pod=result.pod_name or "")
+
+    async def verify_token(self, token: str) -> Identity:
+        """For the CSR service (ca/service.py `Authenticator`): token -> identity."""
+        return (await self.prove(token)).identity
+
+    # Streams ---------------------------------------------------------------------------------
+
+    async def authenticate(
+        self, metadata: Sequence[tuple[str, Any]] | None, node: base_pb2.Node, peer: str
+    ) -> Proof | None:
+        """The proof of a new stream (None in mode `none`). Raises AuthError."""
+        if self.mode is AuthMode.NONE:
+            return None
+        claim = self.claim(node)
+        token = bearer_token(metadata)
+        if token is None:
+            if self.mode is not AuthMode.INSECURE_NODE_METADATA:
+                raise AuthError("missing 'authorization: Bearer <token>' metadata")
+            if not _peer_is_loopback(peer):
+                raise AuthError("insecure-node-metadata only trusts loopback peers")
+            try:
+                identity = Identity(claim.namespace, claim.service_account)
+            except ValueError as err:
+                raise AuthError(f"invalid node metadata: {err}") from None
+            log.warning(
+                "INSECURE: stream trusted on its node metadata alone (no token)",
+                extra={"identity": str(identity), "proxy": node.id, "peer": peer},
+            )
+            return Proof(identity, "node-metadata", pod=claim.pod)
+        proof = await self.prove(token)
+        identity = proof.identity
+        if (identity.namespace, identity.service_account) != (claim.namespace, claim.service_account):
+            raise AuthError(
+                f"the token proves {identity} but the node claims "
+                f"{claim.namespace}/{claim.service_account}"
+            )
+        if proof.pod and claim.pod and proof.pod != claim.pod:
+            raise AuthError(f"the token is bound to pod {proof.pod}, the node claims {claim.pod}")
+        return proof
+
+    def still_valid(self, proof: Proof) -> str | None:
+        """Why an open stream's credential no longer holds (a revoked workload token), or
+        None. Expiry is not checked here: a proxy keeps its stream past its token's expiry, as
+        a TLS session outlives its certificate; the next connection needs a valid token."""
+        if proof.token_id and self.tokens is not None and self.tokens.is_revoked(proof.token_id):
+            return f"token {proof.token_id} was revoked"
+        return None
+
+
+class SecretAccess(Protocol):
+    """The SDS side of a guard (ca/sds.py `SecretProvider`)."""
+
+    def view(self, inner: View, identity: Identity | None) -> View: ...
+
+    def subscribed(self, conn: Any, identity: Identity | None, names: Iterable[str],
+                   wildcard: bool) -> None: ...
+
+    def closed(self, conn: Any) -> None: ...
+
+
+@dataclass
+class GuardSettings:
+    """Bounds per identity and per stream (CONFORMANCE rule 19). 0 turns a bound off."""
+
+    max_streams_per_identity: int = 4096
+    # Envoy sends one request per response (its ACK) plus subscription changes: a few per
+    # second when busy, bursts of a few hundred when a large config first arrives.
+    max_requests_per_second: float = 200.0
+    request_burst: int = 1000
+    revocation_check_seconds: float = 5.0  # how often open streams' tokens are re-checked
+
+
+@dataclass
+class GuardStats:
+    authenticated: Counter = field(default_factory=Counter)  # by method
+    auth_failures: Counter = field(default_factory=Counter)  # by reason
+    limited: Counter = field(default_factory=Counter)  # "streams-per-identity", "request-rate"
+    revoked_streams: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "authenticated": dict(self.authenticated),
+            "auth_failures": dict(self.auth_failures),
+            "limited": dict(self.limited),
+            "revoked_streams": self.revoked_streams,
+        }
+
+
+class _Bucket:
+    __slots__ = ("tokens", "at")
+
+    def __init__(self, burst: float) -> None:
+        self.tokens = burst
+        self.at = time.monotonic()
+
+
+class StreamGuard:
+    """What the xDS server asks before and while it serves a stream (see module doc)."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator | None = None,
+        settings: GuardSettings | None = None,
+        *,
+        secrets: SecretAccess | None = None,
+    ) -> None:
+        self.authenticator = authenticator
+        self.settings = settings or GuardSettings()
+        self.secrets = secrets
+        self.stats = GuardStats()
+        self._per_identity: Counter[Hashable] = Counter()
+        self._buckets: dict[int, _Bucket] = {}
+        self._slots: dict[int, Hashable] = {}  # stream id -> identity slot it holds
+
+    @property
+    def mode(self) -> AuthMode:
+        return self.authenticator.mode if self.authenticator is not None else AuthMode.NONE
+
+    async def admit(self, conn: Any) -> None:
+        """Authenticate a new stream and take its identity slot; sets `conn.proof` and
+        `conn.identity`. Raises StreamRefused."""
+        node = conn.state.node
+        proof = None
+        if self.authenticator is not None:
+            try:
+                proof = await self.authenticator.authenticate(conn.metadata, node, conn.peer)
+            except AuthError as err:
+                counter = failure_reason(err.reason)
+                self.stats.auth_failures[counter] += 1
+                code = grpc.StatusCode.UNAVAILABLE if isinstance(err, AuthUnavailable) \
+                    else grpc.StatusCode.UNAUTHENTICATED
+                log.warning("stream refused: %s", err.reason, extra={
+                    "proxy": node.id if node is not None else "", "peer": conn.peer,
+                    "reason": counter, "method": conn.method,
+                })
+                raise StreamRefused(code, err.reason, counter) from None
+        if proof is not None:
+            self.stats.authenticated[proof.method] += 1
+            slot: Hashable = str(proof.identity)
+        else:
+            claim = claimed_identity(node)
+            slot = ("unproven", claim.namespace, claim.service_account)
+        limit = self.settings.max_streams_per_identity
+        if limit and self._per_identity[slot] >= limit:
+            self.stats.limited["streams-per-identity"] += 1
+            reason = f"too many streams for identity {proof.identity if proof else slot} (limit {limit})"
+            log.warning("stream refused: %s", reason, extra={"peer": conn.peer})
+            raise StreamRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, reason, "streams-per-identity")
+        self._per_identity[slot] += 1
+        self._slots[conn.state.id] = slot
+        conn.proof = proof
+        conn.identity = proof.identity if proof is not None else None
+
+    def view(self, view: View, conn: Any) -> View:
+        if self.secrets is None:
+            return view
+        return self.secrets.view(view, conn.identity)
+
+    def on_request(self, conn: Any) -> None:
+        """Count one request against the stream's rate. Raises StreamRefused."""
+        rate = self.settings.max_requests_per_second
+        if rate <= 0:
+            return
+        burst = max(1.0, float(self.settings.request_burst))
+        bucket = self._buckets.get(conn.state.id)
+        if bucket is None:
+            bucket = self._buckets[conn.state.id] = _Bucket(burst)
+        now = time.monotonic()
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * rate)
+        bucket.at = now
+        if bucket.tokens < 1.0:
+            self.stats.limited["request-rate"] += 1
+            reason = f"more than {rate:g} requests per second (burst {int(burst)})"
+            log.warning("stream closed: %s", reason, extra={"peer": conn.peer})
+            raise StreamRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, reason, "request-rate")
+        bucket.tokens -= 1.0
+
+    def subscribed(self, conn: Any, type_url: str, added: Iterable[str], wildcard: bool) -> None:
+        if self.secrets is not None and type_url == types.SECRET and conn.state.view is not None:
+            self.secrets.subscribed(conn, getattr(conn, "identity", None), added, wildcard)
+
+    def closed(self, conn: Any) -> None:
+        self._buckets.pop(conn.state.id, None)
+        slot = self._slots.pop(conn.state.id, None)
+        if slot is not None:
+            self._per_identity[slot] -= 1
+            if self._per_identity[slot] <= 0:
+                del self._per_identity[slot]
+        if self.secrets is not None:
+            self.secrets.closed(conn)
+
+    def streams_of(self, identity: Identity) -> int:
+        return self._per_identity.get(str(identity), 0)
+
+    async def watch_revocations(
+        self, connections: Callable[[], Iterable[Any]],
+        close: Callable[[Any, grpc.StatusCode, str], None], stop: asyncio.Event,
+    ) -> None:
+        """Close open streams whose workload token was revoked (checked every few seconds:
+        `token revoke` writes a file the verifier re-reads when it changed)."""
+        if self.authenticator is None or self.authenticator.tokens is None:
+            return
+        period = self.settings.revocation_check_seconds
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), period)
+                return
+            except TimeoutError:
+                pass
+            for conn in list(connections()):
+                proof = getattr(conn, "proof", None)
+                if proof is None or not proof.token_id:
+                    continue
+                why = self.authenticator.still_valid(proof)
+                if why is not None:
+                    self.stats.revoked_streams += 1
+                    log.warning("closing a stream: %s", why,
+                                extra={"proxy": conn.proxy_id, "identity": str(proof.identity)})
+                    close(conn, grpc.StatusCode.UNAUTHENTICATED, why)
