@@ -1,0 +1,572 @@
+"""Client Status Discovery Service (CSDS): each connected proxy's config status, per resource.
+
+Served on the xDS port (`envoy.service.status.v3.ClientStatusDiscoveryService`), so standard
+xDS tooling (`grpcurl`, Envoy's and gRPC's CSDS clients, istioctl-like status tools) can ask
+the control plane what every proxy was sent and whether it accepted it. The answer comes from
+the streams' protocol state (`stream.TypeState`), not from the proxies: one `ClientConfig` per
+proxy (node id), with a `generic_xds_configs` entry per resource:
+
+    what the server knows                          config_status  client_status
+    sent and ACKed                                 SYNCED         ACKED
+    sent, response not yet answered                STALE          UNKNOWN
+    sent and NACKed (the resources the NACK        ERROR          NACKED  + error_state
+      concerns: those it names, else all the
+      response(s) since the last ACK changed)
+    subscribed, exists, not sent yet               NOT_SENT       REQUESTED
+    subscribed, the server has no such resource    NOT_SENT       DOES_NOT_EXIST
+
+`version_info` is the resource's own version on delta streams and the version of the (type's)
+response on state-of-the-world streams (the last ACKed one, the one in flight, or the one
+rejected). Secrets are never included (no `xds_config`, no `failed_configuration`; name,
+version and status only), and fields that Envoy's API marks `sensitive` are redacted from
+every other resource, as Envoy's own config dump does. Envoy's NACK text quotes the rejected
+resource verbatim, so it is withheld when that resource holds anything sensitive.
+`exclude_resource_contents` leaves all contents out. `node_matchers` (OR-ed) select proxies
+by node id and metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf import any_pb2, descriptor_pool, message_factory, struct_pb2, timestamp_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+from grpc import aio
+from udpa.annotations import sensitive_pb2
+
+from envoy.admin.v3 import config_dump_shared_pb2 as dump_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+from envoy.type.matcher.v3 import node_pb2, string_pb2, struct_pb2 as struct_matcher_pb2, value_pb2
+
+from . import types
+from .resource import Resource
+from .stream import TypeState, Variant
+
+if TYPE_CHECKING:
+    from .server import Connection
+
+SERVICE_NAME = csds_pb2.DESCRIPTOR.services_by_name["ClientStatusDiscoveryService"].full_name
+
+GenericXdsConfig = csds_pb2.ClientConfig.GenericXdsConfig
+ConfigStatus = csds_pb2.ConfigStatus
+ClientResourceStatus = dump_pb2.ClientResourceStatus
+
+WITHHELD = (
+    "rejected by the client; its message is withheld because it may quote key material "
+    "(see the proxy's own logs)"
+)
+
+# Proxies answered between yields to the event loop: a large answer never stalls the pushes.
+_PROXIES_PER_SLICE = 50
+
+
+class MatcherError(ValueError):
+    """A node matcher this server cannot evaluate (bad regex, custom extension, empty)."""
+
+
+# Node matching ------------------------------------------------------------------------------
+
+NodePredicate = Callable[[base_pb2.Node], bool]
+_ValuePredicate = Callable[[struct_pb2.Value], bool]
+
+
+def compile_node_matchers(matchers: Iterable[node_pb2.NodeMatcher]) -> NodePredicate:
+    """One predicate for a request's `node_matchers`: any of them (none: every node)."""
+    compiled = [_node_matcher(m) for m in matchers]
+    if not compiled:
+        return lambda node: True
+    return lambda node: any(match(node) for match in compiled)
+
+
+def _node_matcher(matcher: node_pb2.NodeMatcher) -> NodePredicate:
+    id_match = _string_matcher(matcher.node_id) if matcher.HasField("node_id") else None
+    metadata = [_struct_matcher(m) for m in matcher.node_metadatas]
+
+    def match(node: base_pb2.Node) -> bool:
+        if id_match is not None and not id_match(node.id):
+            return False
+        return all(m(node.metadata) for m in metadata)
+
+    return match
+
+
+def _string_matcher(matcher: string_pb2.StringMatcher) -> Callable[[str], bool]:
+    kind = matcher.WhichOneof("match_pattern")
+    fold = matcher.ignore_case
+    if kind in ("exact", "prefix", "suffix", "contains"):
+        pattern = getattr(matcher, kind)
+        if fold:
+            pattern = pattern.lower()
+        test = {
+            "exact": lambda s: s == pattern,
+            "prefix": lambda s: s.startswith(pattern),
+            "suffix": lambda s: s.endswith(pattern),
+            "contains": lambda s: pattern in s,
+        }[kind]
+        return (lambda s: test(s.lower())) if fold else test
+    if kind == "safe_regex":
+        try:  # RE2 syntax; the common subset means the same in Python's `re`
+            regex = re.compile(matcher.safe_regex.regex)
+        except re.error as err:
+            raise MatcherError(f"invalid regex {matcher.safe_regex.regex!r}: {err}") from None
+        return lambda s: regex.fullmatch(s) is not None
+    if kind is None:
+        raise MatcherError("a StringMatcher must set one of exact, prefix, suffix, safe_regex, contains")
+    raise MatcherError(f"StringMatcher {kind!r} is not supported")
+
+
+def _struct_matcher(matcher: struct_matcher_pb2.StructMatcher) -> Callable[[struct_pb2.Struct], bool]:
+    path = [segment.key for segment in matcher.path]
+    if not path:
+        raise MatcherError("a node metadata matcher needs a path")
+    value_match = _value_matcher(matcher.value)
+
+    def match(metadata: struct_pb2.Struct) -> bool:
+        # As Envoy: a path that is not there is an unset value (only present_match: false
+        # and negations of it match).
+        value = struct_pb2.Value()
+        current: struct_pb2.Struct | None = metadata
+        for key in path:
+            if current is None or key not in current.fields:
+                value = struct_pb2.Value()
+                break
+            value = current.fields[key]
+            current = value.struct_value if value.WhichOneof("kind") == "struct_value" else None
+        return value_match(value)
+
+    return match
+
+
+def _value_matcher(matcher: value_pb2.ValueMatcher) -> _ValuePredicate:
+    kind = matcher.WhichOneof("match_pattern")
+    if kind == "null_match":
+        return lambda v: v.WhichOneof("kind") == "null_value"
+    if kind == "double_match":
+        double = matcher.double_match
+        if double.WhichOneof("match_pattern") == "range":
+            start, end = double.range.start, double.range.end
+            return lambda v: v.WhichOneof("kind") == "number_value" and start <= v.number_value < end
+        exact = double.exact
+        return lambda v: v.WhichOneof("kind") == "number_value" and v.number_value == exact
+    if kind == "string_match":
+        string_match = _string_matcher(matcher.string_match)
+        return lambda v: v.WhichOneof("kind") == "string_value" and string_match(v.string_value)
+    if kind == "bool_match":
+        expected = matcher.bool_match
+        return lambda v: v.WhichOneof("kind") == "bool_value" and v.bool_value == expected
+    if kind == "present_match":
+        expected = matcher.present_match
+        return lambda v: (v.WhichOneof("kind") is not None) == expected
+    if kind == "list_match":
+        element = _value_matcher(matcher.list_match.one_of)
+        return lambda v: v.WhichOneof("kind") == "list_value" and any(
+            element(item) for item in v.list_value.values
+        )
+    if kind == "or_match":
+        alternatives = [_value_matcher(m) for m in matcher.or_match.value_matchers]
+        return lambda v: any(alt(v) for alt in alternatives)
+    raise MatcherError("a ValueMatcher must set a match pattern")
+
+
+# Redaction ----------------------------------------------------------------------------------
+
+_REDACTED = "[redacted]"
+_ANY = "google.protobuf.Any"
+
+
+class Redactor:
+    """Resource contents as CSDS shows them: Secrets never; elsewhere, fields Envoy's API
+    marks `(udpa.annotations.sensitive)` redacted (also inside `Any`s), as Envoy's config
+    dump does. Results are kept per (type, version): a resource is scanned once, not once per
+    proxy or request."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        # (type, version) -> (content to show or None, whether it holds sensitive data)
+        self._memo: OrderedDict[tuple[str, str], tuple[any_pb2.Any | None, bool]] = OrderedDict()
+        self._pool = descriptor_pool.Default()
+        self._may_hold: dict[str, bool] = {}
+
+    def content(self, resource: Resource) -> any_pb2.Any | None:
+        """The resource as CSDS may show it, or None (a Secret, or not inspectable)."""
+        return self._scan(resource)[0]
+
+    def sensitive(self, resource: Resource) -> bool:
+        """Whether the resource holds data that must not be shown (a Secret, a sensitive
+        field, or content that cannot be inspected)."""
+        return self._scan(resource)[1]
+
+    def _scan(self, resource: Resource) -> tuple[any_pb2.Any | None, bool]:
+        if resource.type_url == types.SECRET:
+            return None, True
+        key = (resource.type_url, resource.version)
+        memo = self._memo
+        if key in memo:
+            memo.move_to_end(key)
+            return memo[key]
+        result = self._redacted(resource)
+        memo[key] = result
+        if len(memo) > self._capacity:
+            memo.popitem(last=False)
+        return result
+
+    def _redacted(self, resource: Resource) -> tuple[any_pb2.Any | None, bool]:
+        packed = any_pb2.Any(type_url=resource.type_url, value=resource.body)
+        descriptor = self._descriptor(resource.type_url)
+        if descriptor is None:
+            return None, True  # a type we cannot inspect might hold anything: leave it out
+        if not self._may_hold_sensitive(descriptor):
+            return packed, False
+        message = message_factory.GetMessageClass(descriptor)()
+        try:
+            message.ParseFromString(resource.body)
+        except DecodeError:
+            return None, True
+        if not self._redact(message):
+            return packed, False
+        packed.value = message.SerializeToString(deterministic=True)
+        return packed, True
+
+    def _descriptor(self, type_url: str) -> Descriptor | None:
+        try:
+            return self._pool.FindMessageTypeByName(type_url.rsplit("/", 1)[-1])
+        except KeyError:
+            return None
+
+    def _may_hold_sensitive(self, descriptor: Descriptor) -> bool:
+        """Whether a message of this type can contain a sensitive field (an `Any` can)."""
+        memo = self._may_hold
+        known = memo.get(descriptor.full_name)
+        if known is not None:
+            return known
+        # Reachability over the type graph (which has cycles); only whole answers are kept.
+        seen = {descriptor.full_name}
+        todo = [descriptor]
+        result = False
+        while todo and not result:
+            current = todo.pop()
+            if current.full_name == _ANY:
+                result = True
+                break
+            for field in current.fields:
+                if _sensitive(field):
+                    result = True
+                    break
+                nested = field.message_type
+                if nested is None or nested.full_name in seen:
+                    continue
+                done = memo.get(nested.full_name)
+                if done is False:
+                    continue
+                if done:
+                    result = True
+                    break
+                seen.add(nested.full_name)
+                todo.append(nested)
+        memo[descriptor.full_name] = result
+        return result
+
+    def _redact(self, message: Message) -> bool:
+        """Redact sensitive fields in place; True if anything changed."""
+        changed = False
+        for field, value in message.ListFields():
+            if _sensitive(field):
+                _scrub_field(message, field, value)
+                changed = True
+            elif field.message_type is not None and self._may_hold_sensitive(field.message_type):
+                for item in _field_messages(field, value):
+                    changed = self._redact_nested(item) or changed
+        return changed
+
+    def _redact_nested(self, message: Message) -> bool:
+        if message.DESCRIPTOR.full_name != _ANY:
+            return self._redact(message)
+        descriptor = self._descriptor(message.type_url)
+        if descriptor is None:
+            if message.value:
+                message.value = b""  # unknown content: not shown
+                return True
+            return False
+        if not self._may_hold_sensitive(descriptor):
+            return False
+        inner = message_factory.GetMessageClass(descriptor)()
+        try:
+            inner.ParseFromString(message.value)
+        except DecodeError:
+            message.value = b""
+            return True
+        if not self._redact(inner):
+            return False
+        message.value = inner.SerializeToString(deterministic=True)
+        return True
+
+
+def _sensitive(field: FieldDescriptor) -> bool:
+    return field.GetOptions().Extensions[sensitive_pb2.sensitive]
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
+def _field_messages(field: FieldDescriptor, value) -> list[Message]:
+    if _is_map(field):
+        value_field = field.message_type.fields_by_name["value"]
+        return list(value.values()) if value_field.message_type is not None else []
+    if field.is_repeated:
+        return list(value)
+    return [value]
+
+
+def _scrub_field(message: Message, field: FieldDescriptor, value) -> None:
+    """Replace every string and bytes leaf under a sensitive field with "[redacted]"."""
+    if _is_map(field):
+        value_field = field.message_type.fields_by_name["value"]
+        for key in list(value):
+            if value_field.message_type is not None:
+                _scrub_all(value[key])
+            else:
+                value[key] = _redacted_scalar(value_field)
+        return
+    if field.message_type is not None:
+        for item in _field_messages(field, value):
+            _scrub_all(item)
+        return
+    if field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+        message.ClearField(field.name)
+        return
+    if field.is_repeated:
+        value[:] = [_redacted_scalar(field)] * len(value)
+    else:
+        setattr(message, field.name, _redacted_scalar(field))
+
+
+def _scrub_all(message: Message) -> None:
+    if message.DESCRIPTOR.full_name == _ANY:
+        message.value = b""
+        return
+    for field, value in message.ListFields():
+        _scrub_field(message, field, value)
+
+
+def _redacted_scalar(field: FieldDescriptor) -> str | bytes:
+    return _REDACTED.encode() if field.type == FieldDescriptor.TYPE_BYTES else _REDACTED
+
+
+# Status -------------------------------------------------------------------------------------
+
+
+def _timestamp(unix: float) -> timestamp_pb2.Timestamp | None:
+    if not unix:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(unix * 1e9))
+    return stamp
+
+
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.\-]")
+
+
+def _mentions(text: str, name: str) -> bool:
+    """Whether `text` names `name` as a whole word (cluster_1 is not in "cluster_10")."""
+    start = text.find(name)
+    while start >= 0:
+        end = start + len(name)
+        before = text[start - 1] if start > 0 else ""
+        after = text[end] if end < len(text) else ""
+        if not (before and _NAME_CHARS.match(before)) and not (after and _NAME_CHARS.match(after)):
+            return True
+        start = text.find(name, start + 1)
+    return False
+
+
+class StatusBuilder:
+    """Builds `ClientStatusResponse`s from the server's live connections."""
+
+    def __init__(self, connections: Callable[[], Iterable[Connection]]) -> None:
+        self._connections = connections
+        self.redactor = Redactor()
+
+    async def response(self, request: csds_pb2.ClientStatusRequest) -> csds_pb2.ClientStatusResponse:
+        matches = compile_node_matchers(request.node_matchers)
+        include = not request.exclude_resource_contents
+        # Streams by proxy: a proxy may hold several (per-type services, or a reconnect
+        # overlapping the stream it replaces).
+        proxies: dict[str, list[Connection]] = {}
+        for conn in list(self._connections()):
+            node = conn.state.node
+            if node is not None and conn.state.view is not None:
+                proxies.setdefault(node.id, []).append(conn)
+        response = csds_pb2.ClientStatusResponse()
+        for count, node_id in enumerate(sorted(proxies)):
+            if count and count % _PROXIES_PER_SLICE == 0:
+                await asyncio.sleep(0)
+            conns = sorted(proxies[node_id], key=lambda c: c.state.id)
+            node = conns[-1].state.node
+            if node is None or not matches(node):
+                continue
+            config = response.config.add()
+            config.node.CopyFrom(node)
+            self._fill(config, conns, include)
+        return response
+
+    def _fill(self, config: csds_pb2.ClientConfig, conns: list[Connection], include: bool) -> None:
+        # A proxy may have a stream per type (or per EDS cluster) and, briefly, a new stream
+        # overlapping the one it replaces: per resource, the newest stream that has it wins.
+        merged: dict[tuple[str, str], GenericXdsConfig] = {}
+        for conn in conns:  # oldest first
+            for type_state in list(conn.state.types.values()):
+                for entry in self._type_entries(conn, type_state, include):
+                    merged[(entry.type_url, entry.name)] = entry
+        for key in sorted(merged, key=lambda k: (types.order_key(k[0]), k[0], k[1])):
+            config.generic_xds_configs.append(merged[key])
+
+    def _type_entries(self, conn: Connection, t: TypeState, include: bool) -> list[GenericXdsConfig]:
+        state = conn.state
+        view = state.view
+        type_url = t.type_url
+        delta = state.variant is Variant.DELTA
+        in_flight = t.pending_nonce is not None
+        rejected = t.nack is not None and not in_flight
+        changes = {r.name: r for r in t.last_changes} if (in_flight or rejected) else {}
+        if rejected and changes:
+            # Envoy applies each resource on its own and names the failing ones in the
+            # message; when it names none of them, all the changes count as rejected.
+            named = {n for n in changes if _mentions(t.nack.message, n)}
+            failed = named or set(changes)
+        else:
+            failed = set()
+        # Envoy's NACK text quotes the rejected resource (its debug string, sensitive fields
+        # included): not shown when the rejected responses carried anything sensitive.
+        details = ""
+        if failed:
+            details = t.nack.message
+            if any(self.redactor.sensitive(r) for r in changes.values()):
+                details = WITHHELD
+
+        if state.variant is Variant.SOTW and t.full_state:
+            sent: dict[str, tuple[str, Resource | None]] = {
+                n: (r.version, r) for n, r in t.last_full.items()
+            }
+        else:
+            sent = {n: (v, None) for n, v in t.known.items()}
+
+        entries: list[GenericXdsConfig] = []
+        for name in sorted(sent):
+            resource_version, resource = sent[name]
+            change = changes.get(name)
+            if change is not None and change.version == resource_version:
+                resource = change
+            if resource is None and view is not None:
+                current = view.get(type_url, name)
+                if current is not None and current.version == resource_version:
+                    resource = current  # the server's copy is still what was sent
+            entry = GenericXdsConfig(type_url=type_url, name=name)
+            if change is not None and in_flight:
+                entry.config_status = ConfigStatus.STALE
+                entry.client_status = ClientResourceStatus.UNKNOWN
+                entry.version_info = resource_version if delta else t.pending_version
+                stamp = _timestamp(t.sent_at)
+            elif name in failed:
+                nack = t.nack
+                entry.config_status = ConfigStatus.ERROR
+                entry.client_status = ClientResourceStatus.NACKED
+                # ERROR shows the rejected config (the server's latest), as the API says.
+                entry.version_info = resource_version if delta else nack.version
+                error = entry.error_state
+                error.details = details
+                error.version_info = entry.version_info
+                if (when := _timestamp(nack.at)) is not None:
+                    error.last_update_attempt.CopyFrom(when)
+                if include and resource is not None:
+                    content = self.redactor.content(resource)
+                    if content is not None:
+                        error.failed_configuration.CopyFrom(content)
+                stamp = _timestamp(nack.at)
+            else:
+                entry.config_status = ConfigStatus.SYNCED
+                entry.client_status = ClientResourceStatus.ACKED
+                if delta:
+                    entry.version_info = resource_version
+                elif change is not None and rejected:
+                    entry.version_info = t.nack.version  # applied from the rejected response
+                else:
+                    entry.version_info = t.acked_version or t.sent_version
+                stamp = _timestamp(t.acked_at)
+            if stamp is not None:
+                entry.last_updated.CopyFrom(stamp)
+            if include and resource is not None:
+                content = self.redactor.content(resource)
+                if content is not None:
+                    entry.xds_config.CopyFrom(content)
+            entries.append(entry)
+
+        for name in sorted(t.names - sent.keys()):
+            exists = view is not None and view.get(type_url, name) is not None
+            entries.append(
+                GenericXdsConfig(
+                    type_url=type_url,
+                    name=name,
+                    config_status=ConfigStatus.NOT_SENT,
+                    client_status=ClientResourceStatus.REQUESTED
+                    if exists
+                    else ClientResourceStatus.DOES_NOT_EXIST,
+                )
+            )
+        return entries
+
+
+# Called with the call's context before anything is answered; it aborts the call (e.g.
+# PERMISSION_DENIED) when the caller may not read proxies' configuration.
+Authorize = Callable[[aio.ServicerContext], Awaitable[None]]
+
+
+class ClientStatusService(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):
+    """The gRPC servicer; `connections` returns the server's live xDS connections."""
+
+    def __init__(
+        self, connections: Callable[[], Iterable[Connection]], authorize: Authorize | None = None
+    ) -> None:
+        self.builder = StatusBuilder(connections)
+        self._authorize = authorize
+
+    async def FetchClientStatus(  # noqa: N802 - gRPC method name
+        self, request: csds_pb2.ClientStatusRequest, context: aio.ServicerContext
+    ) -> csds_pb2.ClientStatusResponse:
+        if self._authorize is not None:
+            await self._authorize(context)
+        try:
+            return await self.builder.response(request)
+        except MatcherError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            raise  # unreachable: abort raises
+
+    async def StreamClientStatus(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[csds_pb2.ClientStatusRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
+        if self._authorize is not None:
+            await self._authorize(context)
+        async for request in request_iterator:
+            try:
+                response = await self.builder.response(request)
+            except MatcherError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                return
+            yield response
+
+
+def add_to_server(
+    server: aio.Server,
+    connections: Callable[[], Iterable[Connection]],
+    authorize: Authorize | None = None,
+) -> ClientStatusService:
+    servicer = ClientStatusService(connections, authorize)
+    csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(servicer, server)
+    return servicer
