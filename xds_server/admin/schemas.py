@@ -1,0 +1,210 @@
+"""Request and response bodies of the admin API (they make its OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TypeName = Literal["CDS", "EDS", "LDS", "RDS", "SDS"]
+Status = Literal["SYNCED", "STALE", "NACKED", "NOT SENT"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# Errors -------------------------------------------------------------------------------------
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="The offending field, dotted (e.g. `types.0`); `body` for the "
+                                   "body as a whole.")
+    location: Literal["body", "query", "path", "header", "cookie"] | str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What went wrong, for a human.")
+    fields: list[FieldProblem] = Field(default_factory=list,
+                                       description="The fields at fault, for bad input.")
+
+
+# Health -------------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, Check]
+
+
+# Proxies ------------------------------------------------------------------------------------
+
+
+class Nack(BaseModel):
+    message: str = Field(description="The error text the proxy sent with its NACK.")
+    version: str
+    at: str | None
+
+
+class TypeStatus(BaseModel):
+    type_url: str
+    status: Status
+    sent_version: str | None
+    acked_version: str | None
+    error: Nack | None = Field(description="The last NACK of this type, until an ACK clears it.")
+    wildcard: bool
+    subscribed_names: int
+    last_sent: str | None
+    last_acked: str | None
+
+
+class Identity(BaseModel):
+    spiffe_id: str | None
+    verified: bool = Field(description="True when the stream authenticated as this identity; "
+                                       "false when it is only what the node claims.")
+
+
+class Stream(BaseModel):
+    id: int
+    method: str
+    variant: Literal["sotw", "delta"]
+    address: str
+    connected_since: str | None
+
+
+class Proxy(BaseModel):
+    id: str = Field(description="The Envoy node id.")
+    cluster: str
+    identity: Identity
+    address: str = Field(description="The peer address of its newest stream.")
+    connected_since: str | None
+    variant: Literal["sotw", "delta"]
+    streams: list[Stream]
+    status: Status = Field(description="The worst status of its types.")
+    types: dict[str, TypeStatus]
+
+
+class ProxyList(BaseModel):
+    proxies: list[Proxy]
+
+
+class ConfigDump(BaseModel):
+    proxy: str
+    generated_at: str | None
+    types: dict[str, Any] = Field(description="By type (CDS, EDS, LDS, RDS, SDS): status, "
+                                              "versions, size and the resources as Envoy JSON, "
+                                              "secrets redacted.")
+
+
+# Server, model and sources ------------------------------------------------------------------
+
+
+class ServerInfo(BaseModel):
+    xds_address: str
+    control_plane_id: str
+    serving: bool
+    streams: int
+    proxies: int
+    stats: dict[str, int]
+
+
+class Model(BaseModel):
+    namespaces: list[dict[str, Any]] = Field(default_factory=list)
+    services: list[dict[str, Any]] = Field(default_factory=list)
+    endpoints: list[dict[str, Any]] = Field(default_factory=list)
+    workloads: list[dict[str, Any]] = Field(default_factory=list)
+    routes: list[dict[str, Any]] = Field(default_factory=list)
+    policies: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Source(BaseModel):
+    name: str
+    synced: bool
+    errors: list[dict[str, Any]]
+    directory: str | None = None
+
+
+class SourceList(BaseModel):
+    sources: list[Source]
+
+
+# CA -----------------------------------------------------------------------------------------
+
+
+class Certificate(BaseModel):
+    subject: str
+    serial: str
+    fingerprint: str
+    not_before: str
+    not_after: str
+    signing: bool | None = None
+    pending: bool | None = None
+
+
+class CAStatus(BaseModel):
+    trust_domain: str
+    self_signed: bool
+    signing_certificate: Certificate
+    not_after: str
+    roots: list[Certificate]
+    rotation: dict[str, Any] | None
+    issued_certificates: int | None
+
+
+class TrustBundle(BaseModel):
+    pem: str = Field(description="Every trusted root, PEM.")
+    roots: list[Certificate]
+
+
+class IssuedCertificate(BaseModel):
+    serial: str
+    spiffe_id: str
+    not_before: str
+    not_after: str
+    issued_at: str
+    proxy: str
+    root_fingerprint: str
+    kind: str
+
+
+class IssuedList(BaseModel):
+    certificates: list[IssuedCertificate]
+
+
+class RotationRequest(_Strict):
+    action: Literal["start", "cancel"] = Field(
+        description="start: generate the next root and publish it in the trust bundle (it "
+                    "signs once every proxy has it); cancel: abandon a rotation still publishing.")
+
+
+class RotationResult(BaseModel):
+    action: str
+    rotation: dict[str, Any]
+
+
+# Debug --------------------------------------------------------------------------------------
+
+
+class PushRequest(_Strict):
+    proxy: str | None = Field(default=None, min_length=1, max_length=1024,
+                              description="A node id; every proxy when omitted.")
+    types: list[TypeName] | None = Field(default=None, min_length=1, max_length=5,
+                                         description="Only these types; all when omitted.")
+    resend: bool = Field(default=False, description="Forget what was sent and send the "
+                                                    "complete current config again (otherwise "
+                                                    "only what differs is sent).")
+
+
+class PushResult(BaseModel):
+    streams: int
+    proxies: list[str]

@@ -1,0 +1,258 @@
+"""Serving the admin API: uvicorn inside the server's own event loop (no extra threads).
+
+`start_admin(running_app, settings)` binds the admin address, feeds a `Metrics` registry from
+the running pieces and returns an `AdminServer` to close on shutdown. uvicorn's own signal
+handling is switched off: the process's SIGTERM belongs to `serve`, which closes the admin
+server with everything else.
+
+mTLS (`--admin-mtls`): clients must present a certificate chaining to the mesh CA's trust
+bundle; the admin server's own certificate is issued by the same CA for the control plane's
+SPIFFE identity and renewed at half-life. Its key stays in memory (handed to OpenSSL through
+an anonymous memfd, never a file on disk). The bearer token still decides the role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import tempfile
+from collections.abc import Generator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from ..config import ConfigError, is_loopback, parse_address
+from ..metrics import Metrics
+from .app import AdminContext, create_app
+from .auth import TokenStore
+from .settings import AdminSettings
+
+log = logging.getLogger("xds_server.admin")
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # the process's signals belong to `serve`, which closes us
+
+
+def _bind(address: str) -> socket.socket:
+    host, port = parse_address(address, "--admin-address")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {address} (--admin-address): {err.strerror or err}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class AdminServer:
+    def __init__(self, context: AdminContext, settings: AdminSettings,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.context = context
+        self.settings = settings
+        self.app = create_app(context)
+        self._ssl_context = ssl_context
+        self._server: _Uvicorn | None = None
+        self._task: asyncio.Task | None = None
+        self._renewal: asyncio.Task | None = None
+        self.port = 0
+        self.host = ""
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.context.metrics
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self.address}"
+
+    async def start(self) -> None:
+        # uvicorn's own start/stop chatter ("Started server process") is not an event of ours.
+        for name in ("uvicorn", "uvicorn.error"):
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        sock = _bind(self.settings.address)
+        self.host, self.port = sock.getsockname()[:2]
+        factory = None
+        if self._ssl_context is not None:
+            context = self._ssl_context
+            factory = lambda _config, _default: context  # noqa: E731
+        config = uvicorn.Config(
+            self.app, log_config=None, access_log=False, lifespan="off",
+            ssl_context_factory=factory, timeout_graceful_shutdown=2, server_header=False,
+            proxy_headers=False,
+        )
+        server = _Uvicorn(config)
+        self._server = server
+        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="admin-http")
+        while not server.started:
+            if self._task.done():
+                self._task.result()  # raises what stopped it
+                raise OSError(f"admin server on {self.settings.address} did not start")
+            await asyncio.sleep(0.01)
+        log.info("admin API listening", extra={"address": self.address, "url": self.url,
+                                               "mtls": self._ssl_context is not None,
+                                               "tokens": len(self.context.tokens)})
+
+    async def close(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            await asyncio.gather(self._renewal, return_exceptions=True)
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 5)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                self._server.force_exit = True
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        self.context.metrics.close()
+
+
+# mTLS -----------------------------------------------------------------------------------------
+
+
+def _load_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    """Load a certificate and key without writing the key to disk (a memfd where Linux has
+    one; elsewhere a private temporary file removed at once)."""
+    data = chain_pem + b"\n" + key_pem
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("xds-admin-cert", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.write(fd, data)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory() as directory:  # pragma: no cover - non-Linux
+        path = Path(directory) / "cert.pem"
+        path.touch(mode=0o600)
+        path.write_bytes(data)
+        context.load_cert_chain(path)
+
+
+def mtls_context(authority: Any, issuer: Any, settings: AdminSettings) -> tuple[ssl.SSLContext, Any]:
+    """A server context requiring client certificates from the mesh CA, with a certificate
+    for the control plane's own identity. Returns (context, the issued certificate)."""
+    from ..ca.identity import Identity
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=authority.trust_bundle_pem.decode())
+    identity = Identity(settings.identity_namespace, settings.identity_service_account)
+    issued = issuer.issue_for_identity(identity, proxy="admin-api")
+    _load_chain(context, issued.chain_pem, issued.key_pem)
+    return context, issued
+
+
+async def _renew(context: ssl.SSLContext, authority: Any, issuer: Any, settings: AdminSettings,
+                 issued: Any) -> None:
+    """Re-issue the admin server's certificate at half-life and trust new roots (rotation)."""
+    from ..ca.identity import Identity
+
+    identity = Identity(settings.identity_namespace, settings.identity_service_account)
+    bundle = authority.trust_bundle_pem
+    while True:
+        lifetime = issued.not_after - issued.not_before
+        wait = max(60.0, (lifetime / 2).total_seconds())
+        await asyncio.sleep(min(wait, 3600.0))
+        if authority.trust_bundle_pem != bundle:
+            bundle = authority.trust_bundle_pem
+            context.load_verify_locations(cadata=bundle.decode())
+        if authority.clock() >= issued.not_before + lifetime / 2 - timedelta(seconds=1):
+            issued = issuer.issue_for_identity(identity, proxy="admin-api")
+            _load_chain(context, issued.chain_pem, issued.key_pem)
+            log.info("admin API certificate renewed",
+                     extra={"serial": issued.serial_hex, "not_after": issued.not_after.isoformat()})
+
+
+# Wiring ---------------------------------------------------------------------------------------
+
+
+def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = None) -> AdminContext:
+    """An AdminContext from a `RunningApp` (attributes the CA wiring may add are optional:
+    `authority`, `issuer`, `registry`, `rotation`, or a `ca` object holding them)."""
+    ca = getattr(running, "ca", None)
+
+    def piece(name: str) -> Any:
+        value = getattr(running, name, None)
+        if value is None and ca is not None:
+            value = getattr(ca, name, None)
+        return value
+
+    authority = piece("authority")
+    issuer = piece("issuer")
+    registry = piece("registry") or (issuer.registry if issuer is not None else None)
+    rotation = piece("rotation")
+    sources: Mapping[str, Any] = getattr(running, "sources", None) or {}
+    kube = getattr(running, "kubernetes", None)
+    if kube is not None and "kubernetes" not in sources:
+        sources = {**sources, "kubernetes": kube}
+    trust_domain = getattr(issuer, "trust_domain", None) or getattr(authority, "trust_domain", None) \
+        or "cluster.local"
+    metrics = metrics or Metrics()
+    metrics.attach_server(running.server)
+    metrics.attach_cache(running.cache)
+    if running.store is not None:
+        metrics.attach_store(running.store)
+    metrics.attach_sources(sources)
+    if authority is not None or registry is not None:
+        metrics.attach_ca(authority, registry)
+    return AdminContext(
+        server=running.server, cache=running.cache, tokens=tokens, metrics=metrics,
+        store=running.store, sources=sources, authority=authority, registry=registry,
+        rotation=rotation, trust_domain=trust_domain,
+        security=ca if callable(getattr(ca, "start_root_rotation", None)) else None,
+    )
+
+
+async def start_admin(running: Any, settings: AdminSettings,
+                      environ: Mapping[str, str] | None = None) -> AdminServer:
+    """Start the admin API for a running server (see app.py `start_app`)."""
+    tokens = TokenStore.load(settings.tokens_file, environ)
+    host, _ = parse_address(settings.address, "--admin-address")
+    if not len(tokens):
+        log.warning("admin API has no tokens configured: every /api request will be refused "
+                    "(set --admin-tokens-file or $XDS_SERVER_ADMIN_TOKENS)")
+    if not is_loopback(host) and not settings.mtls:
+        log.warning("admin API listening beyond loopback without TLS: tokens cross the network "
+                    "in clear; use --admin-mtls or keep it on a trusted network",
+                    extra={"address": settings.address})
+    ctx = context_from(running, tokens)
+    ssl_context = issued = None
+    if settings.mtls:
+        issuer = getattr(running, "issuer", None) or getattr(getattr(running, "ca", None), "issuer", None)
+        if ctx.authority is None or issuer is None:
+            ctx.metrics.close()
+            raise ConfigError("--admin-mtls needs the built-in CA (client certificates come "
+                              "from the mesh CA), and no CA is configured")
+        ssl_context, issued = mtls_context(ctx.authority, issuer, settings)
+    admin = AdminServer(ctx, settings, ssl_context)
+    try:
+        await admin.start()
+    except BaseException:
+        ctx.metrics.close()
+        raise
+    if ssl_context is not None:
+        admin._renewal = asyncio.create_task(
+            _renew(ssl_context, ctx.authority, issuer, settings, issued), name="admin-cert-renewal")
+    return admin
+

@@ -1,0 +1,18 @@
+"""Admin API settings (no web framework imported: the CLI reads these on every start)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ADDRESS = "127.0.0.1:15014"
+
+
+@dataclass
+class AdminSettings:
+    address: str = DEFAULT_ADDRESS
+    tokens_file: Path | None = None
+    mtls: bool = False  # require client certificates from the mesh CA
+    # The admin server's own identity when it serves mTLS (a SPIFFE ID under the trust domain).
+    identity_namespace: str = "xds-system"
+    identity_service_account: str = "xds-server"
