@@ -1,0 +1,213 @@
+"""Proxyless gRPC: what the stock grpcio xDS client and xDS-enabled gRPC servers receive.
+
+How the server knows: gRPC's node says so (`user_agent_name` "gRPC Python", "gRPC C-core",
+"grpc-go", "grpc-java"...; Envoy says "envoy"), and gRPC announces the client feature
+`envoy.lb.does_not_support_overprovisioning`, which Envoy never sends (`is_proxyless`).
+
+What differs from a sidecar (see FIELD-NOTES "The stock grpcio xDS client"):
+
+- Client LDS: gRPC asks for the listener named like its target (`xds:///api.shop:8080` asks
+  for `api.shop:8080`): an `api_listener` whose connection manager takes the client
+  namespace's outbound route configuration over RDS, the same one sidecars of that namespace
+  get, so routes, retries, timeouts and the namespace's visibility apply unchanged. Built for
+  whatever name is asked (it only names the route configuration; a host no virtual host
+  matches fails the RPC at once rather than after gRPC's 15 s does-not-exist timer).
+- Client CDS: the same clusters, reshaped on the way out (`client_cluster`): gRPC supports
+  neither `transport_socket_matches` nor SDS in TLS contexts, so mTLS is a plain
+  `transport_socket` whose certificates come from certificate provider instances of gRPC's
+  bootstrap (`file_watcher` over the files `xds-server cert-agent` writes, instance
+  `default`). mTLS is used when every mTLS-capable endpoint of the service accepts it (the
+  cluster carries that decision in its metadata, computed with the endpoints' modes).
+- Server LDS: `grpc.server(..., xds=True)` asks for
+  `grpc/server?xds.resource.listening_address=IP:PORT`: one listener per app port of the
+  workload, terminating mTLS unless the port is DISABLE (gRPC cannot sniff TLS, so PERMISSIVE
+  means mTLS here), with the workload's authorization as gRPC's RBAC filter (gRFC A41).
+
+Pure functions plus `ProxylessView` (one proxyless client's window on the cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+
+from ..model.security import MtlsMode
+from ..xds import types
+from ..xds.resource import Resource
+from . import names, rbac
+from . import tls as tls_contexts
+from .clusters import ads_config_source, pack
+from .listeners import socket
+from .rbac import PortAuthz
+
+if TYPE_CHECKING:
+    from .controller import ProxyView
+
+SERVER_LISTENER_PREFIX = "grpc/server?xds.resource.listening_address="
+GRPC_FEATURE = "envoy.lb.does_not_support_overprovisioning"
+CLUSTER_METADATA = "xds-server.io"
+PROXYLESS_MTLS = "proxyless_mtls"  # cluster metadata: gRPC clients originate mTLS
+
+
+def is_proxyless(node: base_pb2.Node) -> bool:
+    agent = node.user_agent_name.lower()
+    if agent == "envoy":
+        return False
+    return agent.startswith("grpc") or GRPC_FEATURE in node.client_features
+
+
+def server_listener_name(ip: str, port: int) -> str:
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"{SERVER_LISTENER_PREFIX}{host}:{port}"
+
+
+# Clients ------------------------------------------------------------------------------------
+
+
+def mark_proxyless_mtls(cluster: cluster_pb2.Cluster, enabled: bool) -> None:
+    """Record on a service cluster whether gRPC clients originate mTLS to it."""
+    if enabled:
+        cluster.metadata.filter_metadata[CLUSTER_METADATA].fields[PROXYLESS_MTLS].bool_value = True
+
+
+def client_cluster(cluster: cluster_pb2.Cluster) -> cluster_pb2.Cluster:
+    """A sidecar's service cluster reshaped for gRPC (see module doc)."""
+    out = cluster_pb2.Cluster()
+    out.CopyFrom(cluster)
+    match = next((m for m in cluster.transport_socket_matches
+                  if m.name == tls_contexts.MTLS_MATCH_NAME), None)
+    meta = cluster.metadata.filter_metadata.get(CLUSTER_METADATA)
+    mtls = match is not None and meta is not None and meta.fields[PROXYLESS_MTLS].bool_value
+    out.ClearField("transport_socket_matches")
+    out.ClearField("health_checks")  # gRPC does not health-check (and ignores them)
+    out.ClearField("typed_extension_protocol_options")  # always HTTP/2
+    out.ClearField("metadata")
+    if out.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST:
+        out.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
+    if mtls:
+        envoy_context = tls_pb2.UpstreamTlsContext()
+        match.transport_socket.typed_config.Unpack(envoy_context)
+        validation = envoy_context.common_tls_context.combined_validation_context.default_validation_context
+        ids = [m.matcher.exact for m in validation.match_typed_subject_alt_names]
+        context = tls_contexts.upstream_tls_context(
+            envoy_context.sni, ids, source=tls_contexts.CertificateSource.provider_instance()
+        )
+        out.transport_socket.CopyFrom(tls_contexts.transport_socket(context))
+    return out
+
+
+def client_listener(name: str, route_config_name: str) -> listener_pb2.Listener:
+    """The api_listener gRPC asks for by its target name."""
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="proxyless",
+        rds=hcm_pb2.Rds(route_config_name=route_config_name, config_source=ads_config_source()),
+        http_filters=[
+            # Route-level faults of TrafficPolicies apply to gRPC clients too (gRFC A33).
+            hcm_pb2.HttpFilter(name=names.FAULT_FILTER, typed_config=pack(fault_pb2.HTTPFault())),
+            hcm_pb2.HttpFilter(name=names.ROUTER_FILTER, typed_config=pack(router_pb2.Router())),
+        ],
+    )
+    return listener_pb2.Listener(
+        name=name, api_listener=api_listener_pb2.ApiListener(api_listener=pack(manager))
+    )
+
+
+def is_client_target(name: str) -> bool:
+    """A name gRPC may ask for as a target: `host` or `host:port`, no scheme or path."""
+    return bool(name) and not name.startswith(SERVER_LISTENER_PREFIX) and "/" not in name and \
+        "|" not in name
+
+
+# Servers ------------------------------------------------------------------------------------
+
+
+def server_listener(
+    ip: str, port: int, mode: MtlsMode, authz: PortAuthz, trust_domain: str
+) -> listener_pb2.Listener:
+    """An xDS-enabled gRPC server's listener for one port (see module doc)."""
+    config = route_pb2.RouteConfiguration(name=f"proxyless-server|{ip}:{port}")
+    vhost = config.virtual_hosts.add(name=f"inbound|{port}", domains=["*"])
+    route = vhost.routes.add(name=f"inbound|{port}")
+    route.match.prefix = ""
+    route.non_forwarding_action.SetInParent()
+    for filter_name, packed in rbac.http_per_route(authz).items():
+        vhost.typed_per_filter_config[filter_name].CopyFrom(packed)
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=f"proxyless_inbound_{port}",
+        route_config=config,
+        http_filters=[
+            *rbac.http_filters(),
+            hcm_pb2.HttpFilter(name=names.ROUTER_FILTER, typed_config=pack(router_pb2.Router())),
+        ],
+    )
+    chain = listener_components_pb2.FilterChain(
+        name=f"inbound-{port}",
+        filters=[listener_components_pb2.Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=pack(manager)
+        )],
+    )
+    if mode.accepts_tls:
+        context = tls_contexts.downstream_tls_context(
+            trust_domain, tls_contexts.CertificateSource.provider_instance(), alpn=()
+        )
+        chain.transport_socket.CopyFrom(tls_contexts.transport_socket(context))
+    return listener_pb2.Listener(
+        name=server_listener_name(ip, port),
+        address=socket(ip, port),
+        filter_chains=[chain],
+        traffic_direction=base_pb2.INBOUND,
+    )
+
+
+# The view -----------------------------------------------------------------------------------
+
+
+def _client_cluster_resource(view: "ProxyView", resource: Resource) -> Resource:
+    memo = view._controller.proxyless_clusters  # noqa: SLF001
+    cached = memo.get(resource.name)
+    if cached is not None and cached[0] == resource.version:
+        return cached[1]
+    reshaped = Resource.from_message(client_cluster(resource.unpack(cluster_pb2.Cluster)))
+    memo[resource.name] = (resource.version, reshaped)
+    return reshaped
+
+
+def client_listener_resource(view: "ProxyView", name: str) -> Resource:
+    scope = view._scope  # noqa: SLF001
+    memo = view._controller.proxyless_listeners  # noqa: SLF001
+    key = (scope.route_name, name)
+    found = memo.get(key)
+    if found is None:
+        if len(memo) > 10_000:  # names are client-chosen: bound what they can make us keep
+            memo.clear()
+        found = memo[key] = Resource.from_message(client_listener(name, scope.route_name))
+    return found
+
+
+def view_get(view: "ProxyView", type_url: str, name: str, inner) -> Resource | None:
+    """ProxylessView.get: `inner` is the sidecar view's get."""
+    resource = inner(type_url, name)
+    if resource is None and type_url == types.LISTENER and is_client_target(name):
+        return client_listener_resource(view, name)
+    if resource is not None and type_url == types.CLUSTER and name in view._controller._cluster_owner:  # noqa: SLF001
+        return _client_cluster_resource(view, resource)
+    return resource
+
+
+def view_visible(view: "ProxyView", type_url: str, inner: Iterable[Resource]) -> list[Resource]:
+    if type_url != types.CLUSTER:
+        return list(inner)
+    owners = view._controller._cluster_owner  # noqa: SLF001
+    return [_client_cluster_resource(view, r) if r.name in owners else r for r in inner]
+
