@@ -28,7 +28,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PATH=/opt/xds-server/bin:$PATH \
     XDS_SERVER_XDS_ADDRESS=0.0.0.0:15010 \
-    XDS_SERVER_LOG_FORMAT=json
+    XDS_SERVER_LOG_FORMAT=json \
+    XDS_SERVER_AUTH=tokens
 RUN groupadd --system --gid 10001 xds \
  && useradd --system --uid 10001 --gid xds --home-dir /var/lib/xds-server --shell /usr/sbin/nologin xds \
  && install --directory --owner xds --group xds --mode 0750 /var/lib/xds-server

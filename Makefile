@@ -37,9 +37,10 @@ setup: $(TEST_STAMP)
 run: $(DEMO_STAMP)
 	$(BIN)/xds-server demo --xds-address $(XDS_ADDRESS) $(DEMO_ARGS)
 
-# Only the server, on the demo mesh, for your own Envoys (xds-server bootstrap writes theirs).
+# Only the server, on the demo mesh, for your own Envoys (xds-server bootstrap writes theirs;
+# give each a token: xds-server token create -n NS --sa SA > tok && ... bootstrap --token-file tok).
 serve: $(DEMO_STAMP)
-	$(BIN)/xds-server serve --source examples/demo --xds-address $(XDS_ADDRESS)
+	$(BIN)/xds-server serve --source examples/demo --xds-address $(XDS_ADDRESS) --auth tokens
 
 # Every test: unit, protocol conformance, real Envoy, the stock grpcio xDS client, bench smoke.
 test: setup

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import gc
 import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .config import is_loopback, parse_address
+from .config import ConfigError, is_loopback, parse_address
+from .model.security import SecuritySettings
 from .model.store import MeshStore
 from .translate.controller import MeshController
 from .translate.scope import ScopeSettings
@@ -21,11 +24,27 @@ log = logging.getLogger("xds_server")
 
 
 @dataclass
+class KubernetesConfig:
+    """Where the mesh comes from when it comes from a cluster (`--kubeconfig`, `--in-cluster`)."""
+
+    kubeconfig: Path | None = None  # None: in-cluster in a pod, else $KUBECONFIG/~/.kube/config
+    in_cluster: bool = False
+    namespace_selector: str | None = None  # a label selector on Namespaces
+    lease_namespace: str | None = None  # None: the pod's own namespace (or "default")
+
+
+@dataclass
 class AppConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     source: Path | None = None  # a directory of Kubernetes-shaped YAML (the mesh)
     resources: Path | None = None  # a directory of raw Envoy resources (YAML/JSON)
     scope: ScopeSettings = field(default_factory=ScopeSettings)
+    kubernetes: KubernetesConfig | None = None  # the mesh from a Kubernetes API server
+    admin: Any = None  # admin.server.AdminSettings: the admin HTTP API, when set
+    security: Any = None  # security.SecurityConfig: authentication, CA and SDS (--auth ...)
+    # Mesh mTLS/authorization defaults (--mtls-mode, --root-namespace, --default-deny); mTLS
+    # itself is on only when proxies can get certificates (see `mesh_security`).
+    mesh_security: SecuritySettings | None = None
 
 
 def tune_gc() -> None:
@@ -51,6 +70,12 @@ class RunningApp:
     store: MeshStore | None  # the mesh from --source, when given
     stop_event: asyncio.Event
     tasks: list[asyncio.Task]
+    kubernetes: Any = None  # the KubernetesSource, when the mesh comes from a cluster
+    sources: dict[str, Any] = field(default_factory=dict)  # name -> source (has `.errors`)
+    admin: Any = None  # the AdminServer, when the admin API runs
+    # security.Security: the CA (authority, issuer, registry, rotation), authentication and
+    # SDS; `status()` and `start_root_rotation()` for the admin API.
+    ca: Any = None
 
     @property
     def address(self) -> str:
@@ -60,6 +85,8 @@ class RunningApp:
     async def close(self, grace: float | None = None) -> None:
         """Stop serving (streams end with UNAVAILABLE), then stop the sources."""
         self.stop_event.set()
+        if self.admin is not None:
+            await self.admin.close()
         await self.server.stop(grace)
         for task in self.tasks:
             task.cancel()
@@ -78,9 +105,11 @@ async def start_app(config: AppConfig) -> RunningApp:
         )
     cache = ResourceCache()
     tasks: list[asyncio.Task] = []
+    sources: dict[str, Any] = {}
     stop = asyncio.Event()
     if config.resources is not None:
         directory = ResourceDirectory(config.resources, cache)
+        sources["resources"] = directory
         errors = directory.load()
         log.info(
             "loaded raw resources",
@@ -91,12 +120,15 @@ async def start_app(config: AppConfig) -> RunningApp:
 
     view_for = release = None
     store: MeshStore | None = None
+    if config.source is not None or config.kubernetes is not None:
+        store = MeshStore()
+        controller = MeshController(store, cache, config.scope, mesh_security(config))
+        view_for, release = controller.view_for, controller.release
     if config.source is not None:
         from .sources.mesh_files import MeshDirectory
 
-        store = MeshStore()
-        controller = MeshController(store, cache, config.scope)
         mesh = MeshDirectory(config.source, store)
+        sources["files"] = mesh
         errors = mesh.load()
         log.info(
             "loaded mesh",
@@ -104,10 +136,28 @@ async def start_app(config: AppConfig) -> RunningApp:
                    "services": len(store.all("Service"))},
         )
         tasks.append(asyncio.create_task(mesh.run(stop), name="mesh-files"))
-        view_for, release = controller.view_for, controller.release
 
     server = XdsServer(cache, config.server, view_for=view_for, release_view=release)
+    security = None
+    if config.security is not None:
+        from .security import Security
+
+        try:
+            security = Security.build(config.security, cache, config.server.address,
+                                      kubernetes=config.kubernetes)
+        except BaseException:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        security.attach(server)
+        tasks.append(asyncio.create_task(security.run(stop), name="security"))
+    kube = None
     try:
+        if config.kubernetes is not None:
+            assert store is not None
+            kube = await _start_kubernetes(config.kubernetes, store, stop, tasks)
         await server.start()
     except BaseException:
         stop.set()
@@ -115,7 +165,58 @@ async def start_app(config: AppConfig) -> RunningApp:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-    return RunningApp(server, cache, store, stop, tasks)
+    running = RunningApp(server, cache, store, stop, tasks, kube, sources, ca=security)
+    if config.admin is not None:
+        from .admin.server import start_admin
+
+        try:
+            running.admin = await start_admin(running, config.admin)
+        except BaseException:
+            await running.close(0)
+            raise
+    return running
+
+
+def mesh_security(config: AppConfig) -> SecuritySettings:
+    """The controller's security settings: mTLS needs SDS certificates, which need a proven
+    identity (any --auth but none); the trust domain is the CA's."""
+    settings = config.mesh_security or SecuritySettings()
+    security = config.security
+    auth = getattr(security, "auth", None)
+    certificates = security is not None and auth is not None and getattr(auth, "value", auth) != "none"
+    trust_domain = getattr(security, "trust_domain", None) or settings.trust_domain
+    return dataclasses.replace(settings, mtls=certificates, trust_domain=trust_domain)
+
+
+async def _start_kubernetes(
+    config: KubernetesConfig, store: MeshStore, stop: asyncio.Event, tasks: list[asyncio.Task]
+) -> Any:
+    """Start following the cluster and wait for its first full sync: serving xDS before it
+    would hand proxies a partial mesh (Services without endpoints, routes without policies)."""
+    from .sources.kube_api import ConfigError as KubeConfigError
+    from .sources.kube_api import in_cluster_namespace, make_api_client
+    from .sources.kubernetes import KubernetesSource, KubeSettings
+    from .sources.leader import LeaderSettings
+
+    try:
+        api = make_api_client(config.kubeconfig, in_cluster=config.in_cluster or None)
+    except KubeConfigError as e:
+        raise ConfigError(str(e)) from e
+    settings = KubeSettings(
+        namespace_selector=config.namespace_selector,
+        leader=LeaderSettings(namespace=config.lease_namespace or in_cluster_namespace()),
+    )
+    kube = KubernetesSource(store, api, settings=settings)
+    task = asyncio.create_task(kube.run(stop), name="kubernetes")
+    tasks.append(task)
+    log.info("waiting for the first sync with the Kubernetes API server",
+             extra={"server": api.configuration.host})
+    synced = asyncio.create_task(kube.wait_synced())
+    await asyncio.wait({synced, task}, return_when=asyncio.FIRST_COMPLETED)
+    if not synced.done():
+        synced.cancel()
+        task.result()  # the source ended before syncing: raise what ended it
+    return kube
 
 
 async def serve(config: AppConfig, *, started: asyncio.Event | None = None) -> None:

@@ -1,4 +1,11 @@
-"""The Envoy bootstrap for a sidecar: ADS to the server, node identity, admin on loopback."""
+"""The Envoy bootstrap for a sidecar: ADS to the server, node identity, admin on loopback.
+
+With a token, the ADS gRPC service sends `authorization: Bearer <token>` as initial metadata
+on every stream: the credential the server checks before it sends anything (xds/auth.py).
+Envoy sends the literal value it was given, so the bootstrap must be written again when the
+token is replaced (a workload token from `xds-server token create` lives as long as asked; a
+projected Kubernetes token about an hour). The bootstrap then holds a secret: keep it 0600.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ class SidecarSpec:
     outbound_port: int = OUTBOUND_PORT
     labels: dict[str, str] = field(default_factory=dict)
     delta: bool = True  # incremental xDS: only changes travel
+    token: str | None = field(default=None, repr=False)  # bearer token for the xDS server
 
 
 def _socket(address: str, setting: str) -> dict[str, Any]:
@@ -35,6 +43,11 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
     """A bootstrap dict (write it as YAML or JSON). The node metadata is what the server uses
     to know the proxy: namespace, service account, pod, pod IP, sidecar ports, labels."""
     grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": "xds-server"}}
+    if spec.token:
+        token = spec.token.strip()
+        if not token or any(c.isspace() for c in token):
+            raise ValueError("the token must be one word (no spaces or newlines inside)")
+        grpc_service["initial_metadata"] = [{"key": "authorization", "value": f"Bearer {token}"}]
     ads = {"ads": {}, "resource_api_version": "V3"}
     return {
         "node": {

@@ -9,8 +9,11 @@ from pathlib import Path
 import click
 
 from . import logs
-from .app import AppConfig, serve
+from .admin.cli import admin_options
+from .app import AppConfig, KubernetesConfig, serve
+from .ca.cli import security_options
 from .config import ConfigError, parse_address
+from .policy_cli import mesh_security_options
 from .translate.scope import ScopeSettings
 from .xds.server import ServerSettings
 
@@ -64,6 +67,17 @@ def main(log_level: str, log_format: str) -> None:
               default=_DEFAULTS.keepalive_time, help="Seconds between server keepalive pings.")
 @click.option("--shutdown-grace", envvar="XDS_SERVER_SHUTDOWN_GRACE", type=float,
               default=_DEFAULTS.shutdown_grace, help="Seconds to finish in-flight work on SIGTERM.")
+@click.option("--kubeconfig", envvar="XDS_SERVER_KUBECONFIG",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Follow the mesh in this cluster (a kubeconfig file).")
+@click.option("--in-cluster", envvar="XDS_SERVER_IN_CLUSTER", is_flag=True,
+              help="Follow the mesh in the cluster this pod runs in (its service account).")
+@click.option("--kube-namespace-selector", envvar="XDS_SERVER_KUBE_NAMESPACE_SELECTOR",
+              default=None, help="Label selector: only namespaces matching it are in the mesh "
+                                 "(e.g. 'mesh=enabled'); default every namespace.")
+@admin_options
+@security_options
+@mesh_security_options
 def serve_command(
     xds_address: str,
     source: Path | None,
@@ -76,6 +90,12 @@ def serve_command(
     max_message_bytes: int,
     keepalive_time: float,
     shutdown_grace: float,
+    kubeconfig: Path | None,
+    in_cluster: bool,
+    kube_namespace_selector: str | None,
+    admin=None,
+    security=None,
+    mesh_security=None,
 ) -> None:
     """Run the xDS server."""
     settings = ServerSettings(
@@ -88,10 +108,20 @@ def serve_command(
         keepalive_time=keepalive_time,
         shutdown_grace=shutdown_grace,
     )
+    if kubeconfig is not None and in_cluster:
+        raise click.UsageError("--kubeconfig and --in-cluster exclude each other")
+    if kube_namespace_selector and kubeconfig is None and not in_cluster:
+        raise click.UsageError("--kube-namespace-selector needs --kubeconfig or --in-cluster")
+    kubernetes = None
+    if kubeconfig is not None or in_cluster:
+        kubernetes = KubernetesConfig(kubeconfig=kubeconfig, in_cluster=in_cluster,
+                                      namespace_selector=kube_namespace_selector or None)
     try:
         scope = ScopeSettings(default_export_to=_export_list(default_export_to))
-        asyncio.run(serve(AppConfig(server=settings, source=source, resources=resources, scope=scope)))
-    except OSError as err:
+        asyncio.run(serve(AppConfig(server=settings, source=source, resources=resources,
+                                    scope=scope, kubernetes=kubernetes, admin=admin,
+                                    security=security, mesh_security=mesh_security)))
+    except (OSError, ConfigError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -181,9 +211,13 @@ def _message_class(type_url: str):
 @click.option("--outbound-port", type=int, default=15001)
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--sotw", is_flag=True, help="State-of-the-world ADS instead of delta.")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A bearer token (`xds-server token create`, or a projected service-account "
+                   "token) Envoy sends on its xDS streams. The bootstrap then holds a secret.")
 def bootstrap_command(
     namespace: str, service_account: str, pod: str, pod_ip: str, xds_address: str,
     admin_address: str, inbound_port: int, outbound_port: int, labels: tuple[str, ...], sotw: bool,
+    token_file: Path | None,
 ) -> None:
     """Print an Envoy bootstrap (YAML) for one workload's sidecar."""
     import yaml
@@ -200,8 +234,13 @@ def bootstrap_command(
         namespace=namespace, service_account=service_account, pod=pod, pod_ip=pod_ip,
         xds_address=xds_address, admin_address=admin_address, inbound_port=inbound_port,
         outbound_port=outbound_port, labels=label_map, delta=not sotw,
+        token=token_file.read_text().strip() if token_file is not None else None,
     )
-    click.echo(yaml.safe_dump(sidecar_bootstrap(spec), sort_keys=False))
+    try:
+        bootstrap = sidecar_bootstrap(spec)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--token-file") from None
+    click.echo(yaml.safe_dump(bootstrap, sort_keys=False))
 
 
 @main.command("crds")
@@ -260,13 +299,24 @@ def demo_command(
 
 
 def _register_ca_commands() -> None:
-    from .ca.cli import cert_agent, token
+    from .ca.cli import ca, cert_agent, token
 
     main.add_command(token)
     main.add_command(cert_agent)
+    main.add_command(ca)
 
 
 _register_ca_commands()
+
+
+def _register_admin_commands() -> None:
+    from .admin.cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_admin_commands()
 
 
 if __name__ == "__main__":

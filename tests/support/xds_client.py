@@ -244,13 +244,15 @@ def default_node(node_id: str = "test-proxy") -> base_pb2.Node:
 class SotwStream(_Stream):
     """A state-of-the-world stream (ADS if `type_url` is None, else a per-type service)."""
 
-    def __init__(self, channel, type_url: str | None, *, node: base_pb2.Node, read: bool = True):
+    def __init__(self, channel, type_url: str | None, *, node: base_pb2.Node, read: bool = True,
+                 metadata: Sequence[tuple[str, str]] | None = None):
         super().__init__(
             channel,
             method(type_url, delta=False),
             discovery_pb2.DiscoveryRequest.SerializeToString,
             discovery_pb2.DiscoveryResponse.FromString,
             read=read,
+            metadata=metadata,
         )
         self.node = node
         self._sent_node = False
@@ -321,13 +323,15 @@ class SotwStream(_Stream):
 class DeltaStream(_Stream):
     """An incremental (delta) stream (ADS if `type_url` is None, else a per-type service)."""
 
-    def __init__(self, channel, type_url: str | None, *, node: base_pb2.Node, read: bool = True):
+    def __init__(self, channel, type_url: str | None, *, node: base_pb2.Node, read: bool = True,
+                 metadata: Sequence[tuple[str, str]] | None = None):
         super().__init__(
             channel,
             method(type_url, delta=True),
             discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
             discovery_pb2.DeltaDiscoveryResponse.FromString,
             read=read,
+            metadata=metadata,
         )
         self.node = node
         self._sent_node = False
@@ -383,9 +387,15 @@ class RawStream(_Stream):
 class XdsClient:
     """One gRPC channel to the server; streams are opened on it as tests need them."""
 
-    def __init__(self, address: str, *, node_id: str = "test-proxy") -> None:
+    def __init__(
+        self, address: str, *, node_id: str = "test-proxy",
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
+        """`metadata` goes with every stream opened (e.g. `authorization: Bearer ...`) unless
+        a stream is given its own."""
         self.address = address
         self.node = default_node(node_id)
+        self.metadata = metadata
         self.channel = grpc.aio.insecure_channel(
             address,
             options=[
@@ -407,17 +417,28 @@ class XdsClient:
         self._streams.append(stream)
         return stream
 
-    def ads(self, *, node: base_pb2.Node | None = None, read: bool = True) -> SotwStream:
-        return self._track(SotwStream(self.channel, None, node=node or self.node, read=read))
+    def _metadata(self, metadata):
+        return self.metadata if metadata is None else metadata
 
-    def sotw(self, type_url: str, *, node: base_pb2.Node | None = None, read: bool = True) -> SotwStream:
-        return self._track(SotwStream(self.channel, type_url, node=node or self.node, read=read))
+    def ads(self, *, node: base_pb2.Node | None = None, read: bool = True,
+            metadata: Sequence[tuple[str, str]] | None = None) -> SotwStream:
+        return self._track(SotwStream(self.channel, None, node=node or self.node, read=read,
+                                      metadata=self._metadata(metadata)))
 
-    def ads_delta(self, *, node: base_pb2.Node | None = None, read: bool = True) -> DeltaStream:
-        return self._track(DeltaStream(self.channel, None, node=node or self.node, read=read))
+    def sotw(self, type_url: str, *, node: base_pb2.Node | None = None, read: bool = True,
+             metadata: Sequence[tuple[str, str]] | None = None) -> SotwStream:
+        return self._track(SotwStream(self.channel, type_url, node=node or self.node, read=read,
+                                      metadata=self._metadata(metadata)))
 
-    def delta(self, type_url: str, *, node: base_pb2.Node | None = None, read: bool = True) -> DeltaStream:
-        return self._track(DeltaStream(self.channel, type_url, node=node or self.node, read=read))
+    def ads_delta(self, *, node: base_pb2.Node | None = None, read: bool = True,
+                  metadata: Sequence[tuple[str, str]] | None = None) -> DeltaStream:
+        return self._track(DeltaStream(self.channel, None, node=node or self.node, read=read,
+                                       metadata=self._metadata(metadata)))
+
+    def delta(self, type_url: str, *, node: base_pb2.Node | None = None, read: bool = True,
+              metadata: Sequence[tuple[str, str]] | None = None) -> DeltaStream:
+        return self._track(DeltaStream(self.channel, type_url, node=node or self.node, read=read,
+                                       metadata=self._metadata(metadata)))
 
     def raw(self, method_name: str) -> RawStream:
         return self._track(RawStream(self.channel, method_name))

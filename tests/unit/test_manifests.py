@@ -502,6 +502,10 @@ def test_cluster_role_is_least_privilege() -> None:
         ("gateway.networking.k8s.io", "grpcroutes/status", STATUS),
         ("mesh.xds-server.io", "trafficpolicies", READ),
         ("mesh.xds-server.io", "trafficpolicies/status", STATUS),
+        ("mesh.xds-server.io", "mtlspolicies", READ),
+        ("mesh.xds-server.io", "mtlspolicies/status", STATUS),
+        ("mesh.xds-server.io", "authorizationpolicies", READ),
+        ("mesh.xds-server.io", "authorizationpolicies/status", STATUS),
         ("authentication.k8s.io", "tokenreviews", ("create",)),
     }
     # every custom kind the server reads is readable, and nothing else of ours

@@ -412,4 +412,4 @@ async def test_run_can_be_cancelled(tmp_path: Path) -> None:
 def test_every_kind_is_known_to_the_store() -> None:
     # The files source relies on the store's kinds being the kinds users write.
     assert {"Namespace", "Service", "EndpointSlice", "Pod", "HTTPRoute", "GRPCRoute",
-            "TrafficPolicy"} == set(KINDS)
+            "TrafficPolicy", "MTLSPolicy", "AuthorizationPolicy"} == set(KINDS)

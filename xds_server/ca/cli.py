@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import re
 import signal
@@ -171,3 +172,125 @@ def cert_agent(out_dir: Path, server: str, token_value: str | None, token_file: 
     except Exception as err:  # noqa: BLE001 - --once failures: one clear line, exit 1
         click.echo(f"cert-agent: {err}", err=True)
         sys.exit(1)
+
+
+# `xds-server ca ...` -------------------------------------------------------------------------
+
+
+@click.group("ca")
+def ca() -> None:
+    """The built-in CA: root rotation and its status."""
+
+
+@ca.command("rotate-root")
+@_ca_dir
+def ca_rotate_root(ca_dir: Path) -> None:
+    """Start a root rotation: a new root joins the trust bundle (it does not sign yet).
+
+    A running server using the same --ca-dir notices the change, pushes the new bundle
+    (SDS ROOTCA) to every proxy, switches signing to the new root once all of them have it,
+    re-issues every workload certificate, and takes the old root out of the bundle when the
+    last certificate it signed has expired. Follow it with `xds-server ca status`.
+    """
+    from .authority import CAError, CertificateAuthority, describe
+    from .rotation import RootRotation, RotationError
+    from .svid import CertificateRegistry
+
+    try:
+        authority = CertificateAuthority(ca_dir, create=False)
+        rotation = RootRotation(authority, CertificateRegistry(authority.clock))
+        new = rotation.start_root_rotation()
+    except (CAError, RotationError) as err:
+        raise click.ClickException(str(err)) from None
+    info = describe(new)
+    click.echo(f"root rotation started: new root {info['fingerprint']} ({info['subject']}) is in "
+               f"the trust bundle; a running server switches signing once every proxy has it",
+               err=True)
+
+
+@ca.command("status")
+@_ca_dir
+def ca_status(ca_dir: Path) -> None:
+    """Print the CA's roots and root rotation state (JSON)."""
+    import json
+
+    from .authority import CAError, CertificateAuthority, describe, fingerprint
+    from .rotation import RootRotation
+    from .svid import CertificateRegistry
+
+    try:
+        authority = CertificateAuthority(ca_dir, create=False)
+    except CAError as err:
+        raise click.ClickException(str(err)) from None
+    state = authority.state
+    rotation = RootRotation(authority, CertificateRegistry(authority.clock))
+    click.echo(json.dumps({
+        "signing": describe(state.signing_cert),
+        "signing_root": fingerprint(state.root),
+        "bundle": [describe(r) for r in state.roots],
+        "rotation": rotation.status(),
+    }, indent=2))
+
+
+# `xds-server serve` options -------------------------------------------------------------------
+
+
+_ca_dir_serve = click.option(
+    "--ca-dir", envvar="XDS_SERVER_CA_DIR", default="certs", show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of the CA files (created with a self-signed root when empty) and of the "
+         "workload token key.",
+)
+
+
+def security_options(command):
+    """Add the authentication, CA and SDS options to `serve`; the command gets one `security`
+    argument: a SecurityConfig (xds_server/security.py).
+
+    `--auth` has no default on purpose: an operator chooses between real authentication and
+    none (`XDS_SERVER_AUTH` in an image or manifest counts as a choice)."""
+
+    @click.option(
+        "--auth", envvar="XDS_SERVER_AUTH", required=True,
+        type=click.Choice(["tokens", "insecure-node-metadata", "none"]),
+        help="How proxies prove who they are. tokens: a bearer token in the stream's "
+             "metadata (a workload token of this server, or a Kubernetes service-account "
+             "token checked with TokenReview). insecure-node-metadata: believe the node "
+             "metadata (loopback demos only). none: no authentication and no SDS secrets.")
+    @_ca_dir_serve
+    @click.option("--trust-domain", envvar="XDS_SERVER_TRUST_DOMAIN", default="cluster.local",
+                  show_default=True, help="SPIFFE trust domain of the workload certificates.")
+    @click.option("--workload-ttl", envvar="XDS_SERVER_WORKLOAD_TTL", type=DURATION,
+                  default="24h", show_default=True,
+                  help="Lifetime of workload certificates (renewed at half-life).")
+    @click.option("--token-audience", "token_audiences", envvar="XDS_SERVER_TOKEN_AUDIENCE",
+                  multiple=True, default=("xds-server",), show_default=True,
+                  help="Audience Kubernetes tokens must be minted for (TokenReview); "
+                       "repeatable.")
+    @click.option("--max-streams-per-identity", envvar="XDS_SERVER_MAX_STREAMS_PER_IDENTITY",
+                  type=click.IntRange(min=0), default=4096, show_default=True,
+                  help="Open xDS streams one identity may hold (0: unbounded).")
+    @click.option("--max-requests-per-second", envvar="XDS_SERVER_MAX_REQUESTS_PER_SECOND",
+                  type=click.FloatRange(min=0), default=200.0, show_default=True,
+                  help="Requests per second per stream, with a burst of 5 s worth "
+                       "(0: unbounded).")
+    @functools.wraps(command)
+    def wrapper(*args, auth: str, ca_dir: Path, trust_domain: str, workload_ttl: timedelta,
+                token_audiences: tuple[str, ...], max_streams_per_identity: int,
+                max_requests_per_second: float, **kwargs):
+        from ..security import SecurityConfig
+        from ..xds.auth import AuthMode, GuardSettings
+
+        limits = GuardSettings(
+            max_streams_per_identity=max_streams_per_identity,
+            max_requests_per_second=max_requests_per_second,
+            request_burst=max(1, int(max_requests_per_second * 5)),
+        )
+        security = SecurityConfig(
+            auth=AuthMode(auth), ca_dir=ca_dir, trust_domain=trust_domain,
+            workload_ttl=workload_ttl, limits=limits,
+            token_audiences=tuple(a for a in token_audiences if a) or ("xds-server",),
+        )
+        return command(*args, security=security, **kwargs)
+
+    return wrapper

@@ -104,6 +104,10 @@ class RenewalSchedule:
         self._due[proxy] = (due, seq)
         heapq.heappush(self._heap, (due, seq, proxy))
 
+    def schedule_at(self, proxy: str, due: datetime) -> None:
+        """Make `proxy` due at `due` (a retry after a failed issuance)."""
+        self._set(proxy, due)
+
     def forget(self, proxy: str) -> None:
         """The proxy disconnected: nothing to renew (its heap entry is dropped lazily)."""
         self._due.pop(proxy, None)
@@ -211,10 +215,14 @@ class RootRotation:
         clock: Clock | None = None,
         state_file: Path | None = None,
         created_roots: Iterable[str] = (),
+        clock_skew: timedelta = CLOCK_SKEW,
     ) -> None:
         self.authority = authority
         self.registry = registry
         self.max_ttl = max_ttl
+        # How far behind ours a peer's clock may be: a leaf stays trusted that much past its
+        # NotAfter by such a peer, so its root stays in the bundle that much longer.
+        self.clock_skew = clock_skew
         self.clock = clock or authority.clock
         self.state_file = Path(state_file) if state_file else authority.directory / STATE_FILE
         self.created_roots = set(created_roots)
@@ -271,9 +279,21 @@ class RootRotation:
                   *, complete: bool) -> RotationState:
         return RotationState(
             RotationPhase.RETIRING, new_root=new, old_root=old, started_at=started,
-            switched_at=switched, retire_by=switched + self.max_ttl + CLOCK_SKEW,
+            switched_at=switched, retire_by=switched + self.max_ttl + self.clock_skew,
             registry_complete=complete,
         )
+
+    def reconcile(self) -> RotationPhase:
+        """Re-check the phase against the CA files after they changed: another process (the
+        `xds-server ca rotate-root` command) may have started a rotation, or an operator
+        replaced the files."""
+        before = self._state
+        self._state = self._reconcile(self._state)
+        if self._state != before:
+            log.info("root rotation state follows the CA files",
+                     extra={"phase": self._state.phase.value})
+            self._save()
+        return self._state.phase
 
     def _save(self) -> None:
         write_atomic(self.state_file, json.dumps(self._state.to_json(), indent=2).encode())
@@ -327,7 +347,7 @@ class RootRotation:
         if not state.registry_complete:
             return state.retire_by
         last = self.registry.latest_not_after(state.old_root)
-        return min(state.retire_by, (last or state.switched_at) + CLOCK_SKEW)
+        return min(state.retire_by, (last or state.switched_at) + self.clock_skew)
 
     def tick(self, now: datetime | None = None) -> bool:
         """Step 3, when due: the old root leaves the bundle. Call it periodically (or at

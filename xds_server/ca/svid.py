@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -138,6 +138,8 @@ class CertificateRegistry:
         self._records: dict[int, IssuedRecord] = {}
         self._lock = threading.Lock()
         self._next_prune = self.started_at
+        # Called with each new record, outside the lock (metrics count issuance here).
+        self.listeners: list[Callable[[IssuedRecord], None]] = []
 
     def add(self, record: IssuedRecord) -> None:
         now = self.clock()
@@ -146,6 +148,11 @@ class CertificateRegistry:
             if now >= self._next_prune:
                 self._prune_locked(now)
                 self._next_prune = now + timedelta(minutes=1)
+        for listener in list(self.listeners):
+            try:
+                listener(record)
+            except Exception:  # noqa: BLE001 - an observer must never stop issuance
+                log.exception("certificate registry listener failed")
 
     def prune(self, now: datetime | None = None) -> int:
         with self._lock:

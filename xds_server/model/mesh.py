@@ -150,7 +150,8 @@ class TcpUpstream:
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """A Pod as the mesh sees it. `meshed` workloads run a sidecar and are reached through it."""
+    """A Pod as the mesh sees it. `meshed` workloads run a sidecar and are reached through it;
+    `proxyless` ones (gRPC with xDS credentials) are reached directly but speak mTLS."""
 
     namespace: str
     name: str
@@ -162,10 +163,16 @@ class Workload:
     outbound_port: int = OUTBOUND_PORT
     container_ports: tuple[tuple[str, int], ...] = ()  # (name, port) for named targetPorts
     tcp_upstreams: tuple[TcpUpstream, ...] = ()
+    proxyless: bool = False
 
     @property
     def label_map(self) -> dict[str, str]:
         return dict(self.labels)
+
+    @property
+    def mtls_capable(self) -> bool:
+        """Whether it can terminate the mesh's mTLS (a sidecar, or proxyless gRPC)."""
+        return self.meshed or self.proxyless
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,13 @@ from typing import Any, Union
 from .mesh import EndpointSlice, Namespace, Service, Workload
 from .policy import TrafficPolicy
 from .routes import Route
+from .security import AuthorizationPolicy, MTLSPolicy
 
 log = logging.getLogger(__name__)
 
-MeshObject = Union[Namespace, Service, EndpointSlice, Workload, Route, TrafficPolicy]
+MeshObject = Union[
+    Namespace, Service, EndpointSlice, Workload, Route, TrafficPolicy, MTLSPolicy, AuthorizationPolicy
+]
 
 # Kinds as users write them.
 NAMESPACE = "Namespace"
@@ -29,7 +32,12 @@ POD = "Pod"
 HTTP_ROUTE = "HTTPRoute"
 GRPC_ROUTE = "GRPCRoute"
 TRAFFIC_POLICY = "TrafficPolicy"
-KINDS = (NAMESPACE, SERVICE, ENDPOINT_SLICE, POD, HTTP_ROUTE, GRPC_ROUTE, TRAFFIC_POLICY)
+MTLS_POLICY = "MTLSPolicy"
+AUTHORIZATION_POLICY = "AuthorizationPolicy"
+KINDS = (
+    NAMESPACE, SERVICE, ENDPOINT_SLICE, POD, HTTP_ROUTE, GRPC_ROUTE, TRAFFIC_POLICY,
+    MTLS_POLICY, AUTHORIZATION_POLICY,
+)
 
 
 def kind_of(obj: MeshObject) -> str:
@@ -41,6 +49,8 @@ def kind_of(obj: MeshObject) -> str:
         EndpointSlice: ENDPOINT_SLICE,
         Workload: POD,
         TrafficPolicy: TRAFFIC_POLICY,
+        MTLSPolicy: MTLS_POLICY,
+        AuthorizationPolicy: AUTHORIZATION_POLICY,
     }[type(obj)]
 
 

@@ -36,6 +36,12 @@ from ..model.mesh import (
 )
 from ..model.policy import API_VERSION as POLICY_API_VERSION
 from ..model.policy import TrafficPolicy, TrafficPolicySpec, parse_duration
+from ..model.security import (
+    AuthorizationPolicy,
+    AuthorizationPolicySpec,
+    MTLSPolicy,
+    MTLSPolicySpec,
+)
 from ..model.routes import (
     BackendRef,
     HeaderModifier,
@@ -60,6 +66,8 @@ INJECT_ANNOTATION = "sidecar.xds-server.io/inject"
 INBOUND_PORT_ANNOTATION = "xds-server.io/inbound-port"
 OUTBOUND_PORT_ANNOTATION = "xds-server.io/outbound-port"
 TCP_UPSTREAMS_ANNOTATION = "xds-server.io/tcp-upstreams"
+# A workload that is its own xDS client (gRPC with xDS credentials): no sidecar, but mTLS.
+PROXYLESS_ANNOTATION = "xds-server.io/proxyless"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 # Containers that are the mesh sidecar: names operators already use for an Envoy sidecar.
 SIDECAR_CONTAINERS = frozenset({"envoy", "envoy-proxy", "envoy-sidecar", "istio-proxy"})
@@ -78,6 +86,8 @@ _API_VERSIONS: dict[str, tuple[str, ...]] = {
     "HTTPRoute": tuple(f"{GATEWAY_GROUP}/{v}" for v in _ROUTE_VERSIONS["HTTPRoute"]),
     "GRPCRoute": tuple(f"{GATEWAY_GROUP}/{v}" for v in _ROUTE_VERSIONS["GRPCRoute"]),
     "TrafficPolicy": (POLICY_API_VERSION,),
+    "MTLSPolicy": (POLICY_API_VERSION,),
+    "AuthorizationPolicy": (POLICY_API_VERSION,),
 }
 
 _PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -463,6 +473,13 @@ def _pod(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> Workload:
         r.fail(path, f'expected "true" or "false", got {inject!r}')
     # An explicit "false" opts out even with a proxy container (e.g. while debugging it).
     meshed = inject == "true" or (inject is None and sidecar)
+    proxyless = annotations.get(PROXYLESS_ANNOTATION)
+    if proxyless is not None and proxyless not in ("true", "false"):
+        path = _key("metadata.annotations", PROXYLESS_ANNOTATION)
+        r.fail(path, f'expected "true" or "false", got {proxyless!r}')
+    if proxyless == "true" and meshed:
+        path = _key("metadata.annotations", PROXYLESS_ANNOTATION)
+        r.fail(path, "a proxyless workload has no sidecar: remove the sidecar or this annotation")
     inbound = _port_annotation(r, annotations, INBOUND_PORT_ANNOTATION) or INBOUND_PORT
     outbound = _port_annotation(r, annotations, OUTBOUND_PORT_ANNOTATION) or OUTBOUND_PORT
     if inbound == outbound:
@@ -479,6 +496,7 @@ def _pod(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> Workload:
         outbound_port=outbound,
         container_ports=tuple(ports),
         tcp_upstreams=_tcp_upstreams(r, annotations, (inbound, outbound)),
+        proxyless=proxyless == "true",
     )
 
 
@@ -848,16 +866,34 @@ def _retry(r: _Reader, value: Any, path: str) -> Retry | None:
 # The project's own policy kinds --------------------------------------------------------------
 
 
-def _traffic_policy(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> TrafficPolicy:
+def _spec(r: _Reader, obj: dict[str, Any], model: Any, *, required: bool = True) -> Any:
+    """The pydantic spec of one of the project's kinds; errors name the user's fields."""
     if obj.get("spec") is None:
-        r.fail("spec", "required")
+        if required:
+            r.fail("spec", "required")
+        obj = {**obj, "spec": {}}
     try:
-        spec = TrafficPolicySpec.model_validate(obj["spec"])
+        return model.model_validate(obj["spec"])
     except ValidationError as e:
         problems = [(_loc_path("spec", err["loc"]), _pydantic_message(err)) for err in e.errors()]
         (field, message), *more = problems
         raise ObjectError(r.kind, r.namespace, r.name, field, message, more=more) from None
+
+
+def _traffic_policy(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> TrafficPolicy:
+    spec = _spec(r, obj, TrafficPolicySpec)
     return TrafficPolicy(namespace=r.namespace, name=r.name, spec=spec, created=_created(meta))
+
+
+def _mtls_policy(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> MTLSPolicy:
+    spec = _spec(r, obj, MTLSPolicySpec, required=False)
+    return MTLSPolicy(namespace=r.namespace, name=r.name, spec=spec, created=_created(meta))
+
+
+def _authorization_policy(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> AuthorizationPolicy:
+    # `spec: {}` is meaningful (Istio's allow-nothing policy), so a missing spec is that too.
+    spec = _spec(r, obj, AuthorizationPolicySpec, required=False)
+    return AuthorizationPolicy(namespace=r.namespace, name=r.name, spec=spec, created=_created(meta))
 
 
 def _loc_path(root: str, loc: tuple[int | str, ...]) -> str:
@@ -865,6 +901,9 @@ def _loc_path(root: str, loc: tuple[int | str, ...]) -> str:
     for step in loc:
         # pydantic adds union-member tags such as "function-after[...]"; users never wrote them
         if isinstance(step, str) and ("[" in step or "(" in step):
+            continue
+        if isinstance(step, str) and not step.isidentifier():  # a map key (a port, a label)
+            path = _key(path, step)
             continue
         path = _join(path, step)
     return path
@@ -890,4 +929,6 @@ _CONVERTERS: dict[str, Callable[[_Reader, dict[str, Any], dict[str, Any]], MeshO
     "HTTPRoute": _route,
     "GRPCRoute": _route,
     "TrafficPolicy": _traffic_policy,
+    "MTLSPolicy": _mtls_policy,
+    "AuthorizationPolicy": _authorization_policy,
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import (
     address_pb2,
@@ -17,6 +19,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from ..model.mesh import AppProtocol, Service, ServicePort
 from ..model.policy import TrafficPolicySpec
+from . import tls
 from .names import cluster_name, inbound_cluster_name
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -60,8 +63,14 @@ def http_protocol_options(app_protocol: AppProtocol) -> dict[str, any_pb2.Any]:
 
 
 def service_cluster(
-    service: Service, port: ServicePort, policy: TrafficPolicySpec | None
+    service: Service,
+    port: ServicePort,
+    policy: TrafficPolicySpec | None,
+    *,
+    mtls_ids: Sequence[str] = (),
 ) -> cluster_pb2.Cluster:
+    """`mtls_ids`: the SPIFFE IDs of the service's mTLS-capable workloads; when given,
+    endpoints that EDS marks for mTLS are reached with mTLS checking them (translate/tls.py)."""
     cluster = cluster_pb2.Cluster(
         name=cluster_name(service.key, port.port),
         type=cluster_pb2.Cluster.EDS,
@@ -73,6 +82,10 @@ def service_cluster(
     if port.app_protocol.is_http:
         for key, value in http_protocol_options(port.app_protocol).items():
             cluster.typed_extension_protocol_options[key].CopyFrom(value)
+    if mtls_ids:
+        cluster.transport_socket_matches.append(
+            tls.upstream_mtls_match(service.key.fqdn, mtls_ids, tls.alpn_for(port.app_protocol))
+        )
     if policy is None:
         return cluster
     _apply_load_balancer(cluster, policy)

@@ -37,10 +37,13 @@ from ..model.mesh import (
 )
 from ..model.policy import TrafficPolicy, TrafficPolicySpec
 from ..model.routes import Route
+from ..model.security import SecuritySettings
 from ..model.store import (
+    AUTHORIZATION_POLICY,
     ENDPOINT_SLICE,
     GRPC_ROUTE,
     HTTP_ROUTE,
+    MTLS_POLICY,
     NAMESPACE,
     POD,
     SERVICE,
@@ -51,12 +54,13 @@ from ..model.store import (
 from ..xds import types
 from ..xds.cache import ResourceCache
 from ..xds.resource import Resource
-from . import names
+from . import names, proxyless
 from .clusters import inbound_cluster, service_cluster
 from .endpoints import load_assignment, slice_port
 from .listeners import inbound_listener, outbound_listener, tcp_upstream_listener
 from .routes import inbound_route_configuration, outbound_route_configuration, service_virtual_host
 from .scope import ScopeSettings, visible
+from .security import SecurityIndex, plaintext_route_name, secure_inbound_routes
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +128,7 @@ class _Proxy:
     node_meta: dict
     streams: int = 0
     owned: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    proxyless: bool = False  # a gRPC xDS client/server, not an Envoy (translate/proxyless.py)
 
 
 class ProxyView:
@@ -153,13 +158,40 @@ class ProxyView:
         return self._controller.visible(self._proxy, self._scope, type_url)
 
 
+class ProxylessView(ProxyView):
+    """A proxyless gRPC client's or server's view: listeners named after its targets, and
+    clusters reshaped for gRPC (translate/proxyless.py)."""
+
+    def may_see(self, type_url: str, name: str) -> bool:
+        if type_url == types.LISTENER and proxyless.is_client_target(name):
+            return True
+        return super().may_see(type_url, name)
+
+    def get(self, type_url: str, name: str) -> Resource | None:
+        return proxyless.view_get(self, type_url, name, super().get)
+
+    def visible(self, type_url: str) -> Iterable[Resource]:
+        return proxyless.view_visible(self, type_url, super().visible(type_url))
+
+
 class MeshController:
     def __init__(
-        self, store: MeshStore, cache: ResourceCache, settings: ScopeSettings | None = None
+        self,
+        store: MeshStore,
+        cache: ResourceCache,
+        settings: ScopeSettings | None = None,
+        security: SecuritySettings | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
         self.settings = settings or ScopeSettings()
+        # mTLS modes and authorization policies (translate/security.py).
+        self.security = SecurityIndex(security)
+        # What a service's clusters say about mTLS (see `_cluster_security`).
+        self._service_ids: dict[ServiceKey, tuple[tuple[str, ...], tuple[bool, ...]]] = {}
+        # Proxyless gRPC: clusters reshaped for gRPC and client listeners, built when asked.
+        self.proxyless_clusters: dict[str, tuple[str, Resource]] = {}
+        self.proxyless_listeners: dict[tuple[str, str], Resource] = {}
         # Indexes over the model.
         self._services: dict[ServiceKey, Service] = {}
         self._slices: dict[ServiceKey, dict[str, EndpointSlice]] = defaultdict(dict)
@@ -187,7 +219,8 @@ class MeshController:
         self.on_changes([ObjectChange(k, None, o) for k, o in self._all_objects()])
 
     def _all_objects(self) -> Iterable[tuple[tuple[str, str, str], object]]:
-        for kind in (NAMESPACE, SERVICE, ENDPOINT_SLICE, POD, HTTP_ROUTE, GRPC_ROUTE, TRAFFIC_POLICY):
+        for kind in (NAMESPACE, SERVICE, ENDPOINT_SLICE, POD, HTTP_ROUTE, GRPC_ROUTE, TRAFFIC_POLICY,
+                     MTLS_POLICY, AUTHORIZATION_POLICY):
             for (namespace, name), obj in self.store.all(kind).items():
                 yield (kind, namespace, name), obj
 
@@ -200,6 +233,7 @@ class MeshController:
         proxies: set[ProxyKey] = set()
         rescope = False  # every scope recomputed from scratch (namespaces, or a big batch)
         rescoped: set[ServiceKey] = set()  # Services whose visibility is re-checked one by one
+        reclustered: set[ServiceKey] = set()  # clusters and assignments (mTLS modes changed)
         for change in changes:
             kind = change.kind
             if kind == SERVICE:
@@ -236,6 +270,15 @@ class MeshController:
                         services.add(target)
                         proxies |= self._pods_backing(target)
                 self._apply_policy(change)
+            elif kind in (MTLS_POLICY, AUTHORIZATION_POLICY):
+                # Inbound listeners and routes of the workloads it may select; for mTLS also
+                # the endpoints clients see (whether to originate mTLS to them).
+                namespaces = self.security.apply(change)
+                proxies |= {k for k in self._proxies if namespaces is None or k[0] in namespaces}
+                if kind == MTLS_POLICY:
+                    reclustered |= {
+                        k for k in self._services if namespaces is None or k.namespace in namespaces
+                    }
             elif kind == NAMESPACE:
                 if change.new is None:
                     self._namespaces.pop(change.key[2], None)
@@ -249,10 +292,13 @@ class MeshController:
                 vhosts |= {p.service for p in self._routes[route_key].parents}
         # Per-scope updates below need the clusters these services had before this change.
         old_clusters = {key: self._service_clusters.get(key, []) for key in rescoped}
-        for key in services:
+        for key in services | reclustered:
             self._rebuild_service(key)
-        for key in endpoints - services:
-            self._rebuild_assignments(key)
+        for key in endpoints - services - reclustered:
+            if self._cluster_security_changed(key):
+                self._rebuild_service(key)  # its clusters check the servers' SPIFFE IDs
+            else:
+                self._rebuild_assignments(key)
         changed_vhosts = {k for k in (services | vhosts) if self._rebuild_vhosts(k)}
         # Services some scope gained or lost (export annotation, tenant label, new or gone).
         regated: set[ServiceKey] = set()
@@ -393,19 +439,25 @@ class MeshController:
         old = set(self._service_clusters.get(key, ()))
         if service is None:
             self._service_clusters.pop(key, None)
+            self._service_ids.pop(key, None)
             for name in old:
                 self._cluster_owner.pop(name, None)
+                self.proxyless_clusters.pop(name, None)
             self.cache.update(types.CLUSTER, remove=old)
             self.cache.update(types.ENDPOINT, remove=old)
             return
         policy = self.policy_for(key)
-        clusters = [service_cluster(service, port, policy) for port in service.ports]
+        ids, all_mtls = self._cluster_security(key)
+        clusters = [service_cluster(service, port, policy, mtls_ids=ids) for port in service.ports]
+        for cluster, enabled in zip(clusters, all_mtls):
+            proxyless.mark_proxyless_mtls(cluster, enabled)
         self.translations += len(clusters)
         new = {c.name for c in clusters}
         for name in new:
             self._cluster_owner[name] = key
         for name in old - new:
             self._cluster_owner.pop(name, None)
+            self.proxyless_clusters.pop(name, None)
         self._service_clusters[key] = sorted(new)
         self.cache.update(types.CLUSTER, upsert=clusters, remove=old - new)
         self._rebuild_assignments(key)
@@ -416,11 +468,51 @@ class MeshController:
         if service is None:
             return
         slices = self._slices.get(key, {}).values()
+        mtls = self.security.endpoint_mtls if self.security.settings.mtls else None
         assignments = [
-            load_assignment(service, port, slices, self._workload_lookup) for port in service.ports
+            load_assignment(service, port, slices, self._workload_lookup, mtls)
+            for port in service.ports
         ]
         self.translations += len(assignments)
         self.cache.update(types.ENDPOINT, upsert=assignments)
+
+    def _cluster_security(self, key: ServiceKey) -> tuple[tuple[str, ...], tuple[bool, ...]]:
+        """What a service's clusters say about mTLS (remembered, to tell when an endpoint
+        change must rebuild them): the SPIFFE IDs of its mTLS-capable workloads (what its
+        clients accept from its servers) and, per port, whether every endpoint accepts mTLS
+        (gRPC clients, which cannot choose per endpoint, then originate it)."""
+        service = self._services.get(key)
+        if not self.security.settings.mtls or service is None:
+            return (), ()
+        workloads = []
+        for endpoint_slice in self._slices.get(key, {}).values():
+            for endpoint in endpoint_slice.endpoints:
+                owner = self._workload_lookup(key.namespace, endpoint.pod, endpoint.address)
+                if owner is not None:
+                    workloads.append(owner)
+        ids = self.security.spiffe_ids(workloads)
+        flags = tuple(self._all_endpoints_mtls(key, port) for port in service.ports) if ids else ()
+        self._service_ids[key] = (ids, flags)
+        return ids, flags
+
+    def _all_endpoints_mtls(self, key: ServiceKey, port: ServicePort) -> bool:
+        found = False
+        for endpoint_slice in self._slices.get(key, {}).values():
+            target = slice_port(port, endpoint_slice)
+            if target is None:
+                continue
+            for endpoint in endpoint_slice.endpoints:
+                owner = self._workload_lookup(key.namespace, endpoint.pod, endpoint.address)
+                if owner is None or not self.security.endpoint_mtls(owner, target):
+                    return False
+                found = True
+        return found
+
+    def _cluster_security_changed(self, key: ServiceKey) -> bool:
+        if not self.security.settings.mtls or key not in self._services:
+            return False
+        before = self._service_ids.get(key, ((), ()))
+        return self._cluster_security(key) != before
 
     def _workload_lookup(self, namespace: str, pod: str, ip: str) -> Workload | None:
         if pod:
@@ -547,13 +639,14 @@ class MeshController:
         proxy = self._proxies.get(key)
         if proxy is None:
             meta = dict(node.metadata.fields) if node.HasField("metadata") else {}
-            proxy = _Proxy(key, identity, meta)
+            proxy = _Proxy(key, identity, meta, proxyless=proxyless.is_proxyless(node))
             self._proxies[key] = proxy
             scope = self._scope_for(identity.namespace)
             scope.proxies += 1
             self._rebuild_proxy(proxy)
         proxy.streams += 1
-        return ProxyView(self, proxy, self._scopes[identity.namespace])
+        view = ProxylessView if proxy.proxyless else ProxyView
+        return view(self, proxy, self._scopes[identity.namespace])
 
     def release(self, node: base_pb2.Node) -> None:
         """A stream ended; the last stream of a proxy takes its own resources with it."""
@@ -613,6 +706,9 @@ class MeshController:
         return [found[p] for p in sorted(found)]
 
     def _rebuild_proxy(self, proxy: _Proxy) -> None:
+        if proxy.proxyless:
+            self._rebuild_proxyless(proxy)
+            return
         workload = self.workload_of(proxy)
         namespace, pod = proxy.key
         ip = workload.ip or "127.0.0.1"
@@ -648,17 +744,40 @@ class MeshController:
             }
             # Service ports with their target resolved to the app port the slices say.
             backed = [(s, dataclasses.replace(sp, target_port=p)) for p, _, s, sp in ports]
-            routes.append(inbound_route_configuration(
-                route_name, http, backed, policies, namespace=namespace, pod=pod
+            security = self.security.inbound(workload, [(p, proto) for p, proto, _, _ in ports])
+            routes.extend(secure_inbound_routes(
+                inbound_route_configuration(
+                    route_name, http, backed, policies, namespace=namespace, pod=pod
+                ),
+                security, namespace=namespace, pod=pod,
             ))
             listeners.append(inbound_listener(
                 names.inbound_listener_name(namespace, pod), ip, workload.inbound_port, route_name,
                 has_http=bool(http),
                 tcp_cluster=names.inbound_cluster_name(tcp, namespace, pod) if tcp is not None else None,
+                security=security,
+                plaintext_route_name=plaintext_route_name(security, route_name, namespace, pod),
             ))
         self.translations += 1
         self._replace_owned(proxy, types.CLUSTER, clusters)
         self._replace_owned(proxy, types.ROUTE, routes)
+        self._replace_owned(proxy, types.LISTENER, listeners)
+
+    def _rebuild_proxyless(self, proxy: _Proxy) -> None:
+        """An xDS-enabled gRPC server's listeners: one per app port (from the services it
+        backs) and container port, with the port's mTLS mode and authorization."""
+        workload = self.workload_of(proxy)
+        ports = {p for p, _, _, _ in self.app_ports(workload)} | {p for _, p in workload.container_ports}
+        grpc_ports = [(p, AppProtocol.GRPC) for p in sorted(ports)]
+        security = self.security.inbound(workload, grpc_ports)
+        listeners = [
+            proxyless.server_listener(
+                workload.ip or "127.0.0.1", port, security.http_modes[port],
+                security.authz[port], self.security.settings.trust_domain,
+            )
+            for port, _ in grpc_ports
+        ]
+        self.translations += 1
         self._replace_owned(proxy, types.LISTENER, listeners)
 
     def _replace_owned(self, proxy: _Proxy, type_url: str, messages: list) -> None:

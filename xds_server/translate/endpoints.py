@@ -9,8 +9,10 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 
 from ..model.mesh import Endpoint, EndpointCondition, EndpointSlice, Service, ServicePort, Workload
 from .names import cluster_name
+from .tls import mark_mtls
 
 WorkloadLookup = Callable[[str, str, str], Workload | None]  # (namespace, pod, ip)
+MtlsLookup = Callable[[Workload, int], bool]  # (workload, app port) -> clients use mTLS
 
 
 def slice_port(service_port: ServicePort, endpoint_slice: EndpointSlice) -> int | None:
@@ -28,6 +30,7 @@ def load_assignment(
     port: ServicePort,
     slices: Iterable[EndpointSlice],
     workload: WorkloadLookup,
+    mtls: MtlsLookup | None = None,
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """Endpoints grouped by zone (locality). Meshed pods are reached at their sidecar's
     inbound port; others directly at the target port.
@@ -35,6 +38,9 @@ def load_assignment(
     Readiness follows Kubernetes: ready endpoints take traffic; terminating-but-serving ones
     only when nothing is ready (graceful drain, as kube-proxy does); the rest are listed as
     UNHEALTHY so operators still see them.
+
+    `mtls(workload, app_port)`: whether clients originate mTLS to an endpoint (a sidecar or
+    proxyless gRPC that accepts it); those endpoints are marked for the cluster's mTLS transport socket (translate/tls.py).
     """
     entries: dict[str, tuple[Endpoint, int]] = {}
     for endpoint_slice in sorted(slices, key=lambda s: s.name):
@@ -45,7 +51,7 @@ def load_assignment(
             entries.setdefault(endpoint.address, (endpoint, target))
     any_ready = any(e.condition is EndpointCondition.READY for e, _ in entries.values())
 
-    by_zone: dict[str, list[tuple[str, int, int]]] = {}  # zone -> (address, port, health)
+    by_zone: dict[str, list[tuple[str, int, int, bool]]] = {}  # zone -> (address, port, health, mTLS)
     for address in sorted(entries):
         endpoint, target = entries[address]
         condition = endpoint.condition
@@ -56,8 +62,10 @@ def load_assignment(
         else:
             health = health_check_pb2.UNHEALTHY
         owner = workload(service.namespace, endpoint.pod, address)
-        port_value = owner.inbound_port if owner is not None and owner.meshed else target
-        by_zone.setdefault(endpoint.zone, []).append((address, port_value, health))
+        meshed = owner is not None and owner.meshed
+        port_value = owner.inbound_port if meshed else target
+        secure = owner is not None and mtls is not None and mtls(owner, target)
+        by_zone.setdefault(endpoint.zone, []).append((address, port_value, health, secure))
     # Filled in place (`add()` and field sets) rather than from nested constructors: half the
     # CPU, and this runs for every endpoint of a full build.
     assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(service.key, port.port))
@@ -67,10 +75,12 @@ def load_assignment(
         group.locality.SetInParent()
         group.locality.zone = zone
         group.load_balancing_weight.value = 1
-        for address, port_value, health in by_zone[zone]:
+        for address, port_value, health, secure in by_zone[zone]:
             lb_endpoint = group.lb_endpoints.add()
             lb_endpoint.health_status = health
             socket_address = lb_endpoint.endpoint.address.socket_address
             socket_address.address = address
             socket_address.port_value = port_value
+            if secure:
+                mark_mtls(lb_endpoint)
     return assignment

@@ -29,7 +29,9 @@ class Resource:
     name: str
     type_url: str
     version: str
-    body: bytes  # the deterministic serialization of the resource message
+    # The deterministic serialization of the resource message. Kept out of repr: an SDS
+    # secret's body holds a private key, and a repr ends up in logs and tracebacks.
+    body: bytes = field(repr=False)
     sotw_entry: bytes = field(repr=False)  # DiscoveryResponse.resources[] field, encoded
     delta_entry: bytes = field(repr=False)  # DeltaDiscoveryResponse.resources[] field, encoded
     # An EDS cluster that Envoy (re)creates waits ("warms") for its ClusterLoadAssignment, even

@@ -25,7 +25,9 @@ from grpc_reflection.v1alpha import reflection
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from . import types
+from ..config import is_loopback
+from . import csds, types
+from .auth import StreamGuard, StreamRefused
 from .cache import Change, FullView, ResourceCache, View
 from .push import Debouncer, Pending, SubscriptionIndex
 from .stream import MAX_TRACKED_CHANGES, Ack, ProtocolError, Push, StreamState, Variant
@@ -102,6 +104,9 @@ class Connection:
         self.holds_slot = False  # a push slot is held for the write in flight
         self.write_started = 0.0
         self.error: tuple[grpc.StatusCode, str] | None = None
+        self.metadata: tuple = ()  # the call's invocation metadata (credentials)
+        self.proof = None  # what authentication proved (xds/auth.py `Proof`), if anything
+        self.identity = None  # the proven `Identity`, or None
 
     @property
     def proxy_id(self) -> str:
@@ -136,8 +141,13 @@ class XdsServer:
         *,
         view_for: ViewProvider | None = None,
         release_view: Callable[[base_pb2.Node], None] | None = None,
+        guard: StreamGuard | None = None,
     ) -> None:
         self.cache = cache
+        # Authentication, bounds and per-identity secrets (xds/auth.py); None: none of them.
+        self.guard = guard
+        # More gRPC services on the same port (the CA's CSR service), added at start().
+        self.extra_handlers: list[grpc.GenericRpcHandler] = []
         self.settings = settings or ServerSettings()
         # Who sees what: called with the node of each new stream (and `release_view` when the
         # stream ends), so a mesh can scope proxies and build their own resources.
@@ -161,14 +171,21 @@ class XdsServer:
         # Hooks for observers (metrics, admin): called with (connection, push) / (connection, ack).
         self.on_push: list[Callable[[Connection, Push], None]] = []
         self.on_ack: list[Callable[[Connection, Ack], None]] = []
+        # Called after each debounced flush with (changed names by type, seconds the burst
+        # waited, the streams it marked for a push): metrics time convergence from here.
+        self.on_flush: list[Callable[[Pending, float, set[Connection]], None]] = []
 
     # Life cycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         server = aio.server(options=self.settings.grpc_options())
         server.add_generic_rpc_handlers([self._handlers()])
+        for handler in self.extra_handlers:
+            server.add_generic_rpc_handlers([handler])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        csds.add_to_server(server, lambda: self.connections, _loopback_only)
         service_names = list(SERVICES) + [
+            csds.SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
@@ -224,6 +241,7 @@ class XdsServer:
     def _on_flush(self, pending: Pending, waited: float) -> None:
         self.stats.flushes += 1
         woken: set[Connection] = set()
+        touched: set[Connection] = set()
         for type_url, names in pending.items():
             # A bulk change makes every affected stream recompute the type once, rather than
             # carry thousands of names each.
@@ -242,12 +260,37 @@ class XdsServer:
                     continue  # nothing this wildcard subscriber may see (or has) changed
                 # Changed names are cache entries; where this view names them differently on
                 # the wire (per-identity secrets), the stream re-checks the whole type.
-                aliased = any(state.view.cache_key(type_url, n) != n for n in type_state.names) \
-                    if type_url == types.SECRET and state.view is not None else False
+                aliased = (type_state.wildcard or any(
+                    state.view.cache_key(type_url, n) != n for n in type_state.names
+                )) if type_url == types.SECRET and state.view is not None else False
+                touched.add(conn)
                 if state.mark_dirty(type_url, None if aliased else tracked):
                     woken.add(conn)
         for conn in woken:
             conn.wake.set()
+        for hook in self.on_flush:
+            hook(pending, waited, touched)
+
+    @property
+    def serving(self) -> bool:
+        """Started and not shutting down (readiness)."""
+        return self._server is not None and not self._closing
+
+    @property
+    def pending_changes(self) -> int:
+        """Changed names waiting in the debouncer (a queue-depth gauge)."""
+        return self._debouncer.pending
+
+    @property
+    def writes_in_flight(self) -> int:
+        return len(self._writing)
+
+    def close_connection(self, conn: Connection, code: grpc.StatusCode, reason: str) -> None:
+        """End one stream with a status (a revoked credential, an operator's request)."""
+        if conn.error is None:
+            conn.error = (code, reason)
+        conn.closing = True
+        conn.wake.set()
 
     def push_all(self) -> int:
         """Re-evaluate every stream now (a debugging aid; normal pushes follow changes)."""
@@ -293,13 +336,26 @@ class XdsServer:
             state = StreamState(next(self._ids), Variant.SOTW, fixed_type=type_url,
                                 control_plane=self.settings.control_plane_id)
             try:
-                state.on_sotw_request(request)
+                _, _, added, _ = state.on_sotw_request(request)
             except ProtocolError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            conn = Connection(state, context.peer(), f"Fetch {types.short_name(type_url)}")
+            conn.metadata = tuple(context.invocation_metadata() or ())
+            guard = self.guard
+            if guard is not None:
+                try:
+                    await guard.admit(conn)
+                except StreamRefused as err:
+                    await context.abort(err.code, err.reason)
             state.view = self._view_for(state.node)
             try:
+                if guard is not None:
+                    state.view = guard.view(state.view, conn)
+                    guard.subscribed(conn, type_url, added, state.types[type_url].wildcard)
                 push = state.next_push()
             finally:
+                if guard is not None:
+                    guard.closed(conn)
                 if self._release_view is not None:
                     self._release_view(state.node)
             if push is None:
@@ -329,6 +385,7 @@ class XdsServer:
             max_names=self.settings.max_names_per_request,
         )
         conn = Connection(state, context.peer(), method)
+        conn.metadata = tuple(context.invocation_metadata() or ())
         self.connections.add(conn)
         self.stats.streams_opened += 1
         reader = asyncio.create_task(self._read(conn, requests))
@@ -337,6 +394,8 @@ class XdsServer:
         finally:
             reader.cancel()
             self._forget(conn)
+            if self.guard is not None:
+                self.guard.closed(conn)
             if state.node is not None:
                 log.info(
                     "stream closed",
@@ -351,6 +410,9 @@ class XdsServer:
         state = conn.state
         try:
             async for request in requests:
+                guard = self.guard
+                if guard is not None:
+                    guard.on_request(conn)  # bounded request rate (rule 19)
                 first = state.node is None
                 try:
                     if state.variant is Variant.SOTW:
@@ -366,7 +428,13 @@ class XdsServer:
                     conn.error = (grpc.StatusCode.INVALID_ARGUMENT, str(err))
                     break
                 if first:
+                    if guard is not None:
+                        # Rule 18: who it is, proven before it has a view (so before any
+                        # response can even be computed).
+                        await guard.admit(conn)
                     state.view = self._view_for(state.node)
+                    if guard is not None:
+                        state.view = guard.view(state.view, conn)
                     log.info(
                         "stream opened",
                         extra={"proxy": conn.proxy_id, "peer": conn.peer, "method": conn.method,
@@ -380,12 +448,16 @@ class XdsServer:
                 self._index.subscribe(conn, type_url, {key(type_url, n) for n in added})
                 self._index.unsubscribe(conn, type_url, {key(type_url, n) for n in dropped})
                 self._index.set_wildcard(conn, type_state.type_url, type_state.wildcard)
+                if guard is not None and (added or type_state.wildcard):
+                    guard.subscribed(conn, type_url, added, type_state.wildcard)
                 if ack is not None:
                     self._record_ack(conn, ack)
                 if state.wants_push():
                     conn.wake.set()
         except asyncio.CancelledError:
             raise
+        except StreamRefused as err:
+            conn.error = (err.code, err.reason)
         except DecodeError as err:
             # Bytes that are not a request of this method: the client gets a clear status
             # instead of a silent OK, and only its own stream ends.
@@ -475,6 +547,15 @@ class XdsServer:
                 self._release_view(conn.state.node)
             except Exception:
                 log.exception("releasing a proxy's view failed", extra={"proxy": conn.proxy_id})
+
+
+async def _loopback_only(context: aio.ServicerContext) -> None:
+    """CSDS shows every proxy's config: only callers on this host may read it (an operator
+    with kubectl port-forward, or the admin API, which has its own tokens)."""
+    peer = context.peer()  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
+    host = peer.split(":", 1)[1].rsplit(":", 1)[0].strip("[]") if ":" in peer else ""
+    if not (peer.startswith("unix:") or is_loopback(host)):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "client status is served to local callers only")
 
 
 class _MethodTable(grpc.GenericRpcHandler):

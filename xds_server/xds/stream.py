@@ -8,6 +8,7 @@ join plus a small header.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -76,8 +77,8 @@ class TypeState:
     sent_version: str = ""
     acked_version: str = ""
     nack: Nack | None = None
-    # The resources the latest response added or changed, kept until it is ACKed: what a
-    # NACK rejected, and what is in flight (CSDS reports them per resource).
+    # The resources the responses since the last ACK added or changed (cleared by an ACK):
+    # what is in flight, or what a NACK may have rejected (CSDS reports them per resource).
     last_changes: Sequence[Resource] = ()
     dirty: bool = False  # something this stream may need changed
     # Names that may have changed since the last response was computed; None means "any".
@@ -306,7 +307,8 @@ class StreamState:
         if request.HasField("error_detail"):
             # Rule 4: record the NACK; `known` already holds the rejected content, so the same
             # content is not sent again; only a change of config produces a new push.
-            nack = Nack(state.pending_version, nonce, request.error_detail.message, time.time())
+            message = redact_key_material(request.error_detail.message)
+            nack = Nack(state.pending_version, nonce, message, time.time())
             state.nack = nack
             return Ack(state.type_url, nonce, nack)
         state.acked_version = state.pending_version
@@ -420,7 +422,7 @@ class StreamState:
         state.must_reply = False
         for resource in send:
             known[resource.name] = resource.version
-        state.last_changes = send
+        _note_changes(state, send)
         version = set_version({r.name: r.version for r in send})
         return self._sotw_response(state, send, version)
 
@@ -461,7 +463,7 @@ class StreamState:
         state.full_version = version if not state.removal_pending else None
         updated = [r for n, r in targets.items() if _differs(state.last_full.get(n), r)]
         self._rewarm(updated)
-        state.last_changes = updated
+        _note_changes(state, updated)
         state.last_full = targets
         return self._sotw_response(state, list(targets.values()), version)
 
@@ -507,7 +509,7 @@ class StreamState:
         self._rewarm(send)
         for resource in send:
             known[resource.name] = resource.version
-        state.last_changes = send
+        _note_changes(state, send)
         for name in removed:
             del known[name]
         # The response's own content (not the whole known set): cheap, and still equal for
@@ -549,6 +551,29 @@ class StreamState:
             return False
         _touch(state, names)
         return state.pending_nonce is None
+
+
+def _note_changes(state: TypeState, sent: list[Resource]) -> None:
+    """Record what a response changes; after a NACK, on top of what is still unaccepted."""
+    if state.nack is not None and state.last_changes:
+        merged = {r.name: r for r in state.last_changes}
+        merged.update((r.name, r) for r in sent)
+        state.last_changes = list(merged.values())
+    else:
+        state.last_changes = sent
+
+
+_PEM_KEY = re.compile(
+    r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(-----END \1PRIVATE KEY-----|$)", re.S
+)
+_INLINE_SECRET = re.compile(r'(inline_(?:string|bytes)\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+def redact_key_material(text: str) -> str:
+    """Envoy's NACK text quotes the rejected resource; for a Secret that includes the private
+    key. Keep the error, drop key bytes, before it reaches logs, metrics or the admin API."""
+    text = _PEM_KEY.sub("[redacted private key]", text)
+    return _INLINE_SECRET.sub(r'\1"[redacted]"', text)
 
 
 def _differs(old: Resource | None, new: Resource) -> bool:
