@@ -13,7 +13,6 @@ must never take down what the others (or the file's earlier version) configured.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import importlib
 import json
@@ -25,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import watchfiles
 import yaml
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
+from .watch import watch_directory
 from ..xds.cache import ResourceCache
 from ..xds.resource import Resource
 from ..xds.types import order_key, resource_name, short_name
@@ -338,28 +337,7 @@ class ResourceDirectory:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Reload on every change until `stop` is set or the task is cancelled. Never raises
         for bad input: errors are logged and exposed through `errors`."""
-        if stop is None:  # watchfiles polls an event; a private one when callers just cancel
-            stop = asyncio.Event()
-        while not stop.is_set():
-            try:
-                if not self.directory.is_dir():
-                    await self._reload()  # keeps the last good set and reports the problem
-                else:
-                    # Catch up once the watch exists (its first, empty, timeout yield), so a
-                    # change made between a scan and the start of the watch is never missed.
-                    caught_up = False
-                    async for changes in watchfiles.awatch(
-                        self.directory, stop_event=stop, yield_on_timeout=True, rust_timeout=500
-                    ):
-                        if changes or not caught_up:
-                            caught_up = True
-                            await self._reload()
-                        if not self.directory.is_dir():
-                            break  # its watch died with it: poll until it comes back
-            except Exception as e:  # keep serving the last good set whatever happens
-                log.warning("resources: cannot watch %s (%s); retrying", self.directory, e)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=2.0)
+        await watch_directory(self.directory, self._reload, stop, label="resources")
 
     async def _reload(self) -> list[ResourceError]:
         # Reading and parsing run in a thread so a big file does not stall the event loop;

@@ -1,0 +1,46 @@
+"""Watching a directory for the file sources: reload on every change, never give up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import watchfiles
+
+log = logging.getLogger(__name__)
+
+
+async def watch_directory(
+    directory: Path,
+    reload: Callable[[], Awaitable[object]],
+    stop: asyncio.Event | None = None,
+    *,
+    label: str,
+) -> None:
+    """Call `reload` after every change under `directory` until `stop` is set (or the task is
+    cancelled). Never raises: a source keeps serving its last good state whatever happens."""
+    if stop is None:  # watchfiles polls an event; a private one when callers just cancel
+        stop = asyncio.Event()
+    while not stop.is_set():
+        try:
+            if not directory.is_dir():
+                await reload()  # keeps the last good set and reports the problem
+            else:
+                # Catch up once the watch exists (its first, empty, timeout yield), so a
+                # change made between a scan and the start of the watch is never missed.
+                caught_up = False
+                async for changes in watchfiles.awatch(
+                    directory, stop_event=stop, yield_on_timeout=True, rust_timeout=500
+                ):
+                    if changes or not caught_up:
+                        caught_up = True
+                        await reload()
+                    if not directory.is_dir():
+                        break  # its watch died with it: poll until it comes back
+        except Exception as e:
+            log.warning("%s: cannot watch %s (%s); retrying", label, directory, e)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=2.0)
