@@ -193,6 +193,7 @@ class MeshController:
         self.proxyless_clusters: dict[str, tuple[str, Resource]] = {}
         self.proxyless_listeners: dict[tuple[str, str], Resource] = {}
         # Indexes over the model.
+        self._ip_owners: dict[str, set[ServiceKey]] = {}  # cluster IP -> services claiming it
         self._services: dict[ServiceKey, Service] = {}
         self._slices: dict[ServiceKey, dict[str, EndpointSlice]] = defaultdict(dict)
         self._workloads: dict[ProxyKey, Workload] = {}
@@ -242,6 +243,8 @@ class MeshController:
                         services.add(obj.key)
                         rescoped.add(obj.key)
                         proxies |= self._pods_backing(obj.key)
+                        # Services sharing its cluster IP may gain or lose that domain.
+                        vhosts |= self._ip_owners.get(obj.cluster_ip or "", set())
                 self._apply_service(change)
             elif kind == ENDPOINT_SLICE:
                 for obj in (change.old, change.new):
@@ -348,10 +351,35 @@ class MeshController:
         return pods(old) ^ pods(new)
 
     def _apply_service(self, change: ObjectChange) -> None:
+        if change.old is not None and change.old.cluster_ip:
+            owners = self._ip_owners.get(change.old.cluster_ip)
+            if owners is not None:
+                owners.discard(change.old.key)
+                if not owners:
+                    del self._ip_owners[change.old.cluster_ip]
         if change.new is None:
             self._services.pop(change.old.key, None)
         else:
             self._services[change.new.key] = change.new
+            if change.new.cluster_ip and change.new.cluster_ip.lower() != "none":
+                owners = self._ip_owners.setdefault(change.new.cluster_ip, set())
+                owners.add(change.new.key)
+                if len(owners) > 1:
+                    log.warning(
+                        "services share a cluster IP; only the first keeps it as a route domain",
+                        extra={"cluster_ip": change.new.cluster_ip,
+                               "services": sorted(str(k) for k in owners)},
+                    )
+
+    def _routable(self, service: Service) -> Service:
+        """The service as its virtual hosts see it. Two services claiming one cluster IP (an
+        error a real cluster never makes, but a file can) would give Envoy a duplicate domain,
+        and Envoy rejects the whole route configuration: one odd object must not break the
+        namespace, so only the first service (by name) keeps the IP."""
+        owners = self._ip_owners.get(service.cluster_ip or "")
+        if owners and len(owners) > 1 and min(owners) != service.key:
+            return dataclasses.replace(service, cluster_ip=None)
+        return service
 
     def _apply_slice(self, change: ObjectChange) -> None:
         if change.old is not None:
@@ -535,6 +563,7 @@ class MeshController:
         return changed
 
     def _encode_vhosts(self, service: Service, local: bool) -> bytes:
+        service = self._routable(service)
         routes = [self._routes[k] for k in sorted(self._routes_by_parent.get(service.key, ()))]
         policy = self.policy_for(service.key)
         http_ports = [p for p in service.ports if p.app_protocol.is_http]
