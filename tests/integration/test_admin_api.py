@@ -24,6 +24,7 @@ import pytest
 from envoy.config.core.v3 import health_check_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.pem import fake_private_key_pem
 from tests.support import scenario
 from tests.support.admin import CA, AdminStack, Tokens
 from tests.support.envoy import EnvoyProcess, ads_bootstrap
@@ -557,7 +558,7 @@ async def test_config_dump_of_a_mesh_proxy_through_its_view(tmp_path: Path) -> N
 async def test_config_dump_redacts_secrets_and_push_resend() -> None:
     from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 
-    key = "-----BEGIN EC PRIVATE KEY-----\nTOPSECRETKEYBYTES\n-----END EC PRIVATE KEY-----\n"
+    key = fake_private_key_pem("TOPSECRETKEYBYTES", "EC")
     cache = ResourceCache()
     cache.set_type(types.SECRET, [secret_pb2.Secret(name="default", tls_certificate=common_pb2.TlsCertificate(
         certificate_chain={"inline_string": "-----BEGIN CERTIFICATE-----\nLEAF\n-----END CERTIFICATE-----\n"},

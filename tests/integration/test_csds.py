@@ -17,6 +17,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from envoy.type.matcher.v3 import node_pb2
 
+from tests.support.pem import fake_private_key_pem
 from tests.support import scenario
 from tests.support.envoy import EnvoyProcess, ads_bootstrap
 from tests.support.net import free_port, next_loopback_ip
@@ -330,7 +331,7 @@ async def test_csds_missing_in_flight_nacked_and_secret_resources() -> None:
 
 
 async def test_csds_redacts_sensitive_fields_and_matches_metadata() -> None:
-    key = "-----BEGIN PRIVATE KEY-----inline-key-----END PRIVATE KEY-----"
+    key = fake_private_key_pem("inline-key", newline="")
     tls = tls_pb2.UpstreamTlsContext()
     tls.common_tls_context.tls_certificates.add().private_key.inline_string = key
     tls.common_tls_context.tls_certificates[0].certificate_chain.inline_string = "CHAIN"

@@ -3,6 +3,7 @@ the redaction of secrets in config dumps."""
 
 from __future__ import annotations
 
+from tests.support.pem import fake_private_key_pem
 import json
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def test_admin_token_create_prints_the_hash_entry_and_the_token_once() -> None:
 
 # Redaction ---------------------------------------------------------------------------------------
 
-KEY_PEM = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIFAKEKEYMATERIAL\n-----END EC PRIVATE KEY-----\n"
+KEY_PEM = fake_private_key_pem("MHcCAQEEIFAKEKEYMATERIAL", "EC")
 
 
 def test_secret_private_keys_are_redacted() -> None:

