@@ -646,3 +646,18 @@ def test_grpc_route_errors(rule: dict[str, Any], field: str, message: str) -> No
 def test_not_a_mapping() -> None:
     error = error_of(["a"])
     assert "expected an object" in str(error)
+
+
+def test_a_pod_ip_that_is_not_an_ip_is_refused_naming_the_field() -> None:
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "api-1", "namespace": "shop"},
+        "spec": {"containers": [{"name": "app"}]},
+        "status": {"podIP": "10.0.0.300"},
+    }
+    with pytest.raises(ObjectError) as caught:
+        convert(pod)
+    assert caught.value.field_path == "status.podIP"
+    assert "10.0.0.300" in str(caught.value)
+    pod["status"]["podIP"] = "10.0.0.30"
+    assert convert(pod).ip == "10.0.0.30"

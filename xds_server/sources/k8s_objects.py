@@ -436,11 +436,19 @@ def _pod(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> Workload:
     status = r.mapping(obj.get("status"), "status")
     annotations = _annotations(r, meta)
     ip = r.string(status.get("podIP"), "status.podIP")
+    ip_field = "status.podIP"
     if not ip:
         pod_ips = r.items(status.get("podIPs"), "status.podIPs")
         if pod_ips:
             first = r.mapping(pod_ips[0], "status.podIPs[0]")
             ip = r.string(first.get("ip"), "status.podIPs[0].ip")
+            ip_field = "status.podIPs[0].ip"
+    if ip:
+        # The sidecar's listeners bind to it: Envoy would reject them all for a typo.
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            r.fail(ip_field, f"{ip!r} is not an IP address")
     if status.get("phase") in ("Succeeded", "Failed"):
         ip = ""  # a finished pod's IP may already belong to a new pod
     account = r.string(spec.get("serviceAccountName"), "spec.serviceAccountName")
