@@ -164,7 +164,9 @@ def translate_case(case: str) -> tuple[GoldenProxy, dict[str, list[Message]]]:
     controller = MeshController(store, ResourceCache(), settings=proxy.scope, security=proxy.security)
     view = controller.view_for(_node(proxy))
     with tempfile.TemporaryDirectory(prefix="golden-ca-") as ca_dir:
-        if proxy.security.mtls:  # the CA and SDS are on: secrets through the real provider
+        # With the CA and SDS on, secrets come from the real provider; a proxyless gRPC
+        # client never asks for them (its certificates come from files, cert-agent's).
+        if proxy.security.mtls and not proxy.proxyless:
             issuer = SvidIssuer(CertificateAuthority(Path(ca_dir) / "ca"), default_ttl=timedelta(hours=1))
             provider = SecretProvider(controller.cache, issuer)
             identity = Identity(proxy.namespace, proxy.service_account) if proxy.authenticated else None

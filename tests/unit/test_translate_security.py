@@ -1,43 +1,32 @@
 """mTLS and authorization translation: model rules, goldens, and Envoy's own validation.
 
-- goldens (tests/golden/security/<case>/): `mesh.yaml` is the input users write (Pods,
-  Services, EndpointSlices, MTLSPolicy, AuthorizationPolicy), `case.yaml` the server settings
-  and the proxies to show, `expected.yaml` what those proxies receive that mTLS and
-  authorization shape: the inbound listener and routes, the outbound clusters and their
-  endpoints. Regenerate after an intended change and review the diff:
-
-      UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_translate_security.py -p no:cacheprovider
-
-- every proxy's whole config of every case passes `envoy --mode validate` (Envoy 1.40);
+- goldens: the `mtls-*` and `authz-*` cases of tests/testdata/in/ (the mesh users write and the
+  proxy shown) and their outputs in tests/testdata/out/, checked and passed through
+  `envoy --mode validate` by tests/unit/test_goldens.py (tests/testdata/README.md);
 - the precedence of modes, the meaning of policy fields and the incremental controller are
   pinned by small tests. tests/e2e/test_mtls_authz.py proves the goldens with real traffic.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
-from tests.support.envoy import SECRET_TYPE, validate_static
+from tests.support import goldens
+from tests.support.envoy import validate_static
+from tests.support.static_secrets import with_static_secrets
 from xds_server.model.mesh import Workload
 from xds_server.model.security import (
     AuthorizationPolicy,
@@ -57,9 +46,6 @@ from xds_server.translate.controller import MeshController, proxy_resources
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden" / "security"
-UPDATE_GOLDEN = os.environ.get("UPDATE_GOLDEN") == "1"
-CASES = sorted(p.name for p in GOLDEN_DIR.iterdir() if (p / "mesh.yaml").exists())
 MESSAGES: dict[str, type[Message]] = {
     types.LISTENER: listener_pb2.Listener,
     types.ROUTE: route_pb2.RouteConfiguration,
@@ -96,144 +82,19 @@ def resources_of(controller: MeshController, store: MeshStore, proxy: str) -> di
     return out
 
 
-_MAPS = frozenset({"policies", "typed_per_filter_config", "filter_metadata"})
-
-
-def _sorted_maps(value: Any, key: str = "") -> Any:
-    """Protobuf maps in a stable order (the runtime's iteration order is not), so goldens
-    only change when the content does. Fields keep their declaration order."""
-    if isinstance(value, dict):
-        items = sorted(value.items()) if key in _MAPS else value.items()
-        return {k: _sorted_maps(v, k) for k, v in items}
-    if isinstance(value, list):
-        return [_sorted_maps(v) for v in value]
-    return value
-
-
-def as_data(message: Message) -> dict[str, Any]:
-    return _sorted_maps(json.loads(json_format.MessageToJson(message, preserving_proto_field_name=True)))
-
-
-def case_settings(case: str) -> tuple[SecuritySettings, list[str]]:
-    meta = yaml.safe_load((GOLDEN_DIR / case / "case.yaml").read_text())
-    fields = dict(meta.get("settings") or {})
-    if "default_mode" in fields:
-        fields["default_mode"] = MtlsMode(fields["default_mode"])
-    settings = SecuritySettings(**{"mtls": True, **fields})
-    return settings, list(meta["proxies"])
-
-
-def translate_case(case: str) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Message]]]]:
-    settings, proxies = case_settings(case)
-    store, controller = load((GOLDEN_DIR / case / "mesh.yaml").read_text(), settings)
-    per_proxy = {p: resources_of(controller, store, p) for p in proxies}
-    shown: dict[str, Any] = {"inbound": {}, "clusters": {}, "endpoints": {}}
-    for proxy, per_type in per_proxy.items():
-        shown["inbound"][proxy] = {
-            "listeners": [as_data(m) for n, m in sorted(per_type[types.LISTENER].items()) if n.startswith("inbound|")],
-            "routes": [as_data(m) for n, m in sorted(per_type[types.ROUTE].items()) if n.startswith("inbound|")],
-        }
-        # Shared by every proxy that may see them: shown once.
-        for name, message in per_type[types.CLUSTER].items():
-            if name.startswith("outbound|"):
-                shown["clusters"][name] = as_data(message)
-        for name, message in per_type[types.ENDPOINT].items():
-            shown["endpoints"][name] = as_data(message)
-    shown["clusters"] = dict(sorted(shown["clusters"].items()))
-    shown["endpoints"] = dict(sorted(shown["endpoints"].items()))
-    return shown, per_proxy
-
-
-# ------------------------------------------------------------------------------- goldens
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_golden(case: str) -> None:
-    actual, _ = translate_case(case)
-    path = GOLDEN_DIR / case / "expected.yaml"
-    if UPDATE_GOLDEN:
-        header = (f"# What the proxies of tests/golden/security/{case}/mesh.yaml receive (mTLS and\n"
-                  "# authorization). Regenerate: UPDATE_GOLDEN=1 .venv/bin/pytest "
-                  "tests/unit/test_translate_security.py\n")
-        path.write_text(header + yaml.safe_dump(actual, sort_keys=False, width=120))
-    assert path.exists(), f"missing golden {path}; run with UPDATE_GOLDEN=1 to create it"
-    assert actual == yaml.safe_load(path.read_text()), f"{case}: output differs from {path} (UPDATE_GOLDEN=1 to accept)"
-
-
-def _self_signed() -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "validate")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
-
-
-def with_static_secrets(resources: dict[str, list[Message]]) -> dict[str, list[Message]]:
-    """`envoy --mode validate` (1.40) crashes (SIGSEGV) on an SDS config served over ADS, which
-    it does not run. For validation only, every SDS reference becomes a reference to a static
-    secret of the same name (`default`, `ROOTCA`), defined in the bootstrap: everything else
-    of the TLS contexts is validated as generated."""
-    cert, key = _self_signed()
-
-    def fix(socket: base_pb2.TransportSocket) -> None:
-        for cls in (tls_pb2.DownstreamTlsContext, tls_pb2.UpstreamTlsContext):
-            if socket.typed_config.Is(cls.DESCRIPTOR):
-                context = cls()
-                socket.typed_config.Unpack(context)
-                common = context.common_tls_context
-                for sds in common.tls_certificate_sds_secret_configs:
-                    sds.ClearField("sds_config")
-                common.combined_validation_context.validation_context_sds_secret_config.ClearField("sds_config")
-                socket.typed_config.Pack(context)
-
-    out = {t: [type(m)() for m in ms] for t, ms in resources.items()}
-    for t, messages in resources.items():
-        for copy, original in zip(out[t], messages):
-            copy.CopyFrom(original)
-    for listener in out.get(types.LISTENER, []):
-        for chain in [*listener.filter_chains, listener.default_filter_chain]:
-            if chain.HasField("transport_socket"):
-                fix(chain.transport_socket)
-    for cluster in out.get(types.CLUSTER, []):
-        for match in cluster.transport_socket_matches:
-            fix(match.transport_socket)
-        if cluster.HasField("transport_socket"):
-            fix(cluster.transport_socket)
-    default = secret_pb2.Secret(name=tls.SDS_CERTIFICATE)
-    default.tls_certificate.certificate_chain.inline_string = cert
-    default.tls_certificate.private_key.inline_string = key
-    root = secret_pb2.Secret(name=tls.SDS_ROOT)
-    root.validation_context.trusted_ca.inline_string = cert
-    out[SECRET_TYPE] = [default, root]
-    return out
-
-
-@pytest.mark.envoy
-def test_envoy_accepts_every_proxy_config_of_every_case() -> None:
-    for case in CASES:
-        _, per_proxy = translate_case(case)
-        for proxy, per_type in per_proxy.items():
-            resources = with_static_secrets({t: list(by_name.values()) for t, by_name in per_type.items()})
-            ok, output = validate_static(resources)
-            assert ok, f"{case}: {proxy}: envoy --mode validate failed:\n{output[-3000:]}"
-
-
 @pytest.mark.envoy
 def test_envoy_validation_really_checks_the_tls_contexts() -> None:
-    """The harness: a TLS context Envoy must refuse (a client certificate required but no
-    validation context) fails validation, so green above means something."""
-    _, per_proxy = translate_case("strict_namespace")
-    per_type = per_proxy["shop/api-1"]
-    listener = per_type[types.LISTENER]["inbound|shop/api-1"]
+    """The harness of the goldens' Envoy validation (tests/unit/test_goldens.py): a TLS
+    context Envoy must refuse (a client certificate required but no validation context)
+    fails validation, so green there means something."""
+    _, resources = goldens.translate_case("mtls-strict")
+    listener = next(m for m in resources["listeners"] if m.name == "inbound|shop/api-1")
     context = tls_pb2.DownstreamTlsContext()
     listener.filter_chains[0].transport_socket.typed_config.Unpack(context)
     context.common_tls_context.ClearField("combined_validation_context")
     listener.filter_chains[0].transport_socket.typed_config.Pack(context)
-    ok, output = validate_static(with_static_secrets({t: list(m.values()) for t, m in per_type.items()}))
+    by_type = {goldens.OUTPUT_TYPES[s][0]: list(ms) for s, ms in resources.items() if s != "secrets"}
+    ok, output = validate_static(with_static_secrets(by_type))
     assert not ok and "validation" in output.lower(), output[-2000:]
 
 
@@ -410,12 +271,13 @@ def test_invalid_mtls_policies_name_the_field(spec: dict, field: str) -> None:
 # ------------------------------------------------------------------------ controller
 
 
-def _mesh_text(case: str = "strict_namespace") -> str:
-    return (GOLDEN_DIR / case / "mesh.yaml").read_text()
+def _mesh_docs(case: str = "mtls-strict") -> list[dict[str, Any]]:
+    """A golden case's mesh (tests/testdata/in/<case>.yaml) as documents."""
+    return goldens.mesh_documents(case)
 
 
 def test_policy_change_rebuilds_only_the_proxies_it_may_select() -> None:
-    store, controller = load(_mesh_text())
+    store, controller = load(_mesh_docs())
     for proxy in ("shop/api-1", "shop/web-1"):
         resources_of(controller, store, proxy)
     controller.view_for(node("other", "x-1", "x", "10.0.9.9"))
@@ -437,7 +299,7 @@ def test_policy_change_rebuilds_only_the_proxies_it_may_select() -> None:
 
 
 def test_authorization_change_is_a_route_update_not_a_listener_update() -> None:
-    store, controller = load(_mesh_text())
+    store, controller = load(_mesh_docs())
     before = resources_of(controller, store, "shop/api-1")
     store.put("test", convert({"apiVersion": "mesh.xds-server.io/v1alpha1", "kind": "AuthorizationPolicy",
                                "metadata": {"name": "p", "namespace": "shop"},
@@ -448,7 +310,7 @@ def test_authorization_change_is_a_route_update_not_a_listener_update() -> None:
 
 
 def test_mode_change_remarks_endpoints_and_new_identity_updates_the_cluster() -> None:
-    store, controller = load(_mesh_text())
+    store, controller = load(_mesh_docs())
     cla = "outbound|80||api.shop.svc.cluster.local"
 
     def marked() -> list[bool]:
@@ -467,7 +329,7 @@ def test_mode_change_remarks_endpoints_and_new_identity_updates_the_cluster() ->
                                "metadata": {"name": "strict", "namespace": "shop"}, "spec": {"mode": "DISABLE"}}))
     assert marked() == [False]
     # A second pod with another service account joins the service: its SPIFFE ID is accepted.
-    docs = list(yaml.safe_load_all(_mesh_text()))
+    docs = _mesh_docs()
     pod = next(d for d in docs if d["kind"] == "Pod" and d["metadata"]["name"] == "api-1")
     pod2 = json.loads(json.dumps(pod))
     pod2["metadata"]["name"], pod2["spec"]["serviceAccountName"], pod2["status"]["podIP"] = "api-2", "api-v2", "10.0.0.9"
@@ -481,13 +343,12 @@ def test_mode_change_remarks_endpoints_and_new_identity_updates_the_cluster() ->
 def test_every_inbound_virtual_host_is_tied_to_an_app_port() -> None:
     """Authorization is attached per virtual host by its app port: a virtual host whose port
     could not be read would silently have none."""
-    for case in CASES:
-        _, per_proxy = translate_case(case)
-        for per_type in per_proxy.values():
-            for name, config in per_type[types.ROUTE].items():
-                if name.startswith("inbound|"):
-                    for vhost in config.virtual_hosts:
-                        assert rbac_port(vhost.name) is not None, (case, name, vhost.name)
+    for case in goldens.cases():
+        _, resources = goldens.translate_case(case)
+        for config in resources["routes"]:
+            if config.name.startswith("inbound|"):
+                for vhost in config.virtual_hosts:  # type: ignore[attr-defined]
+                    assert rbac_port(vhost.name) is not None, (case, config.name, vhost.name)
 
 
 def rbac_port(name: str) -> int | None:
@@ -680,7 +541,7 @@ _policy = st.fixed_dictionaries({
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policies=st.lists(_policy, min_size=1, max_size=3), mode=st.sampled_from(["STRICT", "PERMISSIVE"]))
 def test_envoy_accepts_random_authorization_policies(policies: list[dict], mode: str) -> None:
-    docs = list(yaml.safe_load_all((GOLDEN_DIR / "permissive_default_http_tcp" / "mesh.yaml").read_text()))
+    docs = _mesh_docs("mtls-permissive-http-tcp")
     docs.append({"apiVersion": "mesh.xds-server.io/v1alpha1", "kind": "MTLSPolicy",
                  "metadata": {"name": "m", "namespace": "shop"}, "spec": {"mode": mode}})
     for i, spec in enumerate(policies):
