@@ -12,6 +12,7 @@ stale file fails. Every case's listeners and clusters also pass `envoy --mode va
 
 from __future__ import annotations
 
+import difflib
 import os
 
 import pytest
@@ -42,10 +43,14 @@ def test_golden(case: str) -> None:
         for name in existing.keys() - actual.keys():
             existing[name].unlink()
         return
-    assert sorted(existing) == sorted(actual), (
-        f"{case}: output files differ (stale or missing); UPDATE_GOLDENS=1 regenerates them")
+    stale, missing = sorted(existing.keys() - actual.keys()), sorted(actual.keys() - existing.keys())
+    assert not stale and not missing, (
+        f"{case}: stale outputs {stale}, missing outputs {missing}; UPDATE_GOLDENS=1 regenerates them")
     for name, text in actual.items():
-        assert existing[name].read_text() == text, f"{case}: {name} differs; UPDATE_GOLDENS=1 to accept"
+        expected = existing[name].read_text()
+        if expected != text:
+            diff = difflib.unified_diff(expected.splitlines(), text.splitlines(), "golden", "actual", lineterm="")
+            pytest.fail(f"{case}: {name} differs (UPDATE_GOLDENS=1 to accept):\n" + "\n".join(list(diff)[:80]))
 
 
 def test_no_stale_outputs() -> None:
