@@ -43,7 +43,8 @@ from xds_server.translate.controller import MeshController
 from xds_server.translate.proxyless import GRPC_FEATURE
 from xds_server.translate.scope import ScopeSettings
 from xds_server.xds import types
-from xds_server.xds.cache import ResourceCache
+from xds_server.xds.cache import ResourceCache, View
+from xds_server.xds.resource import Resource
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 IN_DIR = TESTDATA / "in"
@@ -162,7 +163,7 @@ def translate_case(case: str) -> tuple[GoldenProxy, dict[str, list[Message]]]:
     store = load_mesh(case)
     proxy = golden_proxy(case, store)
     controller = MeshController(store, ResourceCache(), settings=proxy.scope, security=proxy.security)
-    view = controller.view_for(_node(proxy))
+    view: View = controller.view_for(_node(proxy))
     with tempfile.TemporaryDirectory(prefix="golden-ca-") as ca_dir:
         # With the CA and SDS on, secrets come from the real provider; a proxyless gRPC
         # client never asks for them (its certificates come from files, cert-agent's).
@@ -175,7 +176,7 @@ def translate_case(case: str) -> tuple[GoldenProxy, dict[str, list[Message]]]:
             view = provider.view(view, identity)
         found: dict[str, list[Message]] = {}
         for suffix, (type_url, cls) in OUTPUT_TYPES.items():
-            resources = {r.name: r for r in view.visible(type_url)}
+            resources: dict[str, Resource] = {r.name: r for r in view.visible(type_url)}
             if type_url == types.LISTENER:
                 for target in proxy.targets:  # built when asked (translate/proxyless.py)
                     if (asked := view.get(type_url, target)) is not None:
@@ -190,10 +191,6 @@ def translate_case(case: str) -> tuple[GoldenProxy, dict[str, list[Message]]]:
 # Rendering ------------------------------------------------------------------------------------
 
 
-def _pem_certificates(pem: bytes) -> list[x509.Certificate]:
-    return x509.load_pem_x509_certificates(pem)
-
-
 def redact_secret(secret: secret_pb2.Secret) -> secret_pb2.Secret:
     """Keys and certificate bodies change every run (a fresh CA): stable placeholders that
     still say what the secret holds."""
@@ -201,7 +198,7 @@ def redact_secret(secret: secret_pb2.Secret) -> secret_pb2.Secret:
     out.CopyFrom(secret)
     if out.HasField("tls_certificate"):
         chain = out.tls_certificate.certificate_chain
-        certs = _pem_certificates(chain.inline_bytes or chain.inline_string.encode())
+        certs = x509.load_pem_x509_certificates(chain.inline_bytes or chain.inline_string.encode())
         sans = certs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = ",".join(sans.get_values_for_type(x509.UniformResourceIdentifier))
         chain.Clear()
@@ -211,7 +208,7 @@ def redact_secret(secret: secret_pb2.Secret) -> secret_pb2.Secret:
             out.tls_certificate.private_key.inline_string = "[redacted: private key]"
     if out.HasField("validation_context") and out.validation_context.HasField("trusted_ca"):
         ca = out.validation_context.trusted_ca
-        count = len(_pem_certificates(ca.inline_bytes or ca.inline_string.encode()))
+        count = len(x509.load_pem_x509_certificates(ca.inline_bytes or ca.inline_string.encode()))
         ca.Clear()
         ca.inline_string = f"[redacted: trust bundle of {count} root certificate(s)]"
     if out.HasField("generic_secret"):
@@ -237,7 +234,7 @@ def render(case: str, resources: Mapping[str, list[Message]]) -> dict[str, str]:
         if not messages:
             continue
         if suffix == "secrets":
-            messages = [redact_secret(m) for m in messages]  # type: ignore[arg-type]
+            messages = [redact_secret(m) for m in messages if isinstance(m, secret_pb2.Secret)]
         data = [_ordered(json_format.MessageToDict(m, preserving_proto_field_name=True)) for m in messages]
         header = f"# Generated from tests/testdata/in/{case}.yaml: UPDATE_GOLDENS=1 regenerates it.\n"
         files[f"{case}.{suffix}.yaml"] = header + yaml.safe_dump(
