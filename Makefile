@@ -11,7 +11,7 @@ XDS_ADDRESS ?= 127.0.0.1:15010
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run serve test bench bench-smoke manifests clean
+.PHONY: setup run serve test check bench bench-smoke manifests clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -45,6 +45,13 @@ serve: $(DEMO_STAMP)
 # Every test: unit, protocol conformance, real Envoy, the stock grpcio xDS client, bench smoke.
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider $(PYTEST_ARGS)
+
+# Lint, types (strict for model/, translate/, xds/) and the import contract (.importlinter);
+# `make test` runs the same checks as tests/unit/test_static_checks.py.
+check: setup
+	$(BIN)/ruff check xds_server tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	$(BIN)/python bench/push_bench.py
