@@ -94,7 +94,7 @@ def given_flags(ctx: click.Context | None) -> dict[str, dict[str, Any]]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @tree_options(("logging",))
 @click.pass_context
-def main(ctx: click.Context, **_: Any) -> None:
+def main(ctx: click.Context, /, **_: Any) -> None:
     """An xDS control plane for Envoy service meshes."""
     values = environment_values(os.environ, ("logging",)).get("logging", {})
     values.update(given_flags(ctx).get("logging", {}))
@@ -108,7 +108,7 @@ def main(ctx: click.Context, **_: Any) -> None:
 @main.command("serve")
 @tree_options(SERVE_SECTIONS)
 @click.pass_context
-def serve_command(ctx: click.Context, **_: Any) -> None:
+def serve_command(ctx: click.Context, /, **_: Any) -> None:
     """Run the xDS server.
 
     Every option has an environment variable (XDS_SERVER_ and the option in capitals);
@@ -180,7 +180,7 @@ def translate_command(
     view = controller.view_for(base_pb2.Node(id=f"{pod_name}.{namespace}", metadata=metadata))
     wanted = {"lds": types.LISTENER, "rds": types.ROUTE, "cds": types.CLUSTER, "eds": types.ENDPOINT}
     sections = {"lds": "listeners", "rds": "routes", "cds": "clusters", "eds": "endpoints"}
-    output: dict[str, list] = {}
+    output: dict[str, list[dict[str, Any]]] = {}
     for short, type_url in wanted.items():
         if type_ not in ("all", short):
             continue
@@ -192,7 +192,7 @@ def translate_command(
     click.echo(json.dumps(output, indent=2))
 
 
-def _message_class(type_url: str):
+def _message_class(type_url: str) -> Any:
     from google.protobuf import symbol_database
 
     return symbol_database.Default().GetSymbol(type_url.rsplit("/", 1)[-1])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from enum import Enum
@@ -42,6 +43,7 @@ from pydantic import (
     DirectoryPath,
     Field,
     FilePath,
+    JsonValue,
     ValidationError,
     model_validator,
 )
@@ -63,6 +65,9 @@ ENV_PREFIX = "XDS_SERVER_"
 # a flag (command lines are visible to every user of the machine).
 ADMIN_TOKENS_ENV = "XDS_SERVER_ADMIN_TOKENS"
 
+# The environment `ServeSettings.load` reads, when not os.environ (tests, tools).
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("xds_server_environ", default=None)
+
 _SERVER = ServerSettings()
 _GUARD = GuardSettings()
 _SECURITY = SecurityConfig()
@@ -77,8 +82,8 @@ def setting(default: Any, flag: str, help: str, *, repeatable: bool = False,
     `repeatable`: the flag may be given more than once (a list). `required`: `serve` refuses
     to start without it (the tree itself can be built without, for tools and tests).
     `default_text`: what a None default means."""
-    extra = {"flag": flag, "repeatable": repeatable, "required": required,
-             "default_text": default_text}
+    extra: dict[str, JsonValue] = {"flag": flag, "repeatable": repeatable,
+                                   "required": required, "default_text": default_text}
     return Field(default, description=help, json_schema_extra=extra, **constraints)
 
 
@@ -390,16 +395,16 @@ class ServeSettings(BaseSettings):
     def load(cls, flags: Mapping[str, Mapping[str, Any]] | None = None,
              environ: Mapping[str, str] | None = None) -> ServeSettings:
         """The settings from `flags` ({section: {field: value}}, what the command line gave)
-        over the environment. Raises ConfigError naming each bad setting's flag and variable."""
+        over the environment (`environ`, default os.environ). Raises ConfigError naming each
+        bad setting's flag and variable."""
+        token = _ENVIRON.set(environ)
         try:
-            if environ is None:
-                return cls(**{k: dict(v) for k, v in (flags or {}).items()})
-            values = environment_values(environ)
-            for section, fields in (flags or {}).items():
-                values.setdefault(section, {}).update(fields)
-            return cls.model_validate(values)
+            values: dict[str, Any] = {name: dict(fields) for name, fields in (flags or {}).items()}
+            return cls(**values)
         except ValidationError as err:
             raise ConfigError(describe_errors(err)) from None
+        finally:
+            _ENVIRON.reset(token)
 
     def app_config(self) -> AppConfig:
         """The dataclasses the server's modules take, built from this tree."""
@@ -631,7 +636,8 @@ class FlagNamedEnvironment(PydanticBaseSettingsSource):
         return None, field_name, False  # unused: __call__ reads the whole tree at once
 
     def __call__(self) -> dict[str, Any]:
-        return environment_values(os.environ)
+        environ = _ENVIRON.get()
+        return environment_values(os.environ if environ is None else environ)
 
 
 def describe_errors(err: ValidationError) -> str:
@@ -642,7 +648,7 @@ def describe_errors(err: ValidationError) -> str:
     for error in err.errors():
         message = str(error["msg"]).removeprefix("Value error, ")
         loc = tuple(str(part) for part in error["loc"])
-        leaf = by_path.get(loc[:2]) if len(loc) >= 2 else None
+        leaf = by_path.get((loc[0], loc[1])) if len(loc) >= 2 else None
         if leaf is not None:
             got = error.get("input")
             shown = (f" (got {got!r})" if isinstance(got, (str, int, float))
