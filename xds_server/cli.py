@@ -14,11 +14,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from pydantic import ValidationError
 
 from . import logs
 from .app import serve
 from .config import ConfigError, parse_address
-from .settings import Leaf, LoggingSection, ServeSettings, environment_values, leaves
+from .settings import (
+    Leaf,
+    LoggingSection,
+    ServeSettings,
+    describe_errors,
+    environment_values,
+    leaves,
+)
 from .translate.scope import ScopeSettings
 from .xds.server import ServerSettings
 
@@ -100,8 +108,8 @@ def main(ctx: click.Context, /, **_: Any) -> None:
     values.update(given_flags(ctx).get("logging", {}))
     try:
         logging_settings = LoggingSection.model_validate(values)
-    except ValueError as err:
-        raise click.UsageError(f"--log-level / --log-format: {err}") from None
+    except ValidationError as err:
+        raise click.UsageError(describe_errors(err, "logging")) from None
     logs.configure(logging_settings.level, logging_settings.format)
 
 

@@ -50,6 +50,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .admin.auth import ENV_TOKENS as ADMIN_TOKENS_ENV
 from .admin.settings import AdminSettings
 from .app import AppConfig, KubernetesConfig
 from .ca.authority import KeyAlgorithm
@@ -61,9 +62,8 @@ from .xds.auth import AuthMode, GuardSettings
 from .xds.server import ServerSettings
 
 ENV_PREFIX = "XDS_SERVER_"
-# Admin API tokens in clear are a secret: environment only (admin/auth.py reads it), never
-# a flag (command lines are visible to every user of the machine).
-ADMIN_TOKENS_ENV = "XDS_SERVER_ADMIN_TOKENS"
+# Admin API tokens in clear (ADMIN_TOKENS_ENV) are a secret: environment only, read by
+# admin/auth.py, never a flag (command lines are visible to every user of the machine).
 
 # The environment `ServeSettings.load` reads, when not os.environ (tests, tools).
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("xds_server_environ", default=None)
@@ -463,7 +463,8 @@ class ServeSettings(BaseSettings):
         kube = self.kubernetes
         if not kube.enabled:
             return None
-        from .sources.kubernetes import KubeSettings  # loads the Kubernetes client: only now
+        # Imported here: they load the Kubernetes client, which only this case needs.
+        from .sources.kubernetes import KubeSettings
         from .sources.leader import LeaderSettings
 
         leader = None
@@ -625,7 +626,9 @@ def environment_values(environ: Mapping[str, str],
     for leaf in leaves(sections):
         text = environ.get(leaf.env)
         if text:
-            values.setdefault(leaf.section, {})[leaf.name] = text
+            # choices in any case, as their flags take them (`--mtls-mode strict`)
+            canonical = [c for c in leaf.choices() if c.lower() == text.strip().lower()]
+            values.setdefault(leaf.section, {})[leaf.name] = canonical[0] if canonical else text
     return values
 
 
@@ -640,14 +643,15 @@ class FlagNamedEnvironment(PydanticBaseSettingsSource):
         return environment_values(os.environ if environ is None else environ)
 
 
-def describe_errors(err: ValidationError) -> str:
+def describe_errors(err: ValidationError, section: str = "") -> str:
     """One line per problem, naming the flag and variable: '--workload-ttl /
-    XDS_SERVER_WORKLOAD_TTL: invalid duration 'soon' ...'."""
+    XDS_SERVER_WORKLOAD_TTL: invalid duration 'soon' ...'. `section`: the errors are of that
+    section's model alone."""
     by_path = {(leaf.section, leaf.name): leaf for leaf in leaves()}
     lines = []
     for error in err.errors():
         message = str(error["msg"]).removeprefix("Value error, ")
-        loc = tuple(str(part) for part in error["loc"])
+        loc = tuple(str(part) for part in ((section,) if section else ()) + tuple(error["loc"]))
         leaf = by_path.get((loc[0], loc[1])) if len(loc) >= 2 else None
         if leaf is not None:
             got = error.get("input")

@@ -192,7 +192,9 @@ def test_flags_win_over_variables_and_variables_over_defaults(
     monkeypatch.setenv("XDS_SERVER_TOKEN_AUDIENCE", "one two")
     monkeypatch.setenv("XDS_SERVER_MTLS_MODE", "strict")
     monkeypatch.setenv("XDS_SERVER_WORKLOAD_TTL", "2D")
+    monkeypatch.setenv("XDS_SERVER_KEY_ALGORITHM", "RSA-2048")  # choices in any case
     settings = ServeSettings.load({"xds": {"shutdown_grace": "2"}})
+    assert settings.ca.key_algorithm.value == "rsa-2048"
     assert settings.xds.debounce_quiet == 0.02 and settings.xds.shutdown_grace == 2.0
     assert settings.kubernetes.in_cluster
     assert settings.auth.token_audiences == ("one", "two")
