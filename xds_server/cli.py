@@ -1,7 +1,7 @@
 """The `xds-server` command line.
 
 `serve`'s options (and `--log-level`, `--log-format`) are generated from the settings tree
-(xds_server/settings.py): each has an XDS_SERVER_* environment equivalent named after it.
+(xds_server/settings/): each has an XDS_SERVER_* environment equivalent named after it.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ _METAVARS = {"duration": "DURATION", "address": "HOST:PORT", "integer": "INTEGER
 
 def _option(leaf: Leaf) -> Callable[[_Command], _Command]:
     """The flag of one leaf. Values stay text here: the tree parses and checks flags and
-    environment variables alike (settings.py), so both give the same errors. click knows
+    environment variables alike (settings/), so both give the same errors. click knows
     the variable too, for `--help` and for tools that read a command's parameters."""
     help_text = f"{leaf.help}  [default: {leaf.shown_default}; env: {leaf.env}]"
     if leaf.kind == "flag":

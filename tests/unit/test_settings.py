@@ -1,4 +1,4 @@
-"""The settings tree (xds_server/settings.py): every setting of every settings dataclass is
+"""The settings tree (xds_server/settings/): every setting of every settings dataclass is
 reachable from one flag and one XDS_SERVER_* variable, the README lists them, the names that
 manifests, scripts and users already write keep working, and the one duration grammar."""
 

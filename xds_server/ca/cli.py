@@ -1,6 +1,6 @@
 """CLI commands of the CA: `xds-server token create|revoke`, `xds-server cert-agent` and
 `xds-server ca rotate-root|status`, registered on the main group in xds_server/cli.py.
-(`serve`'s CA options are leaves of the settings tree, xds_server/settings.py.)"""
+(`serve`'s CA options are leaves of the settings tree, xds_server/settings/.)"""
 
 from __future__ import annotations
 
