@@ -1,7 +1,7 @@
 """Suite-wide settings.
 
 `xds-server serve` requires `--auth` (an operator must choose between authentication and none;
-see xds_server/ca/cli.py `security_options`). Tests that start `serve` to test something else
+see xds_server/settings/sections.py `AuthSection`). Tests that start `serve` to test something else
 run it without authentication through the environment, which every `serve` subprocess and
 CliRunner invocation inherits; tests of authentication pass `--auth` (or remove the variable).
 """

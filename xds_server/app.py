@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, is_loopback, parse_address
+from .admin.settings import AdminSettings
+from .config import is_loopback, parse_address
 from .model.security import SecuritySettings
 from .model.store import MeshStore
 from .translate.controller import MeshController
 from .translate.scope import ScopeSettings
+from .xds.auth import AuthMode
 from .xds.cache import ResourceCache
 from .xds.server import ServerSettings, XdsServer
+
+if TYPE_CHECKING:
+    from .security import SecurityConfig
+    from .sources.kubernetes import KubeSettings
 
 log = logging.getLogger("xds_server")
 
@@ -31,6 +37,9 @@ class KubernetesConfig:
     in_cluster: bool = False
     namespace_selector: str | None = None  # a label selector on Namespaces
     lease_namespace: str | None = None  # None: the pod's own namespace (or "default")
+    # Watch, status and leader-election tuning (its namespace selector and Lease namespace
+    # are the two fields above); None: KubeSettings' defaults.
+    watch: KubeSettings | None = None
 
 
 @dataclass
@@ -40,8 +49,8 @@ class AppConfig:
     resources: Path | None = None  # a directory of raw Envoy resources (YAML/JSON)
     scope: ScopeSettings = field(default_factory=ScopeSettings)
     kubernetes: KubernetesConfig | None = None  # the mesh from a Kubernetes API server
-    admin: Any = None  # admin.server.AdminSettings: the admin HTTP API, when set
-    security: Any = None  # security.SecurityConfig: authentication, CA and SDS (--auth ...)
+    admin: AdminSettings | None = None  # the admin HTTP API, when set
+    security: SecurityConfig | None = None  # authentication, CA and SDS (--auth ...)
     # Mesh mTLS/authorization defaults (--mtls-mode, --root-namespace, --default-deny); mTLS
     # itself is on only when proxies can get certificates (see `mesh_security`).
     mesh_security: SecuritySettings | None = None
@@ -182,9 +191,8 @@ def mesh_security(config: AppConfig) -> SecuritySettings:
     identity (any --auth but none); the trust domain is the CA's."""
     settings = config.mesh_security or SecuritySettings()
     security = config.security
-    auth = getattr(security, "auth", None)
-    certificates = security is not None and auth is not None and getattr(auth, "value", auth) != "none"
-    trust_domain = getattr(security, "trust_domain", None) or settings.trust_domain
+    certificates = security is not None and AuthMode(security.auth) is not AuthMode.NONE
+    trust_domain = (security.trust_domain if security is not None else "") or settings.trust_domain
     return dataclasses.replace(settings, mtls=certificates, trust_domain=trust_domain)
 
 
@@ -193,19 +201,17 @@ async def _start_kubernetes(
 ) -> Any:
     """Start following the cluster and wait for its first full sync: serving xDS before it
     would hand proxies a partial mesh (Services without endpoints, routes without policies)."""
-    from .sources.kube_api import ConfigError as KubeConfigError
     from .sources.kube_api import in_cluster_namespace, make_api_client
     from .sources.kubernetes import KubernetesSource, KubeSettings
-    from .sources.leader import LeaderSettings
 
-    try:
-        api = make_api_client(config.kubeconfig, in_cluster=config.in_cluster or None)
-    except KubeConfigError as e:
-        raise ConfigError(str(e)) from e
-    settings = KubeSettings(
-        namespace_selector=config.namespace_selector,
-        leader=LeaderSettings(namespace=config.lease_namespace or in_cluster_namespace()),
-    )
+    api = make_api_client(config.kubeconfig, in_cluster=config.in_cluster or None)  # ConfigError
+    settings = config.watch or KubeSettings()
+    leader = settings.leader
+    if leader is not None:
+        leader = dataclasses.replace(leader,
+                                     namespace=config.lease_namespace or in_cluster_namespace())
+    settings = dataclasses.replace(settings, namespace_selector=config.namespace_selector,
+                                   leader=leader)
     kube = KubernetesSource(store, api, settings=settings)
     task = asyncio.create_task(kube.run(stop), name="kubernetes")
     tasks.append(task)

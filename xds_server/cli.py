@@ -1,126 +1,133 @@
-"""The `xds-server` command line. Every option has an XDS_SERVER_* environment equivalent."""
+"""The `xds-server` command line.
+
+`serve`'s options (and `--log-level`, `--log-format`) are generated from the settings tree
+(xds_server/settings/): each has an XDS_SERVER_* environment equivalent named after it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+from pydantic import ValidationError
 
 from . import logs
-from .admin.cli import admin_options
-from .app import AppConfig, KubernetesConfig, serve
-from .ca.cli import security_options
+from .app import serve
 from .config import ConfigError, parse_address
-from .policy_cli import mesh_security_options
+from .settings import (
+    Leaf,
+    LoggingSection,
+    ServeSettings,
+    describe_errors,
+    environment_values,
+    leaves,
+)
 from .translate.scope import ScopeSettings
 from .xds.server import ServerSettings
 
 _DEFAULTS = ServerSettings()
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+SERVE_SECTIONS = tuple(s for s in ServeSettings.model_fields if s != "logging")
 
 
 def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
-        parse_address(value, f"--{param.name.replace('_', '-')}")
+        parse_address(value, f"--{(param.name or '').replace('_', '-')}")
     except ConfigError as err:
         raise click.BadParameter(str(err)) from None
     return value
 
 
+# Options generated from the settings tree ---------------------------------------------------
+
+
+def _param_name(leaf: Leaf) -> str:
+    return leaf.flag.removeprefix("--").replace("-", "_")
+
+
+_LEAF_OF_PARAM = {_param_name(leaf): leaf for leaf in leaves()}
+
+
+_METAVARS = {"duration": "DURATION", "address": "HOST:PORT", "integer": "INTEGER",
+             "number": "NUMBER", "path": "PATH", "list": "LIST", "text": "TEXT"}
+
+
+def _option(leaf: Leaf) -> Callable[[_Command], _Command]:
+    """The flag of one leaf. Values stay text here: the tree parses and checks flags and
+    environment variables alike (settings/), so both give the same errors. click knows
+    the variable too, for `--help` and for tools that read a command's parameters."""
+    help_text = f"{leaf.help}  [default: {leaf.shown_default}; env: {leaf.env}]"
+    if leaf.kind == "flag":
+        declaration = f"{leaf.flag}/--no-{leaf.flag[2:]}" if leaf.default else leaf.flag
+        return click.option(declaration, _param_name(leaf), is_flag=True, default=None,
+                            envvar=leaf.env, help=help_text)
+    choices = leaf.choices()
+    return click.option(
+        leaf.flag, _param_name(leaf), default=None, multiple=leaf.repeatable, envvar=leaf.env,
+        help=help_text,
+        type=click.Choice(choices, case_sensitive=False) if choices else click.STRING,
+        metavar=None if choices else _METAVARS[leaf.kind],
+    )
+
+
+def tree_options(sections: tuple[str, ...]) -> Callable[[_Command], _Command]:
+    """One option per leaf of `sections`."""
+
+    def decorate(command: _Command) -> _Command:
+        for leaf in reversed(list(leaves(sections))):
+            command = _option(leaf)(command)
+        return command
+
+    return decorate
+
+
+def given_flags(ctx: click.Context | None) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}} of the tree options given on the command line of `ctx` and
+    its parents (the tree reads the environment itself, and knows the defaults)."""
+    given: dict[str, dict[str, Any]] = {}
+    while ctx is not None:
+        for name, value in ctx.params.items():
+            leaf = _LEAF_OF_PARAM.get(name)
+            if leaf and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+                given.setdefault(leaf.section, {})[leaf.name] = value
+        ctx = ctx.parent
+    return given
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--log-level", envvar="XDS_SERVER_LOG_LEVEL", default="info",
-              type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", envvar="XDS_SERVER_LOG_FORMAT", default="auto",
-              type=click.Choice(["auto", "json", "text"]),
-              help="auto: text on a terminal, JSON otherwise.")
-def main(log_level: str, log_format: str) -> None:
+@tree_options(("logging",))
+@click.pass_context
+def main(ctx: click.Context, /, **_: Any) -> None:
     """An xDS control plane for Envoy service meshes."""
-    logs.configure(log_level, log_format)
+    values = environment_values(os.environ, ("logging",)).get("logging", {})
+    values.update(given_flags(ctx).get("logging", {}))
+    try:
+        logging_settings = LoggingSection.model_validate(values)
+    except ValidationError as err:
+        raise click.UsageError(describe_errors(err, "logging")) from None
+    logs.configure(logging_settings.level, logging_settings.format)
 
 
 @main.command("serve")
-@click.option("--xds-address", envvar="XDS_SERVER_XDS_ADDRESS", default=_DEFAULTS.address,
-              callback=_address, help="HOST:PORT for xDS gRPC (plaintext).")
-@click.option("--source", envvar="XDS_SERVER_SOURCE",
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Directory of Kubernetes-shaped YAML (Services, EndpointSlices, Pods, "
-                   "HTTPRoutes, policies), hot-reloaded.")
-@click.option("--default-export-to", envvar="XDS_SERVER_DEFAULT_EXPORT_TO", default="*",
-              help="Where services are visible unless they say: '*' (everywhere) or '.' "
-                   "(own namespace only).")
-@click.option("--resources", envvar="XDS_SERVER_RESOURCES",
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Directory of raw Envoy resources (YAML/JSON, typed by @type), hot-reloaded.")
-@click.option("--debounce-quiet", envvar="XDS_SERVER_DEBOUNCE_QUIET", type=float,
-              default=_DEFAULTS.debounce_quiet,
-              help="Seconds without changes before pushing; 0 turns debouncing off.")
-@click.option("--debounce-max", envvar="XDS_SERVER_DEBOUNCE_MAX", type=float,
-              default=_DEFAULTS.debounce_max, help="Longest a burst of changes delays a push.")
-@click.option("--max-concurrent-pushes", envvar="XDS_SERVER_MAX_CONCURRENT_PUSHES", type=int,
-              default=_DEFAULTS.max_concurrent_pushes)
-@click.option("--max-concurrent-streams", envvar="XDS_SERVER_MAX_CONCURRENT_STREAMS", type=int,
-              default=_DEFAULTS.max_concurrent_streams, help="Per HTTP/2 connection.")
-@click.option("--max-message-bytes", envvar="XDS_SERVER_MAX_MESSAGE_BYTES", type=int,
-              default=_DEFAULTS.max_send_message_bytes, help="Largest response sent.")
-@click.option("--keepalive-time", envvar="XDS_SERVER_KEEPALIVE_TIME", type=float,
-              default=_DEFAULTS.keepalive_time, help="Seconds between server keepalive pings.")
-@click.option("--shutdown-grace", envvar="XDS_SERVER_SHUTDOWN_GRACE", type=float,
-              default=_DEFAULTS.shutdown_grace, help="Seconds to finish in-flight work on SIGTERM.")
-@click.option("--kubeconfig", envvar="XDS_SERVER_KUBECONFIG",
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Follow the mesh in this cluster (a kubeconfig file).")
-@click.option("--in-cluster", envvar="XDS_SERVER_IN_CLUSTER", is_flag=True,
-              help="Follow the mesh in the cluster this pod runs in (its service account).")
-@click.option("--kube-namespace-selector", envvar="XDS_SERVER_KUBE_NAMESPACE_SELECTOR",
-              default=None, help="Label selector: only namespaces matching it are in the mesh "
-                                 "(e.g. 'mesh=enabled'); default every namespace.")
-@admin_options
-@security_options
-@mesh_security_options
-def serve_command(
-    xds_address: str,
-    source: Path | None,
-    default_export_to: str,
-    resources: Path | None,
-    debounce_quiet: float,
-    debounce_max: float,
-    max_concurrent_pushes: int,
-    max_concurrent_streams: int,
-    max_message_bytes: int,
-    keepalive_time: float,
-    shutdown_grace: float,
-    kubeconfig: Path | None,
-    in_cluster: bool,
-    kube_namespace_selector: str | None,
-    admin=None,
-    security=None,
-    mesh_security=None,
-) -> None:
-    """Run the xDS server."""
-    settings = ServerSettings(
-        address=xds_address,
-        debounce_quiet=debounce_quiet,
-        debounce_max=debounce_max,
-        max_concurrent_pushes=max_concurrent_pushes,
-        max_concurrent_streams=max_concurrent_streams,
-        max_send_message_bytes=max_message_bytes,
-        keepalive_time=keepalive_time,
-        shutdown_grace=shutdown_grace,
-    )
-    if kubeconfig is not None and in_cluster:
-        raise click.UsageError("--kubeconfig and --in-cluster exclude each other")
-    if kube_namespace_selector and kubeconfig is None and not in_cluster:
-        raise click.UsageError("--kube-namespace-selector needs --kubeconfig or --in-cluster")
-    kubernetes = None
-    if kubeconfig is not None or in_cluster:
-        kubernetes = KubernetesConfig(kubeconfig=kubeconfig, in_cluster=in_cluster,
-                                      namespace_selector=kube_namespace_selector or None)
+@tree_options(SERVE_SECTIONS)
+@click.pass_context
+def serve_command(ctx: click.Context, /, **_: Any) -> None:
+    """Run the xDS server.
+
+    Every option has an environment variable (XDS_SERVER_ and the option in capitals);
+    an option given wins over its variable. Durations: 1.5s, 100ms, 1h30m, 7d or seconds.
+    """
     try:
-        scope = ScopeSettings(default_export_to=_export_list(default_export_to))
-        asyncio.run(serve(AppConfig(server=settings, source=source, resources=resources,
-                                    scope=scope, kubernetes=kubernetes, admin=admin,
-                                    security=security, mesh_security=mesh_security)))
+        config = ServeSettings.load(given_flags(ctx)).app_config()
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    try:
+        asyncio.run(serve(config))
     except (OSError, ConfigError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
@@ -181,7 +188,7 @@ def translate_command(
     view = controller.view_for(base_pb2.Node(id=f"{pod_name}.{namespace}", metadata=metadata))
     wanted = {"lds": types.LISTENER, "rds": types.ROUTE, "cds": types.CLUSTER, "eds": types.ENDPOINT}
     sections = {"lds": "listeners", "rds": "routes", "cds": "clusters", "eds": "endpoints"}
-    output: dict[str, list] = {}
+    output: dict[str, list[dict[str, Any]]] = {}
     for short, type_url in wanted.items():
         if type_ not in ("all", short):
             continue
@@ -193,7 +200,7 @@ def translate_command(
     click.echo(json.dumps(output, indent=2))
 
 
-def _message_class(type_url: str):
+def _message_class(type_url: str) -> Any:
     from google.protobuf import symbol_database
 
     return symbol_database.Default().GetSymbol(type_url.rsplit("/", 1)[-1])

@@ -46,6 +46,7 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
+from .config import DURATION_PATTERN
 from .model import policy
 from .model.policy import GROUP, VERSION, TrafficPolicySpec
 from .model.security import AuthorizationPolicySpec, MTLSPolicySpec
@@ -75,7 +76,7 @@ VALUE_SCHEMAS: dict[Callable[..., Any], ValueSchema] = {
             # The model's own pattern (it also accepts plain numbers of seconds in files; custom
             # resources use the Gateway API / Istio string form only). Every string it matches
             # is also a Go/CEL duration, so CEL rules can compare it.
-            "pattern": policy._DURATION.pattern,  # noqa: SLF001 - one source of truth
+            "pattern": DURATION_PATTERN,  # the one grammar (config.py)
             "maxLength": 64,  # bounds the cost of the CEL rules below for the API server
             "description": "A duration such as 150ms, 2s, 1m30s or 1h.",
         },

@@ -136,15 +136,11 @@ class Security:
                                 clock_skew=config.clock_skew)
         kube_api = None
         if reviewer is None and kubernetes is not None:
-            from .sources.kube_api import ConfigError as KubeConfigError
             from .sources.kube_api import KubeApi, make_api_client
             from .sources.tokenreview import TokenReviewer
 
-            try:
-                kube_api = KubeApi(make_api_client(kubernetes.kubeconfig,
-                                                   in_cluster=kubernetes.in_cluster or None))
-            except KubeConfigError as err:
-                raise ConfigError(str(err)) from err
+            kube_api = KubeApi(make_api_client(kubernetes.kubeconfig,  # raises ConfigError
+                                               in_cluster=kubernetes.in_cluster or None))
             reviewer = TokenReviewer(kube_api, audiences=config.token_audiences)
         authenticator = Authenticator(mode, tokens=tokens, reviewer=reviewer,
                                       listen_address=listen_address)

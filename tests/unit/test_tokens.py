@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from xds_server.ca.cli import parse_duration, token
+from xds_server.ca.cli import token
+from xds_server.config import parse_duration
 from xds_server.ca.identity import AuthError, Identity
 from xds_server.ca.tokens import REVOKED_FILE, TOKEN_KEY, TokenIssuer
 
@@ -175,14 +176,19 @@ def test_create_validates_names_and_ttl(issuer: TokenIssuer) -> None:
 
 
 def test_parse_duration() -> None:
-    assert parse_duration("24h") == timedelta(hours=24)
-    assert parse_duration("1h30m") == timedelta(minutes=90)
-    assert parse_duration("7d") == timedelta(days=7)
-    assert parse_duration("90s") == timedelta(seconds=90)
-    assert parse_duration("4") == timedelta(seconds=4)
+    """The settings form of the one duration grammar (config.py), as `--ttl` reads it."""
+
+    def lifetime(text: str) -> timedelta:
+        return timedelta(seconds=parse_duration(text, settings_form=True))
+
+    assert lifetime("24h") == timedelta(hours=24)
+    assert lifetime("1h30m") == timedelta(minutes=90)
+    assert lifetime("7d") == timedelta(days=7)
+    assert lifetime("90s") == timedelta(seconds=90)
+    assert lifetime("4") == timedelta(seconds=4)
     for bad in ("", "h", "24x", "1h 30m", "-1h"):
         with pytest.raises(ValueError):
-            parse_duration(bad)
+            lifetime(bad)
 
 
 def test_cli_create_and_revoke(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Operator commands that talk to a running server's admin API, and the `serve` admin options.
+"""Operator commands that talk to a running server's admin API.
 
     xds-server status                 a table of proxies and their per-type status
     xds-server config-dump PROXY      one proxy's current config (Envoy JSON, secrets redacted)
@@ -25,50 +25,9 @@ from typing import Any
 
 import click
 
-from ..config import ConfigError, parse_address
-from .settings import DEFAULT_ADDRESS, AdminSettings
+from .settings import DEFAULT_ADDRESS
 
 STATUS_TYPES = ("CDS", "LDS", "EDS", "RDS", "SDS")
-
-
-# `serve` options --------------------------------------------------------------------------------
-
-
-def _admin_address(ctx: click.Context, param: click.Parameter, value: str) -> str | None:
-    if value.strip().lower() in ("", "off", "none", "disabled"):
-        return None
-    try:
-        parse_address(value, "--admin-address")
-    except ConfigError as err:
-        raise click.BadParameter(str(err)) from None
-    return value
-
-
-def admin_options(command):
-    """Add --admin-address, --admin-tokens-file and --admin-mtls to `serve`; the command gets
-    one `admin` argument: AdminSettings, or None when the admin API is off."""
-
-    @click.option("--admin-address", envvar="XDS_SERVER_ADMIN_ADDRESS", default=DEFAULT_ADDRESS,
-                  callback=_admin_address, show_default=True,
-                  help="HOST:PORT for the admin HTTP API (health, metrics, proxies, CA); "
-                       "'off' disables it.")
-    @click.option("--admin-tokens-file", envvar="XDS_SERVER_ADMIN_TOKENS_FILE",
-                  type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                  help="YAML/JSON {tokens: [{name, role: read|admin, token_sha256 | token}]}; "
-                       "also read from $XDS_SERVER_ADMIN_TOKENS. No tokens: /api refuses all.")
-    @click.option("--admin-mtls", envvar="XDS_SERVER_ADMIN_MTLS", is_flag=True, default=False,
-                  help="Serve the admin API over TLS, requiring client certificates from the "
-                       "mesh CA.")
-    @functools.wraps(command)
-    def wrapper(*args, admin_address: str | None, admin_tokens_file: Path | None,
-                admin_mtls: bool, **kwargs):
-        admin = None
-        if admin_address is not None:
-            admin = AdminSettings(address=admin_address, tokens_file=admin_tokens_file,
-                                  mtls=admin_mtls)
-        return command(*args, admin=admin, **kwargs)
-
-    return wrapper
 
 
 # The client -------------------------------------------------------------------------------------

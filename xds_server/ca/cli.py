@@ -1,19 +1,11 @@
-"""CLI commands of the CA: `xds-server token create|revoke` and `xds-server cert-agent`.
-
-Registered on the main group in xds_server/cli.py:
-
-    from .ca.cli import cert_agent, token
-    main.add_command(token)
-    main.add_command(cert_agent)
-"""
+"""CLI commands of the CA: `xds-server token create|revoke`, `xds-server cert-agent` and
+`xds-server ca rotate-root|status`, registered on the main group in xds_server/cli.py.
+(`serve`'s CA options are leaves of the settings tree, xds_server/settings/.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import ipaddress
-import re
 import signal
 import sys
 from datetime import timedelta
@@ -21,35 +13,21 @@ from pathlib import Path
 
 import click
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> timedelta:
-    """'90s', '15m', '24h', '7d', '1h30m', or plain seconds ('3600')."""
-    text = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return timedelta(seconds=float(text))
-    pos, total = 0, 0.0
-    for match in _DURATION.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"invalid duration {text!r}: use e.g. 90s, 15m, 24h, 7d or 1h30m")
-    return timedelta(seconds=total)
+from ..config import ConfigError, is_loopback, parse_duration
 
 
 class Duration(click.ParamType):
+    """A lifetime in the settings form of the one duration grammar (config.py): 24h, 7d."""
+
     name = "duration"
 
-    def convert(self, value, param, ctx):
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> timedelta:
         if isinstance(value, timedelta):
             return value
         try:
-            return parse_duration(str(value))
-        except ValueError as err:
+            return timedelta(seconds=parse_duration(value, settings_form=True))
+        except ConfigError as err:
             self.fail(str(err), param, ctx)
 
 
@@ -105,13 +83,7 @@ def token_revoke(token_id: str, ca_dir: Path) -> None:
 
 
 def _is_loopback_target(target: str) -> bool:
-    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(target.rsplit(":", 1)[0].strip("[]") if ":" in target else target)
 
 
 @click.command("cert-agent")
@@ -231,66 +203,3 @@ def ca_status(ca_dir: Path) -> None:
         "rotation": rotation.status(),
     }, indent=2))
 
-
-# `xds-server serve` options -------------------------------------------------------------------
-
-
-_ca_dir_serve = click.option(
-    "--ca-dir", envvar="XDS_SERVER_CA_DIR", default="certs", show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of the CA files (created with a self-signed root when empty) and of the "
-         "workload token key.",
-)
-
-
-def security_options(command):
-    """Add the authentication, CA and SDS options to `serve`; the command gets one `security`
-    argument: a SecurityConfig (xds_server/security.py).
-
-    `--auth` has no default on purpose: an operator chooses between real authentication and
-    none (`XDS_SERVER_AUTH` in an image or manifest counts as a choice)."""
-
-    @click.option(
-        "--auth", envvar="XDS_SERVER_AUTH", required=True,
-        type=click.Choice(["tokens", "insecure-node-metadata", "none"]),
-        help="How proxies prove who they are. tokens: a bearer token in the stream's "
-             "metadata (a workload token of this server, or a Kubernetes service-account "
-             "token checked with TokenReview). insecure-node-metadata: believe the node "
-             "metadata (loopback demos only). none: no authentication and no SDS secrets.")
-    @_ca_dir_serve
-    @click.option("--trust-domain", envvar="XDS_SERVER_TRUST_DOMAIN", default="cluster.local",
-                  show_default=True, help="SPIFFE trust domain of the workload certificates.")
-    @click.option("--workload-ttl", envvar="XDS_SERVER_WORKLOAD_TTL", type=DURATION,
-                  default="24h", show_default=True,
-                  help="Lifetime of workload certificates (renewed at half-life).")
-    @click.option("--token-audience", "token_audiences", envvar="XDS_SERVER_TOKEN_AUDIENCE",
-                  multiple=True, default=("xds-server",), show_default=True,
-                  help="Audience Kubernetes tokens must be minted for (TokenReview); "
-                       "repeatable.")
-    @click.option("--max-streams-per-identity", envvar="XDS_SERVER_MAX_STREAMS_PER_IDENTITY",
-                  type=click.IntRange(min=0), default=4096, show_default=True,
-                  help="Open xDS streams one identity may hold (0: unbounded).")
-    @click.option("--max-requests-per-second", envvar="XDS_SERVER_MAX_REQUESTS_PER_SECOND",
-                  type=click.FloatRange(min=0), default=200.0, show_default=True,
-                  help="Requests per second per stream, with a burst of 5 s worth "
-                       "(0: unbounded).")
-    @functools.wraps(command)
-    def wrapper(*args, auth: str, ca_dir: Path, trust_domain: str, workload_ttl: timedelta,
-                token_audiences: tuple[str, ...], max_streams_per_identity: int,
-                max_requests_per_second: float, **kwargs):
-        from ..security import SecurityConfig
-        from ..xds.auth import AuthMode, GuardSettings
-
-        limits = GuardSettings(
-            max_streams_per_identity=max_streams_per_identity,
-            max_requests_per_second=max_requests_per_second,
-            request_burst=max(1, int(max_requests_per_second * 5)),
-        )
-        security = SecurityConfig(
-            auth=AuthMode(auth), ca_dir=ca_dir, trust_domain=trust_domain,
-            workload_ttl=workload_ttl, limits=limits,
-            token_audiences=tuple(a for a in token_audiences if a) or ("xds-server",),
-        )
-        return command(*args, security=security, **kwargs)
-
-    return wrapper

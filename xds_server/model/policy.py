@@ -8,33 +8,17 @@ knowledge over; attachment uses a Gateway API style `targetRef` to a Service.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.functional_validators import BeforeValidator
 
+from ..config import parse_duration
+
 GROUP = "mesh.xds-server.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|ms|m|s))+$")
-_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
-
-def parse_duration(value: object) -> float:
-    """Gateway API / Istio style durations ('1.5s', '100ms', '1m30s') to seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as '2s' or '150ms'")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if not isinstance(value, str) or not _DURATION.match(value.strip()):
-        raise ValueError(f"invalid duration {value!r}: expected e.g. '2s', '150ms', '1m30s'")
-    return sum(float(n) * _UNIT[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", value))
-
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 # Where zero means nothing sensible (a connect timeout, a check interval), Envoy rejects it:

@@ -29,6 +29,9 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
+# Raised for no usable cluster configuration (bad kubeconfig, not in a cluster...).
+from ..config import ConfigError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -45,10 +48,6 @@ __all__ = [
 SERVICE_ACCOUNT_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 30.0
-
-
-class ConfigError(Exception):
-    """No usable cluster configuration (bad kubeconfig, not in a cluster...)."""
 
 
 @dataclass(frozen=True, slots=True)
