@@ -34,14 +34,10 @@ from ..model.mesh import (
     TcpUpstream,
     Workload,
 )
-from ..model.policy import API_VERSION as POLICY_API_VERSION
-from ..model.policy import TrafficPolicy, TrafficPolicySpec, parse_duration
-from ..model.security import (
-    AuthorizationPolicy,
-    AuthorizationPolicySpec,
-    MTLSPolicy,
-    MTLSPolicySpec,
-)
+from ..api.v1alpha1 import API_VERSION as POLICY_API_VERSION
+from ..api.v1alpha1 import AuthorizationPolicySpec, MTLSPolicySpec, TrafficPolicySpec, parse_duration
+from ..model.policy import TrafficPolicy
+from ..model.security import AuthorizationPolicy, MTLSPolicy
 from ..model.routes import (
     BackendRef,
     HeaderModifier,
@@ -60,6 +56,7 @@ from ..model.routes import (
     ValueMatch,
 )
 from ..model.store import MeshObject
+from . import policies
 
 EXPORT_TO_ANNOTATION = "xds-server.io/export-to"
 INJECT_ANNOTATION = "sidecar.xds-server.io/inject"
@@ -889,18 +886,18 @@ def _spec(r: _Reader, obj: dict[str, Any], model: Any, *, required: bool = True)
 
 
 def _traffic_policy(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> TrafficPolicy:
-    spec = _spec(r, obj, TrafficPolicySpec)
+    spec = policies.traffic_policy_spec(_spec(r, obj, TrafficPolicySpec))
     return TrafficPolicy(namespace=r.namespace, name=r.name, spec=spec, created=_created(meta))
 
 
 def _mtls_policy(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> MTLSPolicy:
-    spec = _spec(r, obj, MTLSPolicySpec, required=False)
+    spec = policies.mtls_policy_spec(_spec(r, obj, MTLSPolicySpec, required=False))
     return MTLSPolicy(namespace=r.namespace, name=r.name, spec=spec, created=_created(meta))
 
 
 def _authorization_policy(r: _Reader, obj: dict[str, Any], meta: dict[str, Any]) -> AuthorizationPolicy:
     # `spec: {}` is meaningful (Istio's allow-nothing policy), so a missing spec is that too.
-    spec = _spec(r, obj, AuthorizationPolicySpec, required=False)
+    spec = policies.authorization_policy_spec(_spec(r, obj, AuthorizationPolicySpec, required=False))
     return AuthorizationPolicy(namespace=r.namespace, name=r.name, spec=spec, created=_created(meta))
 
 
