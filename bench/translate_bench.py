@@ -65,7 +65,8 @@ from xds_server.model.mesh import (  # noqa: E402
     ServicePort,
     Workload,
 )
-from xds_server.model.policy import TrafficPolicy, TrafficPolicySpec  # noqa: E402
+from xds_server.model.policy import TrafficPolicy  # noqa: E402
+from xds_server.sources.policies import parse_traffic_policy_spec  # noqa: E402
 from xds_server.model.routes import (  # noqa: E402
     BackendRef,
     MatchType,
@@ -186,7 +187,7 @@ def http_route(i: int, n: int, namespaces: int, canary: int = 10) -> Route:
 
 
 def traffic_policy(i: int, namespaces: int) -> TrafficPolicy:
-    spec = TrafficPolicySpec.model_validate({
+    spec = parse_traffic_policy_spec({
         "targetRef": {"name": f"svc-{i}"},
         "loadBalancer": {"simple": "ROUND_ROBIN"},
         "connectionPool": {"tcp": {"maxConnections": 100}, "http": {"http1MaxPendingRequests": 50}},

@@ -380,7 +380,7 @@ def http_rule(draw, model: Model, ns: str) -> dict[str, Any]:
 
 
 def _seconds(value: str) -> float:
-    from xds_server.model.policy import parse_duration
+    from xds_server.api.v1alpha1 import parse_duration
 
     return parse_duration(value)
 

@@ -27,7 +27,8 @@ from xds_server.model.mesh import (
     ServicePort,
     Workload,
 )
-from xds_server.model.policy import TrafficPolicy, TrafficPolicySpec
+from xds_server.model.policy import TrafficPolicy
+from xds_server.sources.policies import parse_traffic_policy_spec
 from xds_server.model.routes import BackendRef, Mirror, ParentRef, Route, RouteRule
 from xds_server.model.store import HTTP_ROUTE, KINDS, MeshStore, key_of
 from xds_server.translate.controller import MeshController, proxy_resources
@@ -127,7 +128,7 @@ class World:
                 ns, name = rng.choice(routes)
                 self.store.remove(SOURCE, (HTTP_ROUTE, ns, name))
         elif action == "policy":
-            spec = TrafficPolicySpec.model_validate({
+            spec = parse_traffic_policy_spec({
                 "targetRef": {"name": key.name},
                 "loadBalancer": {"simple": rng.choice(["ROUND_ROBIN", "RANDOM"])},
                 "timeout": f"{rng.randint(1, 5)}s",

@@ -29,7 +29,7 @@ from click.testing import CliRunner
 
 from xds_server import crds
 from xds_server.cli import main
-from xds_server.model.policy import API_VERSION, GROUP, parse_duration
+from xds_server.api.v1alpha1 import API_VERSION, GROUP, parse_duration
 from xds_server.sources import k8s_objects
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -379,6 +379,35 @@ async def test_run_hot_reloads_edits_keeps_last_good_and_stops(tmp_path: Path) -
     assert task.done() and task.exception() is None
 
 
+async def test_an_edit_rereads_only_the_file_that_changed(tmp_path: Path) -> None:
+    files = [f"svc-{i:02}.yaml" for i in range(40)]
+    for i, file in enumerate(files):
+        write(tmp_path / file, service(f"svc-{i:02}", 80))
+    store = MeshStore()
+    directory = MeshDirectory(tmp_path, store)
+    assert directory.load() == []
+    stop = asyncio.Event()
+    task = asyncio.create_task(directory.run(stop))
+    try:
+        # The watcher's first pass rescans everything once (a change may have landed between
+        # load() and the watch); after that, edits are read one file at a time.
+        await eventually(lambda: all(directory.reads[f] >= 2 for f in files))
+        before = dict(directory.reads)
+
+        write(tmp_path / "svc-07.yaml", service("svc-07", 81))
+        await eventually(lambda: ports_of(store, "svc-07") == [81])
+        assert {f for f in files if directory.reads[f] > before[f]} == {"svc-07.yaml"}
+
+        before = dict(directory.reads)
+        (tmp_path / "svc-12.yaml").unlink()
+        await eventually(lambda: store.get(SERVICE, "default", "svc-12") is None)
+        assert names(store, SERVICE) == {f"svc-{i:02}" for i in range(40)} - {"svc-12"}
+        assert {f for f in files if directory.reads[f] > before[f]} == set()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+
 async def test_run_keeps_everything_when_the_directory_vanishes(tmp_path: Path) -> None:
     root = tmp_path / "mesh"
     write(root / "a.yaml", service("api"))

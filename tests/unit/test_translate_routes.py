@@ -42,6 +42,7 @@ from tests.support.envoy import (
 from tests.support.net import free_ports, wait_for_port
 from xds_server.model.mesh import AppProtocol, Service, ServiceKey, ServicePort
 from xds_server.model.policy import TrafficPolicySpec
+from xds_server.sources.policies import parse_traffic_policy_spec
 from xds_server.model.routes import (
     BackendRef,
     HeaderModifier,
@@ -103,7 +104,7 @@ MISSING = ServiceKey("shop", "does-not-exist")
 
 
 def policy(**spec: Any) -> TrafficPolicySpec:
-    return TrafficPolicySpec.model_validate({"targetRef": {"name": "api"}, **spec})
+    return parse_traffic_policy_spec({"targetRef": {"name": "api"}, **spec})
 
 
 def route(name: str, *rules: RouteRule, ns: str = "shop", parent: ServiceKey = API.key, port: int | None = None,

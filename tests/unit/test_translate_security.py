@@ -30,9 +30,7 @@ from tests.support.static_secrets import with_static_secrets
 from xds_server.model.mesh import Workload
 from xds_server.model.security import (
     AuthorizationPolicy,
-    AuthorizationPolicySpec,
     MTLSPolicy,
-    MTLSPolicySpec,
     MtlsMode,
     SecuritySettings,
     authorization_policies,
@@ -41,6 +39,7 @@ from xds_server.model.security import (
 )
 from xds_server.model.store import MeshStore
 from xds_server.sources.k8s_objects import ObjectError, convert
+from xds_server.sources.policies import parse_authorization_policy_spec, parse_mtls_policy_spec
 from xds_server.translate import rbac, tls
 from xds_server.translate.controller import MeshController, proxy_resources
 from xds_server.xds import types
@@ -102,7 +101,7 @@ def test_envoy_validation_really_checks_the_tls_contexts() -> None:
 
 
 def _mtls(namespace: str, name: str, created: str = "", **spec: Any) -> MTLSPolicy:
-    return MTLSPolicy(namespace=namespace, name=name, spec=MTLSPolicySpec.model_validate(spec), created=created)
+    return MTLSPolicy(namespace=namespace, name=name, spec=parse_mtls_policy_spec(spec), created=created)
 
 
 def _mode(policies: list[MTLSPolicy], labels: dict[str, str], port: int | None = None,
@@ -151,7 +150,7 @@ def test_without_certificates_every_mode_is_disable() -> None:
 def test_authorization_policies_that_apply() -> None:
     def policy(namespace: str, name: str, **spec: Any) -> AuthorizationPolicy:
         return AuthorizationPolicy(namespace=namespace, name=name,
-                                   spec=AuthorizationPolicySpec.model_validate(spec))
+                                   spec=parse_authorization_policy_spec(spec))
 
     everyone = policy("shop", "all")
     api_only = policy("shop", "api", selector={"matchLabels": {"app": "api"}})
@@ -169,7 +168,7 @@ def test_authorization_policies_that_apply() -> None:
 
 def _authz(spec: dict[str, Any], *, port: int = 8080, http: bool = True,
            settings: SecuritySettings = SETTINGS) -> rbac.PortAuthz:
-    policy = AuthorizationPolicy(namespace="shop", name="p", spec=AuthorizationPolicySpec.model_validate(spec))
+    policy = AuthorizationPolicy(namespace="shop", name="p", spec=parse_authorization_policy_spec(spec))
     return rbac.authorize([policy], settings, port, http=http)
 
 
@@ -427,7 +426,7 @@ class SecureWorld:
             if rng.random() < 0.4:
                 spec["portLevelMtls"] = {rng.choice([8080, 5432]): rng.choice(["STRICT", "DISABLE"])}
             self.store.put("t", MTLSPolicy(namespace=ns, name=f"m{rng.randint(0, 2)}",
-                                           spec=MTLSPolicySpec.model_validate(spec)))
+                                           spec=parse_mtls_policy_spec(spec)))
         elif action == "unmtls" and self.store.all("MTLSPolicy"):
             key = rng.choice(sorted(self.store.all("MTLSPolicy")))
             self.store.remove("t", ("MTLSPolicy", *key))
@@ -439,7 +438,7 @@ class SecureWorld:
             ])
             spec = {"action": rng.choice(["ALLOW", "DENY"]), "rules": [rule] if rng.random() < 0.8 else []}
             self.store.put("t", AuthorizationPolicy(namespace=ns, name=f"z{rng.randint(0, 2)}",
-                                                    spec=AuthorizationPolicySpec.model_validate(spec)))
+                                                    spec=parse_authorization_policy_spec(spec)))
         elif action == "unauthz" and self.store.all("AuthorizationPolicy"):
             key = rng.choice(sorted(self.store.all("AuthorizationPolicy")))
             self.store.remove("t", ("AuthorizationPolicy", *key))

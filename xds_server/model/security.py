@@ -1,4 +1,6 @@
-"""Security policy kinds (`mesh.xds-server.io/v1alpha1`): mutual TLS and authorization.
+"""Security policies in the model (the IR the translators read): mutual TLS and authorization.
+
+Produced by the sources from the user-facing API (`xds_server/api/v1alpha1/security.py`).
 
 `MTLSPolicy` says how a workload's sidecar accepts connections (Istio's PeerAuthentication,
 flattened): STRICT (mTLS only), PERMISSIVE (mTLS and plaintext), DISABLE (plaintext; clients
@@ -23,16 +25,9 @@ without the scheme (`cluster.local/ns/shop/sa/api`); service accounts are `names
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.functional_validators import BeforeValidator
-
-from .policy import Spec
+from typing import Literal
 
 DEFAULT_ROOT_NAMESPACE = "xds-system"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -50,9 +45,6 @@ class MtlsMode(str, Enum):
     @property
     def accepts_plaintext(self) -> bool:
         return self is not MtlsMode.STRICT
-
-
-ModeName = Literal["STRICT", "PERMISSIVE", "DISABLE", "UNSET"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,72 +69,39 @@ class SecuritySettings:
 # Shared pieces -----------------------------------------------------------------------------
 
 
-class WorkloadSelector(Spec):
-    """Workloads whose labels include all of `matchLabels`."""
+@dataclass(frozen=True, slots=True)
+class WorkloadSelector:
+    """Workloads whose labels include all of `match_labels` (sorted pairs)."""
 
-    match_labels: dict[str, str] = Field(default_factory=dict)
+    match_labels: tuple[tuple[str, str], ...] = ()
 
     def matches(self, labels: dict[str, str]) -> bool:
-        return all(labels.get(k) == v for k, v in self.match_labels.items())
-
-
-def _port_text(value: object) -> object:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
-PortText = Annotated[str, Field(pattern=r"^[0-9]{1,5}$"), BeforeValidator(_port_text)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-_WILDCARD_VALUE = re.compile(r"^(\*|\*?[^*]+|[^*]+\*)$")
-
-
-def check_wildcard(value: str) -> str:
-    """Istio's value matching: exact, `prefix*`, `*suffix` or `*`; no other `*`."""
-    if not value:
-        raise ValueError("must not be empty")
-    if not _WILDCARD_VALUE.match(value):
-        raise ValueError(f"{value!r}: '*' may only be the whole value, its first or its last character")
-    return value
-
-
-def _wildcards(values: tuple[str, ...]) -> tuple[str, ...]:
-    for value in values:
-        check_wildcard(value)
-    return values
+        return all(labels.get(k) == v for k, v in self.match_labels)
 
 
 # MTLSPolicy --------------------------------------------------------------------------------
 
 
-class MTLSPolicySpec(Spec):
-    """How the selected workloads' sidecars accept connections: STRICT (mutual TLS only),
-    PERMISSIVE (mutual TLS and plaintext) or DISABLE (plaintext; clients send plaintext),
-    with per-port overrides. UNSET (or no mode) inherits from the namespace, then the mesh."""
+@dataclass(frozen=True, slots=True)
+class MTLSPolicySpec:
+    """How the selected workloads' sidecars accept connections. A mode of None (UNSET)
+    inherits from the namespace, then the mesh; `port_level_mtls` overrides it per app port
+    (UNSET entries are left out: they inherit too)."""
 
     selector: WorkloadSelector | None = None
-    mode: ModeName | None = None
-    port_level_mtls: dict[Port, ModeName] = Field(
-        default_factory=dict,
-        description="Mode per workload (app) port, overriding `mode` for that port.",
-        json_schema_extra={"x-kubernetes-validations": [{
-            "rule": "self.all(k, k.matches('^[0-9]{1,5}$') && int(k) >= 1 && int(k) <= 65535)",
-            "message": "keys must be port numbers (1-65535)",
-        }]},
-    )
+    mode: MtlsMode | None = None
+    port_level_mtls: tuple[tuple[int, MtlsMode], ...] = ()
 
     @property
     def effective_mode(self) -> MtlsMode | None:
-        return None if self.mode in (None, "UNSET") else MtlsMode(self.mode)
+        return self.mode
 
     def port_mode(self, port: int) -> MtlsMode | None:
-        mode = self.port_level_mtls.get(port)
-        return None if mode in (None, "UNSET") else MtlsMode(mode)
+        return next((mode for p, mode in self.port_level_mtls if p == port), None)
 
 
-class MTLSPolicy(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+@dataclass(frozen=True, slots=True)
+class MTLSPolicy:
     namespace: str
     name: str
     spec: MTLSPolicySpec
@@ -152,31 +111,10 @@ class MTLSPolicy(BaseModel):
 # AuthorizationPolicy -----------------------------------------------------------------------
 
 
-def _principal(value: str) -> str:
-    check_wildcard(value)
-    if not value.startswith("*") and "/" not in value:
-        raise ValueError(f"{value!r} is not a SPIFFE ID such as spiffe://cluster.local/ns/NS/sa/SA")
-    return value
-
-
-def _service_account(value: str) -> str:
-    ns, sep, sa = value.partition("/")
-    if not sep or not ns or not sa or "/" in sa:
-        raise ValueError(f"{value!r}: write NAMESPACE/SERVICEACCOUNT")
-    return value
-
-
-def _cidr(value: str) -> str:
-    try:
-        ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address or CIDR block") from None
-    return value
-
-
-class Source(Spec):
-    """Who sends the request (from the peer's mTLS certificate and address). Fields are
-    ANDed; values of one field ORed; `not*` fields must not match. Needs at least one field."""
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Who sends the request. Fields are ANDed; values of one field ORed; `not*` fields must
+    not match."""
 
     principals: tuple[str, ...] = ()
     not_principals: tuple[str, ...] = ()
@@ -187,75 +125,21 @@ class Source(Spec):
     ip_blocks: tuple[str, ...] = ()
     not_ip_blocks: tuple[str, ...] = ()
 
-    @field_validator("principals", "not_principals")
-    @classmethod
-    def _principals(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(_principal(v) for v in values)
 
-    @field_validator("namespaces", "not_namespaces")
-    @classmethod
-    def _namespaces(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        return _wildcards(values)
-
-    @field_validator("service_accounts", "not_service_accounts")
-    @classmethod
-    def _accounts(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(_service_account(v) for v in values)
-
-    @field_validator("ip_blocks", "not_ip_blocks")
-    @classmethod
-    def _ips(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(_cidr(v) for v in values)
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> "Source":
-        if not any(getattr(self, name) for name in type(self).model_fields):
-            raise ValueError("a source needs at least one field (principals, namespaces, ...)")
-        return self
-
-
-_HTTP_METHODS = r"^[A-Z]+$"
-
-
-class Operation(Spec):
+@dataclass(frozen=True, slots=True)
+class Operation:
     """What the request does. Fields are ANDed, values ORed; `not*` fields must not match.
-    Ports are the workload's app ports. hosts, methods and paths are HTTP-only."""
+    Ports are the workload's app ports, as decimal text. hosts, methods and paths are
+    HTTP-only."""
 
     hosts: tuple[str, ...] = ()
     not_hosts: tuple[str, ...] = ()
-    ports: tuple[PortText, ...] = ()
-    not_ports: tuple[PortText, ...] = ()
-    methods: tuple[Annotated[str, Field(pattern=_HTTP_METHODS)], ...] = ()
-    not_methods: tuple[Annotated[str, Field(pattern=_HTTP_METHODS)], ...] = ()
+    ports: tuple[str, ...] = ()
+    not_ports: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     not_paths: tuple[str, ...] = ()
-
-    @field_validator("hosts", "not_hosts")
-    @classmethod
-    def _hosts(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        return _wildcards(values)
-
-    @field_validator("paths", "not_paths")
-    @classmethod
-    def _paths(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        for value in _wildcards(values):
-            if not value.startswith(("/", "*")):
-                raise ValueError(f"{value!r}: a path starts with '/' (or is a '*suffix' match)")
-        return values
-
-    @field_validator("ports", "not_ports")
-    @classmethod
-    def _ports(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        for value in values:
-            if not 1 <= int(value) <= 65535:
-                raise ValueError(f"port {value} is out of range [1, 65535]")
-        return values
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> "Operation":
-        if not any(getattr(self, name) for name in type(self).model_fields):
-            raise ValueError("an operation needs at least one field (methods, paths, ports, ...)")
-        return self
 
     @property
     def http_only(self) -> bool:
@@ -263,78 +147,49 @@ class Operation(Spec):
                     or self.paths or self.not_paths)
 
 
-class From(Spec):
+@dataclass(frozen=True, slots=True)
+class From:
     source: Source
 
 
-class To(Spec):
+@dataclass(frozen=True, slots=True)
+class To:
     operation: Operation
 
 
-_HEADER_KEY = re.compile(r"^request\.headers\[([A-Za-z0-9!#$%&'*+\-.^_`|~:]+)\]$")
-CONDITION_KEYS = ("request.headers[NAME]", "source.ip", "source.namespace", "source.principal",
-                  "destination.port")
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """An extra condition on `key`; `header` is the header name when the key is
+    request.headers[NAME]. One of `values` must match and none of `not_values`."""
 
-
-class Condition(Spec):
-    """An extra condition: `key` is one of request.headers[NAME], source.ip,
-    source.namespace, source.principal, destination.port; one of `values` must match and
-    none of `notValues`."""
-
-    key: str = Field(min_length=1)
+    key: str
     values: tuple[str, ...] = ()
     not_values: tuple[str, ...] = ()
-
-    @model_validator(mode="after")
-    def _check(self) -> "Condition":
-        if not self.values and not self.not_values:
-            raise ValueError("set values or notValues")
-        key = self.key
-        if _HEADER_KEY.match(key):
-            _wildcards(self.values + self.not_values)
-        elif key in ("source.namespace", "source.principal"):
-            check = _principal if key == "source.principal" else check_wildcard
-            for value in self.values + self.not_values:
-                check(value)
-        elif key == "source.ip":
-            for value in self.values + self.not_values:
-                _cidr(value)
-        elif key == "destination.port":
-            for value in self.values + self.not_values:
-                if not value.isdigit() or not 1 <= int(value) <= 65535:
-                    raise ValueError(f"{value!r} is not a port number")
-        else:
-            raise ValueError(f"unsupported key {key!r}: use one of {', '.join(CONDITION_KEYS)}")
-        return self
-
-    @property
-    def header(self) -> str | None:
-        match = _HEADER_KEY.match(self.key)
-        return match.group(1) if match else None
+    header: str | None = None
 
 
-class Rule(Spec):
-    """A request matches a rule when it matches one of `from` (or `from` is empty), one of
-    `to` (or `to` is empty) and every `when` condition."""
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Matches when the request matches one of `from_` (or it is empty), one of `to` (or it
+    is empty) and every `when` condition."""
 
-    from_: tuple[From, ...] = Field(default=(), alias="from")
+    from_: tuple[From, ...] = ()
     to: tuple[To, ...] = ()
     when: tuple[Condition, ...] = ()
 
 
-class AuthorizationPolicySpec(Spec):
-    """Access control for the selected workloads' inbound traffic (Istio's
-    AuthorizationPolicy): DENY policies win over ALLOW policies; when any ALLOW policy
-    applies, a request must match one of them. An ALLOW policy without rules allows nothing."""
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicySpec:
+    """DENY policies win over ALLOW policies; when any ALLOW policy applies, a request must
+    match one of them. An ALLOW policy without rules allows nothing."""
 
     selector: WorkloadSelector | None = None
     action: Literal["ALLOW", "DENY"] = "ALLOW"
     rules: tuple[Rule, ...] = ()
 
 
-class AuthorizationPolicy(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
     namespace: str
     name: str
     spec: AuthorizationPolicySpec

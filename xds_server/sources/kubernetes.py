@@ -50,7 +50,7 @@ from typing import Any
 from kubernetes import client as k8s_client
 from kubernetes import watch as k8s_watch
 
-from ..model import policy
+from ..api import v1alpha1 as policy
 from ..model.mesh import ServiceKey
 from ..model.store import (
     ENDPOINT_SLICE,

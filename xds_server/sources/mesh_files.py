@@ -14,17 +14,19 @@ disappear.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
 
-from .watch import watch_directory
+from .watch import ChangedPaths, watch_changes
 from ..model.store import KINDS, MeshObject, MeshStore, ObjectKey, key_of
 from .k8s_objects import ObjectError, convert
 
@@ -77,7 +79,7 @@ class _Doc:
 
 @dataclass(frozen=True, slots=True)
 class ParsedFile:
-    raw: bytes | None  # None: unreadable
+    digest: str | None  # sha256 of the file's bytes; None: unreadable
     docs: tuple[_Doc, ...]
     errors: tuple[MeshError, ...]
     failed: bool  # nothing could be read: keep what this file gave before
@@ -88,14 +90,14 @@ def parse_file(raw: bytes, is_json: bool, file: str) -> ParsedFile:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        return _failed(raw, MeshError(file=file, message=f"not UTF-8 text (byte {e.start})"))
+        return _failed(digest_of(raw), MeshError(file=file, message=f"not UTF-8 text (byte {e.start})"))
     try:
         documents = _json_documents(text) if is_json else _yaml_documents(text)
     except json.JSONDecodeError as e:
         message = f"invalid JSON: {e.msg} (column {e.colno})"
-        return _failed(raw, MeshError(file=file, line=e.lineno, message=message))
+        return _failed(digest_of(raw), MeshError(file=file, line=e.lineno, message=message))
     except yaml.YAMLError as e:
-        return _failed(raw, _yaml_error(file, e))
+        return _failed(digest_of(raw), _yaml_error(file, e))
     docs: list[_Doc] = []
     errors: list[MeshError] = []
     for data, node in _objects(documents):
@@ -112,11 +114,11 @@ def parse_file(raw: bytes, is_json: bool, file: str) -> ParsedFile:
             errors.append(MeshError(file=file, line=line, message=f"internal error: {e!r}"))
             continue
         docs.append(_Doc(key_of(obj), obj, line))
-    return ParsedFile(raw, tuple(docs), tuple(errors), failed=False)
+    return ParsedFile(digest_of(raw), tuple(docs), tuple(errors), failed=False)
 
 
-def _failed(raw: bytes | None, error: MeshError) -> ParsedFile:
-    return ParsedFile(raw, (), (error,), failed=True)
+def _failed(digest: str | None, error: MeshError) -> ParsedFile:
+    return ParsedFile(digest, (), (error,), failed=True)
 
 
 def _errors_of(e: ObjectError, file: str, node: yaml.Node | None) -> list[MeshError]:
@@ -301,41 +303,58 @@ def resolve(
 # Reading a directory --------------------------------------------------------------------------
 
 
+def is_mesh_file(relative: PurePosixPath | Path) -> bool:
+    """Whether a path (relative to the directory) names a file that may hold objects."""
+    # Hidden entries cover editor droppings (.#x.yaml, .x.yaml.swp) and the ..data/
+    # directories of a mounted ConfigMap; the suffix check leaves out x.yaml~ and the like.
+    if relative.suffix.lower() not in SUFFIXES:
+        return False
+    return not any(part.startswith((".", "#", "~")) for part in relative.parts)
+
+
 def mesh_files(directory: Path) -> list[Path]:
     """The files under `directory` that hold objects, in a stable order. Raises OSError."""
-    paths = []
-    for path in sorted(directory.rglob("*")):
-        relative = path.relative_to(directory)
-        # Hidden entries cover editor droppings (.#x.yaml, .x.yaml.swp) and the ..data/
-        # directories of a mounted ConfigMap; the suffix check leaves out x.yaml~ and the like.
-        if path.suffix.lower() not in SUFFIXES:
-            continue
-        if any(part.startswith((".", "#", "~")) for part in relative.parts):
-            continue
-        if path.is_file():
-            paths.append(path)
-    return paths
+    return [
+        path for path in sorted(directory.rglob("*"))
+        if is_mesh_file(path.relative_to(directory)) and path.is_file()
+    ]
 
 
-def read_file(path: Path, display: str, known: bytes | None = None) -> ParsedFile | None:
-    """Parse one file (errors name it `display`); None when its bytes are still `known`.
-    Raises FileNotFoundError if the file is gone."""
+def digest_of(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def read_file(path: Path, display: str, known: str | None = None) -> ParsedFile | None:
+    """Parse one file (errors name it `display`); None when its content digest is still
+    `known`. Raises FileNotFoundError if the file is gone."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise
     except OSError as e:
         return _failed(None, MeshError(file=display, message=f"cannot read: {e.strerror or e}"))
-    if known is not None and raw == known:
+    digest = digest_of(raw)
+    if known is not None and digest == known:
         return None
     return parse_file(raw, path.suffix.lower() == ".json", display)
 
 
-_Scan = dict[str, "ParsedFile | None"]  # display name -> parse, or None when unchanged
+@dataclass(slots=True)
+class _Scan:
+    """What one reload found: new parses (None where the content is unchanged) and files
+    that are gone. `complete`: every file was seen, so a file not in `parsed` is gone too."""
+
+    parsed: dict[str, ParsedFile | None]
+    gone: set[str]
+    complete: bool
 
 
 class MeshDirectory:
-    """Keeps `store` in step with the mesh files under `directory`, as source `source_name`."""
+    """Keeps `store` in step with the mesh files under `directory`, as source `source_name`.
+
+    Each file's parse and content digest is kept, so a reload parses only files whose bytes
+    changed; a reload told which paths changed (by the watcher) reads only those files.
+    """
 
     def __init__(self, directory: Path, store: MeshStore, source_name: str = "files") -> None:
         self.directory = Path(directory)
@@ -344,6 +363,9 @@ class MeshDirectory:
         self._files: dict[str, ParsedFile] = {}
         self._held: dict[ObjectKey, _Held] = {}
         self._errors: list[MeshError] = []
+        # Times each file (by display name) was read: what a reload costs, for tests and
+        # operators; it only grows.
+        self.reads: Counter[str] = Counter()
 
     @property
     def errors(self) -> list[MeshError]:
@@ -352,37 +374,60 @@ class MeshDirectory:
 
     def load(self) -> list[MeshError]:
         """Read the directory now and update the store. Returns the current errors."""
-        return self._apply(self._scan(self._known()))
+        return self._apply(self._scan(self._known(), None))
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Reload on every change until `stop` is set or the task is cancelled. Never raises
         for bad input: errors are logged and exposed through `errors`."""
-        await watch_directory(self.directory, self._reload, stop, label="mesh files")
+        await watch_changes(self.directory, self._reload, stop, label="mesh files")
 
-    async def _reload(self) -> list[MeshError]:
+    async def _reload(self, changed: ChangedPaths = None) -> list[MeshError]:
         # Reading and parsing run in a thread so a big tree does not stall the event loop; the
         # store is only written here, on the loop.
-        return self._apply(await asyncio.to_thread(self._scan, self._known()))
+        return self._apply(await asyncio.to_thread(self._scan, self._known(), changed))
 
-    def _known(self) -> dict[str, bytes | None]:
-        return {file: parsed.raw for file, parsed in self._files.items()}
+    def _known(self) -> dict[str, str | None]:
+        return {file: parsed.digest for file, parsed in self._files.items()}
 
-    def _scan(self, known: Mapping[str, bytes | None]) -> _Scan | None:
-        """Every mesh file, parsed, or None where unchanged; None if the directory is unlistable."""
+    def _scan(self, known: Mapping[str, str | None], changed: ChangedPaths) -> _Scan | None:
+        """Read what may have changed: the `changed` files, or every file when a change is
+        not about mesh files alone (None, a directory, a ConfigMap's hidden ..data swap).
+        None if the directory cannot be listed."""
+        targets = self._targets(changed) if changed is not None else None
+        complete = targets is None
         try:
             if not self.directory.is_dir():
                 return None
-            paths = mesh_files(self.directory)
+            if targets is None:
+                paths = mesh_files(self.directory)
         except OSError:
             return None
-        result: _Scan = {}
-        for path in paths:
-            file = path.relative_to(self.directory).as_posix()
+        if targets is None:
+            targets = [path.relative_to(self.directory).as_posix() for path in paths]
+        scan = _Scan({}, set(), complete=complete)
+        for file in targets:
+            path = self.directory / file
             try:
-                result[file] = read_file(path, file, known.get(file))
-            except FileNotFoundError:  # deleted while scanning: gone
-                continue
-        return result
+                if not path.is_file():
+                    raise FileNotFoundError(file)
+                self.reads[file] += 1
+                scan.parsed[file] = read_file(path, file, known.get(file))
+            except FileNotFoundError:  # deleted (or deleted while scanning): gone
+                scan.gone.add(file)
+        return scan
+
+    def _targets(self, changed: frozenset[Path]) -> list[str] | None:
+        """The mesh files `changed` names, or None when a full rescan is needed."""
+        files = []
+        for path in changed:
+            try:
+                relative = path.relative_to(self.directory)
+            except ValueError:
+                return None
+            if not is_mesh_file(relative) or path.is_dir():
+                return None
+            files.append(relative.as_posix())
+        return sorted(files)
 
     def _apply(self, scanned: _Scan | None) -> list[MeshError]:
         if scanned is None:
@@ -390,11 +435,15 @@ class MeshDirectory:
             message = "cannot list the directory; keeping the objects loaded from it"
             errors = [MeshError(file=str(self.directory), message=message)]
         else:
-            self._files = {
-                file: parsed if parsed is not None else self._files[file]
-                for file, parsed in scanned.items()
-                if parsed is not None or file in self._files
-            }
+            files = {} if scanned.complete else dict(self._files)
+            for file in scanned.gone:
+                files.pop(file, None)
+            for file, parsed in scanned.parsed.items():
+                if parsed is not None:
+                    files[file] = parsed
+                elif file in self._files:  # unchanged
+                    files[file] = self._files[file]
+            self._files = files
             self._held, errors = resolve(self._files, self._held)
             changes = self._store.sync(self._source, [held.obj for held in self._held.values()])
             if changes:
