@@ -30,12 +30,20 @@ from xds_server.model.mesh import (
 from xds_server.model.policy import TrafficPolicy, TrafficPolicySpec
 from xds_server.model.routes import BackendRef, Mirror, ParentRef, Route, RouteRule
 from xds_server.model.store import HTTP_ROUTE, KINDS, MeshStore, key_of
+from xds_server.model.identity import VerifiedProxy
 from xds_server.translate.controller import MeshController, proxy_resources
+from xds_server.xds.node import proxy_claim
 from xds_server.translate.scope import TENANT_LABEL
 from xds_server.xds.cache import ResourceCache
 
 NAMESPACES = ("a", "b", "c")
 SOURCE = "test"
+
+
+def verified(node: base_pb2.Node) -> VerifiedProxy:
+    """The proxy a node claims to be, as the server hands it to the view provider."""
+    return VerifiedProxy.unverified(proxy_claim(node))
+
 
 
 def node(namespace: str, pod: str) -> base_pb2.Node:
@@ -54,7 +62,7 @@ class World:
         self.controller = MeshController(self.store, self.cache)
         self.nodes = [node(ns, f"client-{ns}") for ns in NAMESPACES]
         for n in self.nodes:
-            self.controller.view_for(n)
+            self.controller.view_for(verified(n))
         for ns in NAMESPACES:
             self.store.put(SOURCE, Namespace(ns))
         for i in range(12):
@@ -157,9 +165,9 @@ def snapshot(controller: MeshController, cache: ResourceCache, nodes: list[base_
     }
     views = {}
     for n in nodes:
-        view = controller.view_for(n)
+        view = controller.view_for(verified(n))
         views[n.id] = {t: [r.name for r in rs] for t, rs in proxy_resources(view).items()}
-        controller.release(n)
+        controller.release(verified(n))
     return everything, views
 
 
@@ -172,7 +180,7 @@ def test_incremental_updates_equal_a_fresh_build(seed: int) -> None:
         fresh_store.sync(SOURCE, [obj for kind in KINDS for obj in world.store.all(kind).values()])
         fresh = MeshController(fresh_store, fresh_cache)
         for n in world.nodes:
-            fresh.view_for(n)
+            fresh.view_for(verified(n))
         got = snapshot(world.controller, world.cache, world.nodes)
         want = snapshot(fresh, fresh_cache, world.nodes)
         assert got[1] == want[1], f"seed {seed}, step {i} ({action}): views differ"
