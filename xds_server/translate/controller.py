@@ -72,8 +72,10 @@ class MeshController:
         self.proxy_builder = ProxyBuilder(
             self.registry, self.scopes, self.published, self.index.security.settings.trust_domain
         )
+        # Without mTLS a service's clusters say nothing about its servers: no such builder.
+        security_builders = [ClusterSecurityBuilder(outputs, mtls)] if mtls else []
         self.orchestrator = Orchestrator(self.index, cache, [
-            ClusterSecurityBuilder(outputs, mtls),
+            *security_builders,
             ClustersBuilder(outputs, self.published),
             AssignmentsBuilder(mtls),
             ProxylessClustersBuilder(outputs, self.published),

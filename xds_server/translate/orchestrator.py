@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # Per slice of a time-sliced drain; one unit of work (a scope over 10,000 services) may run
 # past it, so it is kept well under the 50 ms a change may hold the loop.
 DEFAULT_BUDGET = 0.015
+# Past this many changed parts an output is rebuilt whole (a scope then recomputes from every
+# service in one pass, cheaper than re-checking thousands one by one).
+MAX_PARTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +70,8 @@ class _Dirty:
         outputs = self.by_phase.setdefault(phase, {})
         if output in outputs:
             current = outputs[output]
-            if current is None or parts is None:
-                outputs[output] = None
+            if current is None or parts is None or len(current) > MAX_PARTS:
+                outputs[output] = None  # so many parts changed that all of it is rebuilt
             else:
                 current |= parts
         else:

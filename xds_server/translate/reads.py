@@ -81,10 +81,14 @@ class Reader:
         return list(self.index.slices.get(key, {}).values())
 
     def workload(self, namespace: str, pod: str, ip: str) -> Workload | None:
+        """The Pod behind an endpoint: by name, else by IP (only then is the IP read)."""
         if pod:
             self.reads.add(("workload", namespace, pod))
+            found = self.index.workloads.get((namespace, pod))
+            if found is not None:
+                return found
         self.reads.add(("workload-ip", ip))
-        return self.index.workload(namespace, pod, ip)
+        return self.index.workload_by_ip.get(ip)
 
     def pod(self, namespace: str, pod: str) -> Workload | None:
         self.reads.add(("workload", namespace, pod))
