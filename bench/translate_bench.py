@@ -78,7 +78,9 @@ from xds_server.model.routes import (  # noqa: E402
     ValueMatch,
 )
 from xds_server.model.store import HTTP_ROUTE, MeshStore  # noqa: E402
+from xds_server.model.identity import VerifiedProxy  # noqa: E402
 from xds_server.translate.controller import MeshController  # noqa: E402
+from xds_server.xds.node import proxy_claim  # noqa: E402
 from xds_server.xds.cache import Change, ResourceCache  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -93,6 +95,12 @@ TARGET_FULL_BUILD_S = 3.0  # full build of TARGET_AT services
 ENDPOINTS = 10
 NAMESPACES = 10
 APP_PORT = 8080
+
+
+def verified(node: base_pb2.Node) -> VerifiedProxy:
+    """The proxy a node claims to be, as the server hands it to the view provider."""
+    return VerifiedProxy.unverified(proxy_claim(node))
+
 
 
 def log(msg: str) -> None:
@@ -326,7 +334,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     def connect_all() -> None:
         for node in nodes:
-            controller.view_for(node)
+            controller.view_for(verified(node))
 
     connect.run(controller, counter, connect_all)
     build.run(controller, counter, lambda: store.sync(SOURCE, objects))
@@ -384,9 +392,9 @@ def measure(args: argparse.Namespace) -> dict:
         store.put(SOURCE, Namespace(ns))
         node = proxy_node(ns, f"client-{step}", _ip(12, step))
         if step < args.warmup:
-            controller.view_for(node)
+            controller.view_for(verified(node))
             continue
-        new_proxy.run(controller, counter, lambda: controller.view_for(node))
+        new_proxy.run(controller, counter, lambda: controller.view_for(verified(node)))
 
     return {
         "services": n,

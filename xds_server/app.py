@@ -129,10 +129,13 @@ async def start_app(config: AppConfig) -> RunningApp:
 
     view_for = release = None
     store: MeshStore | None = None
+    controller: MeshController | None = None
     if config.source is not None or config.kubernetes is not None:
         store = MeshStore()
         controller = MeshController(store, cache, config.scope, mesh_security(config))
         view_for, release = controller.view_for, controller.release
+        # Translation runs in time-slices from here on: no store change holds the loop.
+        tasks.append(controller.start())
     if config.source is not None:
         from .sources.mesh_files import MeshDirectory
 
@@ -167,6 +170,9 @@ async def start_app(config: AppConfig) -> RunningApp:
         if config.kubernetes is not None:
             assert store is not None
             kube = await _start_kubernetes(config.kubernetes, store, stop, tasks)
+        if controller is not None:
+            # Serve only once the first build is in the cache: no proxy sees a partial mesh.
+            await controller.settled()
         await server.start()
     except BaseException:
         stop.set()

@@ -170,9 +170,11 @@ def translate_command(
     from google.protobuf import json_format, struct_pb2
     from envoy.config.core.v3 import base_pb2
 
+    from .model.identity import VerifiedProxy
     from .model.store import MeshStore
     from .sources.mesh_files import MeshDirectory
     from .translate.controller import MeshController, proxy_resources
+    from .xds.node import proxy_claim
     from .xds import types
     from .xds.cache import ResourceCache
 
@@ -185,7 +187,8 @@ def translate_command(
     metadata = struct_pb2.Struct()
     metadata.update({"namespace": namespace, "service_account": service_account,
                      "pod": pod_name, "pod_ip": pod_ip})
-    view = controller.view_for(base_pb2.Node(id=f"{pod_name}.{namespace}", metadata=metadata))
+    node = base_pb2.Node(id=f"{pod_name}.{namespace}", metadata=metadata)
+    view = controller.view_for(VerifiedProxy.unverified(proxy_claim(node)))
     wanted = {"lds": types.LISTENER, "rds": types.ROUTE, "cds": types.CLUSTER, "eds": types.ENDPOINT}
     sections = {"lds": "listeners", "rds": "routes", "cds": "clusters", "eds": "endpoints"}
     output: dict[str, list[dict[str, Any]]] = {}

@@ -47,7 +47,9 @@ from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
 from xds_server.model.store import NAMESPACE, POD, MeshStore
 from xds_server.sources.k8s_objects import ObjectError, convert
 from xds_server.sources.mesh_files import MeshDirectory
+from xds_server.model.identity import VerifiedProxy
 from xds_server.translate.controller import MeshController, proxy_resources
+from xds_server.xds.node import proxy_claim
 from xds_server.translate.scope import EXPORT_ANNOTATION, TENANT_LABEL
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
@@ -57,6 +59,12 @@ EXAMPLES = [d for d in ("mesh-basic", "demo") if (ROOT / "examples" / d).is_dir(
 
 # What a real sidecar runs with (the RE2 program size limits user regexes need).
 SIDECAR_RUNTIME = {"layered_runtime": sidecar_bootstrap(SidecarSpec("ns", "sa", "pod", "127.0.0.1"))["layered_runtime"]}
+
+
+def verified(node: base_pb2.Node) -> VerifiedProxy:
+    """The proxy a node claims to be, as the server hands it to the view provider."""
+    return VerifiedProxy.unverified(proxy_claim(node))
+
 
 
 def _message_class(type_url: str) -> type[Message]:
@@ -86,7 +94,7 @@ def mesh_proxies(store: MeshStore, spare_ip: Iterable[str]) -> list[base_pb2.Nod
 
 def translate_all(store: MeshStore, controller: MeshController, nodes: list[base_pb2.Node]) -> dict[str, dict[str, Any]]:
     """proxy id -> type -> name -> message, for every proxy (all connected first)."""
-    views = [(node.id, controller.view_for(node)) for node in nodes]
+    views = [(node.id, controller.view_for(verified(node))) for node in nodes]
     out: dict[str, dict[str, Any]] = {}
     for proxy, view in views:
         out[proxy] = {

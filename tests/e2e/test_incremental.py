@@ -37,7 +37,9 @@ from xds_server.model.mesh import (
 from xds_server.model.routes import BackendRef, ParentRef, Route, RouteRule
 from xds_server.model.store import MeshStore
 from xds_server.translate import names
+from xds_server.model.identity import VerifiedProxy
 from xds_server.translate.controller import MeshController
+from xds_server.xds.node import proxy_claim
 from xds_server.translate.scope import EXPORT_ANNOTATION
 from xds_server.xds import types
 from xds_server.xds.cache import Change, ResourceCache
@@ -46,6 +48,12 @@ SHOP, OTHER, LONELY = "shop", "other", "lonely"
 API_CLA = names.cluster_name(ServiceKey(SHOP, "api"), 80)
 # api and its canary are exported to shop and other, not to lonely.
 EXPORT = {EXPORT_ANNOTATION: f".,{OTHER}"}
+
+
+def verified(node: base_pb2.Node) -> VerifiedProxy:
+    """The proxy a node claims to be, as the server hands it to the view provider."""
+    return VerifiedProxy.unverified(proxy_claim(node))
+
 
 
 def versions(mesh: MeshHarness) -> dict[tuple[str, str], str]:
@@ -300,9 +308,9 @@ def _model(services: int) -> tuple[MeshStore, MeshController, ResourceCache]:
             ))
     store.sync("test", objects)
     for n in range(10):
-        controller.view_for(_node(f"ns-{n}", "client"))
+        controller.view_for(verified(_node(f"ns-{n}", "client")))
     for k in range(2):
-        controller.view_for(_node("ns-5", f"svc-5-{k}"))
+        controller.view_for(verified(_node("ns-5", f"svc-5-{k}")))
     return store, controller, cache
 
 

@@ -10,9 +10,17 @@ from google.protobuf import struct_pb2
 from xds_server.model.mesh import AppProtocol, Service, ServicePort
 from xds_server.model.store import SERVICE, MeshStore
 from xds_server.translate import names
+from xds_server.model.identity import VerifiedProxy
 from xds_server.translate.controller import MeshController
+from xds_server.xds.node import proxy_claim
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
+
+
+def verified(node: base_pb2.Node) -> VerifiedProxy:
+    """The proxy a node claims to be, as the server hands it to the view provider."""
+    return VerifiedProxy.unverified(proxy_claim(node))
+
 
 
 def _service(name: str, ip: str) -> Service:
@@ -29,7 +37,7 @@ def test_a_shared_cluster_ip_is_kept_by_one_service_and_moves_when_it_leaves() -
     controller = MeshController(store, cache)
     meta = struct_pb2.Struct()
     meta.update({"namespace": "shop", "pod": "client"})
-    controller.view_for(base_pb2.Node(id="client.shop", metadata=meta))
+    controller.view_for(verified(base_pb2.Node(id="client.shop", metadata=meta)))
     store.sync("files", [_service("api", "10.96.0.10"), _service("web", "10.96.0.10")])
 
     domains = _domains(cache)

@@ -18,10 +18,10 @@ from xds_server.ca.authority import CertificateAuthority
 from xds_server.ca.identity import Identity
 from xds_server.ca.sds import SecretProvider, identity_key, redacted
 from xds_server.ca.svid import SvidIssuer
-from xds_server.translate.controller import identity_from_node
 from xds_server.xds import types
 from xds_server.xds.auth import _peer_is_loopback, claimed_identity, failure_reason
 from xds_server.xds.cache import FullView, ResourceCache
+from xds_server.xds.node import proxy_claim
 
 
 def _node(node_id: str, **metadata: str) -> base_pb2.Node:
@@ -42,7 +42,7 @@ def _node(node_id: str, **metadata: str) -> base_pb2.Node:
     _node("", pod="p"),
 ])
 def test_the_claim_authenticated_is_the_claim_translated(node: base_pb2.Node) -> None:
-    claim, translated = claimed_identity(node), identity_from_node(node)
+    claim, translated = claimed_identity(node), proxy_claim(node)
     assert (claim.namespace, claim.service_account, claim.pod) == \
         (translated.namespace, translated.service_account, translated.pod)
 

@@ -41,7 +41,9 @@ from xds_server.model.store import MeshStore
 from xds_server.sources.k8s_objects import ObjectError, convert
 from xds_server.sources.policies import parse_authorization_policy_spec, parse_mtls_policy_spec
 from xds_server.translate import rbac, tls
+from xds_server.model.identity import VerifiedProxy
 from xds_server.translate.controller import MeshController, proxy_resources
+from xds_server.xds.node import proxy_claim
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
 
@@ -55,6 +57,12 @@ SETTINGS = SecuritySettings(mtls=True)
 
 
 # ------------------------------------------------------------------------------- helpers
+
+
+def verified(node: base_pb2.Node) -> VerifiedProxy:
+    """The proxy a node claims to be, as the server hands it to the view provider."""
+    return VerifiedProxy.unverified(proxy_claim(node))
+
 
 
 def node(namespace: str, pod: str, service_account: str = "default", ip: str = "") -> base_pb2.Node:
@@ -74,7 +82,7 @@ def load(text_or_objects: Any, settings: SecuritySettings = SETTINGS) -> tuple[M
 def resources_of(controller: MeshController, store: MeshStore, proxy: str) -> dict[str, dict[str, Message]]:
     namespace, pod = proxy.split("/")
     workload = store.get("Pod", namespace, pod)
-    view = controller.view_for(node(namespace, pod, workload.service_account, workload.ip))
+    view = controller.view_for(verified(node(namespace, pod, workload.service_account, workload.ip)))
     out: dict[str, dict[str, Message]] = {}
     for type_url, resources in proxy_resources(view).items():
         out[type_url] = {r.name: r.unpack(MESSAGES[type_url]) for r in resources}
@@ -279,15 +287,16 @@ def test_policy_change_rebuilds_only_the_proxies_it_may_select() -> None:
     store, controller = load(_mesh_docs())
     for proxy in ("shop/api-1", "shop/web-1"):
         resources_of(controller, store, proxy)
-    controller.view_for(node("other", "x-1", "x", "10.0.9.9"))
+    controller.view_for(verified(node("other", "x-1", "x", "10.0.9.9")))
     rebuilt: list[tuple[str, str]] = []
-    original = controller._rebuild_proxy  # noqa: SLF001
+    builder = controller.proxy_builder
+    original = builder.build
 
-    def spy(proxy):
-        rebuilt.append(proxy.key)
-        return original(proxy)
+    def spy(key, *args):
+        rebuilt.append(key)
+        return original(key, *args)
 
-    controller._rebuild_proxy = spy  # noqa: SLF001
+    builder.build = spy
     store.put("test", convert({"apiVersion": "mesh.xds-server.io/v1alpha1", "kind": "AuthorizationPolicy",
                                "metadata": {"name": "p", "namespace": "shop"}, "spec": {}}))
     assert sorted(rebuilt) == [("shop", "api-1"), ("shop", "web-1")]
@@ -392,7 +401,7 @@ class SecureWorld:
         self.nodes.append(node("a", "grpc-1", "grpc", "10.7.0.1"))
         self.nodes[-1].user_agent_name = "gRPC Python"
         for n in self.nodes:
-            self.controller.view_for(n)
+            self.controller.view_for(verified(n))
 
     def add_service(self, i: int) -> None:
         from xds_server.model.mesh import (
@@ -457,9 +466,9 @@ def _snapshot(controller: MeshController, cache: ResourceCache, nodes: list[base
     everything = {(t, n): r.body for t in cache.type_urls() for n, r in cache.resources(t).items()}
     views = {}
     for n in nodes:
-        view = controller.view_for(n)
+        view = controller.view_for(verified(n))
         views[n.id] = {t: sorted((r.name, r.version) for r in rs) for t, rs in proxy_resources(view).items()}
-        controller.release(n)
+        controller.release(verified(n))
     return everything, views
 
 
@@ -474,7 +483,7 @@ def test_incremental_security_updates_equal_a_fresh_build(seed: int) -> None:
         fresh_store.sync("t", [o for kind in KINDS for o in world.store.all(kind).values()])
         fresh = MeshController(fresh_store, fresh_cache, security=SETTINGS)
         for n in world.nodes:
-            fresh.view_for(n)
+            fresh.view_for(verified(n))
         got = _snapshot(world.controller, world.cache, world.nodes)
         want = _snapshot(fresh, fresh_cache, world.nodes)
         assert got[1] == want[1], f"seed {seed}, step {i} ({action}): views differ"

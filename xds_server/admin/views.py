@@ -48,9 +48,9 @@ def identity_of(conn: Any, trust_domain: str) -> dict[str, Any]:
     if node is None:
         return {"spiffe_id": None, "verified": False}
     from ..ca.identity import spiffe_id
-    from ..translate.controller import identity_from_node
+    from ..xds.node import proxy_claim
 
-    claimed = identity_from_node(node)
+    claimed = proxy_claim(node).identity
     try:
         spiffe = spiffe_id(claimed, trust_domain)
     except ValueError:

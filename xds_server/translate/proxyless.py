@@ -2,7 +2,8 @@
 
 How the server knows: gRPC's node says so (`user_agent_name` "gRPC Python", "gRPC C-core",
 "grpc-go", "grpc-java"...; Envoy says "envoy"), and gRPC announces the client feature
-`envoy.lb.does_not_support_overprovisioning`, which Envoy never sends (`is_proxyless`).
+`envoy.lb.does_not_support_overprovisioning`, which Envoy never sends (xds/node.py reads it
+into the proxy's claim).
 
 What differs from a sidecar (see FIELD-NOTES "The stock grpcio xDS client"):
 
@@ -23,13 +24,14 @@ What differs from a sidecar (see FIELD-NOTES "The stock grpcio xDS client"):
   workload, terminating mTLS unless the port is DISABLE (gRPC cannot sniff TLS, so PERMISSIVE
   means mTLS here), with the workload's authorization as gRPC's RBAC filter (gRFC A41).
 
-Pure functions plus `ProxylessView` (one proxyless client's window on the cache).
+Pure functions: the orchestrator builds the reshaped clusters and the server listeners like
+any other output (translate/service_outputs.py, translate/proxies.py); `ProxylessView`
+(translate/views.py) serves them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+import functools
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -43,7 +45,6 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
 from ..model.security import MtlsMode
-from ..xds import types
 from ..xds.resource import Resource
 from . import names, rbac
 from . import tls as tls_contexts
@@ -51,20 +52,9 @@ from .clusters import ads_config_source, pack
 from .listeners import socket
 from .rbac import PortAuthz
 
-if TYPE_CHECKING:
-    from .controller import ProxyView
-
 SERVER_LISTENER_PREFIX = "grpc/server?xds.resource.listening_address="
-GRPC_FEATURE = "envoy.lb.does_not_support_overprovisioning"
 CLUSTER_METADATA = "xds-server.io"
 PROXYLESS_MTLS = "proxyless_mtls"  # cluster metadata: gRPC clients originate mTLS
-
-
-def is_proxyless(node: base_pb2.Node) -> bool:
-    agent = node.user_agent_name.lower()
-    if agent == "envoy":
-        return False
-    return agent.startswith("grpc") or GRPC_FEATURE in node.client_features
 
 
 def server_listener_name(ip: str, port: int) -> str:
@@ -170,44 +160,10 @@ def server_listener(
     )
 
 
-# The view -----------------------------------------------------------------------------------
+# Client listeners ---------------------------------------------------------------------------
 
 
-def _client_cluster_resource(view: "ProxyView", resource: Resource) -> Resource:
-    memo = view._controller.proxyless_clusters  # noqa: SLF001
-    cached = memo.get(resource.name)
-    if cached is not None and cached[0] == resource.version:
-        return cached[1]
-    reshaped = Resource.from_message(client_cluster(resource.unpack(cluster_pb2.Cluster)))
-    memo[resource.name] = (resource.version, reshaped)
-    return reshaped
-
-
-def client_listener_resource(view: "ProxyView", name: str) -> Resource:
-    scope = view._scope  # noqa: SLF001
-    memo = view._controller.proxyless_listeners  # noqa: SLF001
-    key = (scope.route_name, name)
-    found = memo.get(key)
-    if found is None:
-        if len(memo) > 10_000:  # names are client-chosen: bound what they can make us keep
-            memo.clear()
-        found = memo[key] = Resource.from_message(client_listener(name, scope.route_name))
-    return found
-
-
-def view_get(view: "ProxyView", type_url: str, name: str, inner) -> Resource | None:
-    """ProxylessView.get: `inner` is the sidecar view's get."""
-    resource = inner(type_url, name)
-    if resource is None and type_url == types.LISTENER and is_client_target(name):
-        return client_listener_resource(view, name)
-    if resource is not None and type_url == types.CLUSTER and name in view._controller._cluster_owner:  # noqa: SLF001
-        return _client_cluster_resource(view, resource)
-    return resource
-
-
-def view_visible(view: "ProxyView", type_url: str, inner: Iterable[Resource]) -> list[Resource]:
-    if type_url != types.CLUSTER:
-        return list(inner)
-    owners = view._controller._cluster_owner  # noqa: SLF001
-    return [_client_cluster_resource(view, r) if r.name in owners else r for r in inner]
-
+@functools.lru_cache(maxsize=10_000)  # names are client-chosen: bound what they make us keep
+def client_listener_resource(name: str, route_config_name: str) -> Resource:
+    """The serialized `client_listener`: a pure function of its two names, memoized."""
+    return Resource.from_message(client_listener(name, route_config_name))

@@ -28,7 +28,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 from ..config import is_loopback
 from . import csds, types
 from .auth import StreamGuard, StreamRefused
+from ..model.identity import VerifiedProxy
 from .cache import Change, FullView, ResourceCache, View
+from .node import proxy_claim
 from .push import Debouncer, Pending, SubscriptionIndex
 from .stream import MAX_TRACKED_CHANGES, Ack, ProtocolError, Push, StreamState, Variant
 
@@ -81,7 +83,12 @@ class ServerSettings:
         ]
 
 
-ViewProvider = Callable[[base_pb2.Node], View]
+ViewProvider = Callable[[VerifiedProxy], View]
+
+
+def _verified(node: base_pb2.Node) -> VerifiedProxy:
+    # The stream guard's VerifiedProxy replaces this once the server passes it through.
+    return VerifiedProxy.unverified(proxy_claim(node))
 
 
 def _identity(data: bytes) -> bytes:
@@ -140,7 +147,7 @@ class XdsServer:
         settings: ServerSettings | None = None,
         *,
         view_for: ViewProvider | None = None,
-        release_view: Callable[[base_pb2.Node], None] | None = None,
+        release_view: Callable[[VerifiedProxy], None] | None = None,
         guard: StreamGuard | None = None,
     ) -> None:
         self.cache = cache
@@ -149,7 +156,7 @@ class XdsServer:
         # More gRPC services on the same port (the CA's CSR service), added at start().
         self.extra_handlers: list[grpc.GenericRpcHandler] = []
         self.settings = settings or ServerSettings()
-        # Who sees what: called with the node of each new stream (and `release_view` when the
+        # Who sees what: called with the proxy of each new stream (and `release_view` when the
         # stream ends), so a mesh can scope proxies and build their own resources.
         self._view_for = view_for or (lambda node, _full=FullView(cache): _full)
         self._release_view = release_view
@@ -347,7 +354,7 @@ class XdsServer:
                     await guard.admit(conn)
                 except StreamRefused as err:
                     await context.abort(err.code, err.reason)
-            state.view = self._view_for(state.node)
+            state.view = self._view_for(_verified(state.node))
             try:
                 if guard is not None:
                     state.view = guard.view(state.view, conn)
@@ -357,7 +364,7 @@ class XdsServer:
                 if guard is not None:
                     guard.closed(conn)
                 if self._release_view is not None:
-                    self._release_view(state.node)
+                    self._release_view(_verified(state.node))
             if push is None:
                 # REST-style fetch: "nothing new" is an empty response at the same version.
                 return discovery_pb2.DiscoveryResponse(
@@ -432,7 +439,7 @@ class XdsServer:
                         # Rule 18: who it is, proven before it has a view (so before any
                         # response can even be computed).
                         await guard.admit(conn)
-                    state.view = self._view_for(state.node)
+                    state.view = self._view_for(_verified(state.node))
                     if guard is not None:
                         state.view = guard.view(state.view, conn)
                     log.info(
@@ -544,7 +551,7 @@ class XdsServer:
             self._index.set_wildcard(conn, type_state.type_url, False)
         if conn.state.view is not None and self._release_view is not None and conn.state.node is not None:
             try:
-                self._release_view(conn.state.node)
+                self._release_view(_verified(conn.state.node))
             except Exception:
                 log.exception("releasing a proxy's view failed", extra={"proxy": conn.proxy_id})
 

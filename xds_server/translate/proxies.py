@@ -1,0 +1,262 @@
+"""Connected proxies: the registry (who is connected, with how many streams) and the builder
+of each proxy's own resources (its listeners, inbound clusters and inbound routes).
+
+A proxy is registered by `(namespace, pod)` from its verified claim (model/identity.py). Its
+first stream registers it (and its namespace's scope); its last stream takes its own
+resources with it. What a proxy's build reads (its Pod, the services it backs, the mTLS and
+authorization policies that may select it, its scope) is recorded like any other output's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from ..model.identity import ProxyClaim
+from ..model.mesh import AppProtocol, Service, ServiceKey, ServicePort, Workload
+from ..xds import types
+from ..xds.resource import Resource
+from . import names, proxyless
+from .batch import Batch
+from .clusters import inbound_cluster
+from .dependencies import Parts
+from .endpoints import slice_port
+from .index import Dep
+from .listeners import inbound_listener, outbound_listener, tcp_upstream_listener
+from .orchestrator import Built
+from .reads import Reader
+from .routes import inbound_route_configuration
+from .scopes import ScopeBuilder
+from .security import plaintext_route_name, secure_inbound_routes
+from .service_outputs import ServiceOutputs
+from .views import Published, ProxyKey
+
+log = logging.getLogger(__name__)
+
+AppPort = tuple[int, AppProtocol, Service, ServicePort]  # (port, protocol, service, service port)
+
+
+@dataclass
+class Proxy:
+    key: ProxyKey
+    claim: ProxyClaim
+    streams: int = 0
+
+    @property
+    def proxyless(self) -> bool:
+        """A gRPC xDS client/server, not an Envoy (translate/proxyless.py)."""
+        return self.claim.proxyless
+
+
+class ProxyRegistry:
+    def __init__(self, outputs: ServiceOutputs) -> None:
+        self._outputs = outputs
+        self.proxies: dict[ProxyKey, Proxy] = {}
+        self._per_namespace: dict[str, int] = {}
+        self._proxyless = 0
+
+    def proxies_in(self, namespace: str) -> int:
+        return self._per_namespace.get(namespace, 0)
+
+    def connect(self, claim: ProxyClaim) -> tuple[Proxy, set[Dep]]:
+        """A stream opened; returns the proxy and what its arrival changed."""
+        proxy = self.proxies.get(claim.key)
+        deps: set[Dep] = set()
+        if proxy is None:
+            proxy = self.proxies[claim.key] = Proxy(claim.key, claim)
+            deps.add(("proxy", claim.key))
+            count = self._per_namespace[claim.namespace] = self.proxies_in(claim.namespace) + 1
+            if count == 1:
+                deps.add(("scope", claim.namespace))
+            if proxy.proxyless:
+                self._proxyless += 1
+                if self._proxyless == 1:
+                    self._outputs.proxyless_connected = True
+                    deps.add(("proxyless-connected",))
+        proxy.streams += 1
+        return proxy, deps
+
+    def disconnect(self, key: ProxyKey) -> set[Dep]:
+        """A stream ended; the last one of a proxy unregisters it."""
+        proxy = self.proxies.get(key)
+        if proxy is None:
+            return set()
+        proxy.streams -= 1
+        if proxy.streams > 0:
+            return set()
+        del self.proxies[key]
+        deps: set[Dep] = {("proxy", key)}
+        namespace = key[0]
+        count = self._per_namespace[namespace] = self.proxies_in(namespace) - 1
+        if count <= 0:
+            del self._per_namespace[namespace]
+            deps.add(("scope", namespace))
+        if proxy.proxyless:
+            self._proxyless -= 1
+            if self._proxyless == 0:
+                self._outputs.proxyless_connected = False
+                deps.add(("proxyless-connected",))
+        return deps
+
+
+class ProxyBuilder:
+    kind, phase, family = "proxy", 4, "proxy"
+
+    def __init__(
+        self, registry: ProxyRegistry, scopes: ScopeBuilder, published: Published, trust_domain: str
+    ) -> None:
+        self.registry = registry
+        self.scopes = scopes
+        self.published = published
+        self.trust_domain = trust_domain
+        self._owned: dict[ProxyKey, dict[str, set[str]]] = {}
+
+    def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
+        assert isinstance(arg, tuple)
+        key: ProxyKey = arg  # type: ignore[assignment]
+        proxy = self.registry.proxies.get(key)
+        if proxy is None:
+            self._replace(key, {}, batch)
+            return Built(alive=False)
+        # Whatever the proxy serves, the policies that may select it decide its inbound side.
+        reader.selected_by_policies(key[0])
+        if proxy.proxyless:
+            built = {types.LISTENER: self._proxyless_listeners(proxy, reader)}
+        else:
+            built = self._sidecar(proxy, reader)
+        self._replace(key, built, batch)
+        return Built(translations=1)
+
+    # What a proxy is ----------------------------------------------------------------------------
+
+    @staticmethod
+    def workload_of(proxy: Proxy, reader: Reader) -> Workload:
+        known = reader.pod(*proxy.key)
+        if known is not None:
+            return known
+        claim = proxy.claim
+        # Not (yet) in the model: a VM or a test proxy; trust its declared ports and address.
+        return Workload(
+            namespace=claim.namespace,
+            name=claim.pod,
+            ip=claim.ip or "127.0.0.1",
+            service_account=claim.service_account,
+            labels=claim.labels,
+            meshed=True,
+            inbound_port=claim.inbound_port,
+            outbound_port=claim.outbound_port,
+        )
+
+    @staticmethod
+    def app_ports(workload: Workload, reader: Reader) -> list[AppPort]:
+        """The app ports peers reach through this sidecar."""
+        found: dict[int, AppPort] = {}
+        for service, slices in reader.backed_by(workload.namespace, workload.name):
+            for endpoint_slice in slices:
+                for port in service.ports:
+                    target = slice_port(port, endpoint_slice)
+                    if target is not None and target not in found:
+                        found[target] = (target, port.app_protocol, service, port)
+        return [found[p] for p in sorted(found)]
+
+    # Builds ---------------------------------------------------------------------------------
+
+    def _sidecar(self, proxy: Proxy, reader: Reader) -> dict[str, list[Message]]:
+        workload = self.workload_of(proxy, reader)
+        namespace, pod = proxy.key
+        ip = workload.ip or "127.0.0.1"
+        route_name = names.outbound_route_name(namespace)
+        listeners: list[Message] = [
+            outbound_listener(names.outbound_listener_name(namespace, pod), ip, workload.outbound_port, route_name)
+        ]
+        visible: set[ServiceKey] = set()
+        if workload.tcp_upstreams:
+            reader.derived("scope-services", namespace)
+            visible = self.scopes.services_of(namespace)
+        for upstream in workload.tcp_upstreams:
+            service = reader.service(upstream.service)
+            if service is None or upstream.service not in visible or service.port(upstream.port) is None:
+                log.warning(
+                    "TCP upstream names a service this proxy cannot see",
+                    extra={"proxy": f"{namespace}/{pod}", "service": str(upstream.service),
+                           "port": upstream.port},
+                )
+                continue
+            listeners.append(tcp_upstream_listener(
+                names.tcp_listener_name(namespace, pod, upstream.local_port), ip, upstream.local_port,
+                names.cluster_name(upstream.service, upstream.port),
+            ))
+        clusters: list[Message] = []
+        routes: list[Message] = []
+        ports = self.app_ports(workload, reader)
+        if ports:
+            clusters = [inbound_cluster(namespace, pod, ip, p, proto) for p, proto, _, _ in ports]
+            http = [(p, proto) for p, proto, _, _ in ports if proto.is_http]
+            tcp = next((p for p, proto, _, _ in ports if not proto.is_http), None)
+            inbound_route = names.inbound_route_name(namespace, pod)
+            policies = {
+                s.key: spec for _, _, s, _ in ports if (spec := reader.policy(s.key)) is not None
+            }
+            # Service ports with their target resolved to the app port the slices say.
+            backed = [(s, dataclasses.replace(sp, target_port=p)) for p, _, s, sp in ports]
+            security = reader.inbound(workload, [(p, proto) for p, proto, _, _ in ports])
+            routes.extend(secure_inbound_routes(
+                inbound_route_configuration(inbound_route, http, backed, policies, namespace=namespace, pod=pod),
+                security, namespace=namespace, pod=pod,
+            ))
+            listeners.append(inbound_listener(
+                names.inbound_listener_name(namespace, pod), ip, workload.inbound_port, inbound_route,
+                has_http=bool(http),
+                tcp_cluster=names.inbound_cluster_name(tcp, namespace, pod) if tcp is not None else None,
+                security=security,
+                plaintext_route_name=plaintext_route_name(security, inbound_route, namespace, pod),
+            ))
+        return {types.CLUSTER: clusters, types.ROUTE: routes, types.LISTENER: listeners}
+
+    def _proxyless_listeners(self, proxy: Proxy, reader: Reader) -> list[Message]:
+        """An xDS-enabled gRPC server's listeners: one per app port (from the services it
+        backs) and container port, with the port's mTLS mode and authorization."""
+        workload = self.workload_of(proxy, reader)
+        ports = {p for p, _, _, _ in self.app_ports(workload, reader)} | {p for _, p in workload.container_ports}
+        grpc_ports = [(p, AppProtocol.GRPC) for p in sorted(ports)]
+        security = reader.inbound(workload, grpc_ports)  # type: ignore[arg-type]
+        return [
+            proxyless.server_listener(
+                workload.ip or "127.0.0.1", port, security.http_modes[port], security.authz[port],
+                self.trust_domain,
+            )
+            for port, _ in grpc_ports
+        ]
+
+    def _replace(self, key: ProxyKey, built: dict[str, list[Message]], batch: Batch) -> None:
+        """Write the proxy's resources, removing those it no longer has."""
+        owned = self._owned.setdefault(key, {})
+        for type_url in (types.CLUSTER, types.ROUTE, types.LISTENER):
+            resources = [Resource.from_message(m) for m in built.get(type_url, ())]
+            new = {r.name for r in resources}
+            old = owned.get(type_url, set())
+            batch.put(resources)
+            batch.remove(type_url, old - new)
+            owned[type_url] = new
+        if not built:
+            del self._owned[key]
+        snapshot = {t: frozenset(n) for t, n in owned.items()}
+        published = self.published
+
+        def publish() -> None:
+            before = published.owned.pop(key, {})
+            for names_ in before.values():
+                for name in names_:
+                    if published.proxy_names.get(name) == key:
+                        del published.proxy_names[name]
+            if built:
+                published.owned[key] = snapshot
+                for names_ in snapshot.values():
+                    for name in names_:
+                        published.proxy_names[name] = key
+
+        batch.on_publish(publish)

@@ -1,0 +1,198 @@
+"""Namespace scopes: what every proxy of one namespace sees of the shared resources, and
+that namespace's outbound route configuration (a byte join of its services' virtual hosts).
+
+A scope exists while a proxy of its namespace is connected. It reads every service, every
+service's virtual hosts and cluster names and every namespace (`read_each`), so a change of
+one service re-checks that one service in each scope (O(log n)), and a Namespace change (a
+tenant label) or a big batch recomputes the scope from all services.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Protocol
+
+from ..model.mesh import ServiceKey
+from ..xds import types
+from ..xds.resource import Resource
+from . import names
+from .batch import Batch
+from .dependencies import Parts
+from .index import ModelIndex
+from .orchestrator import Built
+from .reads import Reader
+from .routes import outbound_route_configuration
+from .scope import ScopeSettings, visible
+from .service_outputs import ServiceOutputs
+from .views import Published, ScopeView
+
+_by_name = attrgetter("namespace", "name")  # ServiceKey's order, as a C-compared tuple
+
+
+class ScopeMembers(Protocol):
+    """How many proxies each namespace has connected (the proxy registry keeps it)."""
+
+    def proxies_in(self, namespace: str) -> int: ...
+
+
+@dataclass
+class _Scope:
+    namespace: str
+    services: set[ServiceKey] = field(default_factory=set)
+    ordered: list[ServiceKey] = field(default_factory=list)  # `services`, sorted
+    entries: list[bytes] = field(default_factory=list)  # their encoded virtual hosts, in order
+    member_clusters: dict[ServiceKey, list[str]] = field(default_factory=dict)
+    clusters: list[str] = field(default_factory=list)  # sorted cluster names of `services`
+
+    @property
+    def route_name(self) -> str:
+        return names.outbound_route_name(self.namespace)
+
+
+class ScopeBuilder:
+    kind, phase, family = "scope", 3, "scope"
+
+    def __init__(
+        self, index: ModelIndex, outputs: ServiceOutputs, members: ScopeMembers,
+        published: Published, settings: ScopeSettings,
+    ) -> None:
+        self.index = index
+        self.outputs = outputs
+        self.members = members
+        self.published = published
+        self.settings = settings
+        self._scopes: dict[str, _Scope] = {}
+        self._views: dict[str, ScopeView] = {}
+
+    def services_of(self, namespace: str) -> set[ServiceKey]:
+        """The services the scope sees (as built; read by proxies after `scope-services`)."""
+        scope = self._scopes.get(namespace)
+        return scope.services if scope is not None else set()
+
+    def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
+        assert isinstance(arg, str)
+        namespace = arg
+        scope = self._scopes.get(namespace)
+        if self.members.proxies_in(namespace) <= 0:
+            if scope is None:
+                return Built(alive=False)
+            del self._scopes[namespace]
+            self._views.pop(namespace, None)
+            batch.remove(types.ROUTE, [scope.route_name])
+            batch.on_publish(lambda: self.published.scopes.pop(namespace, None))
+            return Built(alive=False)
+        for lookup in ("service", "vhosts", "clusters", "namespace"):
+            reader.read_each(lookup)
+        if scope is None:
+            scope = self._scopes[namespace] = _Scope(namespace)
+            parts = None
+        keys = self._changed_services(parts)
+        before, clusters_before = frozenset(scope.services), list(scope.clusters)
+        if keys is None:
+            changed = self._rescope(scope)
+        else:
+            changed = self._rescope_services(scope, keys)
+        gained_or_lost = before ^ scope.services
+        if changed or gained_or_lost or scope.clusters != clusters_before or namespace not in self._views:
+            self._publish(scope, batch, gained_or_lost, scope.clusters != clusters_before)
+        emits = frozenset({("scope-services", namespace)}) if gained_or_lost else frozenset()
+        return Built(emits)
+
+    def _changed_services(self, parts: Parts) -> set[ServiceKey] | None:
+        """The services to re-check, or None to recompute the scope from every service (a
+        Namespace changed, or so many services did that one pass is cheaper)."""
+        if parts is None:
+            return None
+        keys: set[ServiceKey] = set()
+        for lookup, key in (p for p in parts if isinstance(p, tuple)):
+            if lookup == "namespace":
+                return None
+            keys.add(key)
+        if len(keys) > max(64, len(self.index.services) // 16):
+            return None
+        return keys
+
+    def _visible(self, key: ServiceKey, namespace: str) -> bool:
+        service = self.index.services.get(key)
+        return service is not None and visible(service, namespace, self.index.namespaces, self.settings)
+
+    def _entry(self, scope: _Scope, key: ServiceKey) -> bytes:
+        return self.outputs.vhosts.get((key, key.namespace == scope.namespace), b"")
+
+    def _rescope(self, scope: _Scope) -> bool:
+        namespaces, settings, ns = self.index.namespaces, self.settings, scope.namespace
+        scope.services = {
+            key for key, service in self.index.services.items() if visible(service, ns, namespaces, settings)
+        }
+        # Sorted by plain tuples: the dataclass's own __lt__ is a Python call per comparison.
+        scope.ordered = sorted(scope.services, key=_by_name)
+        scope.entries = [self._entry(scope, key) for key in scope.ordered]
+        clusters = self.outputs.clusters
+        scope.member_clusters = {key: clusters.get(key, []) for key in scope.ordered}
+        scope.clusters = sorted(name for names_ in scope.member_clusters.values() for name in names_)
+        return True
+
+    def _rescope_services(self, scope: _Scope, keys: Iterable[ServiceKey]) -> bool:
+        changed = False
+        for key in keys:
+            was = key in scope.services
+            now = self._visible(key, scope.namespace)
+            i = bisect.bisect_left(scope.ordered, _by_name(key), key=_by_name)
+            if was and not now:
+                scope.services.discard(key)
+                del scope.ordered[i], scope.entries[i]
+                changed = True
+            elif now and not was:
+                scope.services.add(key)
+                scope.ordered.insert(i, key)
+                scope.entries.insert(i, self._entry(scope, key))
+                changed = True
+            elif now:
+                entry = self._entry(scope, key)
+                if scope.entries[i] != entry:
+                    scope.entries[i] = entry
+                    changed = True
+            old_names = scope.member_clusters.pop(key, []) if was else []
+            new_names = self.outputs.clusters.get(key, []) if now else []
+            if now:
+                scope.member_clusters[key] = new_names
+            if old_names != new_names:
+                for name in old_names:
+                    _sorted_remove(scope.clusters, name)
+                for name in new_names:
+                    bisect.insort(scope.clusters, name)
+        return changed
+
+    def _publish(
+        self, scope: _Scope, batch: Batch, gained_or_lost: frozenset[ServiceKey], clusters_changed: bool
+    ) -> None:
+        # A byte join of entries kept in order: a change to one service costs no per-service
+        # translation here, whatever the number of services.
+        head = outbound_route_configuration(scope.route_name, []).SerializeToString(deterministic=True)
+        body = b"".join([head, *scope.entries])
+        batch.put([Resource.from_bytes(types.ROUTE, scope.route_name, body)])
+        # Copies of the sets the views read, made only when they changed.
+        last = self._views.get(scope.namespace)  # the latest made, published or still in the batch
+        view = self._views[scope.namespace] = ScopeView(
+            scope.namespace,
+            frozenset(scope.services) if last is None or gained_or_lost else last.services,
+            tuple(scope.clusters) if last is None or clusters_changed else last.clusters,
+        )
+        batch.on_publish(lambda: self.published.scopes.__setitem__(scope.namespace, view))
+        # Visibility changed but the clusters and assignments did not, so the cache reports
+        # nothing: streams re-check them against every view, so they reach the proxies that
+        # may now see them and leave those that may not.
+        shared = [n for key in gained_or_lost for n in self.outputs.clusters.get(key, ())]
+        if shared:
+            batch.touch(types.CLUSTER, shared)
+            batch.touch(types.ENDPOINT, shared)
+
+
+def _sorted_remove(items: list[str], item: str) -> None:
+    """Remove `item` from the sorted list `items` (if there)."""
+    i = bisect.bisect_left(items, item)
+    if i < len(items) and items[i] == item:
+        del items[i]

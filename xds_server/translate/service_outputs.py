@@ -1,0 +1,278 @@
+"""The shared outputs of one service: built once, shared by every proxy that may see it.
+
+  cluster-security  what its clusters say about mTLS (the SPIFFE IDs of its servers and,
+                    per port, whether every endpoint accepts mTLS): a derived value, so an
+                    endpoint change rebuilds the clusters only when it changes
+  clusters          one Cluster per service port
+  assignments       one ClusterLoadAssignment per service port
+  proxyless         its clusters reshaped for gRPC, while a proxyless proxy is connected
+  vhosts            its virtual hosts (encoded), as seen from its own namespace and others
+
+Each is one builder over the "service" family: a new Service gets all of them, and each
+rebuilds when something it read changed (translate/reads.py records what that is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_pb2
+
+from ..model.mesh import Service, ServiceKey, ServicePort, Workload
+from ..xds import types
+from ..xds.resource import Resource
+from . import proxyless
+from .batch import Batch
+from .clusters import service_cluster
+from .dependencies import Parts
+from .endpoints import load_assignment, slice_port
+from .orchestrator import Built
+from .reads import Reader
+from .routes import service_virtual_host
+from .views import Published
+
+ClusterSecurity = tuple[tuple[str, ...], tuple[bool, ...]]
+NO_SECURITY: ClusterSecurity = ((), ())
+
+
+@dataclass
+class ServiceOutputs:
+    """What the service builders produced that other builders read."""
+
+    security: dict[ServiceKey, ClusterSecurity] = field(default_factory=dict)
+    clusters: dict[ServiceKey, list[str]] = field(default_factory=dict)  # sorted names
+    cluster_resources: dict[ServiceKey, list[Resource]] = field(default_factory=dict)
+    vhosts: dict[tuple[ServiceKey, bool], bytes] = field(default_factory=dict)  # (key, local)
+    proxyless: dict[ServiceKey, list[str]] = field(default_factory=dict)
+    proxyless_connected: bool = False  # set by the proxy registry
+
+
+def _key(arg: Hashable) -> ServiceKey:
+    assert isinstance(arg, ServiceKey)
+    return arg
+
+
+class ClusterSecurityBuilder:
+    kind, phase, family = "cluster-security", 0, "service"
+
+    def __init__(self, outputs: ServiceOutputs, mtls: bool) -> None:
+        self.outputs = outputs
+        self.mtls = mtls
+
+    def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
+        key = _key(arg)
+        service = reader.service(key) if self.mtls else None
+        value = self._compute(key, service, reader) if service is not None else NO_SECURITY
+        before = self.outputs.security.get(key, NO_SECURITY)
+        if service is None:
+            self.outputs.security.pop(key, None)
+        else:
+            self.outputs.security[key] = value
+        emits = frozenset({("cluster-security", key)}) if value != before else frozenset()
+        return Built(emits, alive=service is not None)
+
+    @staticmethod
+    def _compute(key: ServiceKey, service: Service, reader: Reader) -> ClusterSecurity:
+        slices = reader.slices(key)
+        workloads = [
+            owner for s in slices for e in s.endpoints
+            if (owner := reader.workload(key.namespace, e.pod, e.address)) is not None
+        ]
+        ids = reader.spiffe_ids(workloads)
+        if not ids:
+            return ids, ()
+        return ids, tuple(_all_endpoints_mtls(key, port, slices, reader) for port in service.ports)
+
+
+def _all_endpoints_mtls(key: ServiceKey, port: ServicePort, slices: list, reader: Reader) -> bool:
+    """Whether every endpoint of the port accepts mTLS (gRPC clients, which cannot choose per
+    endpoint, then originate it)."""
+    found = False
+    for endpoint_slice in slices:
+        target = slice_port(port, endpoint_slice)
+        if target is None:
+            continue
+        for endpoint in endpoint_slice.endpoints:
+            owner: Workload | None = reader.workload(key.namespace, endpoint.pod, endpoint.address)
+            if owner is None or not reader.endpoint_mtls(owner, target):
+                return False
+            found = True
+    return found
+
+
+class ClustersBuilder:
+    kind, phase, family = "clusters", 1, "service"
+
+    def __init__(self, outputs: ServiceOutputs, published: Published) -> None:
+        self.outputs = outputs
+        self.published = published
+
+    def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
+        key = _key(arg)
+        service = reader.service(key)
+        old = self.outputs.clusters.get(key, [])
+        owners = self.published.cluster_owner
+        if service is None:
+            self.outputs.clusters.pop(key, None)
+            self.outputs.cluster_resources.pop(key, None)
+            batch.remove(types.CLUSTER, old)
+            batch.remove(types.ENDPOINT, old)
+            batch.on_publish(lambda: [owners.pop(n, None) for n in old])
+            emits = {("clusters", key), ("cluster-resources", key)} if old else set()
+            return Built(frozenset(emits), alive=False)
+        policy = reader.policy(key)
+        reader.derived("cluster-security", key)
+        ids, all_mtls = self.outputs.security.get(key, NO_SECURITY)
+        messages = [service_cluster(service, port, policy, mtls_ids=ids) for port in service.ports]
+        for message, enabled in zip(messages, all_mtls):
+            proxyless.mark_proxyless_mtls(message, enabled)
+        resources = [Resource.from_message(m) for m in messages]
+        new = sorted({r.name for r in resources})
+        gone = set(old) - set(new)
+        batch.put(resources)
+        batch.remove(types.CLUSTER, gone)
+        batch.remove(types.ENDPOINT, gone)
+
+        def publish() -> None:
+            for name in gone:
+                owners.pop(name, None)
+            for name in new:
+                owners[name] = key
+
+        batch.on_publish(publish)
+        emits = set()
+        if new != old:
+            emits.add(("clusters", key))
+        if resources != self.outputs.cluster_resources.get(key):
+            emits.add(("cluster-resources", key))
+        self.outputs.clusters[key] = new
+        self.outputs.cluster_resources[key] = resources
+        return Built(frozenset(emits), translations=len(messages))
+
+
+class AssignmentsBuilder:
+    kind, phase, family = "assignments", 1, "service"
+
+    def __init__(self, mtls: bool) -> None:
+        self.mtls = mtls
+
+    def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
+        key = _key(arg)
+        service = reader.service(key)
+        if service is None:  # its clusters' builder removes the assignments with them
+            return Built(alive=False)
+        slices = reader.slices(key)
+        mtls = reader.endpoint_mtls if self.mtls else None
+        assignments = [
+            Resource.from_message(load_assignment(service, port, slices, reader.workload, mtls))
+            for port in service.ports
+        ]
+        batch.put(assignments)
+        return Built(translations=len(assignments))
+
+
+class ProxylessClustersBuilder:
+    """Service clusters reshaped for gRPC (proxyless.client_cluster), kept only while a
+    proxyless proxy is connected: views hand them out in place of the Envoy ones."""
+
+    kind, phase, family = "proxyless-clusters", 2, "service"
+
+    def __init__(self, outputs: ServiceOutputs, published: Published) -> None:
+        self.outputs = outputs
+        self.published = published
+
+    def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
+        key = _key(arg)
+        reader.derived("proxyless-connected")
+        reader.derived("cluster-resources", key)
+        old = self.outputs.proxyless.get(key, [])
+        resources = []
+        if self.outputs.proxyless_connected:
+            resources = [
+                Resource.from_message(proxyless.client_cluster(r.unpack(cluster_pb2.Cluster)))
+                for r in self.outputs.cluster_resources.get(key, ())
+            ]
+        new = [r.name for r in resources]
+        gone = set(old) - set(new)
+        if new:
+            self.outputs.proxyless[key] = new
+        else:
+            self.outputs.proxyless.pop(key, None)
+        reshaped = self.published.proxyless_clusters
+
+        def publish() -> None:
+            for name in gone:
+                reshaped.pop(name, None)
+            for resource in resources:
+                reshaped[resource.name] = resource
+
+        if resources or gone:
+            batch.on_publish(publish)
+        return Built(alive=key in self.outputs.cluster_resources)
+
+
+class VirtualHostsBuilder:
+    """A service's virtual hosts in both forms, encoded as `RouteConfiguration.virtual_hosts`
+    entries: a scope's route configuration is then a byte join (translate/scopes.py)."""
+
+    kind, phase, family = "vhosts", 1, "service"
+
+    def __init__(self, outputs: ServiceOutputs) -> None:
+        self.outputs = outputs
+
+    def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
+        key = _key(arg)
+        service = reader.service(key)
+        changed = False
+        translations = 0
+        for local in (True, False):
+            entry = None
+            if service is not None:
+                entry, count = self._encode(service, local, reader)
+                translations += count
+            slot = (key, local)
+            if entry is None:
+                changed = self.outputs.vhosts.pop(slot, None) is not None or changed
+            elif self.outputs.vhosts.get(slot) != entry:
+                self.outputs.vhosts[slot] = entry
+                changed = True
+        emits = frozenset({("vhosts", key)}) if changed else frozenset()
+        return Built(emits, alive=service is not None, translations=translations)
+
+    def _encode(self, service: Service, local: bool, reader: Reader) -> tuple[bytes, int]:
+        service = _routable(service, reader)
+        routes = reader.routes_of(service.key)
+        policy = reader.policy(service.key)
+        services = reader.services()
+        http_ports = [p for p in service.ports if p.app_protocol.is_http]
+        default = _default_port(http_ports)
+        hosts = []
+        for port in http_ports:
+            attached = [
+                r for r in routes
+                if any(p.service == service.key and p.port in (None, port.port) for p in r.parents)
+            ]
+            hosts.append(service_virtual_host(
+                service, port, attached, policy, services, local=local, default_port=port is default,
+            ))
+        encoded = route_pb2.RouteConfiguration(virtual_hosts=hosts).SerializeToString(deterministic=True)
+        return encoded, len(hosts)
+
+
+def _routable(service: Service, reader: Reader) -> Service:
+    """The service as its virtual hosts see it. Two services claiming one cluster IP (an
+    error a real cluster never makes, but a file can) would give Envoy a duplicate domain,
+    and Envoy rejects the whole route configuration: one odd object must not break the
+    namespace, so only the first service (by name) keeps the IP."""
+    owners = reader.ip_owners(service.cluster_ip or "")
+    if owners and len(owners) > 1 and min(owners) != service.key:
+        return dataclasses.replace(service, cluster_ip=None)
+    return service
+
+
+def _default_port(ports: list[ServicePort]) -> ServicePort | None:
+    """The port a Host header without a port means: 80 if the service has it, else the first."""
+    return next((p for p in ports if p.port == 80), ports[0] if ports else None)
