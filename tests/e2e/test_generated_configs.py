@@ -33,23 +33,22 @@ from typing import Any
 
 import pytest
 import yaml
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2, symbol_database
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2
 from tests.support.envoy import validate_static
 from tests.support.net import free_port, wait_for_port
+from tests.support.proxies import verified
 from tests.support.xds_client import XdsClient, sotw_resources
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
 from xds_server.model.store import NAMESPACE, POD, MeshStore
 from xds_server.sources.k8s_objects import ObjectError, convert
 from xds_server.sources.mesh_files import MeshDirectory
-from xds_server.model.identity import VerifiedProxy
 from xds_server.translate.controller import MeshController, proxy_resources
-from xds_server.xds.node import proxy_claim
 from xds_server.translate.scope import EXPORT_ANNOTATION, TENANT_LABEL
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
@@ -60,10 +59,6 @@ EXAMPLES = [d for d in ("mesh-basic", "demo") if (ROOT / "examples" / d).is_dir(
 # What a real sidecar runs with (the RE2 program size limits user regexes need).
 SIDECAR_RUNTIME = {"layered_runtime": sidecar_bootstrap(SidecarSpec("ns", "sa", "pod", "127.0.0.1"))["layered_runtime"]}
 
-
-def verified(node: base_pb2.Node) -> VerifiedProxy:
-    """The proxy a node claims to be, as the server hands it to the view provider."""
-    return VerifiedProxy.unverified(proxy_claim(node))
 
 
 

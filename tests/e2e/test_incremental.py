@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import struct_pb2
-
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import struct_pb2
+
 from tests.support.mesh import MeshHarness, Pod
+from tests.support.proxies import verified
 from xds_server.model.mesh import (
     AppProtocol,
     Endpoint,
@@ -37,9 +38,7 @@ from xds_server.model.mesh import (
 from xds_server.model.routes import BackendRef, ParentRef, Route, RouteRule
 from xds_server.model.store import MeshStore
 from xds_server.translate import names
-from xds_server.model.identity import VerifiedProxy
 from xds_server.translate.controller import MeshController
-from xds_server.xds.node import proxy_claim
 from xds_server.translate.scope import EXPORT_ANNOTATION
 from xds_server.xds import types
 from xds_server.xds.cache import Change, ResourceCache
@@ -49,10 +48,6 @@ API_CLA = names.cluster_name(ServiceKey(SHOP, "api"), 80)
 # api and its canary are exported to shop and other, not to lonely.
 EXPORT = {EXPORT_ANNOTATION: f".,{OTHER}"}
 
-
-def verified(node: base_pb2.Node) -> VerifiedProxy:
-    """The proxy a node claims to be, as the server hands it to the view provider."""
-    return VerifiedProxy.unverified(proxy_claim(node))
 
 
 

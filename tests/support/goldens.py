@@ -40,11 +40,13 @@ from xds_server.model.security import MtlsMode, SecuritySettings
 from xds_server.model.store import POD, MeshStore
 from xds_server.sources.mesh_files import parse_file, resolve
 from xds_server.translate.controller import MeshController
-from xds_server.translate.proxyless import GRPC_FEATURE
 from xds_server.translate.scope import ScopeSettings
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache, View
+from xds_server.xds.node import GRPC_FEATURE
 from xds_server.xds.resource import Resource
+
+from .proxies import verified
 
 TESTDATA = Path(__file__).resolve().parents[1] / "testdata"
 IN_DIR = TESTDATA / "in"
@@ -163,7 +165,7 @@ def translate_case(case: str) -> tuple[GoldenProxy, dict[str, list[Message]]]:
     store = load_mesh(case)
     proxy = golden_proxy(case, store)
     controller = MeshController(store, ResourceCache(), settings=proxy.scope, security=proxy.security)
-    view: View = controller.view_for(_node(proxy))
+    view: View = controller.view_for(verified(_node(proxy)))
     with tempfile.TemporaryDirectory(prefix="golden-ca-") as ca_dir:
         # With the CA and SDS on, secrets come from the real provider; a proxyless gRPC
         # client never asks for them (its certificates come from files, cert-agent's).

@@ -26,6 +26,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_pb2
 
+from tests.support.proxies import verified
 from xds_server.model.mesh import (
     AppProtocol,
     Endpoint,
@@ -38,21 +39,21 @@ from xds_server.model.mesh import (
     Workload,
 )
 from xds_server.model.policy import TrafficPolicy
-from xds_server.sources.policies import parse_traffic_policy_spec
 from xds_server.model.routes import BackendRef, Mirror, ParentRef, Route, RouteRule
 from xds_server.model.security import (
     AuthorizationPolicy,
-    AuthorizationPolicySpec,
     MTLSPolicy,
-    MTLSPolicySpec,
     SecuritySettings,
 )
 from xds_server.model.store import HTTP_ROUTE, KINDS, MeshStore, key_of
-from xds_server.model.identity import VerifiedProxy
+from xds_server.sources.policies import (
+    parse_authorization_policy_spec,
+    parse_mtls_policy_spec,
+    parse_traffic_policy_spec,
+)
 from xds_server.translate.controller import MeshController, proxy_resources
-from xds_server.xds.node import proxy_claim
-from xds_server.translate.scope import TENANT_LABEL
 from xds_server.translate.routes import INVALID_BACKEND_CLUSTER
+from xds_server.translate.scope import TENANT_LABEL
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
 
@@ -61,10 +62,6 @@ ROOT = "xds-system"  # SecuritySettings' default root namespace
 SOURCE = "test"
 MTLS = SecuritySettings(mtls=True)
 
-
-def verified(node: base_pb2.Node) -> VerifiedProxy:
-    """The proxy a node claims to be, as the server hands it to the view provider."""
-    return VerifiedProxy.unverified(proxy_claim(node))
 
 
 
@@ -201,11 +198,11 @@ class World:
         if action == "step":
             return self.step(i)
         if action == "mtls":
-            spec = MTLSPolicySpec.model_validate({"mode": rng.choice(["STRICT", "PERMISSIVE", "DISABLE"])})
+            spec = parse_mtls_policy_spec({"mode": rng.choice(["STRICT", "PERMISSIVE", "DISABLE"])})
             ns = rng.choice((*NAMESPACES, ROOT))
             self.model.put(SOURCE, MTLSPolicy(namespace=ns, name=f"m{rng.randint(0, 1)}", spec=spec))
         elif action == "authz":
-            spec = AuthorizationPolicySpec.model_validate({
+            spec = parse_authorization_policy_spec({
                 "action": rng.choice(["ALLOW", "DENY"]),
                 "rules": [rng.choice([{}, {"from": [{"source": {"namespaces": ["a"]}}]}])],
             })

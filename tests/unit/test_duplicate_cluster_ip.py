@@ -7,20 +7,13 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import struct_pb2
 
+from tests.support.proxies import verified
 from xds_server.model.mesh import AppProtocol, Service, ServicePort
 from xds_server.model.store import SERVICE, MeshStore
 from xds_server.translate import names
-from xds_server.model.identity import VerifiedProxy
 from xds_server.translate.controller import MeshController
-from xds_server.xds.node import proxy_claim
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
-
-
-def verified(node: base_pb2.Node) -> VerifiedProxy:
-    """The proxy a node claims to be, as the server hands it to the view provider."""
-    return VerifiedProxy.unverified(proxy_claim(node))
-
 
 
 def _service(name: str, ip: str) -> Service:

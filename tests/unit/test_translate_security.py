@@ -26,12 +26,13 @@ from google.protobuf.message import Message
 
 from tests.support import goldens
 from tests.support.envoy import validate_static
+from tests.support.proxies import verified
 from tests.support.static_secrets import with_static_secrets
 from xds_server.model.mesh import Workload
 from xds_server.model.security import (
     AuthorizationPolicy,
-    MTLSPolicy,
     MtlsMode,
+    MTLSPolicy,
     SecuritySettings,
     authorization_policies,
     mtls_policy_chain,
@@ -41,9 +42,7 @@ from xds_server.model.store import MeshStore
 from xds_server.sources.k8s_objects import ObjectError, convert
 from xds_server.sources.policies import parse_authorization_policy_spec, parse_mtls_policy_spec
 from xds_server.translate import rbac, tls
-from xds_server.model.identity import VerifiedProxy
 from xds_server.translate.controller import MeshController, proxy_resources
-from xds_server.xds.node import proxy_claim
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
 
@@ -58,10 +57,6 @@ SETTINGS = SecuritySettings(mtls=True)
 
 # ------------------------------------------------------------------------------- helpers
 
-
-def verified(node: base_pb2.Node) -> VerifiedProxy:
-    """The proxy a node claims to be, as the server hands it to the view provider."""
-    return VerifiedProxy.unverified(proxy_claim(node))
 
 
 
@@ -405,7 +400,12 @@ class SecureWorld:
 
     def add_service(self, i: int) -> None:
         from xds_server.model.mesh import (
-            AppProtocol, Endpoint, EndpointPort, EndpointSlice, Service, ServicePort,
+            AppProtocol,
+            Endpoint,
+            EndpointPort,
+            EndpointSlice,
+            Service,
+            ServicePort,
         )
 
         ns = self.rng.choice(self.NAMESPACES[:2])
