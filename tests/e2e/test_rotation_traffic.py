@@ -60,7 +60,7 @@ class TokenMesh(MeshHarness):
                                 rotation_startup_grace=timedelta(0))
         self.security = Security.build(config, cache, "127.0.0.1:0")
         super().__init__(directory, security=SecuritySettings(mtls=True),
-                         guard=self.security.guard, cache=cache)
+                         cache=cache)
         self.security.attach(self.server)
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None

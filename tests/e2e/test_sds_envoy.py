@@ -35,7 +35,7 @@ from tests.support.net import free_port, next_loopback_ip
 from tests.support.upstreams import TcpEchoUpstream
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
 from xds_server.ca.authority import fingerprint
-from xds_server.ca.identity import Identity
+from xds_server.model.identity import Identity
 from xds_server.ca.rotation import RotationPhase
 from xds_server.security import Security, SecurityConfig
 from xds_server.xds import types

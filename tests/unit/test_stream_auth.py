@@ -15,12 +15,15 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from xds_server.ca.authority import CertificateAuthority
-from xds_server.ca.identity import Identity
-from xds_server.ca.sds import SecretProvider, identity_key, redacted
+from xds_server.model.identity import Identity
 from xds_server.ca.svid import SvidIssuer
+from xds_server.ca.workloads import WorkloadCertificates
+from xds_server.sds import SdsSecrets, identity_key
 from xds_server.translate.controller import identity_from_node
+from xds_server.translate.secrets import redacted
 from xds_server.xds import types
-from xds_server.xds.auth import _peer_is_loopback, claimed_identity, failure_reason
+from xds_server.xds.auth import _peer_is_loopback, failure_reason
+from xds_server.xds.node import proxy_claim
 from xds_server.xds.cache import FullView, ResourceCache
 
 
@@ -42,7 +45,7 @@ def _node(node_id: str, **metadata: str) -> base_pb2.Node:
     _node("", pod="p"),
 ])
 def test_the_claim_authenticated_is_the_claim_translated(node: base_pb2.Node) -> None:
-    claim, translated = claimed_identity(node), identity_from_node(node)
+    claim, translated = proxy_claim(node), identity_from_node(node)
     assert (claim.namespace, claim.service_account, claim.pod) == \
         (translated.namespace, translated.service_account, translated.pod)
 
@@ -78,7 +81,8 @@ def test_a_view_maps_default_to_its_own_identity_only(tmp_path: Path) -> None:
     raw.generic_secret.secret.inline_string = "x"
     cache.set_type(types.SECRET, [raw])
     authority = CertificateAuthority(tmp_path / "ca")
-    provider = SecretProvider(cache, SvidIssuer(authority, default_ttl=timedelta(hours=1)))
+    provider = SdsSecrets(cache, WorkloadCertificates(
+        SvidIssuer(authority, default_ttl=timedelta(hours=1))))
     web, db = Identity("shop", "web"), Identity("shop", "db")
     web_key, db_key = provider.acquire(web), provider.acquire(db)
     assert web_key == identity_key("spiffe://cluster.local/ns/shop/sa/web")

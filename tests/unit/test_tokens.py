@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from xds_server.ca.cli import parse_duration, token
-from xds_server.ca.identity import AuthError, Identity
+from xds_server.model.identity import AuthError, Identity
 from xds_server.ca.tokens import REVOKED_FILE, TOKEN_KEY, TokenIssuer
 
 

@@ -151,7 +151,7 @@ def _load_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> No
 def mtls_context(authority: Any, issuer: Any, settings: AdminSettings) -> tuple[ssl.SSLContext, Any]:
     """A server context requiring client certificates from the mesh CA, with a certificate
     for the control plane's own identity. Returns (context, the issued certificate)."""
-    from ..ca.identity import Identity
+    from ..model.identity import Identity
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -166,7 +166,7 @@ def mtls_context(authority: Any, issuer: Any, settings: AdminSettings) -> tuple[
 async def _renew(context: ssl.SSLContext, authority: Any, issuer: Any, settings: AdminSettings,
                  issued: Any) -> None:
     """Re-issue the admin server's certificate at half-life and trust new roots (rotation)."""
-    from ..ca.identity import Identity
+    from ..model.identity import Identity
 
     identity = Identity(settings.identity_namespace, settings.identity_service_account)
     bundle = authority.trust_bundle_pem
@@ -210,6 +210,9 @@ def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = Non
         or "cluster.local"
     metrics = metrics or Metrics()
     metrics.attach_server(running.server)
+    guard = getattr(ca, "guard", None)
+    if guard is not None:
+        metrics.attach_guard(guard)
     metrics.attach_cache(running.cache)
     if running.store is not None:
         metrics.attach_store(running.store)

@@ -47,7 +47,7 @@ def identity_of(conn: Any, trust_domain: str) -> dict[str, Any]:
     node = conn.state.node
     if node is None:
         return {"spiffe_id": None, "verified": False}
-    from ..ca.identity import spiffe_id
+    from ..model.identity import spiffe_id
     from ..translate.controller import identity_from_node
 
     claimed = identity_from_node(node)

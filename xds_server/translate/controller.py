@@ -35,6 +35,7 @@ from ..model.mesh import (
     ServicePort,
     Workload,
 )
+from ..model.identity import VerifiedProxy
 from ..model.policy import TrafficPolicy, TrafficPolicySpec
 from ..model.routes import Route
 from ..model.security import SecuritySettings
@@ -661,14 +662,20 @@ class MeshController:
 
     # Proxies --------------------------------------------------------------------------------
 
-    def view_for(self, node: base_pb2.Node) -> ProxyView:
+    def view_for(self, node: VerifiedProxy | base_pb2.Node) -> ProxyView:
         """The server calls this on a stream's first request (see XdsServer `view_for`)."""
-        identity = identity_from_node(node)
+        claim = node.claim if isinstance(node, VerifiedProxy) else None
+        identity = claim.identity if claim is not None else identity_from_node(node)
         key = (identity.namespace, identity.pod)
         proxy = self._proxies.get(key)
         if proxy is None:
-            meta = dict(node.metadata.fields) if node.HasField("metadata") else {}
-            proxy = _Proxy(key, identity, meta, proxyless=proxyless.is_proxyless(node))
+            if claim is not None:  # the ports the claim read, where workload_of looks for them
+                meta = {p: struct_pb2.Value(number_value=getattr(claim, p))
+                        for p in ("inbound_port", "outbound_port")}
+            else:
+                meta = dict(node.metadata.fields) if node.HasField("metadata") else {}
+            is_proxyless = claim.proxyless if claim is not None else proxyless.is_proxyless(node)
+            proxy = _Proxy(key, identity, meta, proxyless=is_proxyless)
             self._proxies[key] = proxy
             scope = self._scope_for(identity.namespace)
             scope.proxies += 1
@@ -677,9 +684,9 @@ class MeshController:
         view = ProxylessView if proxy.proxyless else ProxyView
         return view(self, proxy, self._scopes[identity.namespace])
 
-    def release(self, node: base_pb2.Node) -> None:
+    def release(self, node: VerifiedProxy | base_pb2.Node) -> None:
         """A stream ended; the last stream of a proxy takes its own resources with it."""
-        identity = identity_from_node(node)
+        identity = node.identity if isinstance(node, VerifiedProxy) else identity_from_node(node)
         key = (identity.namespace, identity.pod)
         proxy = self._proxies.get(key)
         if proxy is None:
