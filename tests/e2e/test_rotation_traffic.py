@@ -327,7 +327,7 @@ async def test_root_rotation_under_traffic_without_a_failed_request(mesh: TokenM
     start = time.monotonic()
     try:
         await mesh.until(lambda: traffic.ok >= 100, 10, "traffic flowing")
-        status = security.start_root_rotation()  # what POST /admin/ca/rotate-root calls
+        status = await security.start_root_rotation()  # what POST /admin/ca/rotate-root calls
         assert status["phase"] == RotationPhase.PUBLISHING.value
         new_fp = status["new_root"]
         # 1. Both sidecars get the bundle with both roots; their ACKs switch signing.

@@ -310,7 +310,7 @@ async def test_root_rotation_new_bundle_first_then_new_certificates(tmp_path: Pa
         assert before.leaf.issuer == old_root.subject
         before.sock.close()
 
-        status = mesh.security.start_root_rotation()
+        status = await mesh.security.start_root_rotation()
         new_fp = status["new_root"]
 
         def ca_serials() -> set[str]:

@@ -178,7 +178,7 @@ async def _renew(context: ssl.SSLContext, authority: Any, issuer: Any, settings:
             bundle = authority.trust_bundle_pem
             context.load_verify_locations(cadata=bundle.decode())
         if authority.clock() >= issued.not_before + lifetime / 2 - timedelta(seconds=1):
-            issued = issuer.issue_for_identity(identity, proxy="admin-api")
+            issued = await asyncio.to_thread(issuer.issue_for_identity, identity, proxy="admin-api")
             _load_chain(context, issued.chain_pem, issued.key_pem)
             log.info("admin API certificate renewed",
                      extra={"serial": issued.serial_hex, "not_after": issued.not_after.isoformat()})
@@ -247,7 +247,8 @@ async def start_admin(running: Any, settings: AdminSettings,
             ctx.metrics.close()
             raise ConfigError("--admin-mtls needs the built-in CA (client certificates come "
                               "from the mesh CA), and no CA is configured")
-        ssl_context, issued = mtls_context(ctx.authority, issuer, settings)
+        # Key generation (RSA: tens of ms) in a worker thread, never on the loop.
+        ssl_context, issued = await asyncio.to_thread(mtls_context, ctx.authority, issuer, settings)
     admin = AdminServer(ctx, settings, ssl_context)
     try:
         await admin.start()

@@ -302,14 +302,14 @@ class WorkloadCertificates:
         return len(results)
 
     async def _renew_due(self) -> None:
-        """Sign what is due in a worker thread, `batch_size` identities at a time, and apply
-        each batch on the loop: the loop is never held for more than one batch's apply."""
-        due = [s for s in self.schedule.pop_due() if s in self._identities]
-        for start in range(0, len(due), self.batch_size):
-            jobs = [
-                _Job(s, self._identities[s], self._generation[s])
-                for s in due[start:start + self.batch_size] if s in self._identities
-            ]
+        """Take what is due `batch_size` identities at a time: sign each slice in a worker
+        thread and apply it on the loop, which is never held for more than one slice."""
+        while True:
+            due = self.schedule.pop_due(limit=self.batch_size)
+            if not due:
+                return
+            jobs = [_Job(s, self._identities[s], self._generation[s])
+                    for s in due if s in self._identities]
             if not jobs:
                 continue
             signer = self._signer
@@ -317,9 +317,9 @@ class WorkloadCertificates:
                 results = await asyncio.to_thread(self._sign_batch, jobs)
             except BaseException:
                 # Cancelled (shutdown) or a bug: what was popped is due again, not lost.
-                for s in due[start:]:
-                    if s in self._identities:
-                        self.schedule.schedule_at(s, self.issuer.clock())
+                for job in jobs:
+                    if self._generation.get(job.spiffe_id) == job.generation:
+                        self.schedule.schedule_at(job.spiffe_id, self.issuer.clock())
                 raise
             self._apply(results, signer)
 
