@@ -307,7 +307,7 @@ class XdsServer:
             state = new_stream(Variant.SOTW, next(self._ids), fixed_type=type_url,
                                control_plane=self.settings.control_plane_id)
             try:
-                _, _, added, _ = state.on_request(request)
+                added = state.on_request(request).added
             except ProtocolError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             conn = Connection(state, context.peer(), f"Fetch {types.short_name(type_url)}")
@@ -391,7 +391,7 @@ class XdsServer:
                 hooks.requested(conn)  # e.g. a bounded request rate (rule 19)
                 first = state.node is None
                 try:
-                    type_state, ack, added, dropped = state.on_request(request)
+                    result = state.on_request(request)
                 except ProtocolError as err:
                     self.stats.protocol_errors += 1
                     log.warning(
@@ -408,6 +408,9 @@ class XdsServer:
                         extra={"proxy": conn.proxy_id, "peer": conn.peer, "method": conn.method,
                                "stream": state.id},
                     )
+                type_state, ack, added, dropped = (
+                    result.state, result.ack, result.added, result.dropped
+                )
                 if type_state is None:
                     continue  # stale nonce (rule 9)
                 type_url = type_state.type_url

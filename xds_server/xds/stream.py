@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypeAlias
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -126,7 +127,7 @@ class Ack:
 
 
 # A request as the variants receive it (SotW or delta).
-Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+Request: TypeAlias = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
 
 
 @dataclass(slots=True)
@@ -138,9 +139,6 @@ class RequestResult:
     ack: Ack | None
     added: set[str]
     dropped: set[str]
-
-    def __iter__(self):  # unpacks as (state, ack, added, dropped)
-        return iter((self.state, self.ack, self.added, self.dropped))
 
 
 class StreamState(ABC):
