@@ -92,7 +92,7 @@ def log(msg: str) -> None:
 
 def bench_issuance(algorithm: str, n: int, repeats: int) -> dict:
     from xds_server.ca.authority import CertificateAuthority
-    from xds_server.ca.identity import Identity
+    from xds_server.model.identity import Identity
     from xds_server.ca.svid import SvidIssuer
 
     with tempfile.TemporaryDirectory(prefix="ca-bench-") as d:

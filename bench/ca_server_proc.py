@@ -75,7 +75,7 @@ async def main() -> None:
     stop = asyncio.Event()
     sec_task = asyncio.create_task(security.run(stop), name="security")
     tune_gc()
-    provider = security.provider
+    provider = security.certificates
     assert provider is not None
     emit("ready", port=server.port, pid=os.getpid(), kind="ours+ca")
 
@@ -84,13 +84,13 @@ async def main() -> None:
         if c == "sds_stats":
             st = provider.stats
             emit("sds_stats", issued=st.issued, renewed=st.renewed,
-                 issue_failures=st.issue_failures, identities=len(provider._identities),
+                 issue_failures=st.issue_failures, identities=len(provider),
                  scheduled=len(provider.schedule))
         elif c == "storm":
             n = len(provider.schedule)
             t0 = time.time_ns()
             provider.schedule.mark_due()
-            provider._wake_up()
+            provider.wake()
             emit("storm", t0_ns=t0, identities=n)
         elif c == "push":
             round_no = int(cmd.get("round", 1))

@@ -155,8 +155,9 @@ async def start_app(config: AppConfig) -> RunningApp:
         from .security import Security
 
         try:
-            security = Security.build(config.security, cache, config.server.address,
-                                      kubernetes=config.kubernetes)
+            # The CA is loaded (or its root generated) in a worker thread, off the loop.
+            security = await Security.create(config.security, cache, config.server.address,
+                                             kubernetes=config.kubernetes)
         except BaseException:
             stop.set()
             for task in tasks:

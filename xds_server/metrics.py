@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import time
 import weakref
@@ -35,8 +34,11 @@ from prometheus_client.registry import Collector
 
 from .xds import types
 
+from .xds.hooks import StreamHooks
+
 if TYPE_CHECKING:  # imported for annotations only: metrics must not import the server
-    from .xds.server import Connection, XdsServer
+    from .xds.connection import Connection
+    from .xds.server import XdsServer
     from .xds.stream import Ack, Push
 
 log = logging.getLogger("xds_server.metrics")
@@ -250,31 +252,13 @@ class Metrics:
 
     def attach_server(self, server: "XdsServer") -> None:
         """Count pushes, ACKs and NACKs; time convergence; expose live stream gauges."""
-        def on_push(conn: "Connection", push: "Push") -> None:
-            label = type_label(push.type_url)
-            self.pushes.labels(label).inc()
-            self.config_size.labels(label).observe(len(push.data))
-            if conn.write_started:  # loop time when the write began (XdsServer._write_loop)
-                elapsed = asyncio.get_running_loop().time() - conn.write_started
-                self.push_duration.labels(label).observe(max(0.0, elapsed))
-
-        def on_ack(conn: "Connection", ack: "Ack") -> None:
-            label = type_label(ack.type_url)
-            (self.acks if ack.nack is None else self.nacks).labels(label).inc()
-            self.convergence_tracker.answered(conn)
-
-        def on_flush(pending: Mapping[str, set[str]], waited: float, touched: Iterable) -> None:
-            self.debounce.observe(waited)
-            self.convergence_tracker.started(waited, touched, lambda: server.connections)
-
-        hooks = [(server.on_push, on_push), (server.on_ack, on_ack)]
-        if getattr(server, "on_flush", None) is not None:
-            hooks.append((server.on_flush, on_flush))
-        for hook_list, hook in hooks:
-            hook_list.append(hook)
-            self._detach.append(functools.partial(hook_list.remove, hook))
+        self._detach.append(server.hooks.add(_ServerHooks(self, server)))
         self._live.server = server
         self._detach.append(self.convergence_tracker.close)
+
+    def attach_guard(self, guard: Any) -> None:
+        """Read the xDS stream guard's authentication failures (xds/auth.py `StreamGuard`)."""
+        self._live.guard = guard
 
     def attach_cache(self, cache: Any) -> None:
         def on_change(change: Any) -> None:
@@ -318,12 +302,42 @@ class Metrics:
         self._detach.clear()
 
 
+class _ServerHooks(StreamHooks):
+    """What metrics follow of the server's streams."""
+
+    def __init__(self, metrics: Metrics, server: "XdsServer") -> None:
+        self.metrics = metrics
+        self.server = server
+
+    def pushed(self, conn: "Connection", push: "Push") -> None:
+        m = self.metrics
+        label = type_label(push.type_url)
+        m.pushes.labels(label).inc()
+        m.config_size.labels(label).observe(len(push.data))
+        if conn.write_started:  # loop time when the write began (XdsServer._write_loop)
+            elapsed = asyncio.get_running_loop().time() - conn.write_started
+            m.push_duration.labels(label).observe(max(0.0, elapsed))
+
+    def acked(self, conn: "Connection", ack: "Ack") -> None:
+        m = self.metrics
+        label = type_label(ack.type_url)
+        (m.acks if ack.nack is None else m.nacks).labels(label).inc()
+        m.convergence_tracker.answered(conn)
+
+    def flushed(self, pending: Mapping[str, set[str]], waited: float,
+                touched: set["Connection"]) -> None:
+        self.metrics.debounce.observe(waited)
+        server = self.server
+        self.metrics.convergence_tracker.started(waited, touched, lambda: server.connections)
+
+
 class _LiveCollector(Collector):
     """Gauges read from the live objects at scrape time."""
 
     def __init__(self, auth_failures: collections.Counter) -> None:
         self.auth_failures = auth_failures
         self.server: Any = None
+        self.guard: Any = None
         self.sources: Mapping[str, Any] = {}
         self.authority: Any = None
         self.registry: Any = None
@@ -373,8 +387,7 @@ class _LiveCollector(Collector):
             "surface (admin: the admin API; xds: xDS streams) and reason.",
             labels=["surface", "reason"])
         counts = collections.Counter(self.auth_failures)
-        guard = getattr(server, "guard", None)
-        stats = getattr(guard, "stats", None)
+        stats = getattr(self.guard, "stats", None)
         for reason, count in dict(getattr(stats, "auth_failures", None) or {}).items():
             counts[("xds", str(reason))] += count
         for (surface, reason), count in sorted(counts.items()):

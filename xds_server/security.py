@@ -8,12 +8,15 @@ One `Security` holds the pieces the other modules define and connects them to an
     TokenIssuer (ca/tokens.py)                workload tokens (`xds-server token create`)
     TokenReviewer (sources/tokenreview.py)    Kubernetes tokens, when the mesh is a cluster
     Authenticator + StreamGuard (xds/auth.py) checked on every stream before anything is sent
-    SecretProvider (ca/sds.py)                `default` and `ROOTCA` over ADS and SDS
+    WorkloadCertificates (ca/workloads.py)    issuance, renewal, root rotation steps
+    SdsSecrets (sds.py)                       `default` and `ROOTCA` over ADS and SDS
     RootRotation (ca/rotation.py)             started by `start_root_rotation()` (admin) or
                                               `xds-server ca rotate-root` (CA files)
     CertificateService (ca/service.py)        CSR signing on the xDS port, same authenticator
 
-With `--auth none` only the guard's bounds run: no CA is loaded, nothing is issued.
+The guard and SDS follow the server's streams as `StreamHooks`; the CA reaches the xDS side
+only through them (and `TokenVerifier`, which `TokenIssuer` implements). With `--auth none`
+only the guard's bounds run: no CA is loaded, nothing is issued.
 """
 
 from __future__ import annotations
@@ -27,15 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from .ca.authority import CLOCK_SKEW, CAError, CertificateAuthority, KeyAlgorithm
-from .ca.identity import DEFAULT_TRUST_DOMAIN, validate_trust_domain
+from .model.identity import DEFAULT_TRUST_DOMAIN, validate_trust_domain
 from .ca.rotation import RootRotation
-from .ca.sds import SecretProvider
 from .ca.service import CertificateService
 from .ca.svid import DEFAULT_TTL, MAX_TTL, SvidIssuer
 from .ca.tokens import TokenIssuer
+from .ca.workloads import WorkloadCertificates
 from .config import ConfigError
+from .sds import SdsSecrets
 from .xds.auth import Authenticator, AuthMode, GuardSettings, StreamGuard
 from .xds.cache import ResourceCache
+from .xds.server import XdsServer
 
 log = logging.getLogger("xds_server.security")
 
@@ -75,7 +80,8 @@ class Security:
         issuer: SvidIssuer | None = None,
         tokens: TokenIssuer | None = None,
         reviewer: Any = None,
-        provider: SecretProvider | None = None,
+        certificates: WorkloadCertificates | None = None,
+        sds: SdsSecrets | None = None,
         rotation: RootRotation | None = None,
         csr_service: CertificateService | None = None,
         kube_api: Any = None,
@@ -86,11 +92,12 @@ class Security:
         self.issuer = issuer
         self.tokens = tokens
         self.reviewer = reviewer
-        self.provider = provider
+        self.certificates = certificates
+        self.sds = sds
         self.rotation = rotation
         self.csr_service = csr_service
         self._kube_api = kube_api
-        self._server: Any = None
+        self._server: XdsServer | None = None
 
     @property
     def registry(self) -> Any:
@@ -100,24 +107,12 @@ class Security:
     def authenticator(self) -> Authenticator | None:
         return self.guard.authenticator
 
-    @classmethod
-    def build(
-        cls,
-        config: SecurityConfig,
-        cache: ResourceCache,
-        listen_address: str,
-        *,
-        kubernetes: Any = None,
-        reviewer: Any = None,
-    ) -> Security:
-        """Load (or create) the CA and build every piece for `config.auth`. `kubernetes` is
-        the app's KubernetesConfig: when given, Kubernetes tokens are checked with
-        TokenReview against that cluster (or pass a ready `reviewer`). Raises ConfigError."""
-        mode = AuthMode(config.auth)
-        if mode is AuthMode.NONE:
-            log.warning("--auth none: streams are not authenticated and no workload "
-                        "certificate is issued (SDS secrets are not served)")
-            return cls(config, StreamGuard(None, config.limits))
+    @staticmethod
+    def load_ca(config: SecurityConfig) -> tuple[CertificateAuthority, TokenIssuer] | None:
+        """Load (or create: key generation, slow for RSA) the CA and the token key; None for
+        `--auth none`. Blocking: `create()` runs it in a worker thread. Raises ConfigError."""
+        if AuthMode(config.auth) is AuthMode.NONE:
+            return None
         try:
             validate_trust_domain(config.trust_domain)
         except ValueError as err:
@@ -130,6 +125,46 @@ class Security:
             tokens = TokenIssuer(config.ca_dir)
         except (CAError, ValueError, OSError) as err:
             raise ConfigError(f"--ca-dir {config.ca_dir}: {err}") from None
+        return authority, tokens
+
+    @classmethod
+    async def create(
+        cls,
+        config: SecurityConfig,
+        cache: ResourceCache,
+        listen_address: str,
+        *,
+        kubernetes: Any = None,
+        reviewer: Any = None,
+    ) -> Security:
+        """`build`, with the CA loaded (or generated) in a worker thread, off the loop."""
+        loaded = await asyncio.to_thread(cls.load_ca, config)
+        return cls.build(config, cache, listen_address, kubernetes=kubernetes,
+                         reviewer=reviewer, loaded=loaded)
+
+    @classmethod
+    def build(
+        cls,
+        config: SecurityConfig,
+        cache: ResourceCache,
+        listen_address: str,
+        *,
+        kubernetes: Any = None,
+        reviewer: Any = None,
+        loaded: tuple[CertificateAuthority, TokenIssuer] | None = None,
+    ) -> Security:
+        """Load (or create) the CA and build every piece for `config.auth`. `kubernetes` is
+        the app's KubernetesConfig: when given, Kubernetes tokens are checked with
+        TokenReview against that cluster (or pass a ready `reviewer`). `loaded`: the CA and
+        token key `load_ca` already loaded. Raises ConfigError."""
+        mode = AuthMode(config.auth)
+        if mode is AuthMode.NONE:
+            log.warning("--auth none: streams are not authenticated and no workload "
+                        "certificate is issued (SDS secrets are not served)")
+            return cls(config, StreamGuard(None, config.limits))
+        loaded = loaded or cls.load_ca(config)
+        assert loaded is not None
+        authority, tokens = loaded
         issuer = SvidIssuer(authority, trust_domain=config.trust_domain,
                             default_ttl=config.workload_ttl, key_algorithm=config.key_algorithm)
         rotation = RootRotation(authority, issuer.registry, max_ttl=issuer.max_ttl,
@@ -144,11 +179,12 @@ class Security:
             reviewer = TokenReviewer(kube_api, audiences=config.token_audiences)
         authenticator = Authenticator(mode, tokens=tokens, reviewer=reviewer,
                                       listen_address=listen_address)
-        provider = SecretProvider(
-            cache, issuer, rotation=rotation, jitter=config.renewal_jitter,
+        certificates = WorkloadCertificates(
+            issuer, rotation=rotation, jitter=config.renewal_jitter,
             startup_grace=config.rotation_startup_grace.total_seconds(),
         )
-        guard = StreamGuard(authenticator, config.limits, secrets=provider)
+        sds = SdsSecrets(cache, certificates)
+        guard = StreamGuard(authenticator, config.limits)
         csr = CertificateService(issuer, authenticator.verify_token)
         log.info("authentication and SDS enabled", extra={
             "auth": mode.value, "trust_domain": config.trust_domain,
@@ -157,24 +193,25 @@ class Security:
             "token_audiences": ",".join(config.token_audiences) if reviewer is not None else "",
         })
         return cls(config, guard, authority=authority, issuer=issuer, tokens=tokens,
-                   reviewer=reviewer, provider=provider, rotation=rotation, csr_service=csr,
-                   kube_api=kube_api)
+                   reviewer=reviewer, certificates=certificates, sds=sds, rotation=rotation,
+                   csr_service=csr, kube_api=kube_api)
 
-    def attach(self, server: Any) -> None:
-        """Guard `server`'s streams and serve the CSR service on its port (before start)."""
+    def attach(self, server: XdsServer) -> None:
+        """Guard `server`'s streams, serve SDS on them and the CSR service on its port
+        (before start)."""
         self._server = server
-        server.guard = self.guard
+        server.hooks.add(self.guard)  # first: nothing else sees a stream before it is proven
+        if self.sds is not None:
+            server.hooks.add(self.sds)
         if self.csr_service is not None:
             server.extra_handlers.append(self.csr_service.handler())
-        if self.provider is not None:
-            self.provider.attach(server)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Renewal, root rotation, CA file changes and token revocations, until `stop`."""
         jobs = []
-        if self.provider is not None:
+        if self.certificates is not None:
             jobs.append(asyncio.create_task(
-                self.provider.run(stop, watch_files=self.config.watch_ca_files), name="sds"))
+                self.certificates.run(stop, watch_files=self.config.watch_ca_files), name="sds"))
         if self._server is not None:
             server = self._server
             jobs.append(asyncio.create_task(self.guard.watch_revocations(
@@ -194,17 +231,23 @@ class Security:
 
     # For the admin API -----------------------------------------------------------------------
 
-    def start_root_rotation(self) -> dict[str, Any]:
-        """Begin a root rotation (raises rotation.RotationError when one is under way or the
-        CA is an operator's). Returns its status."""
-        if self.provider is None:
+    async def start_root_rotation(self) -> dict[str, Any]:
+        """Begin a root rotation, the new root generated in a worker thread (raises
+        rotation.RotationError when one is under way or the CA is an operator's). Returns
+        its status."""
+        if self.certificates is None or self.sds is None:
             raise ConfigError("root rotation needs the CA: run with --auth tokens")
-        return self.provider.start_root_rotation()
+        await self.certificates.start_root_rotation()
+        return self.sds.rotation_status()
+
+    def rotation_status(self) -> dict[str, Any] | None:
+        """The rotation phase with bundle delivery (who still lacks the new bundle)."""
+        return self.sds.rotation_status() if self.sds is not None else None
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = {"auth": self.guard.mode.value, "guard": self.guard.stats.to_dict()}
-        if self.provider is not None:
-            data["sds"] = self.provider.stats.to_dict()
-            data["identities"] = self.provider.identities()
-            data["root_rotation"] = self.provider.rotation_status()
+        if self.sds is not None:
+            data["sds"] = self.sds.status()
+            data["identities"] = self.sds.identities()
+            data["root_rotation"] = self.sds.rotation_status()
         return data

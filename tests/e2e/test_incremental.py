@@ -1,7 +1,7 @@
 """Incremental by construction: a change costs what it touches, on the wire and in translation.
 
 - An endpoint change reaches real (delta ADS) Envoys as one ClusterLoadAssignment and nothing
-  else: the server's pushes are recorded through its `on_push` hooks, the cache shows only
+  else: the server's pushes are recorded through its `pushed` hook, the cache shows only
   that assignment's version moved, and `controller.translations` grew by exactly that one
   rebuilt assignment.
 - A route change rebuilds the route configurations of the scopes that see its service and
@@ -22,6 +22,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 
+from tests.support.hooks import OnPush
 from tests.support.mesh import MeshHarness, Pod
 from tests.support.proxies import verified
 from xds_server.model.mesh import (
@@ -71,7 +72,7 @@ class PushLog:
         self.mesh = mesh
         self.pushes: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = []
         self.last = time.monotonic()
-        mesh.server.on_push.append(self._record)
+        mesh.server.hooks.add(OnPush(self._record))
 
     def _record(self, conn: Any, push: Any) -> None:
         self.last = time.monotonic()

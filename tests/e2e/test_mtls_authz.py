@@ -33,13 +33,14 @@ from tests.support.proxyless import bootstrap as proxyless_bootstrap
 from tests.support.upstreams import http_request, tcp_roundtrip
 from xds_server.ca.agent import CertAgent, GrpcCsrSigner
 from xds_server.ca.authority import CertificateAuthority
-from xds_server.ca.identity import Identity
-from xds_server.ca.sds import SecretProvider
+from xds_server.model.identity import Identity
 from xds_server.ca.service import CertificateService
 from xds_server.ca.svid import SvidIssuer
 from xds_server.ca.tokens import TokenIssuer
 from xds_server.model.security import SecuritySettings
 from xds_server.xds import types
+from xds_server.ca.workloads import WorkloadCertificates
+from xds_server.sds import SdsSecrets
 from xds_server.xds.auth import Authenticator, AuthMode, StreamGuard
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
@@ -58,14 +59,12 @@ class SecureMesh(MeshHarness):
         self.authority = CertificateAuthority(ca_dir)
         self.issuer = SvidIssuer(self.authority)
         cache = ResourceCache()
-        self.secrets = SecretProvider(cache, self.issuer)
+        self.secrets = SdsSecrets(cache, WorkloadCertificates(self.issuer))
         guard = StreamGuard(
             Authenticator(AuthMode.INSECURE_NODE_METADATA, listen_address="127.0.0.1:0"),
-            secrets=self.secrets,
         )
-        super().__init__(directory, security=settings or SecuritySettings(mtls=True), guard=guard,
-                         cache=cache)
-        self.secrets.attach(self.server)
+        super().__init__(directory, security=settings or SecuritySettings(mtls=True),
+                         hooks=[guard, self.secrets], cache=cache)
 
     def policy(self, kind: str, name: str, spec: dict[str, Any], namespace: str = NS) -> None:
         self.write(f"{kind}-{namespace}-{name}.yaml", {

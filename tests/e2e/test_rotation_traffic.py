@@ -60,7 +60,7 @@ class TokenMesh(MeshHarness):
                                 rotation_startup_grace=timedelta(0))
         self.security = Security.build(config, cache, "127.0.0.1:0")
         super().__init__(directory, security=SecuritySettings(mtls=True),
-                         guard=self.security.guard, cache=cache)
+                         cache=cache)
         self.security.attach(self.server)
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -327,7 +327,7 @@ async def test_root_rotation_under_traffic_without_a_failed_request(mesh: TokenM
     start = time.monotonic()
     try:
         await mesh.until(lambda: traffic.ok >= 100, 10, "traffic flowing")
-        status = security.start_root_rotation()  # what POST /admin/ca/rotate-root calls
+        status = await security.start_root_rotation()  # what POST /admin/ca/rotate-root calls
         assert status["phase"] == RotationPhase.PUBLISHING.value
         new_fp = status["new_root"]
         # 1. Both sidecars get the bundle with both roots; their ACKs switch signing.

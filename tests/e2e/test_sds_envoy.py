@@ -35,7 +35,7 @@ from tests.support.net import free_port, next_loopback_ip
 from tests.support.upstreams import TcpEchoUpstream
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
 from xds_server.ca.authority import fingerprint
-from xds_server.ca.identity import Identity
+from xds_server.model.identity import Identity
 from xds_server.ca.rotation import RotationPhase
 from xds_server.security import Security, SecurityConfig
 from xds_server.xds import types
@@ -310,7 +310,7 @@ async def test_root_rotation_new_bundle_first_then_new_certificates(tmp_path: Pa
         assert before.leaf.issuer == old_root.subject
         before.sock.close()
 
-        status = mesh.security.start_root_rotation()
+        status = await mesh.security.start_root_rotation()
         new_fp = status["new_root"]
 
         def ca_serials() -> set[str]:

@@ -437,7 +437,7 @@ async def test_serve_refuses_a_bad_tokens_file_naming_the_field(tmp_path: Path) 
 
 
 async def test_ca_endpoints_certs_cli_and_root_rotation(tmp_path: Path) -> None:
-    from xds_server.ca.identity import Identity
+    from xds_server.model.identity import Identity
 
     ca = CA(tmp_path / "ca")
     first = ca.issuer.issue_for_identity(Identity("shop", "api"), proxy="api-0.shop")
@@ -599,7 +599,7 @@ async def test_config_dump_redacts_secrets_and_push_resend() -> None:
 
 
 async def test_admin_mtls_requires_a_client_certificate_from_the_mesh_ca(tmp_path: Path) -> None:
-    from xds_server.ca.identity import Identity
+    from xds_server.model.identity import Identity
 
     ca = CA(tmp_path / "ca")
     other = CA(tmp_path / "other-ca")

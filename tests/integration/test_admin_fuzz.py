@@ -30,7 +30,7 @@ def threaded(tmp_path_factory: pytest.TempPathFactory):
     cache.set_type(types.CLUSTER, [cluster("web"), cluster("api")])
     cache.set_type(types.ENDPOINT, [endpoints("web", 8080)])
     ca = CA(tmp_path_factory.mktemp("fuzz") / "ca")
-    from xds_server.ca.identity import Identity
+    from xds_server.model.identity import Identity
 
     ca.issuer.issue_for_identity(Identity("shop", "web"), proxy="fuzz-proxy")
     threaded = ThreadedStack(cache=cache, ca=ca)

@@ -15,6 +15,7 @@ from tests.support.net import free_port, next_loopback_ip
 from tests.support.upstreams import HttpUpstream, http_request
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
+from tests.support.hooks import OnPush
 from xds_server.xds.server import Connection, ServerSettings, XdsServer
 from xds_server.xds.stream import Push
 
@@ -47,7 +48,7 @@ async def test_envoy_nack_is_recorded_not_resent_and_fix_accepted(mode: str) -> 
         if conn.proxy_id == node_id and push.type_url == types.CLUSTER:
             cds_pushes.append(push.version)
 
-    server.on_push.append(record)
+    server.hooks.add(OnPush(record))
     await server.start()
     envoy = EnvoyProcess(ads_bootstrap(node_id, "127.0.0.1", server.port, mode), name=node_id)
     await asyncio.to_thread(envoy.start)

@@ -19,6 +19,7 @@ from tests.support.net import free_port, next_loopback_ip
 from tests.support.upstreams import HttpUpstream, http_request, tcp_roundtrip
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
+from tests.support.hooks import OnPush
 from xds_server.xds.server import Connection, ServerSettings, XdsServer
 from xds_server.xds.stream import Push
 
@@ -60,7 +61,7 @@ async def test_go_control_plane_scenario(mode: str) -> None:
         if conn.proxy_id == node_id:
             pushed[push.type_url].add(push.version)
 
-    server.on_push.append(record)
+    server.hooks.add(OnPush(record))
 
     def apply(round_: int) -> None:
         snapshot = scenario.make_snapshot(

@@ -42,12 +42,12 @@ from tests.support.xds_client import (
 )
 from xds_server.ca.agent import GrpcCsrSigner, SignError, build_csr
 from xds_server.ca.authority import fingerprint
-from xds_server.ca.identity import Identity
+from xds_server.model.identity import Identity
 from xds_server.ca.rotation import RotationPhase
-from xds_server.ca.sds import identity_key
 from xds_server.ca.tokens import TokenIssuer
 from xds_server.cli import main
 from xds_server.config import ConfigError
+from xds_server.sds import identity_key
 from xds_server.security import Security, SecurityConfig
 from xds_server.xds import types
 from xds_server.xds.auth import Authenticator, AuthMode, GuardSettings
@@ -112,8 +112,12 @@ class Secured:
         return self.server.address
 
     @property
-    def provider(self):
-        return self.security.provider
+    def sds(self):
+        return self.security.sds
+
+    @property
+    def certificates(self):
+        return self.security.certificates
 
     def token(self, namespace: str = "shop", service_account: str = "web",
               ttl: timedelta = timedelta(hours=1)) -> str:
@@ -281,13 +285,13 @@ async def test_another_identitys_secret_is_refused_and_counted(secured: Secured)
         stolen = [identity_key(spiffe(*DB)), spiffe(*DB), f"ROOTCA@spiffe://{TRUST_DOMAIN}"]
         await web.request(types.SECRET, stolen)
         await web.expect_silence(SILENCE * 2)
-        assert secured.provider.stats.refused["other-identity"] == len(stolen)
+        assert secured.sds.stats.refused["other-identity"] == len(stolen)
         # Asking again is the same case, not a new one; the stream stays usable.
         await web.request(types.SECRET, [*stolen, "default"])
         got = await receive_secrets(web, "ads-sotw", ["default"])
         assert set(got) == {"default"}
         assert uri_sans(leaf_and_key(got["default"])[0]) == [spiffe(*WEB)]
-        assert secured.provider.stats.refused["other-identity"] == len(stolen)
+        assert secured.sds.stats.refused["other-identity"] == len(stolen)
 
         # A wildcard SDS subscriber still sees only its own secret and the bundle.
         wild = client.delta(types.SECRET, node=node(*WEB, pod="web-2"),
@@ -299,8 +303,8 @@ async def test_another_identitys_secret_is_refused_and_counted(secured: Secured)
         assert uri_sans(leaf_and_key(got["default"])[0]) == [spiffe(*WEB)]
         # Renewing db's certificate wakes nobody else.
         await wild.ack(response)
-        secured.provider.schedule.mark_due([identity_key(spiffe(*DB))])
-        secured.provider._wake_up()
+        secured.certificates.schedule.mark_due([spiffe(*DB)])
+        secured.certificates.wake()
         renewed = await db.recv()
         assert uri_sans(leaf_and_key(sotw_resources(renewed)["default"])[0]) == [spiffe(*DB)]
         await wild.expect_silence()
@@ -317,13 +321,13 @@ async def test_an_identitys_secret_goes_with_its_last_stream(secured: Secured) -
         a = await receive_secrets(first, "ads-sotw", ["default"])
         b = await receive_secrets(second, "sds-sotw", ["default"])
         assert a["default"] == b["default"]  # one certificate per identity
-        assert secured.provider.stats.issued == 1
+        assert secured.certificates.stats.issued == 1
         await first.cancel()
         await asyncio.sleep(SILENCE)
         assert secured.identity_secrets() == [key]
         await second.cancel()
         await eventually(lambda: secured.identity_secrets() == [], what="secret released")
-    assert secured.provider.stats.released == 1
+    assert secured.certificates.stats.released == 1
 
 
 async def test_the_private_key_is_never_logged_nor_written(
@@ -388,7 +392,7 @@ async def test_certificates_renew_at_half_life_under_the_same_name(tmp_path: Pat
             assert second.not_valid_after_utc >= first.not_valid_after_utc
     finally:
         await secured.close()
-    assert secured.provider.stats.renewed >= 1
+    assert secured.certificates.stats.renewed >= 1
 
 
 async def test_root_rotation_reaches_every_proxy_before_signing_switches(tmp_path: Path) -> None:
@@ -404,7 +408,7 @@ async def test_root_rotation_reaches_every_proxy_before_signing_switches(tmp_pat
             await receive_secrets(web, "ads-sotw")
             await receive_secrets(db, "ads-delta")
 
-            status = secured.security.start_root_rotation()
+            status = await secured.security.start_root_rotation()
             assert status["phase"] == "publishing"
             new_root_fp = status["new_root"]
             # Both get the bundle with both roots, still signed by the old one.
@@ -422,7 +426,7 @@ async def test_root_rotation_reaches_every_proxy_before_signing_switches(tmp_pat
                 else:
                     db_bundle = response
             await asyncio.sleep(SILENCE)
-            rotation = secured.provider.rotation_status()
+            rotation = secured.sds.rotation_status()
             assert rotation["phase"] == "publishing" and rotation["waiting_for"] == ["db-1.shop"]
             assert authority.state.root_fingerprint == fingerprint(old_root)
 
@@ -504,9 +508,9 @@ async def test_no_switch_during_the_start_up_grace(tmp_path: Path) -> None:
     proxies have the bundle" is vacuous then, so signing waits out the grace."""
     secured = await Secured(tmp_path, startup_grace=timedelta(seconds=1)).start()
     try:
-        new_root = secured.security.start_root_rotation()["new_root"]
+        new_root = (await secured.security.start_root_rotation())["new_root"]
         await asyncio.sleep(0.5)
-        status = secured.provider.rotation_status()
+        status = secured.sds.rotation_status()
         assert status["phase"] == "publishing" and status["startup_grace_remaining"] > 0
         authority = secured.security.authority
         await eventually(lambda: authority.state.root_fingerprint == new_root,

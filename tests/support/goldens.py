@@ -4,7 +4,7 @@ A case is the mesh as users write it (the Kubernetes-shaped documents the file s
 plus one `kind: GoldenProxy` document naming the proxy whose view is shown and the server
 settings (see tests/testdata/README.md). It goes through the real pipeline: the file
 source's parser (`parse_file` + `resolve`), a `MeshStore`, the `MeshController`, that proxy's
-view (`view_for`), and for secrets the real SDS provider (`SecretProvider`) over a throwaway
+view (`view_for`), and for secrets the real SDS glue (`SdsSecrets` over `WorkloadCertificates`) over a throwaway
 CA. The output is one file per xDS type, `tests/testdata/out/<case>.<type>.yaml`.
 
 Everything that touches the project's APIs is in `translate_case`, so a renamed API costs a
@@ -33,11 +33,12 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
 from xds_server.ca.authority import CertificateAuthority
-from xds_server.ca.identity import Identity
-from xds_server.ca.sds import SecretProvider
 from xds_server.ca.svid import SvidIssuer
+from xds_server.ca.workloads import WorkloadCertificates
+from xds_server.model.identity import Identity
 from xds_server.model.security import MtlsMode, SecuritySettings
 from xds_server.model.store import POD, MeshStore
+from xds_server.sds import SdsSecrets
 from xds_server.sources.mesh_files import parse_file, resolve
 from xds_server.translate.controller import MeshController
 from xds_server.translate.scope import ScopeSettings
@@ -171,7 +172,7 @@ def translate_case(case: str) -> tuple[GoldenProxy, dict[str, list[Message]]]:
         # client never asks for them (its certificates come from files, cert-agent's).
         if proxy.security.mtls and not proxy.proxyless:
             issuer = SvidIssuer(CertificateAuthority(Path(ca_dir) / "ca"), default_ttl=timedelta(hours=1))
-            provider = SecretProvider(controller.cache, issuer)
+            provider = SdsSecrets(controller.cache, WorkloadCertificates(issuer))
             identity = Identity(proxy.namespace, proxy.service_account) if proxy.authenticated else None
             if identity is not None:
                 provider.acquire(identity)  # what a subscription to `default` does

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from xds_server.sources.mesh_files import MeshDirectory
 from xds_server.translate.controller import MeshController
 from xds_server.translate.scope import ScopeSettings
 from xds_server.xds.cache import ResourceCache
+from xds_server.xds.hooks import StreamHooks
 from xds_server.xds.server import ServerSettings, XdsServer
 
 
@@ -81,11 +83,11 @@ class Pod:
 class MeshHarness:
     def __init__(
         self, directory: Path, *, scope: ScopeSettings | None = None,
-        security: SecuritySettings | None = None, guard: Any = None,
+        security: SecuritySettings | None = None, hooks: Iterable[StreamHooks] = (),
         cache: ResourceCache | None = None,
     ) -> None:
-        """`security`: mTLS/authorization settings of the controller; `guard`: the server's
-        StreamGuard (authentication and SDS, xds/auth.py) built on `cache`."""
+        """`security`: mTLS/authorization settings of the controller; `hooks`: the server's
+        stream hooks (authentication, SDS: xds/auth.py, sds.py) built on `cache`."""
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.store = MeshStore()
@@ -97,7 +99,7 @@ class MeshHarness:
             ServerSettings(address="127.0.0.1:0", debounce_quiet=0.02, debounce_max=0.2),
             view_for=self.controller.view_for,
             release_view=self.controller.release,
-            guard=guard,
+            hooks=hooks,
         )
         self.pods: list[Pod] = []
 

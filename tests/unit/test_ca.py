@@ -33,7 +33,7 @@ from xds_server.ca.authority import (
     CertificateAuthority,
     fingerprint,
 )
-from xds_server.ca.identity import Identity
+from xds_server.model.identity import Identity
 from xds_server.ca.rotation import (
     RenewalSchedule,
     RootRotation,

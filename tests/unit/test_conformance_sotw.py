@@ -31,6 +31,7 @@ from tests.support.xds_client import (
 )
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
+from tests.support.hooks import OnPush
 from xds_server.xds.server import Connection, ServerSettings, XdsServer
 
 CDS, EDS, LDS, RDS, SDS = types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE, types.SECRET
@@ -577,7 +578,7 @@ async def test_rule_08_client_that_stops_reading_does_not_delay_others(cache, se
         cache.set_type(CDS, big_clusters(32, "v0"))  # ~32 MB: more than any window
         cache.set_type(LDS, [listener("l", 15000)])
         completed: list[tuple[str, str]] = []
-        server.on_push.append(lambda conn, push: completed.append((conn.proxy_id, push.type_url)))
+        server.hooks.add(OnPush(lambda conn, push: completed.append((conn.proxy_id, push.type_url))))
         async with XdsClient(server.address, node_id="stuck") as stuck_client, \
                 XdsClient(server.address, node_id="live") as live_client:
             stuck = stuck_client.ads(read=False)

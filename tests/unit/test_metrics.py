@@ -17,6 +17,7 @@ from xds_server.metrics import CONVERGENCE_GIVE_UP, ConvergenceTracker, Metrics
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.server import ServerSettings, XdsServer
+from xds_server.xds.hooks import HookChain
 from xds_server.xds.stream import TypeState
 
 
@@ -216,7 +217,7 @@ async def test_a_change_the_client_does_not_subscribe_to_is_not_timed() -> None:
 
 def test_sources_ca_and_auth_metrics(tmp_path: Path) -> None:
     from xds_server.ca.authority import CertificateAuthority
-    from xds_server.ca.identity import Identity
+    from xds_server.model.identity import Identity
     from xds_server.ca.svid import SvidIssuer
     from xds_server.model.mesh import Service, ServicePort
     from xds_server.model.store import MeshStore
@@ -253,15 +254,16 @@ def test_sources_ca_and_auth_metrics(tmp_path: Path) -> None:
     assert "xds_server_auth_failures" in families(metrics)
 
 
-def test_xds_stream_auth_failures_are_read_from_the_servers_guard() -> None:
+def test_xds_stream_auth_failures_are_read_from_the_stream_guard() -> None:
     import collections
 
     metrics = Metrics()
     guard = pytypes.SimpleNamespace(stats=pytypes.SimpleNamespace(
         auth_failures=collections.Counter({"bad-token": 2, "identity-mismatch": 1})))
-    server = pytypes.SimpleNamespace(connections=set(), guard=guard, on_push=[], on_ack=[],
-                                     on_flush=[], pending_changes=0, writes_in_flight=0)
+    server = pytypes.SimpleNamespace(connections=set(), hooks=HookChain(), pending_changes=0,
+                                     writes_in_flight=0)
     metrics.attach_server(server)
+    metrics.attach_guard(guard)
     metrics.auth_failure("admin", "unknown_token")
     assert sample(metrics, "xds_server_auth_failures_total", surface="xds", reason="bad-token") == 2
     assert sample(metrics, "xds_server_auth_failures_total", surface="xds",
@@ -269,4 +271,4 @@ def test_xds_stream_auth_failures_are_read_from_the_servers_guard() -> None:
     assert sample(metrics, "xds_server_auth_failures_total", surface="admin",
                   reason="unknown_token") == 1
     metrics.close()
-    assert server.on_push == [] and server.on_ack == [] and server.on_flush == []
+    assert len(server.hooks) == 0

@@ -9,17 +9,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from google.protobuf import struct_pb2
-
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from google.protobuf import struct_pb2
 
 from xds_server.ca.authority import CertificateAuthority
-from xds_server.ca.identity import Identity
-from xds_server.ca.sds import SecretProvider, identity_key, redacted
 from xds_server.ca.svid import SvidIssuer
+from xds_server.ca.workloads import WorkloadCertificates
+from xds_server.model.identity import Identity
+from xds_server.sds import SdsSecrets, identity_key
+from xds_server.translate.secrets import redacted
 from xds_server.xds import types
-from xds_server.xds.auth import _peer_is_loopback, claimed_identity, failure_reason
+from xds_server.xds.auth import _peer_is_loopback, failure_reason
 from xds_server.xds.cache import FullView, ResourceCache
 from xds_server.xds.node import proxy_claim
 
@@ -33,18 +34,20 @@ def _node(node_id: str, **metadata: str) -> base_pb2.Node:
     return node
 
 
-@pytest.mark.parametrize("node", [
-    _node("web-1.shop", namespace="shop", service_account="web", pod="web-1"),
-    _node("web-1.shop"),
-    _node("web-1.shop", service_account="web"),
-    _node("plain"),
-    _node("a.b.c", namespace="x"),
-    _node("", pod="p"),
+@pytest.mark.parametrize("node, expected", [
+    (_node("web-1.shop", namespace="shop", service_account="web", pod="web-1"), ("shop", "web", "web-1")),
+    (_node("web-1.shop"), ("shop", "default", "web-1")),
+    (_node("web-1.shop", service_account="web"), ("shop", "web", "web-1")),
+    (_node("plain"), ("default", "default", "plain")),
+    (_node("a.b.c", namespace="x"), ("x", "default", "a.b.c")),
+    (_node("", pod="p"), ("default", "default", "p")),
 ])
-def test_the_claim_authenticated_is_the_claim_translated(node: base_pb2.Node) -> None:
-    claim, translated = claimed_identity(node), proxy_claim(node)
-    assert (claim.namespace, claim.service_account, claim.pod) == \
-        (translated.namespace, translated.service_account, translated.pod)
+def test_one_parse_of_the_node_claim(node: base_pb2.Node, expected: tuple[str, str, str]) -> None:
+    """Authentication and scoping both read `proxy_claim`: metadata first, else the id
+    `<pod>.<namespace>`, and `default` for what is missing."""
+    claim = proxy_claim(node)
+    assert (claim.namespace, claim.service_account, claim.pod) == expected
+    assert claim.identity.namespace == expected[0] and claim.identity.pod == expected[2]
 
 
 @pytest.mark.parametrize("peer, loopback", [
@@ -78,7 +81,8 @@ def test_a_view_maps_default_to_its_own_identity_only(tmp_path: Path) -> None:
     raw.generic_secret.secret.inline_string = "x"
     cache.set_type(types.SECRET, [raw])
     authority = CertificateAuthority(tmp_path / "ca")
-    provider = SecretProvider(cache, SvidIssuer(authority, default_ttl=timedelta(hours=1)))
+    provider = SdsSecrets(cache, WorkloadCertificates(
+        SvidIssuer(authority, default_ttl=timedelta(hours=1))))
     web, db = Identity("shop", "web"), Identity("shop", "db")
     web_key, db_key = provider.acquire(web), provider.acquire(db)
     assert web_key == identity_key("spiffe://cluster.local/ns/shop/sa/web")

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from xds_server.ca.cli import token
-from xds_server.config import parse_duration
-from xds_server.ca.identity import AuthError, Identity
 from xds_server.ca.tokens import REVOKED_FILE, TOKEN_KEY, TokenIssuer
+from xds_server.config import parse_duration
+from xds_server.model.identity import AuthError, Identity
 
 
 class Clock:

@@ -151,7 +151,7 @@ def _load_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> No
 def mtls_context(authority: Any, issuer: Any, settings: AdminSettings) -> tuple[ssl.SSLContext, Any]:
     """A server context requiring client certificates from the mesh CA, with a certificate
     for the control plane's own identity. Returns (context, the issued certificate)."""
-    from ..ca.identity import Identity
+    from ..model.identity import Identity
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -166,7 +166,7 @@ def mtls_context(authority: Any, issuer: Any, settings: AdminSettings) -> tuple[
 async def _renew(context: ssl.SSLContext, authority: Any, issuer: Any, settings: AdminSettings,
                  issued: Any) -> None:
     """Re-issue the admin server's certificate at half-life and trust new roots (rotation)."""
-    from ..ca.identity import Identity
+    from ..model.identity import Identity
 
     identity = Identity(settings.identity_namespace, settings.identity_service_account)
     bundle = authority.trust_bundle_pem
@@ -178,7 +178,7 @@ async def _renew(context: ssl.SSLContext, authority: Any, issuer: Any, settings:
             bundle = authority.trust_bundle_pem
             context.load_verify_locations(cadata=bundle.decode())
         if authority.clock() >= issued.not_before + lifetime / 2 - timedelta(seconds=1):
-            issued = issuer.issue_for_identity(identity, proxy="admin-api")
+            issued = await asyncio.to_thread(issuer.issue_for_identity, identity, proxy="admin-api")
             _load_chain(context, issued.chain_pem, issued.key_pem)
             log.info("admin API certificate renewed",
                      extra={"serial": issued.serial_hex, "not_after": issued.not_after.isoformat()})
@@ -210,6 +210,9 @@ def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = Non
         or "cluster.local"
     metrics = metrics or Metrics()
     metrics.attach_server(running.server)
+    guard = getattr(ca, "guard", None)
+    if guard is not None:
+        metrics.attach_guard(guard)
     metrics.attach_cache(running.cache)
     if running.store is not None:
         metrics.attach_store(running.store)
@@ -244,7 +247,8 @@ async def start_admin(running: Any, settings: AdminSettings,
             ctx.metrics.close()
             raise ConfigError("--admin-mtls needs the built-in CA (client certificates come "
                               "from the mesh CA), and no CA is configured")
-        ssl_context, issued = mtls_context(ctx.authority, issuer, settings)
+        # Key generation (RSA: tens of ms) in a worker thread, never on the loop.
+        ssl_context, issued = await asyncio.to_thread(mtls_context, ctx.authority, issuer, settings)
     admin = AdminServer(ctx, settings, ssl_context)
     try:
         await admin.start()

@@ -47,7 +47,7 @@ def identity_of(conn: Any, trust_domain: str) -> dict[str, Any]:
     node = conn.state.node
     if node is None:
         return {"spiffe_id": None, "verified": False}
-    from ..ca.identity import spiffe_id
+    from ..model.identity import spiffe_id
     from ..xds.node import proxy_claim
 
     claimed = proxy_claim(node).identity

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from .files import ensure_private_dir, write_atomic, write_key
-from .identity import DEFAULT_TRUST_DOMAIN, validate_trust_domain
+from ..model.identity import DEFAULT_TRUST_DOMAIN, validate_trust_domain
 
 log = logging.getLogger("xds_server.ca")
 

@@ -128,24 +128,32 @@ class RenewalSchedule:
         self._clean()
         return self._heap[0][0] if self._heap else None
 
-    def pop_due(self, now: datetime | None = None) -> list[str]:
-        """Proxies due at `now`, earliest first. They leave the schedule until re-tracked
-        with their new certificate."""
+    def pop_due(self, now: datetime | None = None, limit: int | None = None) -> list[str]:
+        """Proxies due at `now`, earliest first (at most `limit`: a storm is taken in
+        slices). They leave the schedule until re-tracked with their new certificate."""
         now = now or self.clock()
         due: list[str] = []
-        while True:
+        while limit is None or len(due) < limit:
             self._clean()
             if not self._heap or self._heap[0][0] > now:
                 return due
             _, _, proxy = heapq.heappop(self._heap)
             del self._due[proxy]
             due.append(proxy)
+        return due
 
     def mark_due(self, proxies: Iterable[str] | None = None, now: datetime | None = None) -> None:
         """Make proxies (all tracked ones by default) due now, e.g. to re-issue everything
         after the CA was replaced."""
         now = now or self.clock()
-        for proxy in list(self._due if proxies is None else proxies):
+        if proxies is None:
+            # Everything: one heap built in linear time rather than a push per proxy (a root
+            # switch marks thousands at once, on the event loop).
+            self._due = {proxy: (now, next(self._seq)) for proxy in self._due}
+            self._heap = [(due, seq, proxy) for proxy, (due, seq) in self._due.items()]
+            heapq.heapify(self._heap)
+            return
+        for proxy in list(proxies):
             if proxy in self._due:
                 self._set(proxy, now)
 

@@ -27,7 +27,8 @@ from datetime import timedelta
 import grpc
 from grpc import aio
 
-from .identity import AuthError, Identity
+from ..bearer import bearer_token
+from ..model.identity import AuthError, Identity
 from .svid import IssueError, SvidIssuer
 
 log = logging.getLogger("xds_server.ca")
@@ -48,19 +49,6 @@ def decode_json(data: bytes) -> dict:
     if not isinstance(message, dict):
         raise ValueError("expected a JSON object")
     return message
-
-
-def bearer_token(metadata) -> str | None:
-    """The token of an `authorization: Bearer <token>` entry (scheme case-insensitive)."""
-    for key, value in metadata or ():
-        if key.lower() != "authorization":
-            continue
-        if isinstance(value, bytes):
-            value = value.decode("latin-1")
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    return None
 
 
 async def authenticate(authenticator: Authenticator, metadata) -> Identity:

@@ -51,7 +51,7 @@ from .authority import (
     signature_hash,
     utcnow,
 )
-from .identity import DEFAULT_TRUST_DOMAIN, HasIdentity, spiffe_id, validate_trust_domain
+from ..model.identity import DEFAULT_TRUST_DOMAIN, HasIdentity, spiffe_id, validate_trust_domain
 
 log = logging.getLogger("xds_server.ca")
 

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .authority import Clock, utcnow
 from .files import create_exclusive, ensure_private_dir, write_atomic
-from .identity import AuthError, Identity
+from ..model.identity import AuthError, Identity
 
 log = logging.getLogger("xds_server.ca")
 
@@ -154,6 +154,17 @@ class TokenIssuer:
         return self.issue(namespace, service_account, ttl).token
 
     # -- verifying -----------------------------------------------------------------------
+
+    def recognizes(self, token: str) -> bool:
+        """Whether a token says it is ours (our key id or issuer), read without verifying:
+        decides between local verification and TokenReview, and a forged "ours" still fails
+        `verify_claims`."""
+        try:
+            header = jwt.get_unverified_header(token)
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            return False  # opaque: not one of ours
+        return header.get("kid") == self.key_id or claims.get("iss") == self.issuer
 
     def verify(self, token: str) -> Identity:
         """The identity a token proves, or AuthError(reason)."""

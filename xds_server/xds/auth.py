@@ -1,17 +1,17 @@
 """Who is on the other end of an xDS stream, proven before anything is sent (CONFORMANCE 18),
 and the per-stream and per-identity bounds of rule 19.
 
-The server calls a `StreamGuard` at four points of a stream's life:
+A `StreamGuard` is one of the server's `StreamHooks` (hooks.py), at three points of a stream:
 
-- `admit(conn)` once, with the first request's node and the call's metadata, *before* the
-  stream gets a view (so before any response can be computed). It raises `StreamRefused`
-  with a gRPC status and a reason, and the server closes the stream with it:
+- `admit(conn, proxy)` once, with the node's claim (`xds/node.py` `proxy_claim`, parsed once
+  by the server) and the call's metadata, *before* the stream gets a view (so before any
+  response can be computed). It returns the `VerifiedProxy` (claim + `Proof`) that the view
+  provider and SDS then use, or raises `StreamRefused` with a gRPC status and a reason, and
+  the server closes the stream with it:
   UNAUTHENTICATED (no or bad credential, identity other than the node claims),
   UNAVAILABLE (TokenReview could not be asked: not the caller's fault, retry),
   RESOURCE_EXHAUSTED (too many streams for one identity).
-- `on_request(conn)` for every request: a token bucket per stream (RESOURCE_EXHAUSTED).
-- `subscribed(conn, type_url, names, wildcard)` after a request changed subscriptions: SDS
-  names go to the secret provider, which issues the proxy's own secret or refuses and counts.
+- `requested(conn)` for every request: a token bucket per stream (RESOURCE_EXHAUSTED).
 - `closed(conn)` when the stream ends.
 
 Authentication modes (`--auth`):
@@ -39,20 +39,18 @@ import ipaddress
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
 import grpc
 
-from envoy.config.core.v3 import base_pb2
-
-from ..ca.identity import AuthError, Identity
-from ..ca.service import bearer_token
+from ..bearer import Metadata, bearer_token
 from ..config import ConfigError, is_loopback, parse_address
-from . import types
-from .cache import View
+from ..model.identity import AuthError, Identity, Proof, ProxyClaim, VerifiedProxy
+from .connection import Connection
+from .hooks import StreamHooks, StreamRefused
 
 log = logging.getLogger("xds_server.auth")
 
@@ -61,12 +59,10 @@ __all__ = [
     "AuthUnavailable",
     "Authenticator",
     "GuardSettings",
-    "NodeClaim",
-    "Proof",
-    "SecretAccess",
     "StreamGuard",
     "StreamRefused",
-    "claimed_identity",
+    "TokenReview",
+    "TokenVerifier",
     "failure_reason",
 ]
 
@@ -81,69 +77,40 @@ class AuthUnavailable(AuthError):
     """The credential could not be checked (TokenReview down): refused, retry later."""
 
 
-class StreamRefused(Exception):
-    """Close the stream with `code` and `reason` (safe to send: never holds a credential)."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, counter: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.counter = counter
-
-
-@dataclass(frozen=True, slots=True)
-class NodeClaim:
-    """Who a node says it is (unverified)."""
-
-    namespace: str
-    service_account: str
-    pod: str
-
-
-def claimed_identity(node: base_pb2.Node) -> NodeClaim:
-    """The node's claim, read the way the translator reads it (translate/controller.py
-    `identity_from_node`): metadata `namespace`, `service_account`, `pod`, else an id
-    `<pod>.<namespace>`; an absent namespace or service account means `default`."""
-    meta = node.metadata.fields if node.HasField("metadata") else {}
-
-    def text(key: str) -> str:
-        value = meta.get(key)
-        return value.string_value if value is not None else ""
-
-    namespace, pod = text("namespace"), text("pod")
-    if not namespace and "." in node.id:
-        pod, namespace = node.id.rsplit(".", 1)
-    return NodeClaim(namespace or "default", text("service_account") or "default", pod or node.id)
-
-
-@dataclass(frozen=True, slots=True)
-class Proof:
-    """What a stream proved: the identity, how, and what revocation needs to know."""
-
-    identity: Identity
-    method: str  # "workload-token" | "kubernetes-token" | "node-metadata"
-    token_id: str = ""  # a workload token's id (jti), to notice its revocation
-    pod: str = ""  # the pod a bound Kubernetes token names
-
-    def __str__(self) -> str:
-        return f"{self.identity} ({self.method})"
-
-
 class TokenVerifier(Protocol):
-    """`ca.tokens.TokenIssuer`: our own workload tokens."""
+    """Workload tokens this server issued (implemented by `ca.tokens.TokenIssuer`, wired in
+    security.py): the xDS side needs only these three questions answered."""
 
-    issuer: str
-    key_id: str
+    def recognizes(self, token: str) -> bool:
+        """Whether the token says it is one of ours (unverified: a forged one still fails
+        `verify_claims`)."""
+        ...
 
-    def verify_claims(self, token: str) -> tuple[Identity, dict]: ...
+    def verify_claims(self, token: str) -> tuple[Identity, Mapping[str, Any]]:
+        """The identity a token proves and its claims; raises AuthError."""
+        ...
 
     def is_revoked(self, token_id: str) -> bool: ...
 
 
-class TokenReview(Protocol):
-    """`sources.tokenreview.TokenReviewer`: Kubernetes service-account tokens."""
+class ReviewResult(Protocol):
+    """What a TokenReview answered (`sources.tokenreview.TokenReviewResult`)."""
 
-    async def review(self, token: str) -> Any: ...
+    authenticated: bool
+    error: str
+    unavailable: bool
+
+    @property
+    def service_account(self) -> tuple[str, str] | None: ...
+
+    @property
+    def pod_name(self) -> str | None: ...
+
+
+class TokenReview(Protocol):
+    """Kubernetes service-account tokens (`sources.tokenreview.TokenReviewer`)."""
+
+    async def review(self, token: str) -> ReviewResult: ...
 
 
 # Reasons, as counters: what an operator needs to tell apart.
@@ -199,12 +166,10 @@ class Authenticator:
         tokens: TokenVerifier | None = None,
         reviewer: TokenReview | None = None,
         listen_address: str | None = None,
-        claim: Callable[[base_pb2.Node], NodeClaim] = claimed_identity,
     ) -> None:
         self.mode = AuthMode(mode)
         self.tokens = tokens
         self.reviewer = reviewer
-        self.claim = claim
         if self.mode is AuthMode.TOKENS and tokens is None and reviewer is None:
             raise ConfigError("--auth tokens needs workload tokens (a CA directory) or TokenReview")
         if self.mode is AuthMode.INSECURE_NODE_METADATA:
@@ -228,15 +193,7 @@ class Authenticator:
         signature check, and a forged 'theirs' fails TokenReview."""
         if self.tokens is None:
             return False
-        import jwt
-
-        try:
-            header = jwt.get_unverified_header(token)
-            claims = jwt.decode(token, options={"verify_signature": False})
-        except jwt.InvalidTokenError:
-            return self.reviewer is None  # opaque: only TokenReview can know it
-        return header.get("kid") == self.tokens.key_id or claims.get("iss") == self.tokens.issuer \
-            or self.reviewer is None
+        return self.reviewer is None or self.tokens.recognizes(token)
 
     async def prove(self, token: str) -> Proof:
         """Verify a bearer token (either kind). Raises AuthError (AuthUnavailable when the
@@ -244,7 +201,8 @@ class Authenticator:
         if self._is_workload_token(token):
             assert self.tokens is not None
             identity, claims = self.tokens.verify_claims(token)
-            return Proof(identity, "workload-token", token_id=str(claims.get("jti", "")))
+            return Proof(identity.namespace, identity.service_account, "workload-token",
+                         token_id=str(claims.get("jti", "")))
         if self.reviewer is None:
             raise AuthError("malformed token: not a token of this server (and TokenReview is off)")
         result = await self.reviewer.review(token)
@@ -260,7 +218,8 @@ class Authenticator:
             identity = Identity(*account)
         except ValueError as err:
             raise AuthError(f"the token names an invalid service account: {err}") from None
-        return Proof(identity, "kubernetes-token", pod=result.pod_name or "")
+        return Proof(identity.namespace, identity.service_account, "kubernetes-token",
+                     pod=result.pod_name or "")
 
     async def verify_token(self, token: str) -> Identity:
         """For the CSR service (ca/service.py `Authenticator`): token -> identity."""
@@ -269,12 +228,12 @@ class Authenticator:
     # Streams ---------------------------------------------------------------------------------
 
     async def authenticate(
-        self, metadata: Sequence[tuple[str, Any]] | None, node: base_pb2.Node, peer: str
+        self, metadata: Metadata | None, claim: ProxyClaim, peer: str
     ) -> Proof | None:
-        """The proof of a new stream (None in mode `none`). Raises AuthError."""
+        """The proof of a new stream whose node claims `claim` (None in mode `none`).
+        Raises AuthError."""
         if self.mode is AuthMode.NONE:
             return None
-        claim = self.claim(node)
         token = bearer_token(metadata)
         if token is None:
             if self.mode is not AuthMode.INSECURE_NODE_METADATA:
@@ -287,9 +246,10 @@ class Authenticator:
                 raise AuthError(f"invalid node metadata: {err}") from None
             log.warning(
                 "INSECURE: stream trusted on its node metadata alone (no token)",
-                extra={"identity": str(identity), "proxy": node.id, "peer": peer},
+                extra={"identity": str(identity), "proxy": claim.node_id, "peer": peer},
             )
-            return Proof(identity, "node-metadata", pod=claim.pod)
+            return Proof(identity.namespace, identity.service_account, "node-metadata",
+                         pod=claim.pod)
         proof = await self.prove(token)
         identity = proof.identity
         if (identity.namespace, identity.service_account) != (claim.namespace, claim.service_account):
@@ -308,17 +268,6 @@ class Authenticator:
         if proof.token_id and self.tokens is not None and self.tokens.is_revoked(proof.token_id):
             return f"token {proof.token_id} was revoked"
         return None
-
-
-class SecretAccess(Protocol):
-    """The SDS side of a guard (ca/sds.py `SecretProvider`)."""
-
-    def view(self, inner: View, identity: Identity | None) -> View: ...
-
-    def subscribed(self, conn: Any, identity: Identity | None, names: Iterable[str],
-                   wildcard: bool) -> None: ...
-
-    def closed(self, conn: Any) -> None: ...
 
 
 @dataclass
@@ -357,19 +306,16 @@ class _Bucket:
         self.at = time.monotonic()
 
 
-class StreamGuard:
+class StreamGuard(StreamHooks):
     """What the xDS server asks before and while it serves a stream (see module doc)."""
 
     def __init__(
         self,
         authenticator: Authenticator | None = None,
         settings: GuardSettings | None = None,
-        *,
-        secrets: SecretAccess | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.settings = settings or GuardSettings()
-        self.secrets = secrets
         self.stats = GuardStats()
         self._per_identity: Counter[Hashable] = Counter()
         self._buckets: dict[int, _Bucket] = {}
@@ -379,21 +325,21 @@ class StreamGuard:
     def mode(self) -> AuthMode:
         return self.authenticator.mode if self.authenticator is not None else AuthMode.NONE
 
-    async def admit(self, conn: Any) -> None:
-        """Authenticate a new stream and take its identity slot; sets `conn.proof` and
-        `conn.identity`. Raises StreamRefused."""
-        node = conn.state.node
+    async def admit(self, conn: Connection, proxy: VerifiedProxy) -> VerifiedProxy:
+        """Authenticate a new stream and take its identity slot. Returns the proxy with what
+        its credential proved. Raises StreamRefused."""
+        claim = proxy.claim
         proof = None
         if self.authenticator is not None:
             try:
-                proof = await self.authenticator.authenticate(conn.metadata, node, conn.peer)
+                proof = await self.authenticator.authenticate(conn.metadata, claim, conn.peer)
             except AuthError as err:
                 counter = failure_reason(err.reason)
                 self.stats.auth_failures[counter] += 1
                 code = grpc.StatusCode.UNAVAILABLE if isinstance(err, AuthUnavailable) \
                     else grpc.StatusCode.UNAUTHENTICATED
                 log.warning("stream refused: %s", err.reason, extra={
-                    "proxy": node.id if node is not None else "", "peer": conn.peer,
+                    "proxy": claim.node_id, "peer": conn.peer,
                     "reason": counter, "method": conn.method,
                 })
                 raise StreamRefused(code, err.reason, counter) from None
@@ -401,7 +347,6 @@ class StreamGuard:
             self.stats.authenticated[proof.method] += 1
             slot: Hashable = str(proof.identity)
         else:
-            claim = claimed_identity(node)
             slot = ("unproven", claim.namespace, claim.service_account)
         limit = self.settings.max_streams_per_identity
         if limit and self._per_identity[slot] >= limit:
@@ -411,15 +356,9 @@ class StreamGuard:
             raise StreamRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, reason, "streams-per-identity")
         self._per_identity[slot] += 1
         self._slots[conn.state.id] = slot
-        conn.proof = proof
-        conn.identity = proof.identity if proof is not None else None
+        return VerifiedProxy(claim, proof)
 
-    def view(self, view: View, conn: Any) -> View:
-        if self.secrets is None:
-            return view
-        return self.secrets.view(view, conn.identity)
-
-    def on_request(self, conn: Any) -> None:
+    def requested(self, conn: Connection) -> None:
         """Count one request against the stream's rate. Raises StreamRefused."""
         rate = self.settings.max_requests_per_second
         if rate <= 0:
@@ -438,26 +377,20 @@ class StreamGuard:
             raise StreamRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, reason, "request-rate")
         bucket.tokens -= 1.0
 
-    def subscribed(self, conn: Any, type_url: str, added: Iterable[str], wildcard: bool) -> None:
-        if self.secrets is not None and type_url == types.SECRET and conn.state.view is not None:
-            self.secrets.subscribed(conn, getattr(conn, "identity", None), added, wildcard)
-
-    def closed(self, conn: Any) -> None:
+    def closed(self, conn: Connection) -> None:
         self._buckets.pop(conn.state.id, None)
         slot = self._slots.pop(conn.state.id, None)
         if slot is not None:
             self._per_identity[slot] -= 1
             if self._per_identity[slot] <= 0:
                 del self._per_identity[slot]
-        if self.secrets is not None:
-            self.secrets.closed(conn)
 
     def streams_of(self, identity: Identity) -> int:
         return self._per_identity.get(str(identity), 0)
 
     async def watch_revocations(
-        self, connections: Callable[[], Iterable[Any]],
-        close: Callable[[Any, grpc.StatusCode, str], None], stop: asyncio.Event,
+        self, connections: Callable[[], Iterable[Connection]],
+        close: Callable[[Connection, grpc.StatusCode, str], None], stop: asyncio.Event,
     ) -> None:
         """Close open streams whose workload token was revoked (checked every few seconds:
         `token revoke` writes a file the verifier re-reads when it changed)."""
@@ -471,7 +404,7 @@ class StreamGuard:
             except TimeoutError:
                 pass
             for conn in list(connections()):
-                proof = getattr(conn, "proof", None)
+                proof = conn.proof
                 if proof is None or not proof.token_id:
                     continue
                 why = self.authenticator.still_valid(proof)

@@ -1,6 +1,8 @@
 """The xDS gRPC server: ADS and the per-type services, state-of-the-world and delta.
 
-The server owns connections and scheduling; the protocol rules live in `stream.py`. Each
+The server owns connections and scheduling; the protocol rules live in `stream.py` (shared),
+`sotw.py` and `delta.py`. Authentication, SDS and observers follow streams through one
+`StreamHooks` interface (`hooks.py`). Each
 stream has a reader task (requests -> state) and a writer loop (state -> responses), so a
 slow or stuck client only ever holds up itself (CONFORMANCE rule 8): its pending work is a
 set of dirty flags recomputed from the cache's latest state, never a queue of old pushes.
@@ -12,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -22,17 +23,19 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from ..config import is_loopback
-from . import csds, types
-from .auth import StreamGuard, StreamRefused
 from ..model.identity import VerifiedProxy
+from . import csds, types
 from .cache import Change, FullView, ResourceCache, View
+from .connection import Connection, proxy_label
+from .hooks import HookChain, StreamHooks, StreamRefused
 from .node import proxy_claim
 from .push import Debouncer, Pending, SubscriptionIndex
-from .stream import MAX_TRACKED_CHANGES, Ack, ProtocolError, Push, StreamState, Variant
+from .stream import MAX_TRACKED_CHANGES, Ack, ProtocolError, Variant, new_stream
+
+__all__ = ["Connection", "ServerSettings", "XdsServer", "proxy_label"]
 
 log = logging.getLogger("xds_server.xds")
 
@@ -83,47 +86,13 @@ class ServerSettings:
         ]
 
 
+# Who sees what: the view of a verified proxy (and its release when its stream ends).
 ViewProvider = Callable[[VerifiedProxy], View]
-
-
-def _verified(node: base_pb2.Node) -> VerifiedProxy:
-    # The stream guard's VerifiedProxy replaces this once the server passes it through.
-    return VerifiedProxy.unverified(proxy_claim(node))
+ViewRelease = Callable[[VerifiedProxy], None]
 
 
 def _identity(data: bytes) -> bytes:
     return data
-
-
-def proxy_label(node: base_pb2.Node | None) -> str:
-    return node.id if node is not None and node.id else "<unknown>"
-
-
-class Connection:
-    """One open xDS stream: protocol state plus what the server needs to drive it."""
-
-    def __init__(self, state: StreamState, peer: str, method: str) -> None:
-        self.state = state
-        self.peer = peer
-        self.method = method
-        self.wake = asyncio.Event()
-        self.closing = False
-        self.holds_slot = False  # a push slot is held for the write in flight
-        self.write_started = 0.0
-        self.error: tuple[grpc.StatusCode, str] | None = None
-        self.metadata: tuple = ()  # the call's invocation metadata (credentials)
-        self.proof = None  # what authentication proved (xds/auth.py `Proof`), if anything
-        self.identity = None  # the proven `Identity`, or None
-
-    @property
-    def proxy_id(self) -> str:
-        return proxy_label(self.state.node)
-
-    def __hash__(self) -> int:
-        return self.state.id
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
 
 
 @dataclass
@@ -147,18 +116,20 @@ class XdsServer:
         settings: ServerSettings | None = None,
         *,
         view_for: ViewProvider | None = None,
-        release_view: Callable[[VerifiedProxy], None] | None = None,
-        guard: StreamGuard | None = None,
+        release_view: ViewRelease | None = None,
+        hooks: Iterable[StreamHooks] = (),
     ) -> None:
         self.cache = cache
-        # Authentication, bounds and per-identity secrets (xds/auth.py); None: none of them.
-        self.guard = guard
+        # Everything that gates or follows streams: authentication and bounds (xds/auth.py),
+        # SDS, metrics. Add more with `hooks.add()` before or after start.
+        self.hooks = HookChain(hooks)
         # More gRPC services on the same port (the CA's CSR service), added at start().
         self.extra_handlers: list[grpc.GenericRpcHandler] = []
         self.settings = settings or ServerSettings()
-        # Who sees what: called with the proxy of each new stream (and `release_view` when the
-        # stream ends), so a mesh can scope proxies and build their own resources.
-        self._view_for = view_for or (lambda node, _full=FullView(cache): _full)
+        # Who sees what: called with the verified proxy of each new stream (and
+        # `release_view` when the stream ends), so a mesh can scope proxies and build their
+        # own resources.
+        self._view_for: ViewProvider = view_for or (lambda proxy, _full=FullView(cache): _full)
         self._release_view = release_view
         self.connections: set[Connection] = set()
         self.stats = ServerStats()
@@ -175,12 +146,6 @@ class XdsServer:
         self._remove_listener: Callable[[], None] | None = None
         self._closing = False
         self.port = 0
-        # Hooks for observers (metrics, admin): called with (connection, push) / (connection, ack).
-        self.on_push: list[Callable[[Connection, Push], None]] = []
-        self.on_ack: list[Callable[[Connection, Ack], None]] = []
-        # Called after each debounced flush with (changed names by type, seconds the burst
-        # waited, the streams it marked for a push): metrics time convergence from here.
-        self.on_flush: list[Callable[[Pending, float, set[Connection]], None]] = []
 
     # Life cycle -----------------------------------------------------------------------------
 
@@ -275,8 +240,7 @@ class XdsServer:
                     woken.add(conn)
         for conn in woken:
             conn.wake.set()
-        for hook in self.on_flush:
-            hook(pending, waited, touched)
+        self.hooks.flushed(pending, waited, touched)
 
     @property
     def serving(self) -> bool:
@@ -340,31 +304,30 @@ class XdsServer:
 
     def _fetch_handler(self, type_url: str):
         async def fetch(request: discovery_pb2.DiscoveryRequest, context: aio.ServicerContext) -> bytes:
-            state = StreamState(next(self._ids), Variant.SOTW, fixed_type=type_url,
-                                control_plane=self.settings.control_plane_id)
+            state = new_stream(Variant.SOTW, next(self._ids), fixed_type=type_url,
+                               control_plane=self.settings.control_plane_id)
             try:
-                _, _, added, _ = state.on_sotw_request(request)
+                added = state.on_request(request).added
             except ProtocolError as err:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             conn = Connection(state, context.peer(), f"Fetch {types.short_name(type_url)}")
             conn.metadata = tuple(context.invocation_metadata() or ())
-            guard = self.guard
-            if guard is not None:
-                try:
-                    await guard.admit(conn)
-                except StreamRefused as err:
-                    await context.abort(err.code, err.reason)
-            state.view = self._view_for(_verified(state.node))
+            hooks = self.hooks
             try:
-                if guard is not None:
-                    state.view = guard.view(state.view, conn)
-                    guard.subscribed(conn, type_url, added, state.types[type_url].wildcard)
-                push = state.next_push()
+                verified = await self._admit(conn)
+            except StreamRefused as err:
+                hooks.closed(conn)
+                await context.abort(err.code, err.reason)
+            try:
+                state.view = hooks.viewing(conn, self._view_for(verified))
+                try:
+                    hooks.subscribed(conn, type_url, added, state.types[type_url].wildcard)
+                    push = state.next_push()
+                finally:
+                    if self._release_view is not None:
+                        self._release_view(verified)
             finally:
-                if guard is not None:
-                    guard.closed(conn)
-                if self._release_view is not None:
-                    self._release_view(_verified(state.node))
+                hooks.closed(conn)
             if push is None:
                 # REST-style fetch: "nothing new" is an empty response at the same version.
                 return discovery_pb2.DiscoveryResponse(
@@ -373,6 +336,14 @@ class XdsServer:
             return push.data
 
         return fetch
+
+    async def _admit(self, conn: Connection) -> VerifiedProxy:
+        """Rule 18: who the proxy is, parsed once from its node and proven by the hooks,
+        before it has a view (so before any response can even be computed)."""
+        node = conn.state.node
+        assert node is not None
+        conn.verified = await self.hooks.admit(conn, VerifiedProxy.unverified(proxy_claim(node)))
+        return conn.verified
 
     async def _serve_stream(
         self,
@@ -384,9 +355,9 @@ class XdsServer:
     ) -> None:
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down")
-        state = StreamState(
-            next(self._ids),
+        state = new_stream(
             variant,
+            next(self._ids),
             fixed_type=fixed_type,
             control_plane=self.settings.control_plane_id,
             max_names=self.settings.max_names_per_request,
@@ -401,8 +372,7 @@ class XdsServer:
         finally:
             reader.cancel()
             self._forget(conn)
-            if self.guard is not None:
-                self.guard.closed(conn)
+            self.hooks.closed(conn)
             if state.node is not None:
                 log.info(
                     "stream closed",
@@ -416,16 +386,12 @@ class XdsServer:
     async def _read(self, conn: Connection, requests: AsyncIterator) -> None:
         state = conn.state
         try:
+            hooks = self.hooks
             async for request in requests:
-                guard = self.guard
-                if guard is not None:
-                    guard.on_request(conn)  # bounded request rate (rule 19)
+                hooks.requested(conn)  # e.g. a bounded request rate (rule 19)
                 first = state.node is None
                 try:
-                    if state.variant is Variant.SOTW:
-                        type_state, ack, added, dropped = state.on_sotw_request(request)
-                    else:
-                        type_state, ack, added, dropped = state.on_delta_request(request)
+                    result = state.on_request(request)
                 except ProtocolError as err:
                     self.stats.protocol_errors += 1
                     log.warning(
@@ -435,18 +401,16 @@ class XdsServer:
                     conn.error = (grpc.StatusCode.INVALID_ARGUMENT, str(err))
                     break
                 if first:
-                    if guard is not None:
-                        # Rule 18: who it is, proven before it has a view (so before any
-                        # response can even be computed).
-                        await guard.admit(conn)
-                    state.view = self._view_for(_verified(state.node))
-                    if guard is not None:
-                        state.view = guard.view(state.view, conn)
+                    verified = await self._admit(conn)
+                    state.view = hooks.viewing(conn, self._view_for(verified))
                     log.info(
                         "stream opened",
                         extra={"proxy": conn.proxy_id, "peer": conn.peer, "method": conn.method,
                                "stream": state.id},
                     )
+                type_state, ack, added, dropped = (
+                    result.state, result.ack, result.added, result.dropped
+                )
                 if type_state is None:
                     continue  # stale nonce (rule 9)
                 type_url = type_state.type_url
@@ -455,8 +419,8 @@ class XdsServer:
                 self._index.subscribe(conn, type_url, {key(type_url, n) for n in added})
                 self._index.unsubscribe(conn, type_url, {key(type_url, n) for n in dropped})
                 self._index.set_wildcard(conn, type_state.type_url, type_state.wildcard)
-                if guard is not None and (added or type_state.wildcard):
-                    guard.subscribed(conn, type_url, added, type_state.wildcard)
+                if added or type_state.wildcard:
+                    hooks.subscribed(conn, type_url, added, type_state.wildcard)
                 if ack is not None:
                     self._record_ack(conn, ack)
                 if state.wants_push():
@@ -491,8 +455,7 @@ class XdsServer:
                 extra={"proxy": conn.proxy_id, "type": types.short_name(ack.type_url),
                        "version": ack.nack.version},
             )
-        for hook in self.on_ack:
-            hook(conn, ack)
+        self.hooks.acked(conn, ack)
 
     async def _write_loop(self, conn: Connection, context: aio.ServicerContext) -> None:
         state = conn.state
@@ -523,8 +486,7 @@ class XdsServer:
                         slots.release()
                 self.stats.pushes += 1
                 self.stats.push_bytes += len(push.data)
-                for hook in self.on_push:
-                    hook(conn, push)
+                self.hooks.pushed(conn, push)
                 if conn.closing:
                     return
 
@@ -549,9 +511,9 @@ class XdsServer:
                 names = {view.cache_key(type_state.type_url, n) for n in names}
             self._index.unsubscribe(conn, type_state.type_url, names)
             self._index.set_wildcard(conn, type_state.type_url, False)
-        if conn.state.view is not None and self._release_view is not None and conn.state.node is not None:
+        if conn.state.view is not None and self._release_view is not None and conn.verified is not None:
             try:
-                self._release_view(_verified(conn.state.node))
+                self._release_view(conn.verified)
             except Exception:
                 log.exception("releasing a proxy's view failed", extra={"proxy": conn.proxy_id})
 

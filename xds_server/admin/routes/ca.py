@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated
 
@@ -27,9 +28,9 @@ def _authority(ctx: AdminContext):
 def rotation_status(ctx: AdminContext) -> dict | None:
     """The rotation phase, with bundle delivery (who still lacks the new bundle) when the
     server's SDS provider tracks it."""
-    provider = getattr(ctx.security, "provider", None)
-    if provider is not None and callable(getattr(provider, "rotation_status", None)):
-        return provider.rotation_status()
+    status = ctx.security.rotation_status() if ctx.security is not None else None
+    if status is not None:
+        return status
     return ctx.rotation.status() if ctx.rotation is not None else None
 
 
@@ -79,9 +80,10 @@ async def root_rotation(request: Request, body: RotationRequest) -> dict:
     principal = getattr(request.state, "principal", None)
     try:
         if body.action == "start" and ctx.security is not None:
-            ctx.security.start_root_rotation()  # SDS publishes the new bundle at once
+            await ctx.security.start_root_rotation()  # SDS publishes the new bundle at once
         elif body.action == "start":
-            ctx.rotation.start_root_rotation()
+            # A new root's key is generated: in a worker thread, never on the loop.
+            await asyncio.to_thread(ctx.rotation.start_root_rotation)
         else:
             ctx.rotation.cancel()  # the CA's change callback republishes the bundle
     except RotationError as err:
