@@ -35,7 +35,8 @@ def registered_class(full_name: str) -> type[Message] | None:
         descriptor = descriptor_pool.Default().FindMessageTypeByName(full_name)
     except KeyError:
         return None
-    return message_factory.GetMessageClass(descriptor)
+    cls: type[Message] = message_factory.GetMessageClass(descriptor)
+    return cls
 
 
 @functools.cache

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any as _Untyped
+from typing import Any as _Untyped, cast
 
 from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -140,9 +140,9 @@ class Redactor:
         """Redact `message` in place; True if anything was redacted or withheld."""
         name = message.DESCRIPTOR.full_name
         if name == _ANY:
-            return self._redact_any(message)  # type: ignore[arg-type]
+            return self._redact_any(cast(any_pb2.Any, message))
         if name == _STRUCT:
-            return _redact_struct(message)  # type: ignore[arg-type]
+            return _redact_struct(cast(struct_pb2.Struct, message))
         if name == _HEADER_VALUE:
             return _redact_header(message)
         changed = False
@@ -229,10 +229,10 @@ def _redact_header(header: Message) -> bool:
         return False
     changed = False
     if getattr(header, "value", ""):
-        header.value = REDACTED  # type: ignore[attr-defined]
+        setattr(header, "value", REDACTED)
         changed = True
     if getattr(header, "raw_value", b""):
-        header.raw_value = REDACTED.encode()  # type: ignore[attr-defined]
+        setattr(header, "raw_value", REDACTED.encode())
         changed = True
     return changed
 
@@ -306,10 +306,10 @@ def _scrub_all(message: Message) -> None:
     name = message.DESCRIPTOR.full_name
     if name == _DATA_SOURCE:
         message.Clear()
-        message.inline_string = REDACTED  # type: ignore[attr-defined]
+        setattr(message, "inline_string", REDACTED)
         return
     if name == _ANY:
-        message.value = b""  # type: ignore[attr-defined]
+        setattr(message, "value", b"")
         return
     for field, value in message.ListFields():
         _scrub_field(message, field, value)

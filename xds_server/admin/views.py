@@ -18,7 +18,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from .. import protos
-from ..redaction import REDACTED as REDACTED, redact as redact
+from ..redaction import REDACTED as REDACTED, redact as redact, redact_text
 from ..xds import types
 
 
@@ -66,7 +66,7 @@ def type_status(type_state: Any) -> dict[str, Any]:
         "sent_version": type_state.sent_version or None,
         "acked_version": type_state.acked_version or None,
         "error": None if nack is None else {
-            "message": nack.message, "version": nack.version, "at": iso(nack.at),
+            "message": redact_text(nack.message), "version": nack.version, "at": iso(nack.at),
         },
         "wildcard": type_state.wildcard,
         "subscribed_names": len(type_state.names),

@@ -12,10 +12,10 @@ from typing import Any
 import yaml
 
 from ..config import is_loopback
-from ..model.mesh import ENVOY_ADMIN_PORT, AppProtocol, Workload
+from ..model.mesh import ENVOY_ADMIN_PORT, AppProtocol, EndpointSlice, Workload
 from ..model.store import ENDPOINT_SLICE, POD, MeshStore
 from ..sources.k8s_objects import SIDECAR_CONTAINERS
-from .apps import App
+from .apps import App, HttpApp, TcpEchoApp
 from .errors import DemoError
 from .sidecar import Sidecar
 
@@ -73,22 +73,46 @@ def _container_env(source: Path) -> dict[tuple[str, str], dict[str, str]]:
 def plan_pods(store: MeshStore, source: Path) -> list[PodPlan]:
     """Every pod with an IP, the app ports its EndpointSlices (or containers) name, its env."""
     env = _container_env(source)
-    workloads = [w for w in store.all(POD).values() if w.ip]
+    workloads = [w for w in store.all(POD).values() if isinstance(w, Workload) and w.ip]
     ports: dict[tuple[str, str], dict[int, AppProtocol]] = {}
     by_ip = {(w.namespace, w.ip): w for w in workloads}
     for slice_ in store.all(ENDPOINT_SLICE).values():
+        if not isinstance(slice_, EndpointSlice):
+            continue
         for endpoint in slice_.endpoints:
             workload = by_ip.get((slice_.namespace, endpoint.address))
             if workload is None or (endpoint.pod and endpoint.pod != workload.name):
                 continue
             for port in slice_.ports:
                 ports.setdefault((workload.namespace, workload.name), {})[port.port] = port.app_protocol
-    plans = []
+    plans: list[PodPlan] = []
     for w in sorted(workloads, key=lambda w: (w.namespace, w.name)):
         key = (w.namespace, w.name)
         pod_ports = ports.get(key) or {port: AppProtocol.HTTP for _, port in w.container_ports}
         plans.append(PodPlan(w, env.get(key, {}), dict(sorted(pod_ports.items()))))
     return plans
+
+
+async def start_apps(plan: PodPlan) -> None:
+    """The pod's apps, one per app port: HTTP (tuned by DEMO_FAIL_EVERY) or a TCP echo."""
+    workload = plan.workload
+    fail_text = plan.env.get(FAIL_EVERY_ENV) or "0"
+    if not fail_text.isdigit():
+        raise DemoError(f"pod {workload.name}: {FAIL_EVERY_ENV} must be a whole "
+                        f"number (answer 503 to every Nth request), got {fail_text!r}")
+    fail_every = int(fail_text)
+    for port, protocol in plan.ports.items():
+        if protocol.is_http:
+            service = workload.label_map.get("app", workload.name)
+            app: App = HttpApp(workload.ip, port, workload.name, service, plan.version, fail_every)
+        else:
+            app = TcpEchoApp(workload.ip, port)
+        try:
+            await app.start()
+        except OSError as err:
+            raise DemoError(f"cannot start {workload.name}'s app on "
+                            f"{workload.ip}:{port}: {err}") from None
+        plan.apps.append(app)
 
 
 def check_bindable(plans: list[PodPlan]) -> None:

@@ -25,9 +25,9 @@ from ..envoy_process import find_envoy
 from ..security import SecurityConfig
 from ..xds.auth import AuthMode
 from ..xds.server import ServerSettings
-from .apps import App, HttpApp, TcpEchoApp
+from .apps import HttpApp
 from .errors import DemoError
-from .pods import CALLS_ENV, FAIL_EVERY_ENV, PodPlan, check_bindable, check_free, plan_pods
+from .pods import CALLS_ENV, PodPlan, check_bindable, check_free, plan_pods, start_apps
 from .report import Table, describe, summary
 from .sidecar import INSTALL_HINT, Sidecar
 from .traffic import DB_TRIPS_PER_ROUND, RoundResult, Traffic
@@ -59,7 +59,7 @@ class Demo:
         self.caller = ""
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run blocking client code (the app's sockets) off the loop that serves xDS."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
@@ -135,24 +135,7 @@ class Demo:
 
         self.say(f"xds-server demo: mesh from {source}, xDS server on {self.app.address}")
         for plan in self.plans:
-            fail_text = plan.env.get(FAIL_EVERY_ENV) or "0"
-            if not fail_text.isdigit():
-                raise DemoError(f"pod {plan.workload.name}: {FAIL_EVERY_ENV} must be a whole "
-                                f"number (answer 503 to every Nth request), got {fail_text!r}")
-            fail_every = int(fail_text)
-            for port, protocol in plan.ports.items():
-                if protocol.is_http:
-                    service = plan.workload.label_map.get("app", plan.workload.name)
-                    app: App = HttpApp(plan.workload.ip, port, plan.workload.name, service,
-                                        plan.version, fail_every)
-                else:
-                    app = TcpEchoApp(plan.workload.ip, port)
-                try:
-                    await app.start()
-                except OSError as err:
-                    raise DemoError(f"cannot start {plan.workload.name}'s app on "
-                                    f"{plan.workload.ip}:{port}: {err}") from None
-                plan.apps.append(app)
+            await start_apps(plan)
 
         for plan in self.plans:
             if plan.workload.meshed:

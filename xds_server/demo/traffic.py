@@ -20,9 +20,9 @@ DB_TRIPS_PER_ROUND = 10
 @dataclass
 class RoundResult:
     requests: int = 0
-    versions: Counter = field(default_factory=Counter)
+    versions: Counter[str] = field(default_factory=Counter)
     errors: int = 0
-    error_kinds: Counter = field(default_factory=Counter)
+    error_kinds: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # seconds, of every request
     db_ok: int = 0
     db_trips: int = 0

@@ -285,7 +285,7 @@ class StatusBuilder:
         # included): not shown when the rejected responses carried anything sensitive.
         details = ""
         if failed:
-            details = t.nack.message
+            details = redaction.redact_text(t.nack.message)
             if any(self.redactor.sensitive(r) for r in changes.values()):
                 details = WITHHELD
 
