@@ -1,7 +1,9 @@
 """Structured logs: one line per event, JSON when not on a terminal, always naming the proxy.
 
 Callers pass context with `extra={"proxy": ..., ...}`; every extra field is emitted. Secrets
-never go into `extra`: log what an object is (name, serial, SPIFFE ID), not its bytes.
+never go into `extra`: log what an object is (name, serial, SPIFFE ID), not its bytes. As a
+last line of defence every formatted line goes through the one redaction (`redaction`):
+a private key, an inline secret or a bearer token quoted by some error never reaches the log.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import logging
 import sys
 import time
+
+from .redaction import redact_text
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -26,12 +30,14 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact_text(record.getMessage()),
         }
-        entry.update(_extras(record))
+        # Strings before encoding (JSON escapes the quotes the patterns look for), the whole
+        # line after (values that became strings through `default=str`).
+        entry.update((k, redact_text(v) if isinstance(v, str) else v) for k, v in _extras(record).items())
         if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+            entry["error"] = redact_text(self.formatException(record.exc_info))
+        return redact_text(json.dumps(entry, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -43,7 +49,7 @@ class TextFormatter(logging.Formatter):
             line += f"  {fields}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact_text(line)
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:

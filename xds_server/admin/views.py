@@ -15,12 +15,12 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from google.protobuf import any_pb2, json_format
-from google.protobuf.message import Message
+from google.protobuf import json_format
 
+from .. import protos
+from ..redaction import REDACTED as REDACTED, redact as redact, redact_text
 from ..xds import types
 
-REDACTED = "[redacted]"
 
 # Worst first: a proxy's overall status is the worst of its types.
 STATUS_RANK = {"NACKED": 3, "STALE": 2, "NOT SENT": 1, "SYNCED": 0}
@@ -66,7 +66,7 @@ def type_status(type_state: Any) -> dict[str, Any]:
         "sent_version": type_state.sent_version or None,
         "acked_version": type_state.acked_version or None,
         "error": None if nack is None else {
-            "message": nack.message, "version": nack.version, "at": iso(nack.at),
+            "message": redact_text(nack.message), "version": nack.version, "at": iso(nack.at),
         },
         "wildcard": type_state.wildcard,
         "subscribed_names": len(type_state.names),
@@ -122,117 +122,24 @@ def proxies(connections: Iterable[Any], trust_domain: str) -> list[dict[str, Any
 # Config dump --------------------------------------------------------------------------------
 
 
-def _sensitive(field: Any) -> bool:
-    from udpa.annotations import sensitive_pb2
-
-    options = field.GetOptions()
-    return options.HasExtension(sensitive_pb2.sensitive) and options.Extensions[sensitive_pb2.sensitive]
-
-
-def _scrub(message: Message) -> None:
-    """Every string and bytes leaf of `message` becomes "[redacted]"."""
-    for field, value in message.ListFields():
-        if field.type == field.TYPE_STRING:
-            if field.is_repeated:
-                value[:] = [REDACTED] * len(value)
-            else:
-                setattr(message, field.name, REDACTED)
-        elif field.type == field.TYPE_BYTES:
-            if field.is_repeated:
-                value[:] = [REDACTED.encode()] * len(value)
-            else:
-                setattr(message, field.name, REDACTED.encode())
-        elif field.message_type is not None:
-            if field.message_type.GetOptions().map_entry:
-                for key in list(value):
-                    if isinstance(value[key], Message):
-                        _scrub(value[key])
-                    else:
-                        value[key] = REDACTED if isinstance(value[key], str) else REDACTED.encode()
-            elif field.is_repeated:
-                for item in value:
-                    _scrub(item)
-            else:
-                _scrub(value)
-
-
-def _redact_value(message: Message, field: Any, value: Any) -> None:
-    if field.message_type is None:
-        replacement: Any = REDACTED if field.type == field.TYPE_STRING else REDACTED.encode()
-        if field.is_repeated:
-            value[:] = [replacement] * len(value)
-        else:
-            setattr(message, field.name, replacement)
-        return
-    items = value if field.is_repeated else [value]
-    for item in items:
-        if item.DESCRIPTOR.full_name == "envoy.config.core.v3.DataSource":
-            item.Clear()
-            item.inline_string = REDACTED  # clearer than Envoy's base64 of "[redacted]"
-        else:
-            _scrub(item)
-
-
-def redact(message: Message, message_class_for: Any = None) -> bool:
-    """Replace every field Envoy's API marks sensitive (`udpa.annotations.sensitive`: private
-    keys, passwords, session ticket keys, generic secrets...) with "[redacted]", as Envoy's
-    own /config_dump does, including inside nested `Any` configs. True if anything changed."""
-    changed = False
-    for field, value in message.ListFields():
-        if _sensitive(field):
-            _redact_value(message, field, value)
-            changed = True
-            continue
-        if field.message_type is None:
-            continue
-        if field.message_type.GetOptions().map_entry:
-            items = [v for v in value.values() if isinstance(v, Message)]
-        elif field.is_repeated:
-            items = list(value)
-        else:
-            items = [value]
-        for item in items:
-            if item.DESCRIPTOR.full_name == "google.protobuf.Any":
-                changed = _redact_any(item, message_class_for) or changed
-            else:
-                changed = redact(item, message_class_for) or changed
-    return changed
-
-
-def _redact_any(packed: any_pb2.Any, message_class_for: Any) -> bool:
-    if message_class_for is None:
-        return False
-    cls = message_class_for(packed.type_url.rsplit("/", 1)[-1])
-    if cls is None:
-        return False
-    inner = cls()
-    try:
-        inner.ParseFromString(packed.value)
-    except Exception:  # noqa: BLE001 - not ours to judge here; left as is
-        return False
-    if redact(inner, message_class_for):
-        packed.value = inner.SerializeToString(deterministic=True)
-        return True
-    return False
-
-
 def message_class_for(full_name: str) -> Any:
-    from ..sources.resource_files import _message_class  # imports every Envoy proto once
-
-    return _message_class(full_name)
+    """Any xds-protos message class. Imports them all first (once, ~0.5 s: the API calls it
+    in a thread before a dump), so nested `Any`s of any type render too."""
+    protos.import_all()
+    return protos.registered_class(full_name)
 
 
 def resource_json(resource: Any) -> dict[str, Any]:
     """One resource as Envoy JSON (proto field names, `@type` first), secrets redacted."""
     type_name = resource.type_url.rsplit("/", 1)[-1]
     cls = message_class_for(type_name)
-    if cls is None:
-        return {"@type": resource.type_url, "value_base64": base64.b64encode(resource.body).decode()}
+    if cls is None:  # a type no module here knows: it might hold anything, so not shown
+        return {"@type": resource.type_url, "note": "unknown type: contents withheld"}
     message = cls.FromString(resource.body)
     redact(message, message_class_for)
     try:
         body = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    except (TypeError, KeyError):  # an Any of a type no module here knows
+    except (TypeError, KeyError):  # an Any of a type no module here knows (emptied by redact)
         return {"@type": resource.type_url, "value_base64": base64.b64encode(
             message.SerializeToString(deterministic=True)).decode(), "note": "unknown nested type"}
     return {"@type": resource.type_url, **body}

@@ -26,7 +26,6 @@ __all__ = [
     "ROOTCA_SECRET",
     "bundle_resource",
     "bundle_secret",
-    "redacted",
     "workload_resource",
     "workload_secret",
 ]
@@ -60,18 +59,3 @@ def workload_resource(cache_key: str, chain_pem: bytes, key_pem: bytes) -> Resou
 
 def bundle_resource(cache_key: str, bundle_pem: bytes) -> Resource:
     return Resource.from_message(bundle_secret(bundle_pem), name=ROOTCA_SECRET, key=cache_key)
-
-
-def redacted(resource: Resource) -> secret_pb2.Secret:
-    """A secret fit to show (admin API, CSDS): private keys replaced, as Envoy's own
-    config_dump does."""
-    secret = resource.unpack(secret_pb2.Secret)
-    if secret.HasField("tls_certificate"):
-        key = secret.tls_certificate.private_key
-        if key.WhichOneof("specifier") is not None:
-            key.Clear()
-            key.inline_string = "[redacted]"
-    if secret.HasField("generic_secret"):
-        secret.generic_secret.secret.Clear()
-        secret.generic_secret.secret.inline_string = "[redacted]"
-    return secret

@@ -29,22 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf import any_pb2, descriptor_pool, message_factory, struct_pb2, timestamp_pb2
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import DecodeError, Message
+from google.protobuf import any_pb2, struct_pb2, timestamp_pb2
 from grpc import aio
-from udpa.annotations import sensitive_pb2
 
 from envoy.admin.v3 import config_dump_shared_pb2 as dump_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from envoy.type.matcher.v3 import node_pb2, string_pb2, struct_pb2 as struct_matcher_pb2, value_pb2
 
+from .. import redaction
 from . import types
 from .resource import Resource
 from .stream import TypeState, Variant
@@ -177,187 +174,27 @@ def _value_matcher(matcher: value_pb2.ValueMatcher) -> _ValuePredicate:
 
 # Redaction ----------------------------------------------------------------------------------
 
-_REDACTED = "[redacted]"
-_ANY = "google.protobuf.Any"
-
 
 class Redactor:
-    """Resource contents as CSDS shows them: Secrets never; elsewhere, fields Envoy's API
-    marks `(udpa.annotations.sensitive)` redacted (also inside `Any`s), as Envoy's config
-    dump does. Results are kept per (type, version): a resource is scanned once, not once per
-    proxy or request."""
+    """Resource contents as CSDS shows them: Secrets never; every other resource through the
+    one redaction (`xds_server.redaction`), scanned once per (type, version)."""
 
     def __init__(self, capacity: int = 4096) -> None:
-        self._capacity = capacity
-        # (type, version) -> (content to show or None, whether it holds sensitive data)
-        self._memo: OrderedDict[tuple[str, str], tuple[any_pb2.Any | None, bool]] = OrderedDict()
-        self._pool = descriptor_pool.Default()
-        self._may_hold: dict[str, bool] = {}
+        self._scan = redaction.CachedRedactor(capacity)
 
     def content(self, resource: Resource) -> any_pb2.Any | None:
         """The resource as CSDS may show it, or None (a Secret, or not inspectable)."""
-        return self._scan(resource)[0]
+        if resource.type_url == types.SECRET:
+            return None
+        body = self._scan.packed_version(resource.type_url, resource.version, resource.body)[0]
+        return None if body is None else any_pb2.Any(type_url=resource.type_url, value=body)
 
     def sensitive(self, resource: Resource) -> bool:
         """Whether the resource holds data that must not be shown (a Secret, a sensitive
         field, or content that cannot be inspected)."""
-        return self._scan(resource)[1]
-
-    def _scan(self, resource: Resource) -> tuple[any_pb2.Any | None, bool]:
         if resource.type_url == types.SECRET:
-            return None, True
-        key = (resource.type_url, resource.version)
-        memo = self._memo
-        if key in memo:
-            memo.move_to_end(key)
-            return memo[key]
-        result = self._redacted(resource)
-        memo[key] = result
-        if len(memo) > self._capacity:
-            memo.popitem(last=False)
-        return result
-
-    def _redacted(self, resource: Resource) -> tuple[any_pb2.Any | None, bool]:
-        packed = any_pb2.Any(type_url=resource.type_url, value=resource.body)
-        descriptor = self._descriptor(resource.type_url)
-        if descriptor is None:
-            return None, True  # a type we cannot inspect might hold anything: leave it out
-        if not self._may_hold_sensitive(descriptor):
-            return packed, False
-        message = message_factory.GetMessageClass(descriptor)()
-        try:
-            message.ParseFromString(resource.body)
-        except DecodeError:
-            return None, True
-        if not self._redact(message):
-            return packed, False
-        packed.value = message.SerializeToString(deterministic=True)
-        return packed, True
-
-    def _descriptor(self, type_url: str) -> Descriptor | None:
-        try:
-            return self._pool.FindMessageTypeByName(type_url.rsplit("/", 1)[-1])
-        except KeyError:
-            return None
-
-    def _may_hold_sensitive(self, descriptor: Descriptor) -> bool:
-        """Whether a message of this type can contain a sensitive field (an `Any` can)."""
-        memo = self._may_hold
-        known = memo.get(descriptor.full_name)
-        if known is not None:
-            return known
-        # Reachability over the type graph (which has cycles); only whole answers are kept.
-        seen = {descriptor.full_name}
-        todo = [descriptor]
-        result = False
-        while todo and not result:
-            current = todo.pop()
-            if current.full_name == _ANY:
-                result = True
-                break
-            for field in current.fields:
-                if _sensitive(field):
-                    result = True
-                    break
-                nested = field.message_type
-                if nested is None or nested.full_name in seen:
-                    continue
-                done = memo.get(nested.full_name)
-                if done is False:
-                    continue
-                if done:
-                    result = True
-                    break
-                seen.add(nested.full_name)
-                todo.append(nested)
-        memo[descriptor.full_name] = result
-        return result
-
-    def _redact(self, message: Message) -> bool:
-        """Redact sensitive fields in place; True if anything changed."""
-        changed = False
-        for field, value in message.ListFields():
-            if _sensitive(field):
-                _scrub_field(message, field, value)
-                changed = True
-            elif field.message_type is not None and self._may_hold_sensitive(field.message_type):
-                for item in _field_messages(field, value):
-                    changed = self._redact_nested(item) or changed
-        return changed
-
-    def _redact_nested(self, message: Message) -> bool:
-        if message.DESCRIPTOR.full_name != _ANY:
-            return self._redact(message)
-        descriptor = self._descriptor(message.type_url)
-        if descriptor is None:
-            if message.value:
-                message.value = b""  # unknown content: not shown
-                return True
-            return False
-        if not self._may_hold_sensitive(descriptor):
-            return False
-        inner = message_factory.GetMessageClass(descriptor)()
-        try:
-            inner.ParseFromString(message.value)
-        except DecodeError:
-            message.value = b""
             return True
-        if not self._redact(inner):
-            return False
-        message.value = inner.SerializeToString(deterministic=True)
-        return True
-
-
-def _sensitive(field: FieldDescriptor) -> bool:
-    return field.GetOptions().Extensions[sensitive_pb2.sensitive]
-
-
-def _is_map(field: FieldDescriptor) -> bool:
-    return field.message_type is not None and field.message_type.GetOptions().map_entry
-
-
-def _field_messages(field: FieldDescriptor, value) -> list[Message]:
-    if _is_map(field):
-        value_field = field.message_type.fields_by_name["value"]
-        return list(value.values()) if value_field.message_type is not None else []
-    if field.is_repeated:
-        return list(value)
-    return [value]
-
-
-def _scrub_field(message: Message, field: FieldDescriptor, value) -> None:
-    """Replace every string and bytes leaf under a sensitive field with "[redacted]"."""
-    if _is_map(field):
-        value_field = field.message_type.fields_by_name["value"]
-        for key in list(value):
-            if value_field.message_type is not None:
-                _scrub_all(value[key])
-            else:
-                value[key] = _redacted_scalar(value_field)
-        return
-    if field.message_type is not None:
-        for item in _field_messages(field, value):
-            _scrub_all(item)
-        return
-    if field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
-        message.ClearField(field.name)
-        return
-    if field.is_repeated:
-        value[:] = [_redacted_scalar(field)] * len(value)
-    else:
-        setattr(message, field.name, _redacted_scalar(field))
-
-
-def _scrub_all(message: Message) -> None:
-    if message.DESCRIPTOR.full_name == _ANY:
-        message.value = b""
-        return
-    for field, value in message.ListFields():
-        _scrub_field(message, field, value)
-
-
-def _redacted_scalar(field: FieldDescriptor) -> str | bytes:
-    return _REDACTED.encode() if field.type == FieldDescriptor.TYPE_BYTES else _REDACTED
+        return self._scan.packed_version(resource.type_url, resource.version, resource.body)[1]
 
 
 # Status -------------------------------------------------------------------------------------
@@ -414,6 +251,7 @@ class StatusBuilder:
                 continue
             config = response.config.add()
             config.node.CopyFrom(node)
+            redaction.redact(config.node)  # credentials a proxy put in its node metadata
             self._fill(config, conns, include)
         return response
 
@@ -447,7 +285,7 @@ class StatusBuilder:
         # included): not shown when the rejected responses carried anything sensitive.
         details = ""
         if failed:
-            details = t.nack.message
+            details = redaction.redact_text(t.nack.message)
             if any(self.redactor.sensitive(r) for r in changes.values()):
                 details = WITHHELD
 

