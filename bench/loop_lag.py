@@ -41,12 +41,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import datetime as dt
 import gc
 import inspect
+import io
 import json
 import logging
 import os
+import pstats
 import resource
 import sys
 import tempfile
@@ -256,11 +259,10 @@ class LagSampler:
         self._task: asyncio.Task | None = None
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            start = loop.time()
+            start = time.monotonic()  # the clock of asyncio's timers
             await asyncio.sleep(SAMPLE_INTERVAL)
-            end = loop.time()
+            end = time.monotonic()
             self.samples.append((start, end, max(0.0, end - start - SAMPLE_INTERVAL)))
 
     def start(self) -> None:
@@ -289,7 +291,7 @@ class Writes:
         self.last, self.count, self.by_type = 0.0, 0, {}
 
     def __call__(self, type_url: str, names: int) -> None:
-        self.last = asyncio.get_running_loop().time()
+        self.last = time.monotonic()  # (a write from a worker thread counts too)
         self.count += 1
         short = type_url.rsplit(".", 1)[-1]
         self.by_type[short] = self.by_type.get(short, 0) + names
@@ -303,24 +305,45 @@ class Scenario:
     done: Callable[[], bool] = lambda: True  # besides the cache having gone quiet
 
 
-async def run_scenario(server: Server, writes: Writes, scenario: Scenario,
-                       quiet: float, timeout: float) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
+async def wait_idle(args: argparse.Namespace, label: str) -> None:
+    """Wait (up to --quiet-wait s) until other processes use at most --quiet-below cores: the
+    lag is wall-clock time, so a busy machine shows in it."""
     me = psutil.Process()
+    deadline = time.monotonic() + args.quiet_wait
+    while True:
+        b0, own0, w0 = system_busy(), sum(me.cpu_times()[:2]), time.monotonic()
+        await asyncio.sleep(1.0)
+        load = (system_busy() - b0 - (sum(me.cpu_times()[:2]) - own0)) / (time.monotonic() - w0)
+        if load <= args.quiet_below:
+            return
+        if time.monotonic() >= deadline:
+            log(f"{label}: machine still busy ({load:.2f} cores used by others), measuring anyway")
+            return
+
+
+async def run_scenario(server: Server, writes: Writes, scenario: Scenario,
+                       args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    quiet, timeout = args.quiet, args.timeout
+    if args.quiet_wait > 0:
+        await wait_idle(args, scenario.name)
+    me = psutil.Process()
+    profile = cProfile.Profile() if args.profile else None
     sampler = LagSampler()
     sampler.start()
     await asyncio.sleep(0.2)  # the sampler's baseline
     writes.reset()
     busy0, own0 = system_busy(), sum(me.cpu_times()[:2])
     c0 = time.process_time()
-    t0 = loop.time()
+    t0 = time.monotonic()
+    if profile is not None:
+        profile.enable()
     result = scenario.trigger()
     if inspect.isawaitable(result):
         await result
     await settled(server)
     deadline = t0 + timeout
     while True:
-        now = loop.time()
+        now = time.monotonic()
         if writes.count and scenario.done() and now - writes.last >= quiet:
             break
         if now > deadline:
@@ -328,8 +351,15 @@ async def run_scenario(server: Server, writes: Writes, scenario: Scenario,
                                f"({writes.count} cache writes)")
         await asyncio.sleep(0.01)
     cpu = time.process_time() - c0
+    if profile is not None:
+        profile.disable()
+        path = out_dir / f"loop-lag-N={args.services}-{scenario.name}.prof"
+        profile.dump_stats(path)
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(25)
+        log(f"profile {path}:\n{text.getvalue()}")
     t1 = writes.last
-    elapsed = loop.time() - t0
+    elapsed = time.monotonic() - t0
     other = (system_busy() - busy0 - (sum(me.cpu_times()[:2]) - own0)) / elapsed
     await asyncio.sleep(0.05)
     await sampler.stop()
@@ -389,7 +419,7 @@ async def measure(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
                         if k % 100 == 99:
                             await asyncio.sleep(0)
                     await asyncio.sleep(args.quiet)
-                rows.append(await run_scenario(server, writes, scenario, args.quiet, args.timeout))
+                rows.append(await run_scenario(server, writes, scenario, args, out_dir))
                 if scenario.name == "build":
                     tune_gc()
         finally:
@@ -431,12 +461,18 @@ def main() -> None:
     ap.add_argument("--quiet", type=float, default=0.3,
                     help="a scenario ends after this long without a cache write (s)")
     ap.add_argument("--timeout", type=float, default=300.0, help="per scenario (s)")
+    ap.add_argument("--quiet-wait", type=float, default=30.0,
+                    help="before each scenario, wait up to this long for an idle machine (s)")
+    ap.add_argument("--quiet-below", type=float, default=0.3,
+                    help="idle: other processes use at most this many cores")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile each scenario (the stall then includes the profiler's cost)")
     ap.add_argument("--out-dir", default="", help="default: bench/out (smoke: a temp dir)")
     ap.add_argument("--smoke", action="store_true",
                     help="500 services, 50 proxies, a 200-certificate storm, a temp dir")
     args = ap.parse_args()
     if args.smoke:
-        args.services, args.proxies, args.storm = 500, 50, 200
+        args.services, args.proxies, args.storm, args.quiet_wait = 500, 50, 200, 0.0
     out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="loop-lag-") if args.smoke else BENCH / "out"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
