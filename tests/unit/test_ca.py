@@ -594,6 +594,36 @@ def test_root_rotation_publishes_then_switches_then_retires(tmp_path: Path, ca, 
     assert len(bundle_roots(ca)) == 2
 
 
+def test_root_rotation_prepared_in_a_thread_then_recorded(ca, issuer, clock) -> None:
+    """The admin API generates the next root in a worker thread (`prepare_next_root`) and
+    records the phase on the loop (`start_root_rotation`), which generates nothing more, also
+    when the SDS provider already reconciled the CA change into PUBLISHING."""
+    old_root = fingerprint(ca.state.root)
+    rotation = RootRotation(ca, issuer.registry, clock=clock)
+    # The provider's reaction to the CA change: reconcile the phase against the files.
+    ca.changed = lambda authority: rotation.reconcile()
+    prepared = fingerprint(rotation.prepare_next_root())
+    assert bundle_roots(ca) == [old_root, prepared]
+    assert rotation.phase is RotationPhase.PUBLISHING  # reconciled before the recording
+    assert fingerprint(rotation.start_root_rotation()) == prepared
+    assert rotation.phase is RotationPhase.PUBLISHING and rotation.state.new_root == prepared
+    assert bundle_roots(ca) == [old_root, prepared]
+    with pytest.raises(RotationError, match="in progress"):
+        rotation.prepare_next_root()
+    with pytest.raises(RotationError, match="in progress"):
+        rotation.start_root_rotation()
+    rotation.cancel()
+    assert bundle_roots(ca) == [old_root]
+
+    # Without a reconciling listener (a bare CA): the phase is recorded by the start alone.
+    ca.changed = None
+    prepared = fingerprint(rotation.prepare_next_root())
+    assert rotation.phase is RotationPhase.IDLE
+    assert fingerprint(rotation.start_root_rotation()) == prepared
+    assert rotation.phase is RotationPhase.PUBLISHING
+    assert bundle_roots(ca) == [old_root, prepared]
+
+
 def test_root_rotation_survives_a_restart(tmp_path: Path, clock) -> None:
     directory = tmp_path / "certs"
     ca = CertificateAuthority(directory, clock=clock)

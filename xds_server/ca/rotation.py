@@ -234,6 +234,8 @@ class RootRotation:
         self.clock = clock or authority.clock
         self.state_file = Path(state_file) if state_file else authority.directory / STATE_FILE
         self.created_roots = set(created_roots)
+        # The root `prepare_next_root()` made, until `start_root_rotation()` records it.
+        self._prepared = ""
         self._state = self._load()
 
     # -- state ---------------------------------------------------------------------------
@@ -308,14 +310,39 @@ class RootRotation:
 
     # -- steps ---------------------------------------------------------------------------
 
-    def start_root_rotation(self) -> x509.Certificate:
-        """Step 1: generate the next root and publish it in the trust bundle."""
+    def prepare_next_root(self) -> x509.Certificate:
+        """The slow half of step 1, for a worker thread (the authority locks its files): the
+        next root's key and certificate are generated and join the trust bundle on disk.
+        `start_root_rotation()`, back on the caller's thread, then records the phase without
+        generating another root. Raises RotationError."""
         if self._state.phase is not RotationPhase.IDLE:
             raise RotationError(f"a root rotation is already in progress ({self._state.phase.value})")
         try:
             new = self.authority.prepare_next_root()
         except CAError as err:
             raise RotationError(str(err)) from None
+        self._prepared = fingerprint(new)
+        return new
+
+    def start_root_rotation(self) -> x509.Certificate:
+        """Step 1: generate the next root (unless `prepare_next_root()` just did) and publish
+        it in the trust bundle."""
+        prepared, self._prepared = self._prepared, ""
+        # The CA change a preparation causes may already have been reconciled into
+        # PUBLISHING for that very root (the SDS provider reconciles on every CA change):
+        # that is this rotation, not one started elsewhere.
+        ours = bool(prepared) and self._state.phase is RotationPhase.PUBLISHING \
+            and self._state.new_root == prepared
+        if self._state.phase is not RotationPhase.IDLE and not ours:
+            raise RotationError(f"a root rotation is already in progress ({self._state.phase.value})")
+        pending = self.authority.state.pending_root
+        if prepared and pending is not None and fingerprint(pending) == prepared:
+            new = pending
+        else:
+            try:
+                new = self.authority.prepare_next_root()
+            except CAError as err:
+                raise RotationError(str(err)) from None
         self._state = RotationState(
             RotationPhase.PUBLISHING, new_root=fingerprint(new),
             old_root=self.authority.state.root_fingerprint, started_at=self.clock(),
@@ -375,6 +402,7 @@ class RootRotation:
         """Abandon a rotation still in PUBLISHING: the new root leaves the bundle."""
         if self._state.phase is RotationPhase.RETIRING:
             raise RotationError("the new root already signs: let the rotation finish")
+        self._prepared = ""
         self.authority.discard_next_root()
         self._state = RotationState()
         self._save()

@@ -374,7 +374,9 @@ class WorkloadCertificates:
             raise RotationError("root rotation is not enabled on this server")
         self._stepping = True
         try:
-            await asyncio.to_thread(rotation.start_root_rotation)
+            # The slow half (key, certificate, files) in a thread; the phase is recorded here.
+            await asyncio.to_thread(rotation.prepare_next_root)
+            rotation.start_root_rotation()
         finally:
             self._stepping = False
         self._ca_changed()

@@ -25,6 +25,15 @@ def _authority(ctx: AdminContext):
     return ctx.authority
 
 
+def _rotation_lock(request: Request) -> asyncio.Lock:
+    """One rotation request at a time: a second "start" waits for the first to record its
+    phase (and then gets 409), as when the whole step ran in one loop turn."""
+    lock = getattr(request.app.state, "root_rotation_lock", None)
+    if lock is None:
+        lock = request.app.state.root_rotation_lock = asyncio.Lock()
+    return lock
+
+
 def rotation_status(ctx: AdminContext) -> dict | None:
     """The rotation phase, with bundle delivery (who still lacks the new bundle) when the
     server's SDS provider tracks it."""
@@ -79,13 +88,19 @@ async def root_rotation(request: Request, body: RotationRequest) -> dict:
 
     principal = getattr(request.state, "principal", None)
     try:
-        if body.action == "start" and ctx.security is not None:
-            await ctx.security.start_root_rotation()  # SDS publishes the new bundle at once
-        elif body.action == "start":
-            # A new root's key is generated: in a worker thread, never on the loop.
-            await asyncio.to_thread(ctx.rotation.start_root_rotation)
-        else:
-            ctx.rotation.cancel()  # the CA's change callback republishes the bundle
+        async with _rotation_lock(request):
+            if body.action == "start" and ctx.security is not None:
+                # The new root is generated in a worker thread (ca/workloads.py); SDS
+                # publishes the new bundle at once.
+                await ctx.security.start_root_rotation()
+            elif body.action == "start":
+                # Generating a root key and certificate (and writing the CA files) is CPU and
+                # disk work: in a thread, so the event loop keeps serving streams meanwhile.
+                # Recording the phase stays on the loop.
+                await asyncio.to_thread(ctx.rotation.prepare_next_root)
+                ctx.rotation.start_root_rotation()
+            else:
+                ctx.rotation.cancel()  # the CA's change callback republishes the bundle
     except RotationError as err:
         raise ApiError(409, str(err), [{"field": "action", "location": "body",
                                         "message": str(err)}]) from None
