@@ -92,7 +92,7 @@ class Server:
     controller: Any  # the view provider (translate controller)
     xds: Any  # XdsServer
     security: Any  # security.Security
-    provider: Any  # the SDS secret provider (renewal loop)
+    provider: Any  # the CA's workload certificates (renewal loop)
     stop: asyncio.Event
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -133,7 +133,8 @@ async def compose(ca_dir: Path, log_file: Path) -> Server:
     security.attach(xds)
     await xds.start()
     stop = asyncio.Event()
-    server = Server(store, cache, controller, xds, security, security.provider, stop)
+    server = Server(store, cache, controller, xds, security, security.certificates, stop)
+    server.tasks.append(controller.start())  # the time-sliced drain, as serve runs it
     server.tasks.append(asyncio.create_task(security.run(stop), name="security"))
     return server
 
@@ -163,10 +164,11 @@ def mesh_objects(n: int, namespaces: int, endpoints: int) -> list[Any]:
 
 
 def root_mtls_policy(mode: str) -> Any:
-    from xds_server.model.security import MTLSPolicy, MTLSPolicySpec
+    from xds_server.model.security import MTLSPolicy
+    from xds_server.sources.policies import parse_mtls_policy_spec
 
     return MTLSPolicy(namespace=ROOT_NAMESPACE, name="mesh-default",
-                      spec=MTLSPolicySpec.model_validate({"mode": mode}),
+                      spec=parse_mtls_policy_spec({"mode": mode}),
                       created="2026-01-01T00:00:00Z")
 
 
@@ -206,22 +208,18 @@ def connect_proxy(server: Server, namespace: str, pod: str, ip: str, service_acc
     node = base_pb2.Node(id=f"{pod}.{namespace}", cluster=namespace)
     node.metadata.update({"namespace": namespace, "pod": pod, "pod_ip": ip,
                           "service_account": service_account})
-    view_for = server.controller.view_for
-    if "VerifiedProxy" in str(inspect.signature(view_for)):
-        from xds_server.model.identity import Proof, VerifiedProxy
-        from xds_server.xds.node import proxy_claim
+    from xds_server.model.identity import Proof, VerifiedProxy
+    from xds_server.xds.node import proxy_claim
 
-        proof = Proof(namespace, service_account, "node-metadata")
-        view_for(VerifiedProxy(proxy_claim(node), proof))
-    else:
-        view_for(node)
+    proof = Proof(namespace, service_account, "node-metadata")
+    server.controller.view_for(VerifiedProxy(proxy_claim(node), proof))
 
 
 def acquire_identity(server: Server, k: int, namespaces: int) -> None:
     """One more identity holding a certificate (what a stream's SDS subscription does)."""
-    from xds_server.ca.identity import Identity
+    from xds_server.model.identity import Identity
 
-    server.provider.acquire(Identity(f"ns-{k % namespaces}", f"storm-{k}"), proxy=f"storm-{k}")
+    server.provider.track(Identity(f"ns-{k % namespaces}", f"storm-{k}"), proxy=f"storm-{k}")
 
 
 def renewals(server: Server) -> int:
@@ -230,7 +228,7 @@ def renewals(server: Server) -> int:
 
 def start_storm(server: Server) -> int:
     """Every tracked certificate falls due now (the path a new signing root takes, see
-    SecretProvider._ca_changed); returns how many."""
+    WorkloadCertificates._ca_changed); returns how many."""
     provider = server.provider
     count = len(provider.schedule)
     provider.schedule.mark_due()
@@ -239,11 +237,10 @@ def start_storm(server: Server) -> int:
 
 
 async def settled(server: Server) -> None:
-    """Wait until the server has finished applying what it was given. Today every store change
-    is applied synchronously inside the store call; if changes become queued or time-sliced,
-    await the orchestrator's idle point here (the harness also waits for the cache to go
-    quiet)."""
-    await asyncio.sleep(0)
+    """Wait until the server has finished applying what it was given: store changes are
+    queued and drained in time slices by the orchestrator (translate/orchestrator.py); the
+    harness also waits for the cache to go quiet."""
+    await server.controller.settled()
 
 
 # =============================================================================================

@@ -105,6 +105,7 @@ class RunningApp:
 async def start_app(config: AppConfig) -> RunningApp:
     """Load the sources, start watching them and start the xDS server; return at once."""
     from .sources.resource_files import ResourceDirectory  # imports every Envoy proto: lazily
+    from .translate.raw import RawResources
 
     host, _ = parse_address(config.server.address, "--xds-address")
     if not is_loopback(host):
@@ -117,7 +118,7 @@ async def start_app(config: AppConfig) -> RunningApp:
     sources: dict[str, Any] = {}
     stop = asyncio.Event()
     if config.resources is not None:
-        directory = ResourceDirectory(config.resources, cache)
+        directory = ResourceDirectory(config.resources, RawResources(cache))
         sources["resources"] = directory
         errors = directory.load()
         log.info(

@@ -20,6 +20,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from xds_server.sources.resource_files import ResourceDirectory, ResourceError, load_file
+from xds_server.translate.raw import RawResources
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
@@ -123,7 +124,7 @@ def test_loads_yaml_json_lists_and_multi_document_files(tmp_path: Path) -> None:
     (tmp_path / "endpoints.json").write_text(json.dumps([CLA_DOC], indent=2))  # a list
     cache = ResourceCache()
 
-    assert ResourceDirectory(tmp_path, cache).load() == []
+    assert ResourceDirectory(tmp_path, RawResources(cache)).load() == []
 
     assert set(cache.resources(LISTENER)) == {"outbound"}
     assert set(cache.resources(CLUSTER)) == {"web"}
@@ -166,7 +167,7 @@ def test_hidden_and_temporary_files_are_ignored(tmp_path: Path) -> None:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("not: [valid")
     cache = ResourceCache()
-    assert ResourceDirectory(tmp_path, cache).load() == []
+    assert ResourceDirectory(tmp_path, RawResources(cache)).load() == []
     assert set(cache.resources(CLUSTER)) == {"a"}
 
 
@@ -175,7 +176,7 @@ def test_hidden_and_temporary_files_are_ignored(tmp_path: Path) -> None:
 
 def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("name: web\nports: [1, 2\nother: x\n")
-    [error] = ResourceDirectory(tmp_path, ResourceCache()).load()
+    [error] = ResourceDirectory(tmp_path, RawResources(ResourceCache())).load()
     assert error.file == "bad.yaml"
     assert error.line in (2, 3, 4)
     assert str(error).startswith(f"bad.yaml:{error.line}: invalid YAML:")
@@ -184,7 +185,7 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
 def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "bad.json").write_text('{"name": "web",\n "port" 1}')
-    [error] = ResourceDirectory(tmp_path, ResourceCache()).load()
+    [error] = ResourceDirectory(tmp_path, RawResources(ResourceCache())).load()
     assert (error.file, error.line) == ("sub/bad.json", 2)
     assert str(error).startswith("sub/bad.json:2: invalid JSON: Expecting ':' delimiter")
 
@@ -286,7 +287,7 @@ def test_bad_edit_keeps_that_files_last_good_version_while_others_apply(tmp_path
     write_yaml(tmp_path / "a.yaml", cluster("a", "1s"))
     write_yaml(tmp_path / "b.yaml", cluster("b", "1s"))
     cache = ResourceCache()
-    directory = ResourceDirectory(tmp_path, cache)
+    directory = ResourceDirectory(tmp_path, RawResources(cache))
     assert directory.load() == []
 
     write_yaml(tmp_path / "a.yaml", cluster("a", "2s"), cluster("a2", "nonsense"))
@@ -313,7 +314,7 @@ def test_bad_edit_keeps_that_files_last_good_version_while_others_apply(tmp_path
 def test_a_file_that_was_never_valid_contributes_nothing(tmp_path: Path) -> None:
     write_yaml(tmp_path / "a.yaml", cluster("a"), cluster("b", "bad"))
     cache = ResourceCache()
-    assert len(ResourceDirectory(tmp_path, cache).load()) == 1
+    assert len(ResourceDirectory(tmp_path, RawResources(cache)).load()) == 1
     assert dict(cache.resources(CLUSTER)) == {}
 
 
@@ -321,7 +322,7 @@ def test_deleting_a_file_removes_its_resources(tmp_path: Path) -> None:
     write_yaml(tmp_path / "l.yaml", LISTENER_DOC)
     write_yaml(tmp_path / "c.yaml", CLUSTER_DOC, cluster("other"))
     cache = ResourceCache()
-    directory = ResourceDirectory(tmp_path, cache)
+    directory = ResourceDirectory(tmp_path, RawResources(cache))
     directory.load()
 
     (tmp_path / "l.yaml").unlink()
@@ -335,7 +336,7 @@ def test_only_changed_types_are_written(tmp_path: Path) -> None:
     write_yaml(tmp_path / "l.yaml", LISTENER_DOC)
     write_yaml(tmp_path / "c.yaml", CLUSTER_DOC)
     cache = ResourceCache()
-    directory = ResourceDirectory(tmp_path, cache)
+    directory = ResourceDirectory(tmp_path, RawResources(cache))
     directory.load()
     listeners, clusters = cache.generation(LISTENER), cache.generation(CLUSTER)
 
@@ -352,7 +353,7 @@ def test_only_changed_types_are_written(tmp_path: Path) -> None:
 def test_duplicate_names_keep_the_file_that_was_good_first(tmp_path: Path) -> None:
     write_yaml(tmp_path / "z.yaml", cluster("web", "1s"))
     cache = ResourceCache()
-    directory = ResourceDirectory(tmp_path, cache)
+    directory = ResourceDirectory(tmp_path, RawResources(cache))
     assert directory.load() == []
 
     # a.yaml sorts first, but z.yaml was serving "web" already: it keeps it.
@@ -372,7 +373,7 @@ def test_duplicate_names_keep_the_file_that_was_good_first(tmp_path: Path) -> No
 def test_duplicate_within_one_file_rejects_the_file(tmp_path: Path) -> None:
     write_yaml(tmp_path / "a.yaml", [cluster("web", "1s"), cluster("web", "2s")])
     cache = ResourceCache()
-    [error] = ResourceDirectory(tmp_path, cache).load()
+    [error] = ResourceDirectory(tmp_path, RawResources(cache)).load()
     assert str(error) == (
         'a.yaml:4: Cluster "web": duplicate name: defined earlier in this file (line 1)'
     )
@@ -383,7 +384,7 @@ def test_missing_directory_keeps_what_was_loaded(tmp_path: Path) -> None:
     root = tmp_path / "resources"
     write_yaml(root / "a.yaml", cluster("a"))
     cache = ResourceCache()
-    directory = ResourceDirectory(root, cache)
+    directory = ResourceDirectory(root, RawResources(cache))
     directory.load()
     (root / "a.yaml").rename(tmp_path / "a.yaml")
     root.rmdir()
@@ -405,7 +406,7 @@ async def eventually(condition, timeout: float = 10.0) -> None:
 async def test_run_hot_reloads_and_stops_cleanly(tmp_path: Path) -> None:
     write_yaml(tmp_path / "a.yaml", cluster("a", "1s"))
     cache = ResourceCache()
-    directory = ResourceDirectory(tmp_path, cache)
+    directory = ResourceDirectory(tmp_path, RawResources(cache))
     directory.load()
     stop = asyncio.Event()
     task = asyncio.create_task(directory.run(stop))
@@ -430,7 +431,7 @@ async def test_run_survives_the_directory_being_replaced(tmp_path: Path) -> None
     root = tmp_path / "resources"
     write_yaml(root / "a.yaml", cluster("a"))
     cache = ResourceCache()
-    directory = ResourceDirectory(root, cache)
+    directory = ResourceDirectory(root, RawResources(cache))
     stop = asyncio.Event()
     task = asyncio.create_task(directory.run(stop))
     try:
@@ -449,7 +450,7 @@ async def test_run_survives_the_directory_being_replaced(tmp_path: Path) -> None
 
 
 async def test_run_can_be_cancelled(tmp_path: Path) -> None:
-    directory = ResourceDirectory(tmp_path, ResourceCache())
+    directory = ResourceDirectory(tmp_path, RawResources(ResourceCache()))
     task = asyncio.create_task(directory.run())
     await asyncio.sleep(0.3)
     task.cancel()

@@ -8,6 +8,9 @@ through the Envoy protos shipped by `xds-protos`.
 A file that does not parse or does not match the Envoy API is reported with the file, line,
 resource and field, and that file's last good version stays in the cache: a typo in one file
 must never take down what the others (or the file's earlier version) configured.
+
+This source parses and validates; it hands the current good resources, by type, to a
+`RawSink` (translate/raw.py puts them in the cache). It never touches the xDS cache itself.
 """
 
 from __future__ import annotations
@@ -19,19 +22,16 @@ import json
 import logging
 import pkgutil
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
 from .watch import watch_directory
-from ..xds.cache import ResourceCache
-from ..xds.resource import Resource
-from ..xds.types import order_key, resource_name, short_name
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,29 @@ class ResourceError:
         return ": ".join(parts)
 
 
+class RawSink(Protocol):
+    """Where the good resources go: all of them, by type URL, after every change."""
+
+    def publish(self, by_type: Mapping[str, Sequence[Message]]) -> None: ...
+
+
+_TYPE_PREFIX = "type.googleapis.com/"
+_CLUSTER_LOAD_ASSIGNMENT = "envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+
+def _name_field(cls: type[Message]) -> str | None:
+    """The field an xDS resource is named by (ClusterLoadAssignment: cluster_name); None for
+    a message that cannot be a named resource."""
+    if cls.DESCRIPTOR.full_name == _CLUSTER_LOAD_ASSIGNMENT:
+        return "cluster_name"
+    return "name" if "name" in cls.DESCRIPTOR.fields_by_name else None
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
-    resource: Resource  # serialized once at parse time: unchanged files cost nothing later
-    message: Message
+    type_url: str
+    name: str
+    message: Message  # kept as parsed: unchanged files hand the same object over again
     line: int | None
     label: str
 
@@ -136,7 +155,7 @@ def _parse(raw: bytes, is_json: bool, file: str) -> tuple[list[_Entry], list[Res
             if isinstance(result, ResourceError):
                 errors.append(result)
                 continue
-            key = (result.resource.type_url, result.resource.name)
+            key = (result.type_url, result.name)
             if key in seen:
                 where = f" (line {seen[key]})" if seen[key] else ""
                 message = f"duplicate name: defined earlier in this file{where}"
@@ -207,9 +226,8 @@ def _parse_resource(data: Any, node: yaml.Node | None, file: str) -> _Entry | Re
         )
     type_name = cls.DESCRIPTOR.name
     label = f"{type_name} {quoted}" if quoted else type_name
-    try:
-        resource_name(cls())  # only named resources can be served (and told apart)
-    except ValueError:
+    name_field = _name_field(cls)  # only named resources can be served (and told apart)
+    if name_field is None:
         message = f"{cls.DESCRIPTOR.full_name} is not an xDS resource type (it has no name)"
         return ResourceError(file=file, line=line, resource=label, field="@type", message=message)
     try:
@@ -223,12 +241,12 @@ def _parse_resource(data: Any, node: yaml.Node | None, file: str) -> _Entry | Re
             field=field,
             message=text,
         )
-    if not (name := resource_name(message)):
-        field = "cluster_name" if type_name == "ClusterLoadAssignment" else "name"
+    if not (name := getattr(message, name_field)):
         return ResourceError(
-            file=file, line=line, resource=label, field=field, message="must not be empty"
+            file=file, line=line, resource=label, field=name_field, message="must not be empty"
         )
-    return _Entry(Resource.from_message(message), message, line, f'{type_name} "{name}"')
+    type_url = _TYPE_PREFIX + cls.DESCRIPTOR.full_name
+    return _Entry(type_url, name, message, line, f'{type_name} "{name}"')
 
 
 def _error_at(entry: _Entry, file: str, message: str) -> ResourceError:
@@ -315,13 +333,12 @@ class _FileState:
 
 
 class ResourceDirectory:
-    """Keeps the cache in step with the resource files under `directory`."""
+    """Keeps `sink` in step with the resource files under `directory`."""
 
-    def __init__(self, directory: Path, cache: ResourceCache) -> None:
+    def __init__(self, directory: Path, sink: RawSink) -> None:
         self.directory = Path(directory)
-        self._cache = cache
+        self._sink = sink
         self._files: dict[Path, _FileState] = {}
-        self._type_urls: set[str] = set()  # every type ever written, so deletions empty it
         self._errors: list[ResourceError] = []
         self._reloads = 0
 
@@ -331,7 +348,7 @@ class ResourceDirectory:
         return list(self._errors)
 
     def load(self) -> list[ResourceError]:
-        """Read the directory now and update the cache. Returns the current errors."""
+        """Read the directory now and publish. Returns the current errors."""
         return self._apply(self._scan(self._known()))
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -341,7 +358,7 @@ class ResourceDirectory:
 
     async def _reload(self) -> list[ResourceError]:
         # Reading and parsing run in a thread so a big file does not stall the event loop;
-        # the cache is only touched here, on the loop.
+        # the sink is only called here, on the loop.
         return self._apply(await asyncio.to_thread(self._scan, self._known()))
 
     def _known(self) -> dict[Path, bytes | None]:
@@ -416,28 +433,18 @@ class ResourceDirectory:
         for _, state in sorted(self._files.items()):
             errors += state.errors
         owners: dict[tuple[str, str], str] = {}
-        by_type: dict[str, list[Resource]] = {}
+        by_type: dict[str, list[Message]] = {}
         # A name defined twice goes to the file that was good first (ties by path), so adding
         # a conflicting file never displaces what is already serving.
         for path, state in sorted(self._files.items(), key=lambda kv: (kv[1].good_since, kv[0])):
             file = self._display(path)
             for entry in state.good or ():
-                key = (entry.resource.type_url, entry.resource.name)
+                key = (entry.type_url, entry.name)
                 if (owner := owners.get(key)) is not None:
                     message = f"duplicate name: {owner} defines it too, and that one is used"
                     errors.append(_error_at(entry, file, message))
                     continue
                 owners[key] = f"{file}:{entry.line}" if entry.line else file
-                by_type.setdefault(entry.resource.type_url, []).append(entry.resource)
-        self._type_urls.update(by_type)
-        # set_type diffs by name and version, so untouched types and resources are not written.
-        for type_url in sorted(self._type_urls, key=order_key):
-            change = self._cache.set_type(type_url, by_type.get(type_url, ()))
-            if change:
-                log.info(
-                    "resources: %s: %d changed, %d removed",
-                    short_name(type_url),
-                    len(change.changed),
-                    len(change.removed),
-                )
+                by_type.setdefault(entry.type_url, []).append(entry.message)
+        self._sink.publish(by_type)
         return errors
