@@ -38,10 +38,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil  # noqa: E402
+import psutil
 
-from bench import mesh  # noqa: E402
-from bench.push_bench import Proc, cpu_seconds, fmt, machine, pct, wait_quiet  # noqa: E402
+from bench import mesh
+from bench.push_bench import Proc, cpu_seconds, fmt, machine, pct, wait_quiet
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -68,7 +68,7 @@ class BufferedProc(Proc):
                 raise TimeoutError(f"{self.name}: no {event!r} event within {timeout}s")
             try:
                 line = await asyncio.wait_for(self.proc.stdout.readline(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TimeoutError(f"{self.name}: no {event!r} event within {timeout}s") from None
             if not line:
                 rc = await self.proc.wait()

@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import mesh  # noqa: E402
-from bench.control import commands, emit, log  # noqa: E402
+from bench import mesh
+from bench.control import commands, emit, log
 
 PUSH_INDEX = 0  # the CLA every stream subscribes to and every push changes
 

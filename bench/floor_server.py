@@ -27,12 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
-from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
-from google.protobuf import any_pb2  # noqa: E402
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
 
-from bench import mesh  # noqa: E402
-from bench.control import SERVER_OPTIONS, commands, emit, log  # noqa: E402
+from bench import mesh
+from bench.control import SERVER_OPTIONS, commands, emit, log
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 _CLOSE = b""  # queue sentinel: the client went away

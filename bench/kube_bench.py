@@ -32,13 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
-import psutil  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.push_bench import Proc, machine, pct  # noqa: E402
-from tests.support.fake_apiserver import FakeApiServer  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
+from bench.push_bench import Proc, machine, pct
+from tests.support.fake_apiserver import FakeApiServer
+from tests.support.net import free_port
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -113,7 +113,7 @@ class RssSampler:
                 return
             self._stop.wait(0.05)
 
-    def start(self) -> "RssSampler":
+    def start(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -234,7 +234,7 @@ async def run(args: argparse.Namespace) -> dict:
                 server.terminate()
                 try:
                     await asyncio.wait_for(server.wait(), 15)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     server.kill()
                     await server.wait()
     log(json.dumps(report))

@@ -38,14 +38,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
-from envoy.config.cluster.v3 import cluster_pb2  # noqa: E402
-from envoy.config.core.v3 import base_pb2  # noqa: E402
-from envoy.config.endpoint.v3 import endpoint_pb2  # noqa: E402
-from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 
-from bench.control import commands, emit, log  # noqa: E402
-from bench.mesh import CLUSTER_TYPE, ENDPOINT_TYPE  # noqa: E402
+from bench.control import commands, emit, log
+from bench.mesh import CLUSTER_TYPE, ENDPOINT_TYPE
 
 SOTW_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
@@ -64,13 +64,13 @@ def _identity(b: bytes) -> bytes:
 
 class StreamState:
     __slots__ = (
-        "sid",
         "cds_names",
-        "eds_names",
         "eds_got",
-        "synced",
+        "eds_names",
         "mark_id",
         "opened",
+        "sid",
+        "synced",
     )
 
     def __init__(self, sid: int) -> None:
@@ -330,7 +330,7 @@ class LoadClient:
     async def wait_synced(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self.synced_event.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         # Frugality: the client's own garbage collector must not stall the measured rounds.
         gc.collect()
@@ -357,7 +357,7 @@ class LoadClient:
         emit("armed", id=mark_id)
         try:
             await asyncio.wait_for(done.wait(), float(cmd.get("timeout", 60)))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if self.mark_id != mark_id:
             return

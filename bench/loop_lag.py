@@ -54,16 +54,16 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil  # noqa: E402
+import psutil
 
-from bench.push_bench import fmt, machine, pct, system_busy  # noqa: E402
+from bench.push_bench import fmt, machine, pct, system_busy
 
 BENCH = Path(__file__).resolve().parent
 SOURCE = "bench"
@@ -232,7 +232,7 @@ def start_storm(server: Server) -> int:
     provider = server.provider
     count = len(provider.schedule)
     provider.schedule.mark_due()
-    provider._wake_up()  # noqa: SLF001 (the renewal loop's wake-up; bench/ca_server_proc.py too)
+    provider._wake_up()
     return count
 
 
@@ -474,7 +474,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     result = asyncio.run(measure(args, out_dir))
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     report = {"date": date, "machine": machine(), "args": vars(args), "result": result,
               "pid": os.getpid()}
     stamp = date.replace(" ", "T").replace(":", "")

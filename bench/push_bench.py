@@ -39,9 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil  # noqa: E402
+import psutil
 
-from bench import mesh  # noqa: E402
+from bench import mesh
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -61,7 +61,7 @@ class Proc:
         self.proc = proc
 
     @classmethod
-    async def start(cls, name: str, argv: list[str]) -> "Proc":
+    async def start(cls, name: str, argv: list[str]) -> Proc:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
@@ -85,7 +85,7 @@ class Proc:
                 raise TimeoutError(f"{self.name}: no {event!r} event within {timeout}s")
             try:
                 line = await asyncio.wait_for(self.proc.stdout.readline(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TimeoutError(f"{self.name}: no {event!r} event within {timeout}s") from None
             if not line:
                 rc = await self.proc.wait()
@@ -110,7 +110,7 @@ class Proc:
             pass
         try:
             await asyncio.wait_for(self.proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log(f"{self.name}: did not quit in {timeout}s, killing pid {self.proc.pid}")
             self.proc.kill()
             await self.proc.wait()
@@ -373,7 +373,7 @@ async def stop_py_spy(proc) -> None:
             pass
     try:
         await asyncio.wait_for(proc.wait(), 30)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
 

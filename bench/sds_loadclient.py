@@ -32,14 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
-from envoy.config.core.v3 import base_pb2  # noqa: E402
-from envoy.config.endpoint.v3 import endpoint_pb2  # noqa: E402
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2  # noqa: E402
-from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 
-from bench import mesh  # noqa: E402
-from bench.control import commands, emit, log  # noqa: E402
+from bench import mesh
+from bench.control import commands, emit, log
 
 SOTW_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 ENDPOINT_TYPE = mesh.ENDPOINT_TYPE
@@ -69,7 +69,7 @@ class Mark:
 
 
 class Stream:
-    __slots__ = ("sid", "eds_names", "eds_got", "secrets_got", "synced", "default_count", "opened")
+    __slots__ = ("default_count", "eds_got", "eds_names", "opened", "secrets_got", "sid", "synced")
 
     def __init__(self, sid: int, eds_names: tuple[str, ...]) -> None:
         self.sid = sid
@@ -211,7 +211,7 @@ class SdsLoadClient:
     async def wait_synced(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self.synced_event.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         gc.collect()
         gc.freeze()
@@ -226,7 +226,7 @@ class SdsLoadClient:
         emit(f"{kind}_armed", kind=kind, id=m.id)
         try:
             await asyncio.wait_for(m.done.wait(), float(cmd.get("timeout", 60)))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if self.marks.get(kind) is m:
             del self.marks[kind]

@@ -51,10 +51,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from envoy.config.core.v3 import base_pb2  # noqa: E402
+from envoy.config.core.v3 import base_pb2
 
-from bench.push_bench import fmt, machine, pct, system_busy  # noqa: E402
-from xds_server.model.mesh import (  # noqa: E402
+from bench.push_bench import fmt, machine, pct, system_busy
+from xds_server.model.mesh import (
     AppProtocol,
     Endpoint,
     EndpointPort,
@@ -65,9 +65,9 @@ from xds_server.model.mesh import (  # noqa: E402
     ServicePort,
     Workload,
 )
-from xds_server.model.policy import TrafficPolicy  # noqa: E402
-from xds_server.sources.policies import parse_traffic_policy_spec  # noqa: E402
-from xds_server.model.routes import (  # noqa: E402
+from xds_server.model.policy import TrafficPolicy
+from xds_server.sources.policies import parse_traffic_policy_spec
+from xds_server.model.routes import (
     BackendRef,
     MatchType,
     ParentRef,
@@ -77,11 +77,11 @@ from xds_server.model.routes import (  # noqa: E402
     RouteRule,
     ValueMatch,
 )
-from xds_server.model.store import HTTP_ROUTE, MeshStore  # noqa: E402
-from xds_server.model.identity import VerifiedProxy  # noqa: E402
-from xds_server.translate.controller import MeshController  # noqa: E402
-from xds_server.xds.node import proxy_claim  # noqa: E402
-from xds_server.xds.cache import Change, ResourceCache  # noqa: E402
+from xds_server.model.store import HTTP_ROUTE, MeshStore
+from xds_server.model.identity import VerifiedProxy
+from xds_server.translate.controller import MeshController
+from xds_server.xds.node import proxy_claim
+from xds_server.xds.cache import Change, ResourceCache
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

@@ -284,7 +284,7 @@ class EnvoyProcess:
         "INITIALIZING" or "DRAINING"."""
         return self.admin_get("/ready", timeout)[1].strip()
 
-    def stats(self, filter: str | None = None) -> dict[str, int | str]:  # noqa: A002
+    def stats(self, filter: str | None = None) -> dict[str, int | str]:
         """Counters, gauges and text readouts as {name: value}; `filter` is Envoy's regex."""
         path = "/stats?format=json" + (f"&filter={urllib.parse.quote(filter)}" if filter else "")
         out: dict[str, int | str] = {}

@@ -71,7 +71,7 @@ def type_label(type_url: str) -> str:
     return types.short_name(type_url)
 
 
-def settled(conn: "Connection") -> bool:
+def settled(conn: Connection) -> bool:
     """Nothing this stream should be sent is waiting, and nothing sent is unanswered."""
     return all(t.pending_nonce is None and not t.dirty for t in conn.state.types.values())
 
@@ -250,7 +250,7 @@ class Metrics:
 
     # Feeding ------------------------------------------------------------------------------
 
-    def attach_server(self, server: "XdsServer") -> None:
+    def attach_server(self, server: XdsServer) -> None:
         """Count pushes, ACKs and NACKs; time convergence; expose live stream gauges."""
         self._detach.append(server.hooks.add(_ServerHooks(self, server)))
         self._live.server = server
@@ -297,7 +297,7 @@ class Metrics:
         for detach in self._detach:
             try:
                 detach()
-            except Exception:  # noqa: BLE001 - a listener already gone is fine
+            except Exception:
                 pass
         self._detach.clear()
 
@@ -305,11 +305,11 @@ class Metrics:
 class _ServerHooks(StreamHooks):
     """What metrics follow of the server's streams."""
 
-    def __init__(self, metrics: Metrics, server: "XdsServer") -> None:
+    def __init__(self, metrics: Metrics, server: XdsServer) -> None:
         self.metrics = metrics
         self.server = server
 
-    def pushed(self, conn: "Connection", push: "Push") -> None:
+    def pushed(self, conn: Connection, push: Push) -> None:
         m = self.metrics
         label = type_label(push.type_url)
         m.pushes.labels(label).inc()
@@ -318,14 +318,14 @@ class _ServerHooks(StreamHooks):
             elapsed = asyncio.get_running_loop().time() - conn.write_started
             m.push_duration.labels(label).observe(max(0.0, elapsed))
 
-    def acked(self, conn: "Connection", ack: "Ack") -> None:
+    def acked(self, conn: Connection, ack: Ack) -> None:
         m = self.metrics
         label = type_label(ack.type_url)
         (m.acks if ack.nack is None else m.nacks).labels(label).inc()
         m.convergence_tracker.answered(conn)
 
     def flushed(self, pending: Mapping[str, set[str]], waited: float,
-                touched: set["Connection"]) -> None:
+                touched: set[Connection]) -> None:
         self.metrics.debounce.observe(waited)
         server = self.server
         self.metrics.convergence_tracker.started(waited, touched, lambda: server.connections)
@@ -404,7 +404,7 @@ class _LiveCollector(Collector):
         for name, source in sorted(self.sources.items()):
             try:
                 errors.add_metric([name], len(source.errors))
-            except Exception:  # noqa: BLE001 - a source mid-reload must not break a scrape
+            except Exception:
                 continue
             synced.add_metric([name], 1.0 if getattr(source, "synced", True) else 0.0)
         yield errors

@@ -229,10 +229,10 @@ def _redact_header(header: Message) -> bool:
         return False
     changed = False
     if getattr(header, "value", ""):
-        setattr(header, "value", REDACTED)
+        header.value = REDACTED
         changed = True
     if getattr(header, "raw_value", b""):
-        setattr(header, "raw_value", REDACTED.encode())
+        header.raw_value = REDACTED.encode()
         changed = True
     return changed
 
@@ -306,10 +306,10 @@ def _scrub_all(message: Message) -> None:
     name = message.DESCRIPTOR.full_name
     if name == _DATA_SOURCE:
         message.Clear()
-        setattr(message, "inline_string", REDACTED)
+        message.inline_string = REDACTED
         return
     if name == _ANY:
-        setattr(message, "value", b"")
+        message.value = b""
         return
     for field, value in message.ListFields():
         _scrub_field(message, field, value)

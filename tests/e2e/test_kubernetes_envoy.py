@@ -97,7 +97,7 @@ class KubeMesh(MeshHarness):
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    async def start(self) -> "KubeMesh":
+    async def start(self) -> KubeMesh:
         self._task = asyncio.create_task(self.kube.run(self._stop))
         await self.kube.wait_synced(10)
         await self.server.start()

@@ -149,11 +149,10 @@ def tls_get(host: str, port: int, roots: Path, cert: tuple[Path, Path] | None = 
     if cert is not None:
         context.load_cert_chain(str(cert[0]), str(cert[1]))
     try:
-        with socket.create_connection((host, port), timeout=5) as raw:
-            with context.wrap_socket(raw) as conn:
-                conn.sendall(f"GET / HTTP/1.1\r\nHost: {API_HOST}\r\nConnection: close\r\n\r\n".encode())
-                data = conn.recv(65536)
-                return data or None
+        with socket.create_connection((host, port), timeout=5) as raw, context.wrap_socket(raw) as conn:
+            conn.sendall(f"GET / HTTP/1.1\r\nHost: {API_HOST}\r\nConnection: close\r\n\r\n".encode())
+            data = conn.recv(65536)
+            return data or None
     except (OSError, ssl.SSLError):
         return None
 
@@ -369,7 +368,7 @@ class ProxylessProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[dict] = []
 
-    async def start(self) -> "ProxylessProcess":
+    async def start(self) -> ProxylessProcess:
         env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": json.dumps(self.bootstrap),
                "PYTHONPATH": str(ROOT)}
         self.proc = await asyncio.create_subprocess_exec(
@@ -520,7 +519,7 @@ async def test_sidecar_calls_proxyless_server_over_mtls(proxyless_mesh: Proxyles
     def who() -> dict | None:
         try:
             return grpc_who(web.ip, 15001, "greeter.shop:50051")
-        except Exception:  # noqa: BLE001 - not routed yet
+        except Exception:
             return None
 
     answer = await mesh.until(who, 30, "a gRPC call through the sidecar")

@@ -188,7 +188,7 @@ class CertWatch:
             for pod in self.pods:
                 try:
                     self.samples[pod.name].append(sample(pod))
-                except Exception as err:  # noqa: BLE001 - an admin request timing out
+                except Exception as err:
                     self.errors.append(f"{pod.name}: {err!r}")
             self._stop.wait(0.2)
 

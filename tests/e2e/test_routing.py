@@ -570,7 +570,7 @@ class AnyMethodGrpcBackend:
         self._server.add_insecure_port(f"{host}:{port}")
 
     class _Handler(grpc.GenericRpcHandler):
-        def __init__(self, outer: "AnyMethodGrpcBackend") -> None:
+        def __init__(self, outer: AnyMethodGrpcBackend) -> None:
             self.outer = outer
 
         def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -582,7 +582,7 @@ class AnyMethodGrpcBackend:
 
             return grpc.unary_unary_rpc_method_handler(answer)
 
-    def start(self) -> "AnyMethodGrpcBackend":
+    def start(self) -> AnyMethodGrpcBackend:
         self._server.start()
         return self
 

@@ -206,7 +206,7 @@ async def until(probe, timeout: float = 15.0, message: str = "condition"):
             last = await asyncio.to_thread(probe)
             if last:
                 return last
-        except Exception as err:  # noqa: BLE001 - a listener coming up, a handshake racing
+        except Exception as err:
             last = err
         if loop.time() > deadline:
             raise AssertionError(f"{message} not reached in {timeout}s (last: {last!r})")
@@ -265,7 +265,7 @@ async def test_rotation_replaces_the_certificate_without_draining(tmp_path: Path
                 try:
                     stats = mesh.envoy.stats("listener_manager")
                     draining.append(int(stats.get("listener_manager.total_listeners_draining", 0)))
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
                 sampling.wait(0.1)
 

@@ -238,7 +238,7 @@ class Served:
         self._reader: asyncio.Task | None = None
         self.admin_url = ""
 
-    async def start(self) -> "Served":
+    async def start(self) -> Served:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "xds_server.cli", "--log-format", "json", "serve",
             "--xds-address", f"127.0.0.1:{self.xds_port}", "--resources", str(self.resources),
@@ -263,7 +263,7 @@ class Served:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), 15)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
         if self._reader is not None:
@@ -565,34 +565,33 @@ async def test_config_dump_redacts_secrets_and_push_resend() -> None:
         private_key={"inline_string": key}))])
     cache.set_type(types.CLUSTER, [cluster("web")])
     cache.set_type(types.ENDPOINT, [endpoints("web", 8080)])
-    async with AdminStack(cache=cache) as stack:
-        async with XdsClient(stack.server.address, node_id="sds-proxy") as xds:
-            ads = xds.ads()
-            await ads.request(types.SECRET, ["default"])
-            await ads.ack(await ads.recv())
-            await ads.request(types.CLUSTER)
-            first = await ads.recv()
-            await ads.ack(first)
-            async with stack.client("read") as api:
-                dump = await api.get("/api/v1/proxies/sds-proxy/config")
-                assert "TOPSECRETKEYBYTES" not in dump.text
-                secret = dump.json()["types"]["SDS"]["resources"][0]["resource"]
-                assert secret["tls_certificate"]["private_key"] == {"inline_string": "[redacted]"}
-                assert "LEAF" in secret["tls_certificate"]["certificate_chain"]["inline_string"]
-                assert set(dump.json()["types"]) == {"CDS", "SDS"}
-            async with stack.client("admin") as admin:
-                # A plain push re-evaluates: nothing changed, so nothing is sent.
-                r = await admin.post("/api/v1/push", json={"proxy": "sds-proxy", "types": ["CDS"]})
-                assert r.json() == {"streams": 1, "proxies": ["sds-proxy"]}
-                await ads.expect_silence(0.3)
-                # With resend the complete current set goes again, same version.
-                r = await admin.post("/api/v1/push", json={"types": ["CDS"], "resend": True})
-                assert r.status_code == 200
-                again = await ads.recv()
-                assert again.type_url == types.CLUSTER and again.version_info == first.version_info
-                await ads.ack(again)
-                r = await admin.post("/api/v1/push")  # no body: every proxy, every type
-                assert r.status_code == 200 and r.json()["streams"] == 1
+    async with AdminStack(cache=cache) as stack, XdsClient(stack.server.address, node_id="sds-proxy") as xds:
+        ads = xds.ads()
+        await ads.request(types.SECRET, ["default"])
+        await ads.ack(await ads.recv())
+        await ads.request(types.CLUSTER)
+        first = await ads.recv()
+        await ads.ack(first)
+        async with stack.client("read") as api:
+            dump = await api.get("/api/v1/proxies/sds-proxy/config")
+            assert "TOPSECRETKEYBYTES" not in dump.text
+            secret = dump.json()["types"]["SDS"]["resources"][0]["resource"]
+            assert secret["tls_certificate"]["private_key"] == {"inline_string": "[redacted]"}
+            assert "LEAF" in secret["tls_certificate"]["certificate_chain"]["inline_string"]
+            assert set(dump.json()["types"]) == {"CDS", "SDS"}
+        async with stack.client("admin") as admin:
+            # A plain push re-evaluates: nothing changed, so nothing is sent.
+            r = await admin.post("/api/v1/push", json={"proxy": "sds-proxy", "types": ["CDS"]})
+            assert r.json() == {"streams": 1, "proxies": ["sds-proxy"]}
+            await ads.expect_silence(0.3)
+            # With resend the complete current set goes again, same version.
+            r = await admin.post("/api/v1/push", json={"types": ["CDS"], "resend": True})
+            assert r.status_code == 200
+            again = await ads.recv()
+            assert again.type_url == types.CLUSTER and again.version_info == first.version_info
+            await ads.ack(again)
+            r = await admin.post("/api/v1/push")  # no body: every proxy, every type
+            assert r.status_code == 200 and r.json()["streams"] == 1
 
 
 # mTLS with client certificates from the mesh CA ----------------------------------------------

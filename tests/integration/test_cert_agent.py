@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import pytest
@@ -137,7 +137,7 @@ async def test_agent_renews_before_expiry_and_files_are_always_whole(server: Sig
                 cert = leaf_of(out / CERT_FILE)
                 serialization.load_pem_private_key((out / KEY_FILE).read_bytes(), None)
                 x509.load_pem_x509_certificates((out / CA_FILE).read_bytes())
-                seen.setdefault(cert.serial_number, (datetime.now(timezone.utc), cert.not_valid_after_utc))
+                seen.setdefault(cert.serial_number, (datetime.now(UTC), cert.not_valid_after_utc))
             await asyncio.sleep(0.02)
     finally:
         stop.set()
@@ -155,7 +155,7 @@ async def test_agent_renews_before_expiry_and_files_are_always_whole(server: Sig
 
 def make_operator_intermediate(directory: Path) -> None:
     """An operator's root and an intermediate for the mesh, in the plug-in layout."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -209,7 +209,7 @@ def mtls_handshake(server_dir: Path, client_dir: Path) -> tuple[str, str]:
             with server_ctx.wrap_socket(conn, server_side=True) as tls:
                 seen["server_peer"] = tls.getpeercert(binary_form=True)
                 tls.sendall(b"hello " + tls.recv(64))
-        except Exception as err:  # noqa: BLE001 - reported to the test
+        except Exception as err:
             seen["server_error"] = err
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -275,7 +275,7 @@ async def test_cli_cert_agent_once_with_a_token_file(server: SigningServer, tmp_
     assert proc.returncode == 0, stderr.decode()
     cert = leaf_of(out / CERT_FILE)
     assert spiffe_ids(cert) == ["spiffe://cluster.local/ns/billing/sa/worker"]
-    assert cert.not_valid_after_utc - datetime.now(timezone.utc) < timedelta(hours=1)
+    assert cert.not_valid_after_utc - datetime.now(UTC) < timedelta(hours=1)
     token_file.write_text("not-a-token")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, "--out-dir", str(out), "--server", server.address,

@@ -232,7 +232,7 @@ def test_static_envoy_proxies_http_and_tcp(
             assert f'"name": "{scenario.upstream_name(k)}"'.encode() in raw
         assert set(envoy.cluster_hosts()) == {scenario.cluster_name(k) for k in range(4)}
         assert envoy.cluster_hosts()[scenario.cluster_name(0)] == ["%s:%d" % http_upstreams[0].address]
-        assert envoy.stats()[f"http.http_0.downstream_rq_2xx"] >= 1
+        assert envoy.stats()["http.http_0.downstream_rq_2xx"] >= 1
         assert envoy.dynamic_versions() == {"clusters": {}, "listeners": {}, "routes": {}, "endpoints": {}}
 
 

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import grpc
@@ -191,7 +191,7 @@ def bundle_of(secret) -> list[x509.Certificate]:
 
 def _credentials(secured: Secured, tmp_path: Path) -> dict[str, tuple[list | None, str]]:
     """Credential cases -> (metadata, the counter the failure is counted under)."""
-    past = datetime.now(timezone.utc) - timedelta(hours=3)
+    past = datetime.now(UTC) - timedelta(hours=3)
     expired = TokenIssuer(secured.ca_dir, clock=lambda: past).create(*WEB, timedelta(hours=1))
     revoked = secured.security.tokens.issue(*WEB, timedelta(hours=1))
     secured.security.tokens.revoke(revoked.token_id)

@@ -70,10 +70,10 @@ class AdminStack:
         self.mtls = mtls
         self.admin: AdminServer | None = None
 
-    async def start(self) -> "AdminStack":
+    async def start(self) -> AdminStack:
         from xds_server.admin.server import mtls_context
 
-        if self.server._server is None:  # noqa: SLF001 - a test harness may look
+        if self.server._server is None:
             await self.server.start()
         running = types.SimpleNamespace(server=self.server, cache=self.cache, store=self.store,
                                         sources=self.sources, ca=self.ca)
@@ -107,7 +107,7 @@ class AdminStack:
             await self.admin.close()
         await self.server.stop(0.2)
 
-    async def __aenter__(self) -> "AdminStack":
+    async def __aenter__(self) -> AdminStack:
         return await self.start()
 
     async def __aexit__(self, *exc: Any) -> None:

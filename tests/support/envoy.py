@@ -34,7 +34,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -48,6 +48,7 @@ __all__ = [
     "EnvoyProcess",
     "Mode",
     "ads_bootstrap",
+    "config_section",
     "envoy_binary",
     "overload_manager",
     "static_bootstrap",
@@ -55,7 +56,6 @@ __all__ = [
     "type_url",
     "validate_bootstrap",
     "validate_static",
-    "config_section",
 ]
 
 T = TypeVar("T")
@@ -373,7 +373,7 @@ def validate_static(
 
 # -------------------------------------------------------------------------------- process
 
-_live: "weakref.WeakSet[EnvoyProcess]" = weakref.WeakSet()
+_live: weakref.WeakSet[EnvoyProcess] = weakref.WeakSet()
 
 
 @atexit.register
@@ -445,7 +445,7 @@ class EnvoyProcess(envoy_process.EnvoyProcess):
             self.binary = envoy_binary()
         return super().command()
 
-    def start(self, timeout: float = 20.0) -> "EnvoyProcess":  # type: ignore[override]
+    def start(self, timeout: float = 20.0) -> EnvoyProcess:  # type: ignore[override]
         """Start Envoy and wait until its admin endpoint answers (not until LIVE)."""
         super().start()
         _live.add(self)
@@ -467,7 +467,7 @@ class EnvoyProcess(envoy_process.EnvoyProcess):
             shutil.rmtree(self.workdir, ignore_errors=True)
         return code
 
-    def __enter__(self) -> "EnvoyProcess":
+    def __enter__(self) -> EnvoyProcess:
         if not self.started:
             self.start()
         return self
@@ -589,7 +589,7 @@ class EnvoyProcess(envoy_process.EnvoyProcess):
                 if last_value:
                     return last_value
                 last_exc = None
-            except Exception as exc:  # noqa: BLE001 - reported on timeout
+            except Exception as exc:
                 last_exc = exc
             if time.monotonic() >= deadline:
                 detail = f"last error: {last_exc!r}" if last_exc else f"last value: {last_value!r}"

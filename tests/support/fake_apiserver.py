@@ -66,7 +66,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-__all__ = ["FakeApiServer", "ResourceType", "RESOURCE_TYPES", "LabelSelector", "RequestRecord"]
+__all__ = ["RESOURCE_TYPES", "FakeApiServer", "LabelSelector", "RequestRecord", "ResourceType"]
 
 ADMIN_TOKEN = "fake-admin-token"
 DEFAULT_API_AUDIENCES = ("https://kubernetes.default.svc.cluster.local",)
@@ -259,7 +259,7 @@ class FieldSelector:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _copy(obj: Any) -> Any:
@@ -426,7 +426,7 @@ class FakeApiServer:
 
     # Life cycle ------------------------------------------------------------------------------
 
-    def __enter__(self) -> "FakeApiServer":
+    def __enter__(self) -> FakeApiServer:
         self.start()
         return self
 
@@ -444,7 +444,7 @@ class FakeApiServer:
             self._loop = loop
             try:
                 loop.run_until_complete(self._start())
-            except BaseException as e:  # noqa: BLE001 - reported to the starting thread
+            except BaseException as e:
                 failure.append(e)
                 started.set()
                 return
@@ -1320,7 +1320,7 @@ def _tls_context(host: str) -> tuple[ssl.SSLContext, bytes]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-apiserver-ca")])
     ca = (

@@ -31,7 +31,7 @@ class GrpcBackend:
         self.calls += 1
         return self.name.encode()
 
-    def start(self) -> "GrpcBackend":
+    def start(self) -> GrpcBackend:
         self._server.start()
         return self
 

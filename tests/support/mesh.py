@@ -103,7 +103,7 @@ class MeshHarness:
         )
         self.pods: list[Pod] = []
 
-    async def start(self) -> "MeshHarness":
+    async def start(self) -> MeshHarness:
         # Writes load synchronously (see write()); the directory watcher is not started, so a
         # test's changes apply at once and in order. Hot reload has tests of its own.
         self.source.load()

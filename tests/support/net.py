@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 
-__all__ = ["free_port", "free_ports", "wait_for_port", "next_loopback_ip", "xdist_worker_index"]
+__all__ = ["free_port", "free_ports", "next_loopback_ip", "wait_for_port", "xdist_worker_index"]
 
 
 _port_lock = threading.Lock()

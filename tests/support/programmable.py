@@ -34,9 +34,9 @@ __all__ = ["ProgrammableBackend", "programmable_pod"]
 
 
 class _Server(_TrackingMixin, ThreadingHTTPServer):
-    backend: "ProgrammableBackend"
+    backend: ProgrammableBackend
 
-    def __init__(self, address: tuple[str, int], backend: "ProgrammableBackend") -> None:
+    def __init__(self, address: tuple[str, int], backend: ProgrammableBackend) -> None:
         self.backend = backend
         self._init_tracking()
         super().__init__(address, _Handler)
@@ -85,7 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -175,7 +175,7 @@ class ProgrammableBackend(_UpstreamBase):
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> "ProgrammableBackend":
+    def start(self) -> ProgrammableBackend:
         super().start()
         return self
 
@@ -183,13 +183,13 @@ class ProgrammableBackend(_UpstreamBase):
         self._stopping.set()  # wake delayed handlers first, so joining them is quick
         super().stop(timeout)
 
-    def __enter__(self) -> "ProgrammableBackend":
+    def __enter__(self) -> ProgrammableBackend:
         return self.start()
 
 
 def programmable_pod(
-    mesh: "MeshHarness", namespace: str, name: str, **behaviour: Any
-) -> tuple["Pod", ProgrammableBackend]:
+    mesh: MeshHarness, namespace: str, name: str, **behaviour: Any
+) -> tuple[Pod, ProgrammableBackend]:
     """A mesh pod whose app is a started ProgrammableBackend on the pod's ip:app_port.
 
     Keyword arguments are split: `service_account`, `labels`, `app_port` go to `mesh.pod`,

@@ -46,30 +46,30 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 __all__ = [
+    "CLA_TYPE",
+    "CLUSTER_TYPE",
+    "LISTENER_TYPE",
+    "METADATA_NAMESPACE",
     "NUM_CLUSTERS",
     "NUM_HTTP_LISTENERS",
     "NUM_TCP_LISTENERS",
-    "METADATA_NAMESPACE",
-    "CLUSTER_TYPE",
-    "CLA_TYPE",
-    "LISTENER_TYPE",
     "ROUTE_TYPE",
-    "type_url",
     "cluster_name",
-    "route_name",
+    "config_source",
     "http_listener_name",
-    "tcp_listener_name",
-    "upstream_name",
+    "make_cla",
+    "make_cluster",
+    "make_http_listener",
+    "make_route",
+    "make_snapshot",
+    "make_tcp_listener",
+    "resource_names",
+    "route_name",
     "server_name",
     "target_cluster",
-    "config_source",
-    "make_cluster",
-    "make_cla",
-    "make_route",
-    "make_http_listener",
-    "make_tcp_listener",
-    "make_snapshot",
-    "resource_names",
+    "tcp_listener_name",
+    "type_url",
+    "upstream_name",
 ]
 
 NUM_CLUSTERS = 4
@@ -108,7 +108,7 @@ def tcp_listener_name(i: int) -> str:
     return f"listener-tcp-{i}"
 
 
-def server_name(round: int) -> str:  # noqa: A002
+def server_name(round: int) -> str:
     """HCM server_name of the HTTP listeners in `round` (the `server` response header)."""
     return f"xds-test-round-{round}"
 
@@ -118,7 +118,7 @@ def upstream_name(k: int) -> str:
     return f"upstream-{k}"
 
 
-def target_cluster(round: int, listener_index: int) -> int:  # noqa: A002 - domain word
+def target_cluster(round: int, listener_index: int) -> int:
     """Cluster index that listener `listener_index` (HTTP 0..1, then TCP 2..3) uses in `round`."""
     return (listener_index + round) % NUM_CLUSTERS
 
@@ -136,7 +136,7 @@ def config_source(ads: bool, xds_cluster: str = "xds_cluster") -> config_source_
     return src
 
 
-def _round_metadata(round: int) -> base_pb2.Metadata:  # noqa: A002
+def _round_metadata(round: int) -> base_pb2.Metadata:
     md = base_pb2.Metadata()
     md.filter_metadata[METADATA_NAMESPACE].CopyFrom(
         struct_pb2.Struct(fields={"round": struct_pb2.Value(number_value=round)})
@@ -151,7 +151,7 @@ def _socket_address(ip: str, port: int) -> address_pb2.Address:
     return addr
 
 
-def make_cluster(k: int, round: int, ads: bool = True, xds_cluster: str = "xds_cluster") -> cluster_pb2.Cluster:  # noqa: A002
+def make_cluster(k: int, round: int, ads: bool = True, xds_cluster: str = "xds_cluster") -> cluster_pb2.Cluster:
     """EDS cluster k; round-specific connect_timeout and metadata."""
     c = cluster_pb2.Cluster(name=cluster_name(k), type=cluster_pb2.Cluster.EDS)
     c.connect_timeout.FromMilliseconds(1000 + round)
@@ -160,7 +160,7 @@ def make_cluster(k: int, round: int, ads: bool = True, xds_cluster: str = "xds_c
     return c
 
 
-def make_cla(k: int, round: int, upstreams: Sequence[Address]) -> endpoint_pb2.ClusterLoadAssignment:  # noqa: A002
+def make_cla(k: int, round: int, upstreams: Sequence[Address]) -> endpoint_pb2.ClusterLoadAssignment:
     """Endpoints of cluster k: one locality (set, weighted: proxyless gRPC requires it)."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(k))
     loc = cla.endpoints.add()
@@ -174,7 +174,7 @@ def make_cla(k: int, round: int, upstreams: Sequence[Address]) -> endpoint_pb2.C
     return cla
 
 
-def make_route(i: int, round: int) -> route_pb2.RouteConfiguration:  # noqa: A002
+def make_route(i: int, round: int) -> route_pb2.RouteConfiguration:
     """RouteConfiguration for HTTP listener i: everything to its round's cluster, x-round headers."""
     rc = route_pb2.RouteConfiguration(name=route_name(i))
     vh = rc.virtual_hosts.add(name=f"{route_name(i)}-vhost", domains=["*"])
@@ -192,7 +192,7 @@ def make_route(i: int, round: int) -> route_pb2.RouteConfiguration:  # noqa: A00
 
 def make_http_listener(
     i: int,
-    round: int,  # noqa: A002
+    round: int,
     listen_ip: str,
     port: int,
     ads: bool = True,
@@ -222,7 +222,7 @@ def make_http_listener(
 
 
 def make_tcp_listener(
-    i: int, round: int, listen_ip: str, port: int, full_update: bool = True  # noqa: A002
+    i: int, round: int, listen_ip: str, port: int, full_update: bool = True
 ) -> listener_pb2.Listener:
     """TCP listener i (global index NUM_HTTP_LISTENERS + i) proxying to its round's cluster."""
     tcp = tcp_proxy_pb2.TcpProxy(
@@ -245,7 +245,7 @@ def _normalize(spec: UpstreamSpec) -> list[Address]:
 
 
 def make_snapshot(
-    round: int,  # noqa: A002
+    round: int,
     upstreams: Sequence[UpstreamSpec],
     http_ports: Sequence[int],
     tcp_ports: Sequence[int],
@@ -289,5 +289,5 @@ def resource_names(snapshot: dict[str, list[Message]]) -> dict[str, list[str]]:
     """{type_url: [resource names]}; CLAs are named by cluster_name, as in xDS."""
     out: dict[str, list[str]] = {}
     for url, msgs in snapshot.items():
-        out[url] = [getattr(m, "cluster_name", "") if url == CLA_TYPE else getattr(m, "name") for m in msgs]
+        out[url] = [getattr(m, "cluster_name", "") if url == CLA_TYPE else m.name for m in msgs]
     return out

@@ -50,16 +50,16 @@ __all__ = [
     "SotwStream",
     "StreamClosed",
     "XdsClient",
-    "method",
-    "delta_resources",
-    "eventually",
-    "sotw_names",
-    "sotw_resources",
     "cluster",
+    "delta_resources",
     "endpoints",
+    "eventually",
     "listener",
+    "method",
     "route",
     "secret",
+    "sotw_names",
+    "sotw_resources",
 ]
 
 DEFAULT_TIMEOUT = 5.0  # how long to wait for a response that must come
@@ -269,7 +269,7 @@ class SotwStream(_Stream):
         version: str = "",
         nonce: str = "",
         error: str | None = None,
-        node: base_pb2.Node | None | bool = True,
+        node: base_pb2.Node | bool | None = True,
     ) -> discovery_pb2.DiscoveryRequest:
         """Send one DiscoveryRequest. The node goes with the first request only, unless
         `node` is a Node (sent as given) or False (never sent)."""
@@ -348,7 +348,7 @@ class DeltaStream(_Stream):
         nonce: str = "",
         initial: Mapping[str, str] | None = None,
         error: str | None = None,
-        node: base_pb2.Node | None | bool = True,
+        node: base_pb2.Node | bool | None = True,
     ) -> discovery_pb2.DeltaDiscoveryRequest:
         request = discovery_pb2.DeltaDiscoveryRequest(
             type_url=type_url,
@@ -407,7 +407,7 @@ class XdsClient:
         )
         self._streams: list[_Stream] = []
 
-    async def __aenter__(self) -> "XdsClient":
+    async def __aenter__(self) -> XdsClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -35,7 +35,7 @@ def test_tokens_from_a_file_with_hashes_and_plain_tokens(tmp_path: Path) -> None
     assert store.authenticate("") is None
     # Only digests are kept: the plain token is nowhere in the object.
     assert READER not in repr(store.__dict__) and READER.encode() not in b"".join(
-        e.digest for e in store._entries)  # noqa: SLF001
+        e.digest for e in store._entries)
 
 
 def test_tokens_from_the_environment_merge_with_the_file(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import os
 import random
 import stat
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import pytest
@@ -51,7 +51,7 @@ class Clock:
     """A settable clock starting now (real time, so openssl sees valid certificates)."""
 
     def __init__(self) -> None:
-        self.now = datetime.now(timezone.utc)
+        self.now = datetime.now(UTC)
 
     def __call__(self) -> datetime:
         return self.now
@@ -90,7 +90,7 @@ def crypto_verify(roots: bytes, chain: bytes) -> list[x509.GeneralName]:
 def make_operator_ca(directory: Path, *, with_chain_file: bool = True, name: str = "Example Corp"):
     """An operator's offline root (RSA, like many corporate roots) and an ECDSA intermediate
     for the mesh, written in the plug-in layout."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     root_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     root_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
                            x509.NameAttribute(NameOID.COMMON_NAME, f"{name} Root")])
@@ -161,7 +161,7 @@ def test_self_signed_root_is_created_once_with_private_key_files(tmp_path: Path)
     usage = root.extensions.get_extension_for_class(x509.KeyUsage)
     assert usage.critical and usage.value.key_cert_sign
     assert isinstance(root.public_key(), ec.EllipticCurvePublicKey)
-    lifetime = root.not_valid_after_utc - datetime.now(timezone.utc)
+    lifetime = root.not_valid_after_utc - datetime.now(UTC)
     assert timedelta(days=3649) < lifetime <= timedelta(days=3650)
     # A restart signs with the same root: every proxy keeps trusting it.
     again = CertificateAuthority(directory)
@@ -495,7 +495,7 @@ def test_registry_lists_what_was_issued_and_drops_expired(ca, clock) -> None:
 
 
 def test_renewal_time_is_half_life_with_jitter() -> None:
-    issued = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    issued = datetime(2030, 1, 1, tzinfo=UTC)
     lifetime = timedelta(hours=24)
     rng = random.Random(7)
     fractions = [

@@ -46,7 +46,7 @@ class Dockerfile:
     global_args: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, path: Path = DOCKERFILE) -> "Dockerfile":
+    def read(cls, path: Path = DOCKERFILE) -> Dockerfile:
         logical: list[str] = []
         pending = ""
         for raw in path.read_text(encoding="utf-8").splitlines():

@@ -415,7 +415,7 @@ def test_route_to_gateways_only_has_no_mesh_parents() -> None:
 
 
 def test_unquoted_creation_timestamp() -> None:
-    stamp = dt.datetime(2024, 5, 1, 10, 0, tzinfo=dt.timezone.utc)
+    stamp = dt.datetime(2024, 5, 1, 10, 0, tzinfo=dt.UTC)
     route = convert(with_(HTTP_ROUTE, "metadata/creationTimestamp", stamp))
     assert route.created == "2024-05-01T10:00:00Z"
 

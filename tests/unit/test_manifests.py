@@ -19,7 +19,8 @@ import shlex
 import tomllib
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import jsonschema
 import kubernetes_validate
@@ -464,7 +465,7 @@ def test_generator_refuses_what_a_structural_schema_cannot_express() -> None:
         value: int | str
 
     class Loop(BaseModel):
-        child: "Loop | None" = None
+        child: Loop | None = None
 
     with pytest.raises(crds.UnsupportedSchema, match="union"):
         crds.model_schema(Either)

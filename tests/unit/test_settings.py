@@ -139,8 +139,8 @@ def test_every_dataclass_field_is_reachable_from_a_setting(tmp_path: Path) -> No
     settings = ServeSettings.load(_flags(tmp_path), environ={})
     for leaf in leaves():
         section = getattr(settings, leaf.section)
-        assert getattr(section, leaf.name) != leaf.default or leaf.kind == "flag" and \
-            getattr(section, leaf.name) is not None, leaf.path
+        assert getattr(section, leaf.name) != leaf.default or (leaf.kind == "flag" and \
+            getattr(section, leaf.name) is not None), leaf.path
     config = settings.app_config()
     assert config.kubernetes is not None and config.kubernetes.watch is not None
     assert config.admin is not None and config.security is not None

@@ -7,7 +7,7 @@ import base64
 import json
 import os
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import jwt
@@ -23,7 +23,7 @@ from xds_server.model.identity import AuthError, Identity
 
 class Clock:
     def __init__(self) -> None:
-        self.now = datetime.now(timezone.utc)
+        self.now = datetime.now(UTC)
 
     def __call__(self) -> datetime:
         return self.now
@@ -154,7 +154,7 @@ def test_wrong_audience_or_issuer_and_missing_claims(tmp_path: Path, issuer: Tok
     assert "issuer" in reason(issuer, TokenIssuer(directory, issuer="someone").create(
         "shop", "web", timedelta(hours=1)))
     key = issuer._key  # the right key, but a token missing its id
-    now = int(datetime.now(timezone.utc).timestamp())
+    now = int(datetime.now(UTC).timestamp())
     no_jti = jwt.encode({"iss": "xds-server", "aud": "xds-server", "sub": "system:serviceaccount:a:b",
                          "iat": now, "nbf": now, "exp": now + 60}, key, algorithm="ES256",
                         headers={"kid": issuer.key_id})
@@ -204,7 +204,7 @@ def test_cli_create_and_revoke(tmp_path: Path) -> None:
     token_id = jwt.decode(value, options={"verify_signature": False})["jti"]
     assert token_id in created.stderr and "xds-server token revoke" in created.stderr
     exp = jwt.decode(value, options={"verify_signature": False})["exp"]
-    assert abs(exp - datetime.now(timezone.utc).timestamp() - 7200) < 10
+    assert abs(exp - datetime.now(UTC).timestamp() - 7200) < 10
 
     revoked = runner.invoke(token, ["revoke", token_id, "--ca-dir", str(ca_dir)])
     assert revoked.exit_code == 0, revoked.output

@@ -190,7 +190,7 @@ def test_empty_rule_matches_everything() -> None:
 
 
 def test_principal_spellings() -> None:
-    compiler = rbac._Compiler("cluster.local", 8080, True)  # noqa: SLF001
+    compiler = rbac._Compiler("cluster.local", 8080, True)
     name = lambda v: compiler.principal(v).authenticated.principal_name  # noqa: E731
     assert name("cluster.local/ns/a/sa/b").exact == "spiffe://cluster.local/ns/a/sa/b"
     assert name("spiffe://cluster.local/ns/a/sa/b").exact == "spiffe://cluster.local/ns/a/sa/b"

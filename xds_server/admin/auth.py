@@ -65,7 +65,7 @@ class _TokenSpec(BaseModel):
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
 
     @model_validator(mode="after")
-    def _one_secret(self) -> "_TokenSpec":
+    def _one_secret(self) -> _TokenSpec:
         if (self.token is None) == (self.token_sha256 is None):
             raise ValueError("give exactly one of 'token' or 'token_sha256'")
         return self
@@ -107,13 +107,13 @@ class TokenStore:
         return [e.name for e in self._entries]
 
     @classmethod
-    def from_tokens(cls, tokens: Mapping[str, tuple[str, Role | str]]) -> "TokenStore":
+    def from_tokens(cls, tokens: Mapping[str, tuple[str, Role | str]]) -> TokenStore:
         """name -> (token, role): for tests and embedding."""
         return cls([_Entry(name, digest(token), Role[str(role.name if isinstance(role, Role) else role).upper()])
                     for name, (token, role) in tokens.items()])
 
     @classmethod
-    def parse(cls, text: str, origin: str) -> "TokenStore":
+    def parse(cls, text: str, origin: str) -> TokenStore:
         """Parse a tokens document (YAML or JSON). Errors name `origin` and the field, never a
         token value."""
         try:
@@ -147,7 +147,7 @@ class TokenStore:
         return cls(entries)
 
     @classmethod
-    def load(cls, file: Path | None = None, environ: Mapping[str, str] | None = None) -> "TokenStore":
+    def load(cls, file: Path | None = None, environ: Mapping[str, str] | None = None) -> TokenStore:
         """Tokens from `file` and from $XDS_SERVER_ADMIN_TOKENS (both may be given)."""
         environ = os.environ if environ is None else environ
         entries: list[_Entry] = []

@@ -19,7 +19,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def _since(iso: str | None) -> str:
     if not iso:
         return "-"
-    seconds = int((datetime.now(timezone.utc) - datetime.fromisoformat(iso)).total_seconds())
+    seconds = int((datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
@@ -132,7 +132,7 @@ def _since(iso: str | None) -> str:
 
 
 def _until(iso: str) -> str:
-    seconds = int((datetime.fromisoformat(iso) - datetime.now(timezone.utc)).total_seconds())
+    seconds = int((datetime.fromisoformat(iso) - datetime.now(UTC)).total_seconds())
     if seconds <= 0:
         return "expired"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):

@@ -119,7 +119,7 @@ class AdminServer:
             self._server.should_exit = True
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), 5)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+            except (TimeoutError, Exception):
                 self._server.force_exit = True
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)

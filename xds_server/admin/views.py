@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import time
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from google.protobuf import json_format
@@ -30,8 +30,8 @@ def iso(ts: float | datetime | None) -> str | None:
     if ts is None or ts == 0:
         return None
     if isinstance(ts, datetime):
-        return ts.astimezone(timezone.utc).isoformat()
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+        return ts.astimezone(UTC).isoformat()
+    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 # Proxies ------------------------------------------------------------------------------------

@@ -172,13 +172,13 @@ def check_response(signed: SignedCertificate, key) -> None:
     for lower, upper in zip(chain, chain[1:]):
         try:
             lower.verify_directly_issued_by(upper)
-        except Exception:  # noqa: BLE001
+        except Exception:
             raise SignError("the returned chain is not in order") from None
     for root in roots:
         try:
             top.verify_directly_issued_by(root)
             return
-        except Exception:  # noqa: BLE001
+        except Exception:
             continue
     raise SignError("the returned chain does not lead to any root of the trust bundle")
 
@@ -252,7 +252,7 @@ class CertAgent:
         while not stop_event.is_set():
             try:
                 await self.renew()
-            except Exception as err:  # noqa: BLE001 - keep trying; the old files stay valid
+            except Exception as err:
                 if once:
                     raise
                 wait = min(delay, self.retry_max) * random.uniform(0.8, 1.2)

@@ -39,7 +39,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from enum import Enum
 from pathlib import Path
 
@@ -74,7 +74,7 @@ Clock = Callable[[], datetime]
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class CAError(Exception):
@@ -292,7 +292,7 @@ def _read_key(path: Path) -> PrivateKey:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise CAError(f"{path}: the key is encrypted; give it unencrypted (mode 0600)") from None
-    except Exception:  # noqa: BLE001 - never echo what was in the file
+    except Exception:
         raise CAError(f"{path}: not a PEM private key (or a truncated one)") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey,
                             ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
@@ -486,7 +486,7 @@ class CertificateAuthority:
             return
         try:
             self.changed(self)
-        except Exception:  # noqa: BLE001 - a listener's bug must not break the CA
+        except Exception:
             log.exception("CA change listener failed")
 
     def _log_loaded(self, message: str) -> None:

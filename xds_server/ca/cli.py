@@ -141,7 +141,7 @@ def cert_agent(out_dir: Path, server: str, token_value: str | None, token_file: 
 
     try:
         asyncio.run(run())
-    except Exception as err:  # noqa: BLE001 - --once failures: one clear line, exit 1
+    except Exception as err:
         click.echo(f"cert-agent: {err}", err=True)
         sys.exit(1)
 

@@ -104,7 +104,7 @@ class CertificateService:
         except (ValueError, IssueError) as err:
             log.warning("CSR rejected: %s", err, extra={"peer": peer, "identity": str(identity)})
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("CSR signing failed", extra={"peer": peer})
             await context.abort(grpc.StatusCode.INTERNAL, "signing failed")
         return {

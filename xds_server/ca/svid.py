@@ -151,7 +151,7 @@ class CertificateRegistry:
         for listener in list(self.listeners):
             try:
                 listener(record)
-            except Exception:  # noqa: BLE001 - an observer must never stop issuance
+            except Exception:
                 log.exception("certificate registry listener failed")
 
     def prune(self, now: datetime | None = None) -> int:
@@ -258,7 +258,7 @@ class SvidIssuer:
             raise IssueError("not a PEM certificate signing request") from None
         try:
             valid = csr.is_signature_valid
-        except Exception:  # noqa: BLE001 - unsupported algorithms raise various types
+        except Exception:
             valid = False
         if not valid:
             raise IssueError("the CSR signature does not verify: the requester must hold the key")

@@ -29,7 +29,7 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import jwt
@@ -119,7 +119,7 @@ class TokenIssuer:
             # Another process created it first: use theirs, or its tokens would not verify.
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except Exception:  # noqa: BLE001 - never echo the file's content
+        except Exception:
             raise ValueError(f"{path}: not a readable unencrypted PEM private key") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
             raise ValueError(f"{path}: the token signing key must be ECDSA P-256 (ES256)")
@@ -205,8 +205,8 @@ class TokenIssuer:
         except jwt.InvalidTokenError:
             raise AuthError("malformed token") from None
         try:
-            exp = datetime.fromtimestamp(int(claims["exp"]), timezone.utc)
-            nbf = datetime.fromtimestamp(int(claims["nbf"]), timezone.utc)
+            exp = datetime.fromtimestamp(int(claims["exp"]), UTC)
+            nbf = datetime.fromtimestamp(int(claims["nbf"]), UTC)
             token_id = str(claims["jti"])
             match = _SUBJECT.match(str(claims["sub"]))
             if not match:

@@ -33,4 +33,4 @@ from .errors import DemoError
 from .runner import Demo, DemoOptions, default_source, run
 from .sidecar import INSTALL_HINT
 
-__all__ = ["DemoOptions", "Demo", "DemoError", "find_envoy", "run", "default_source", "INSTALL_HINT"]
+__all__ = ["INSTALL_HINT", "Demo", "DemoError", "DemoOptions", "default_source", "find_envoy", "run"]

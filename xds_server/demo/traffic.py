@@ -36,7 +36,7 @@ class RoundResult:
     def ok(self) -> bool:
         return self.requests > 0 and self.errors == 0 and self.db_ok == self.db_trips
 
-    def add(self, other: "RoundResult") -> None:
+    def add(self, other: RoundResult) -> None:
         for name in ("requests", "errors", "db_ok", "db_trips", "upstream_5xx", "retries",
                      "retries_ok", "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))

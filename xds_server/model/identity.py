@@ -176,6 +176,6 @@ class VerifiedProxy:
         return self.claim.proxyless
 
     @classmethod
-    def unverified(cls, claim: ProxyClaim) -> "VerifiedProxy":
+    def unverified(cls, claim: ProxyClaim) -> VerifiedProxy:
         """For offline tools (`xds-server translate`, tests of translation): no proof."""
         return cls(claim, None)

@@ -35,7 +35,7 @@ class AppProtocol(str, Enum):
         return self in (AppProtocol.HTTP2, AppProtocol.GRPC)
 
     @classmethod
-    def parse(cls, app_protocol: str | None, port_name: str = "") -> "AppProtocol":
+    def parse(cls, app_protocol: str | None, port_name: str = "") -> AppProtocol:
         """Kubernetes `appProtocol`, else the Istio port-name convention (`http-web`, `grpc`)."""
         text = (app_protocol or "").lower()
         text = text.removeprefix("kubernetes.io/").split("/")[-1]

@@ -188,7 +188,7 @@ def _base_type(annotation: Any) -> Any:
 def format_duration(seconds: float) -> str:
     """Seconds as the grammar writes them: 24h, 30s, 0.8s, 100ms."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size and seconds % size == 0 or seconds == size < 86400:
+        if (seconds >= 2 * size and seconds % size == 0) or seconds == size < 86400:
             return f"{int(seconds // size)}{unit}"
     if 0 < seconds < 1 and (seconds * 1000) == int(seconds * 1000):
         return f"{int(seconds * 1000)}ms"

@@ -448,7 +448,7 @@ class KubernetesSource:
         return StatusTarget(WATCHED[kind], namespace, name, held.raw, compute)
 
 
-def _join(reflectors: Iterable["_Reflector"], timeout: float) -> None:
+def _join(reflectors: Iterable[_Reflector], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for reflector in reflectors:
         reflector.join(max(0.0, deadline - time.monotonic()))

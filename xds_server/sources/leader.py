@@ -53,7 +53,7 @@ class LeaderSettings:
 
 
 def _microtime(now: dt.datetime | None = None) -> str:
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

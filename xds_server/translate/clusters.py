@@ -10,7 +10,6 @@ from envoy.config.core.v3 import (
     base_pb2,
     config_source_pb2,
     health_check_pb2,
-    protocol_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2

@@ -55,9 +55,7 @@ def load_assignment(
     for address in sorted(entries):
         endpoint, target = entries[address]
         condition = endpoint.condition
-        if condition is EndpointCondition.READY:
-            health = health_check_pb2.HEALTHY
-        elif condition is EndpointCondition.SERVING_TERMINATING and not any_ready:
+        if condition is EndpointCondition.READY or (condition is EndpointCondition.SERVING_TERMINATING and not any_ready):
             health = health_check_pb2.HEALTHY
         else:
             health = health_check_pb2.UNHEALTHY

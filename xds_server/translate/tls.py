@@ -58,11 +58,11 @@ class CertificateSource:
     provider: str | None = None  # None: SDS `default` / `ROOTCA`
 
     @classmethod
-    def sds(cls) -> "CertificateSource":
+    def sds(cls) -> CertificateSource:
         return cls(None)
 
     @classmethod
-    def provider_instance(cls, name: str = DEFAULT_PROVIDER_INSTANCE) -> "CertificateSource":
+    def provider_instance(cls, name: str = DEFAULT_PROVIDER_INSTANCE) -> CertificateSource:
         return cls(name)
 
 

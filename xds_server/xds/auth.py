@@ -299,7 +299,7 @@ class GuardStats:
 
 
 class _Bucket:
-    __slots__ = ("tokens", "at")
+    __slots__ = ("at", "tokens")
 
     def __init__(self, burst: float) -> None:
         self.tokens = burst

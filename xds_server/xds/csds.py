@@ -375,7 +375,7 @@ class ClientStatusService(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):
         self.builder = StatusBuilder(connections)
         self._authorize = authorize
 
-    async def FetchClientStatus(  # noqa: N802 - gRPC method name
+    async def FetchClientStatus(
         self, request: csds_pb2.ClientStatusRequest, context: aio.ServicerContext
     ) -> csds_pb2.ClientStatusResponse:
         if self._authorize is not None:
@@ -386,7 +386,7 @@ class ClientStatusService(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             raise  # unreachable: abort raises
 
-    async def StreamClientStatus(  # noqa: N802 - gRPC method name
+    async def StreamClientStatus(
         self, request_iterator: AsyncIterator[csds_pb2.ClientStatusRequest], context: aio.ServicerContext
     ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
         if self._authorize is not None:

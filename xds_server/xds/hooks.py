@@ -151,7 +151,7 @@ class HookChain(StreamHooks):
         for hook in self._by_method["closed"]:
             try:
                 hook.closed(conn)
-            except Exception as err:  # noqa: BLE001 - re-raised after the others ran
+            except Exception as err:
                 error = error or err
         if error is not None:
             raise error

@@ -48,7 +48,7 @@ class Resource:
     @classmethod
     def from_message(
         cls, message: Message, name: str | None = None, *, key: str = ""
-    ) -> "Resource":
+    ) -> Resource:
         body = message.SerializeToString(deterministic=True)
         type_url = PREFIX + message.DESCRIPTOR.full_name
         warms_with = None
@@ -62,7 +62,7 @@ class Resource:
     @classmethod
     def from_bytes(
         cls, type_url: str, name: str, body: bytes, warms_with: str | None = None, *, key: str = ""
-    ) -> "Resource":
+    ) -> Resource:
         version = content_version(body)
         packed = any_pb2.Any(type_url=type_url, value=body)
         sotw_entry = discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()

@@ -51,7 +51,7 @@ async def get_proxy(request: Request, proxy_id: ProxyId) -> dict:
 async def get_proxy_config(
     request: Request,
     proxy_id: ProxyId,
-    type: Annotated[list[TypeName] | None, Query(description="Only these types (repeatable).")] = None,  # noqa: A002
+    type: Annotated[list[TypeName] | None, Query(description="Only these types (repeatable).")] = None,
 ) -> dict:
     conns = _streams_of(request, proxy_id)
     # Importing every Envoy proto module takes ~0.5 s once: not on the event loop.

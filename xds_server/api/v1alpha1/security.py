@@ -149,7 +149,7 @@ class Source(Spec):
         return tuple(_cidr(v) for v in values)
 
     @model_validator(mode="after")
-    def _not_empty(self) -> "Source":
+    def _not_empty(self) -> Source:
         if not any(getattr(self, name) for name in type(self).model_fields):
             raise ValueError("a source needs at least one field (principals, namespaces, ...)")
         return self
@@ -193,7 +193,7 @@ class Operation(Spec):
         return values
 
     @model_validator(mode="after")
-    def _not_empty(self) -> "Operation":
+    def _not_empty(self) -> Operation:
         if not any(getattr(self, name) for name in type(self).model_fields):
             raise ValueError("an operation needs at least one field (methods, paths, ports, ...)")
         return self
@@ -222,7 +222,7 @@ class Condition(Spec):
     not_values: tuple[str, ...] = ()
 
     @model_validator(mode="after")
-    def _check(self) -> "Condition":
+    def _check(self) -> Condition:
         if not self.values and not self.not_values:
             raise ValueError("set values or notValues")
         key = self.key

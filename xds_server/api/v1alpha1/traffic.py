@@ -28,7 +28,7 @@ class ConsistentHash(Spec):
     minimum_ring_size: int = Field(default=1024, ge=1, le=8_388_608)
 
     @model_validator(mode="after")
-    def _one_key(self) -> "ConsistentHash":
+    def _one_key(self) -> ConsistentHash:
         keys = [self.http_header_name is not None, self.http_cookie is not None, self.use_source_ip]
         if sum(keys) != 1:
             raise ValueError("set exactly one of httpHeaderName, httpCookie, useSourceIp")
@@ -40,7 +40,7 @@ class LoadBalancer(Spec):
     consistent_hash: ConsistentHash | None = None
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "LoadBalancer":
+    def _one_kind(self) -> LoadBalancer:
         if self.simple is not None and self.consistent_hash is not None:
             raise ValueError("set simple or consistentHash, not both")
         return self

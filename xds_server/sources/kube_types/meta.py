@@ -15,7 +15,7 @@ def _timestamp(value: Any) -> str:
     # so ordering by this string is ordering by time.
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
         return value.strftime("%Y-%m-%dT%H:%M:%SZ")
     return value if isinstance(value, str) else ""
 
