@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -98,7 +98,7 @@ def require(role: Role):
 
     async def check(
         request: Request,
-        _credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),  # documents it
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,  # documents it
     ) -> Principal:
         ctx = context(request)
         token, problem = parse_bearer(request.headers.get("authorization"))
@@ -139,7 +139,7 @@ async def known_query_only(request: Request) -> None:
     if dependant is None or not request.query_params:
         return
     known = _query_names(dependant)
-    unknown = sorted({k for k in request.query_params.keys() if k not in known})
+    unknown = sorted({k for k in request.query_params if k not in known})
     if unknown:
         raise ApiError(422, "unknown query parameter(s): " + ", ".join(repr(u) for u in unknown),
                        [{"field": u or "(unnamed)", "location": "query", "message": "not a parameter of this "

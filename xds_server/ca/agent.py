@@ -25,6 +25,7 @@ The transport is a `CsrSigner`; `GrpcCsrSigner` calls the server's
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ def check_response(signed: SignedCertificate, key) -> None:
             key.public_key().public_bytes(serialization.Encoding.DER, public):
         raise SignError("the returned certificate does not certify our key")
     top = chain[-1]
-    for lower, upper in zip(chain, chain[1:]):
+    for lower, upper in itertools.pairwise(chain):
         try:
             lower.verify_directly_issued_by(upper)
         except Exception:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import secrets
 import threading
@@ -331,7 +332,7 @@ def load_state(directory: Path) -> CAState:
         if not is_self_signed(cert):
             log.warning("a trust bundle certificate is not self-signed", extra=describe(cert))
     chain = [c for c in listed if not is_self_signed(c)]
-    for lower, upper in zip(chain, chain[1:]):
+    for lower, upper in itertools.pairwise(chain):
         if not _issued_by(lower, upper):
             raise CAError(
                 f"{chain_path}: {lower.subject.rfc4514_string()} is not issued by the next "

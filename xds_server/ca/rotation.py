@@ -280,9 +280,9 @@ class RootRotation:
                 return self._retiring(state.old_root, state.new_root, state.started_at, now,
                                       complete=False)
             return RotationState()
-        if state.phase is RotationPhase.RETIRING:
-            if state.old_root not in {fingerprint(r) for r in ca.roots}:
-                return RotationState()
+        if (state.phase is RotationPhase.RETIRING
+                and state.old_root not in {fingerprint(r) for r in ca.roots}):
+            return RotationState()
         return state
 
     def _retiring(self, old: str, new: str, started: datetime | None, switched: datetime,

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any
 
 from .mesh import EndpointSlice, Namespace, Service, Workload
 from .policy import TrafficPolicy
@@ -20,9 +20,9 @@ from .security import AuthorizationPolicy, MTLSPolicy
 
 log = logging.getLogger(__name__)
 
-MeshObject = Union[
-    Namespace, Service, EndpointSlice, Workload, Route, TrafficPolicy, MTLSPolicy, AuthorizationPolicy
-]
+MeshObject = (
+    Namespace | Service | EndpointSlice | Workload | Route | TrafficPolicy | MTLSPolicy | AuthorizationPolicy
+)
 
 # Kinds as users write them.
 NAMESPACE = "Namespace"

@@ -169,10 +169,10 @@ def _objects(documents: list[_Document]) -> Iterator[_Document]:
         if data is None:  # an empty document, e.g. a trailing `---`
             continue
         if isinstance(data, list):
-            yield from zip(data, _children(node, len(data)))
+            yield from zip(data, _children(node, len(data)), strict=True)
         elif isinstance(data, dict) and _is_list(data):
             items = data["items"] or []
-            yield from zip(items, _children(_child(node, "items"), len(items)))
+            yield from zip(items, _children(_child(node, "items"), len(items)), strict=True)
         else:
             yield data, node
 

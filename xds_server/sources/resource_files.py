@@ -149,7 +149,7 @@ def _parse(raw: bytes, is_json: bool, file: str) -> tuple[list[_Entry], list[Res
     for data, node in documents:
         if data is None:  # an empty document, e.g. a trailing `---`
             continue
-        items = zip(data, _children(node, len(data))) if isinstance(data, list) else [(data, node)]
+        items = zip(data, _children(node, len(data)), strict=True) if isinstance(data, list) else [(data, node)]
         for item, item_node in items:
             result = _parse_resource(item, item_node, file)
             if isinstance(result, ResourceError):

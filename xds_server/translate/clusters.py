@@ -15,6 +15,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import range_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.message import Message
 
 from ..model.mesh import AppProtocol, Service, ServicePort
 from ..model.policy import TrafficPolicySpec
@@ -35,11 +36,11 @@ _LB = {
 
 def duration(seconds: float) -> duration_pb2.Duration:
     value = duration_pb2.Duration()
-    value.FromNanoseconds(int(round(seconds * 1e9)))
+    value.FromNanoseconds(round(seconds * 1e9))
     return value
 
 
-def pack(message) -> any_pb2.Any:
+def pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed

@@ -299,11 +299,13 @@ class _Compiler:
         return _and_permissions(parts)
 
     # Conditions: a permission, a principal, True (always holds here) or False (never)
-    def condition(self, condition: Condition, *, deny: bool):
+    def condition(
+        self, condition: Condition, *, deny: bool
+    ) -> rbac_pb2.Permission | rbac_pb2.Principal | bool:
         header = condition.header
         if header is not None:
             if not self.http:
-                return True if deny else False
+                return bool(deny)
             parts = []
             if condition.values:
                 parts.append(_or_permissions([_header(header, v) for v in condition.values]))
@@ -314,9 +316,7 @@ class _Compiler:
             port = str(self.port)
             if condition.values and port not in condition.values:
                 return False
-            if port in condition.not_values:
-                return False
-            return True
+            return port not in condition.not_values
         convert = {
             "source.ip": _ip_block,
             "source.namespace": self.namespace,

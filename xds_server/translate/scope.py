@@ -43,7 +43,4 @@ def visible(
     if service_tenant is not None and service_tenant != tenant_of(proxy_namespace, namespaces, settings):
         return False
     export_to = service.export_to if service.export_to is not None else settings.default_export_to
-    for target in export_to:
-        if target == "*" or target == proxy_namespace:
-            return True
-    return False
+    return any(target == "*" or target == proxy_namespace for target in export_to)

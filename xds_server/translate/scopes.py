@@ -91,10 +91,7 @@ class ScopeBuilder:
             parts = None
         keys = self._changed_services(parts)
         before, clusters_before = frozenset(scope.services), list(scope.clusters)
-        if keys is None:
-            changed = self._rescope(scope)
-        else:
-            changed = self._rescope_services(scope, keys)
+        changed = self._rescope(scope) if keys is None else self._rescope_services(scope, keys)
         gained_or_lost = before ^ scope.services
         if changed or gained_or_lost or scope.clusters != clusters_before or namespace not in self._views:
             self._publish(scope, batch, gained_or_lost, scope.clusters != clusters_before)

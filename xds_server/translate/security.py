@@ -29,8 +29,9 @@ Authorization per app port: see rbac.py.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
@@ -38,6 +39,7 @@ from ..model.mesh import AppProtocol, Workload
 from ..model.security import (
     AuthorizationPolicy,
     MTLSPolicy,
+    MTLSPolicySpec,
     MtlsMode,
     SecuritySettings,
     authorization_policies,
@@ -47,6 +49,8 @@ from ..model.security import (
 from ..model.store import AUTHORIZATION_POLICY, MTLS_POLICY, ObjectChange
 from . import rbac
 from .rbac import PortAuthz
+
+_Policy = TypeVar("_Policy", MTLSPolicy, AuthorizationPolicy)
 
 MTLS_REQUIRED_STATUS = 403
 MTLS_REQUIRED_BODY = "mTLS required: this port of the workload is STRICT\n"
@@ -152,7 +156,7 @@ class SecurityIndex:
         self._mtls: dict[str, dict[str, MTLSPolicy]] = defaultdict(dict)
         self._authz: dict[str, dict[str, AuthorizationPolicy]] = defaultdict(dict)
         # Mode chains by (namespace, labels): asked for every endpoint of every build.
-        self._chains: dict[tuple[str, tuple[tuple[str, str], ...]], list] = {}
+        self._chains: dict[tuple[str, tuple[tuple[str, str], ...]], list[MTLSPolicySpec]] = {}
 
     def apply(self, change: ObjectChange) -> set[str] | None:
         """Record a policy change; return the namespaces whose workloads it may affect
@@ -175,13 +179,15 @@ class SecurityIndex:
             return None
         return affected
 
-    def _candidates(self, index: dict, namespace: str) -> list:
+    def _candidates(
+        self, index: Mapping[str, Mapping[str, _Policy]], namespace: str
+    ) -> list[_Policy]:
         out = list(index.get(namespace, {}).values())
         if namespace != self.settings.root_namespace:
             out += index.get(self.settings.root_namespace, {}).values()
         return out
 
-    def mode_chain(self, workload: Workload):
+    def mode_chain(self, workload: Workload) -> list[MTLSPolicySpec]:
         key = (workload.namespace, workload.labels)
         chain = self._chains.get(key)
         if chain is None:

@@ -127,7 +127,7 @@ class ClustersBuilder:
         reader.derived("cluster-security", key)
         ids, all_mtls = self.outputs.security.get(key, NO_SECURITY)
         messages = [service_cluster(service, port, policy, mtls_ids=ids) for port in service.ports]
-        for message, enabled in zip(messages, all_mtls):
+        for message, enabled in zip(messages, all_mtls, strict=False):  # all_mtls is () without mTLS
             proxyless.mark_proxyless_mtls(message, enabled)
         resources = [Resource.from_message(m) for m in messages]
         new = sorted({r.name for r in resources})

@@ -34,6 +34,9 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.config.core.v3 import config_source_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from ..model.mesh import AppProtocol
 
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
 SDS_CERTIFICATE = "default"  # the proxy's own certificate chain and key
@@ -69,7 +72,7 @@ class CertificateSource:
 SDS = CertificateSource.sds()
 
 
-def pack(message) -> any_pb2.Any:
+def pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
@@ -81,7 +84,7 @@ def ads_config_source() -> config_source_pb2.ConfigSource:
     )
 
 
-def alpn_for(app_protocol) -> tuple[str, ...]:
+def alpn_for(app_protocol: AppProtocol) -> tuple[str, ...]:
     """What a client cluster offers: the protocol it speaks upstream (TCP: nothing)."""
     if not app_protocol.is_http:
         return ()

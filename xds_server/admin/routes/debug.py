@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Request
 
@@ -26,7 +27,7 @@ def _forget_sent(type_state) -> None:
 
 @router.post("/push", response_model=PushResult,
              summary="Re-evaluate (or, with resend, re-send) the config of one or every proxy")
-async def push(request: Request, body: PushRequest | None = Body(default=None)) -> dict:
+async def push(request: Request, body: Annotated[PushRequest | None, Body()] = None) -> dict:
     body = body or PushRequest()
     server = context(request).server
     wanted = set(body.types) if body.types else None

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic.functional_validators import BeforeValidator
 
-from ...config import parse_duration  # the one duration grammar
+from ...config import DURATION_PATTERN as DURATION_PATTERN  # the one duration grammar
+from ...config import parse_duration as parse_duration
 
 GROUP = "mesh.xds-server.io"
 VERSION = "v1alpha1"
