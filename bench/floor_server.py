@@ -84,8 +84,8 @@ class Floor:
         v = f"init-{self.push_no}"
         self.cds_sotw = self._sotw(mesh.CLUSTER_TYPE, self.cluster_bytes, "c" + v)
         self.eds_sotw = self._sotw(mesh.ENDPOINT_TYPE, self.cla_bytes, "e" + v)
-        self.cds_delta = self._delta(mesh.CLUSTER_TYPE, list(zip(self.names, self.cluster_bytes)), "c" + v)
-        self.eds_delta = self._delta(mesh.ENDPOINT_TYPE, list(zip(self.names, self.cla_bytes)), "e" + v)
+        self.cds_delta = self._delta(mesh.CLUSTER_TYPE, list(zip(self.names, self.cluster_bytes, strict=True)), "c" + v)
+        self.eds_delta = self._delta(mesh.ENDPOINT_TYPE, list(zip(self.names, self.cla_bytes, strict=True)), "e" + v)
 
     # Handlers --------------------------------------------------------------------------------
 

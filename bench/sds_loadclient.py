@@ -193,7 +193,9 @@ class SdsLoadClient:
                     return
                 self.failures += 1
                 if self.failures <= 5:
-                    log(f"stream {st.sid}: {getattr(e, 'code', lambda: e)()} {getattr(e, 'details', lambda: '')()}")
+                    code = e.code() if hasattr(e, "code") else e
+                    details = e.details() if hasattr(e, "details") else ""
+                    log(f"stream {st.sid}: {code} {details}")
             except asyncio.CancelledError:
                 if call is not None:
                     call.cancel()

@@ -357,7 +357,7 @@ def measure(args: argparse.Namespace) -> dict:
         if step < args.warmup:
             store.put(SOURCE, new)
             continue
-        endpoint.run(controller, counter, lambda: store.put(SOURCE, new))
+        endpoint.run(controller, counter, lambda new=new: store.put(SOURCE, new))
 
     # (c) HTTPRoute changes: move the canary weight of one route.
     route_ids = [i for i in range(n) if i % 10 == 0]
@@ -368,7 +368,7 @@ def measure(args: argparse.Namespace) -> dict:
         if step < args.warmup:
             store.put(SOURCE, new)
             continue
-        route.run(controller, counter, lambda: store.put(SOURCE, new))
+        route.run(controller, counter, lambda new=new: store.put(SOURCE, new))
 
     # (d) A Service added (pods untimed), then its EndpointSlice.
     add_service = Phase("service", profile_dir, n)
@@ -382,8 +382,8 @@ def measure(args: argparse.Namespace) -> dict:
             store.put(SOURCE, new_service)
             store.put(SOURCE, new_slice)
             continue
-        add_service.run(controller, counter, lambda: store.put(SOURCE, new_service))
-        add_slice.run(controller, counter, lambda: store.put(SOURCE, new_slice))
+        add_service.run(controller, counter, lambda new_service=new_service: store.put(SOURCE, new_service))
+        add_slice.run(controller, counter, lambda new_slice=new_slice: store.put(SOURCE, new_slice))
 
     # (e) The first proxy of a new namespace (with one service of its own) connects.
     new_proxy = Phase("proxy", profile_dir, n)
@@ -394,7 +394,7 @@ def measure(args: argparse.Namespace) -> dict:
         if step < args.warmup:
             controller.view_for(verified(node))
             continue
-        new_proxy.run(controller, counter, lambda: controller.view_for(verified(node)))
+        new_proxy.run(controller, counter, lambda node=node: controller.view_for(verified(node)))
 
     return {
         "services": n,

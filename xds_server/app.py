@@ -137,18 +137,18 @@ async def start_app(config: AppConfig) -> RunningApp:
         view_for, release = controller.view_for, controller.release
         # Translation runs in time-slices from here on: no store change holds the loop.
         tasks.append(controller.start())
-    if config.source is not None:
-        from .sources.mesh_files import MeshDirectory
+        if config.source is not None:
+            from .sources.mesh_files import MeshDirectory
 
-        mesh = MeshDirectory(config.source, store)
-        sources["files"] = mesh
-        errors = mesh.load()
-        log.info(
-            "loaded mesh",
-            extra={"directory": str(config.source), "errors": len(errors),
-                   "services": len(store.all("Service"))},
-        )
-        tasks.append(asyncio.create_task(mesh.run(stop), name="mesh-files"))
+            mesh = MeshDirectory(config.source, store)
+            sources["files"] = mesh
+            mesh_errors = mesh.load()
+            log.info(
+                "loaded mesh",
+                extra={"directory": str(config.source), "errors": len(mesh_errors),
+                       "services": len(store.all("Service"))},
+            )
+            tasks.append(asyncio.create_task(mesh.run(stop), name="mesh-files"))
 
     server = XdsServer(cache, config.server, view_for=view_for, release_view=release)
     security = None

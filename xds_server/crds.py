@@ -237,7 +237,7 @@ KINDS: tuple[CustomKind, ...] = (
 
 class _CrdJsonSchema(GenerateJsonSchema):
     def function_before_schema(self, schema: core_schema.BeforeValidatorFunctionSchema) -> JsonSchemaValue:
-        function = schema["function"]["function"]  # type: ignore[index]
+        function = schema["function"]["function"]
         if function in VALUE_SCHEMAS:
             return {**copy.deepcopy(VALUE_SCHEMAS[function].schema),
                     _VALUE_MARKER: f"{function.__module__}.{function.__qualname__}"}

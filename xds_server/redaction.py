@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any as _Untyped, cast
+from typing import TYPE_CHECKING, Any as _Untyped, TypeAlias, cast
 
 from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -31,6 +31,14 @@ from google.protobuf.message import DecodeError, Message
 from udpa.annotations import sensitive_pb2
 
 from .protos import registered_class, type_name
+
+if TYPE_CHECKING:
+    from envoy.config.core.v3 import base_pb2
+    from google._upb import _message as _upb
+
+    # A message's DESCRIPTOR is either kind (the upb backend's classes or the Python ones).
+    _Descriptor: TypeAlias = Descriptor | _upb.Descriptor
+    _Field: TypeAlias = FieldDescriptor | _upb.FieldDescriptor
 
 __all__ = [
     "REDACTED",
@@ -82,7 +90,7 @@ _sensitive_fields: dict[str, bool] = {}
 _may_hold: dict[str, bool] = {}
 
 
-def _sensitive(field: FieldDescriptor) -> bool:
+def _sensitive(field: _Field) -> bool:
     known = _sensitive_fields.get(field.full_name)
     if known is None:
         known = field.full_name in _ALWAYS_SENSITIVE or bool(
@@ -91,7 +99,7 @@ def _sensitive(field: FieldDescriptor) -> bool:
     return known
 
 
-def may_hold_sensitive(descriptor: Descriptor) -> bool:
+def may_hold_sensitive(descriptor: _Descriptor) -> bool:
     """Whether a message of this type can contain anything redacted (an `Any` can, so can
     a `Struct` or a header). Memoized per type: most resources are skipped unparsed."""
     known = _may_hold.get(descriptor.full_name)
@@ -144,7 +152,7 @@ class Redactor:
         if name == _STRUCT:
             return _redact_struct(cast(struct_pb2.Struct, message))
         if name == _HEADER_VALUE:
-            return _redact_header(message)
+            return _redact_header(cast("base_pb2.HeaderValue", message))
         changed = False
         for field, value in message.ListFields():
             if _sensitive(field):
@@ -224,7 +232,7 @@ def _withhold(packed: any_pb2.Any) -> bool:
     return True
 
 
-def _redact_header(header: Message) -> bool:
+def _redact_header(header: base_pb2.HeaderValue) -> bool:
     if not is_credential_key(getattr(header, "key", "")):
         return False
     changed = False
@@ -264,24 +272,28 @@ def _redact_value(value: struct_pb2.Value) -> bool:
 # Scrubbing a sensitive field --------------------------------------------------------------------
 
 
-def _is_map(field: FieldDescriptor) -> bool:
-    return field.message_type is not None and field.message_type.GetOptions().map_entry
+def _map_value(field: _Field) -> _Field | None:
+    """The value field of a map field's entry type; None when `field` is not a map."""
+    entry = field.message_type
+    if entry is None or not entry.GetOptions().map_entry:
+        return None
+    return entry.fields_by_name["value"]
 
 
-def _field_messages(field: FieldDescriptor, value: _Untyped) -> Iterable[Message]:
-    if _is_map(field):
-        value_field = field.message_type.fields_by_name["value"]
+def _field_messages(field: _Field, value: _Untyped) -> Iterable[Message]:
+    value_field = _map_value(field)
+    if value_field is not None:
         return list(value.values()) if value_field.message_type is not None else []
     if field.is_repeated:
         return list(value)
     return [value]
 
 
-def _scrub_field(message: Message, field: FieldDescriptor, value: _Untyped) -> None:
+def _scrub_field(message: Message, field: _Field, value: _Untyped) -> None:
     """Every leaf under a sensitive field: strings and bytes become "[redacted]", other
     scalars are cleared."""
-    if _is_map(field):
-        value_field = field.message_type.fields_by_name["value"]
+    value_field = _map_value(field)
+    if value_field is not None:
         for key in list(value):
             if value_field.message_type is not None:
                 _scrub_all(value[key])
@@ -306,16 +318,16 @@ def _scrub_all(message: Message) -> None:
     name = message.DESCRIPTOR.full_name
     if name == _DATA_SOURCE:
         message.Clear()
-        message.inline_string = REDACTED
+        cast("base_pb2.DataSource", message).inline_string = REDACTED
         return
     if name == _ANY:
-        message.value = b""
+        cast(any_pb2.Any, message).value = b""
         return
     for field, value in message.ListFields():
         _scrub_field(message, field, value)
 
 
-def _redacted_scalar(field: FieldDescriptor) -> str | bytes:
+def _redacted_scalar(field: _Field) -> str | bytes:
     return REDACTED.encode() if field.type == FieldDescriptor.TYPE_BYTES else REDACTED
 
 

@@ -313,7 +313,7 @@ def _model(services: int) -> tuple[MeshStore, MeshController, ResourceCache]:
 def _slice(ns: str, i: int, pods: list[Workload], ready: tuple[bool, ...]) -> EndpointSlice:
     return EndpointSlice(
         ns, f"svc-{i}-abc", f"svc-{i}", (EndpointPort("http", 8080, AppProtocol.HTTP),),
-        tuple(Endpoint(p.ip, ready=r, pod=p.name) for p, r in zip(pods, ready)),
+        tuple(Endpoint(p.ip, ready=r, pod=p.name) for p, r in zip(pods, ready, strict=True)),
     )
 
 
@@ -349,6 +349,6 @@ def _endpoint_change_work(services: int) -> list[tuple[int, list[Change]]]:
 def test_endpoint_change_work_does_not_grow_with_the_mesh() -> None:
     small, large = _endpoint_change_work(10), _endpoint_change_work(1000)
     cla = names.cluster_name(ServiceKey("ns-5", "svc-5"), 80)
-    for (work_small, writes_small), (work_large, writes_large) in zip(small, large):
+    for (work_small, writes_small), (work_large, writes_large) in zip(small, large, strict=True):
         assert work_small == work_large == 1  # one ClusterLoadAssignment
         assert writes_small == writes_large == [Change(types.ENDPOINT, frozenset({cla}), frozenset())]

@@ -99,7 +99,7 @@ class KubeMesh(MeshHarness):
 
     async def start(self) -> KubeMesh:
         self._task = asyncio.create_task(self.kube.run(self._stop))
-        await self.kube.wait_synced(10)
+        await asyncio.wait_for(self.kube.wait_synced(), 10)
         await self.server.start()
         return self
 
@@ -209,7 +209,7 @@ async def test_a_service_deleted_while_the_watch_is_down_leaves_envoy_after_the_
 async def test_an_unreachable_api_server_keeps_the_mesh_and_the_change_arrives_after(
     mesh: KubeMesh, fake: FakeApiServer
 ) -> None:
-    frontend, api = await _frontend_and_api(mesh, fake)
+    frontend, _api = await _frontend_and_api(mesh, fake)
     api2 = mesh.kube_pod("api-2", "api")
     await mesh.sidecar(api2)
     await mesh.until(answered_by(frontend, "api", "api-1"), message="api-1 answers")

@@ -296,7 +296,7 @@ async def test_allowed_identity_gets_200_and_another_403(mesh: SecureMesh) -> No
 
 
 async def test_deny_beats_allow(mesh: SecureMesh) -> None:
-    api, web = await api_and_web(mesh)
+    _api, web = await api_and_web(mesh)
     mesh.policy("AuthorizationPolicy", "allow-shop", {
         "rules": [{"from": [{"source": {"namespaces": [NS]}}]}],
     })
@@ -315,7 +315,7 @@ async def test_deny_beats_allow(mesh: SecureMesh) -> None:
 
 
 async def test_default_deny_blocks_what_no_rule_allows(mesh: SecureMesh) -> None:
-    api, web = await api_and_web(mesh)
+    _api, web = await api_and_web(mesh)
     await until_status(mesh, web, 200)
     # Istio's mesh-wide default-deny: an ALLOW policy without rules in the root namespace.
     mesh.policy("AuthorizationPolicy", "deny-all", {}, namespace="xds-system")

@@ -454,7 +454,7 @@ async def test_ring_hash_keeps_each_key_on_one_backend(mesh: MeshHarness) -> Non
 
 
 async def test_active_health_check_takes_failing_endpoint_out(mesh: MeshHarness) -> None:
-    good, good_app = programmable_pod(mesh, NS, "api-good", labels={"app": "api"})
+    good, _good_app = programmable_pod(mesh, NS, "api-good", labels={"app": "api"})
     sick, sick_app = programmable_pod(
         mesh, NS, "api-sick", labels={"app": "api"}, path_status={"/healthz": 503}
     )

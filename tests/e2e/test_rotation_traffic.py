@@ -19,6 +19,7 @@ thread samples each sidecar's /certs (certificate serials, trusted roots) and it
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import http.client
 import threading
@@ -289,7 +290,7 @@ async def test_every_certificate_rotates_under_traffic_without_a_failed_request(
     # Continuous: about every 20 ms, both kinds of client connection, no gap of a second.
     assert traffic.ok >= TRAFFIC_SECONDS / 0.2
     assert {r.mode for r in traffic.results} == {"new", "keepalive"}
-    gaps = [b.at - a.at for a, b in zip(traffic.results, traffic.results[1:])]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(traffic.results)]
     assert max(gaps) < 1.0
 
     # Renewal at half of 20 s: each sidecar's certificate was replaced at least twice (more

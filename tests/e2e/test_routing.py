@@ -338,13 +338,13 @@ async def test_matches_route_by_path_header_query_and_method(mesh: MeshHarness) 
     ]
     got = [await rule_for(*args, headers=hdrs) for args, hdrs, _ in cases]
     expected = [want for _, _, want in cases]
-    mismatches = [(c[0], c[1], g, w) for c, g, w in zip(cases, got, expected) if g != w]
+    mismatches = [(c[0], c[1], g, w) for c, g, w in zip(cases, got, expected, strict=True) if g != w]
     assert not mismatches, "request -> (got, expected):\n" + "\n".join(map(str, mismatches))
 
 
 async def test_service_without_route_gets_default_route_and_unmatched_gets_404(mesh: MeshHarness) -> None:
     client = mesh.pod(NS, "client", service_account="client")
-    plain, routed = await http_pods(mesh, "plain", "routed")
+    _plain, routed = await http_pods(mesh, "plain", "routed")
     await mesh.sidecar(client)
     mesh.write("route-routed.yaml", http_route("routed", "routed", [{
         "matches": [{"path": {"type": "PathPrefix", "value": "/only"}}],
@@ -408,7 +408,7 @@ async def test_request_redirect_is_seen_by_the_client(mesh: MeshHarness) -> None
 
 async def test_url_rewrite_is_seen_by_the_backend(mesh: MeshHarness) -> None:
     client = mesh.pod(NS, "client", service_account="client")
-    (app,) = await http_pods(mesh, "app")
+    (_app,) = await http_pods(mesh, "app")
     await mesh.sidecar(client)
 
     def rewrite(match: dict[str, Any], **spec: Any) -> dict[str, Any]:
@@ -456,7 +456,7 @@ async def test_url_rewrite_is_seen_by_the_backend(mesh: MeshHarness) -> None:
 
 async def test_header_modifiers_seen_by_backend_and_client(mesh: MeshHarness) -> None:
     client = mesh.pod(NS, "client", service_account="client")
-    (hdr,) = await http_pods(mesh, "hdr")
+    (_hdr,) = await http_pods(mesh, "hdr")
     await mesh.sidecar(client)
     mesh.write("route-hdr.yaml", http_route("hdr", "hdr", [
         {

@@ -4,6 +4,7 @@ renewed before expiry, and usable as-is for a mutual TLS handshake."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import ssl
@@ -93,13 +94,13 @@ async def test_agent_writes_cert_key_and_bundle(server: SigningServer, tmp_path:
 
 async def test_unauthenticated_and_invalid_requests(server: SigningServer, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with pytest.raises(SignError, match="UNAUTHENTICATED.*signature"):
+    with pytest.raises(SignError, match=r"UNAUTHENTICATED.*signature"):
         await obtain(server, out, token=TokenIssuer(tmp_path / "elsewhere").create("shop", "web", timedelta(hours=1)))
     revoked = server.tokens.issue("shop", "web", timedelta(hours=1))
     server.tokens.revoke(revoked.token_id)
-    with pytest.raises(SignError, match="UNAUTHENTICATED.*revoked"):
+    with pytest.raises(SignError, match=r"UNAUTHENTICATED.*revoked"):
         await obtain(server, out, token=revoked.token)
-    with pytest.raises(SignError, match="INVALID_ARGUMENT.*maximum"):
+    with pytest.raises(SignError, match=r"INVALID_ARGUMENT.*maximum"):
         await obtain(server, out, ttl=timedelta(days=2))
     assert not out.exists() or not list(out.iterdir()), "nothing written on failure"
 
@@ -144,7 +145,7 @@ async def test_agent_renews_before_expiry_and_files_are_always_whole(server: Sig
         await asyncio.wait_for(task, timeout=5)
         await signer.close()
     timeline = sorted(seen.values())
-    for (_, previous_expiry), (replaced_at, _) in zip(timeline, timeline[1:]):
+    for (_, previous_expiry), (replaced_at, _) in itertools.pairwise(timeline):
         assert replaced_at < previous_expiry, "renewed before the old certificate expired"
     # The files left match each other and nothing temporary is left behind.
     key = serialization.load_pem_private_key((out / KEY_FILE).read_bytes(), None)
@@ -271,7 +272,7 @@ async def test_cli_cert_agent_once_with_a_token_file(server: SigningServer, tmp_
         "--token-file", str(token_file), "--ttl", "1h", "--once",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
+    _stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, stderr.decode()
     cert = leaf_of(out / CERT_FILE)
     assert spiffe_ids(cert) == ["spiffe://cluster.local/ns/billing/sa/worker"]

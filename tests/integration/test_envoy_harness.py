@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import http.client
+import itertools
 import queue
 import re
 import socket
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent import futures
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import psutil
@@ -164,9 +165,9 @@ def test_scenario_rounds_change_every_resource() -> None:
     names = [scenario.resource_names(s) for s in snaps]
     assert all(n == names[0] for n in names)
     assert {len(v) for v in names[0].values()} == {2, 4}
-    for prev, cur in zip(snaps, snaps[1:]):
+    for prev, cur in itertools.pairwise(snaps):
         for url in cur:
-            for a, b in zip(prev[url], cur[url]):
+            for a, b in zip(prev[url], cur[url], strict=True):
                 assert a.SerializeToString(deterministic=True) != b.SerializeToString(deterministic=True), url
     # Round r sends listener j to cluster (j + r) % 4: all clusters used, rotating.
     for r, snap in enumerate(snaps):
@@ -218,7 +219,8 @@ def test_static_envoy_proxies_http_and_tcp(
         envoy.wait_ready(timeout=10)
         assert envoy.server_state() == "LIVE"
         for i, port in enumerate(http_ports):
-            resp = envoy.wait_until(lambda: http_request(ip, port, f"/l{i}"), message=f"http listener {i}")
+            resp = envoy.wait_until(lambda port=port, i=i: http_request(ip, port, f"/l{i}"),
+                                    message=f"http listener {i}")
             k = scenario.target_cluster(round_, i)
             assert resp.status == 200
             assert resp.headers["x-round"] == str(round_)
@@ -231,7 +233,7 @@ def test_static_envoy_proxies_http_and_tcp(
             assert raw.startswith(b"HTTP/1.1 200")
             assert f'"name": "{scenario.upstream_name(k)}"'.encode() in raw
         assert set(envoy.cluster_hosts()) == {scenario.cluster_name(k) for k in range(4)}
-        assert envoy.cluster_hosts()[scenario.cluster_name(0)] == ["%s:%d" % http_upstreams[0].address]
+        assert envoy.cluster_hosts()[scenario.cluster_name(0)] == ["{}:{:d}".format(*http_upstreams[0].address)]
         assert envoy.stats()["http.http_0.downstream_rq_2xx"] >= 1
         assert envoy.dynamic_versions() == {"clusters": {}, "listeners": {}, "routes": {}, "endpoints": {}}
 
@@ -304,7 +306,7 @@ def test_wait_until_reports_death_and_timeout() -> None:
 class NaiveSotwServer:
     """Minimal SotW xDS responder: whole type on every version change, ADS or per-type."""
 
-    SERVICES = {
+    SERVICES: ClassVar[dict[str, str]] = {
         "envoy.service.discovery.v3.AggregatedDiscoveryService": "StreamAggregatedResources",
         "envoy.service.cluster.v3.ClusterDiscoveryService": "StreamClusters",
         "envoy.service.listener.v3.ListenerDiscoveryService": "StreamListeners",
@@ -427,9 +429,10 @@ def test_dynamic_envoy_applies_scenario_rounds(
         envoy.wait_until(lambda: _observed_round(ip, http_ports, tcp_ports) == _expected_round(0), message="round 0 traffic")
         for r in (1, 2):
             naive_server.set_snapshot(f"v{r}", scenario.make_snapshot(r, ups, http_ports, tcp_ports, ip, ads=ads))
-            envoy.wait_until(lambda: _all_at(envoy.dynamic_versions(), f"v{r}"), timeout=15, message=f"all at v{r}")
+            envoy.wait_until(lambda r=r: _all_at(envoy.dynamic_versions(), f"v{r}"), timeout=15, message=f"all at v{r}")
             envoy.wait_until(
-                lambda: _observed_round(ip, http_ports, tcp_ports) == _expected_round(r), message=f"round {r} traffic"
+                lambda r=r: _observed_round(ip, http_ports, tcp_ports) == _expected_round(r),
+                message=f"round {r} traffic",
             )
         assert {req.node.id for req in naive_server.requests if req.HasField("node")} == {"node-h"}
         assert any(req.node.metadata.fields["test"].string_value == "harness" for req in naive_server.requests)

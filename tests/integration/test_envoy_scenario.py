@@ -85,7 +85,7 @@ async def test_go_control_plane_scenario(mode: str) -> None:
                 upstream = scenario.upstream_name(scenario.target_cluster(round_, i))
                 await asyncio.to_thread(
                     envoy.wait_until,
-                    lambda p=port, u=upstream: _listener_reaches(listen_ip, p, round_, u),
+                    lambda p=port, u=upstream, r=round_: _listener_reaches(listen_ip, p, r, u),
                     10.0, 0.05, f"round {round_}: HTTP listener {i} -> {upstream}",
                 )
             for i, port in enumerate(tcp_ports):

@@ -65,7 +65,7 @@ async def running(
     task = asyncio.create_task(source.run(stop))
     try:
         if synced:
-            await source.wait_synced(10)
+            await asyncio.wait_for(source.wait_synced(), 10)
         yield source
     finally:
         stop.set()
@@ -200,7 +200,7 @@ async def test_nothing_reaches_the_store_until_every_kind_is_listed(
         await asyncio.sleep(0.3)
         assert not source.synced and changes == [], "a partial state reached the store"
         fake.clear_faults()
-        await source.wait_synced(10)
+        await asyncio.wait_for(source.wait_synced(), 10)
         assert store.get("Service", "shop", "cart") is not None
 
 
@@ -529,8 +529,8 @@ async def test_only_the_lease_holder_writes_status_and_the_other_takes_over(
     task_a = asyncio.create_task(a.run(stop_a))
     task_b = asyncio.create_task(b.run(stop_b))
     try:
-        await a.wait_synced(10)
-        await b.wait_synced(10)
+        await asyncio.wait_for(a.wait_synced(), 10)
+        await asyncio.wait_for(b.wait_synced(), 10)
         await eventually(lambda: a.is_leader or b.is_leader, message="a leader")
         await eventually(blocking(lambda: accepted(fake.get("TrafficPolicy", "shop", "first"))),
                          message="status from the leader")

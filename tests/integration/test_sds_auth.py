@@ -684,7 +684,7 @@ async def test_the_csr_service_shares_the_authenticator(secured: Secured) -> Non
     assert signed.spiffe_id == spiffe(*DB)
     bad = GrpcCsrSigner(secured.address, token="forged")
     try:
-        with pytest.raises(SignError, match="(?i)unauthenticated|malformed"):
+        with pytest.raises(SignError, match=r"(?i)unauthenticated|malformed"):
             await bad.sign(build_csr(key), None)
     finally:
         await bad.close()

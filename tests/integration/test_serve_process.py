@@ -100,7 +100,7 @@ async def test_serves_example_resources_and_survives_bad_files(served: ServeProc
             "name: extra\n"
             "connect_timeout: 5x\n"
         )
-        error = await served.log_matching(lambda l: "bad.yaml" in str(l.get("msg", "")))
+        error = await served.log_matching(lambda line: "bad.yaml" in str(line.get("msg", "")))
         assert "connect_timeout" in error["msg"] and error["level"] == "warning"
         await ads.expect_silence(0.5)  # nothing from the bad file reached the client
 
@@ -108,7 +108,7 @@ async def test_serves_example_resources_and_survives_bad_files(served: ServeProc
         backend = served.resources / "backend.yaml"
         good = backend.read_text()
         backend.write_text(good.replace("connect_timeout: 1s", "connect_timeout: [oops"))
-        await served.log_matching(lambda l: "backend.yaml" in str(l.get("msg", "")))
+        await served.log_matching(lambda line: "backend.yaml" in str(line.get("msg", "")))
         await ads.expect_silence(0.5)
 
         # A valid edit is pushed again: the server kept serving through the bad input.
@@ -138,7 +138,7 @@ async def test_serves_example_resources_and_survives_bad_files(served: ServeProc
 
         # The logs name the proxy.
         await served.log_matching(
-            lambda l: l.get("msg") == "stream opened" and l.get("proxy") == "cli-proxy"
+            lambda line: line.get("msg") == "stream opened" and line.get("proxy") == "cli-proxy"
         )
 
         # SIGTERM: streams end with UNAVAILABLE (reconnect elsewhere), the process exits 0.

@@ -559,9 +559,9 @@ class EnvoyProcess(envoy_process.EnvoyProcess):
                 out["lds"] = str(value)
             elif name.startswith("http.") and ".rds." in name:
                 out["rds"][name.split(".rds.", 1)[1][: -len(".version_text")]] = str(value)
-            elif name.startswith("cluster.") and name.endswith(".version_text"):
-                if value != "":  # static clusters have the stat too, always empty
-                    out["eds"][name[len("cluster.") : -len(".version_text")]] = str(value)
+            # Static clusters have the stat too, always empty.
+            elif name.startswith("cluster.") and name.endswith(".version_text") and value != "":
+                out["eds"][name[len("cluster.") : -len(".version_text")]] = str(value)
         return out
 
     def wait_until(

@@ -1195,7 +1195,7 @@ class FakeApiServer:
         backlog: list[tuple[str, dict]] = []
         gone: ApiError | None = None
         if rv_text in ("", "0"):
-            for (ns, _), obj in sorted(self._state.objects[rtype].items()):
+            for (_ns, _), obj in sorted(self._state.objects[rtype].items()):
                 if watcher.visible(obj):
                     backlog.append(("ADDED", obj))
         else:

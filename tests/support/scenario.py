@@ -29,7 +29,7 @@ header (HTTP) and the upstream's name in the body (HTTP and TCP).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal
 
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
@@ -78,7 +78,7 @@ NUM_TCP_LISTENERS = 2
 METADATA_NAMESPACE = "xds-test"
 
 Address = tuple[str, int]
-UpstreamSpec = Union[Address, Sequence[Address]]
+UpstreamSpec = Address | Sequence[Address]
 
 
 def type_url(message_or_class: Message | type[Message]) -> str:

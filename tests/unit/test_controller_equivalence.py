@@ -182,7 +182,7 @@ class World:
                 ns, name = rng.choice(policies)
                 self.model.remove(SOURCE, ("TrafficPolicy", ns, name))
         elif action == "endpoint":
-            for (ns, name), s in self.model.all("EndpointSlice").items():
+            for (ns, _name), s in self.model.all("EndpointSlice").items():
                 if s.service == key.name and ns == key.namespace:
                     eps = tuple(dataclasses.replace(e, ready=not e.ready) if k == 0 else e
                                 for k, e in enumerate(s.endpoints))

@@ -430,7 +430,7 @@ print(json.dumps(sorted(seen)))
 
 @pytest.mark.slow
 def test_image_environment_has_runtime_dependencies_only(image) -> None:
-    replay, env, entrypoint = image
+    replay, env, _entrypoint = image
     python = resolve("python", env)
     assert python.startswith(str(replay.root)), "the image's python is the venv's"
     listed = subprocess.run([python, "-m", "pip", "list", "--format", "json"], env=env,
@@ -468,7 +468,7 @@ def test_entrypoint_help_runs_in_the_image_environment(image) -> None:
 
 @pytest.mark.slow
 def test_entrypoint_serves_xds_health_and_stops_on_sigterm(image) -> None:
-    replay, env, entrypoint = image
+    _replay, env, entrypoint = image
     port = free_port()
     env = {**env, "XDS_SERVER_XDS_ADDRESS": f"127.0.0.1:{port}",  # the image's own is 0.0.0.0
            "XDS_SERVER_ADMIN_ADDRESS": "127.0.0.1:0"}  # never the fixed 15014 in a test

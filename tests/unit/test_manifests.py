@@ -328,7 +328,7 @@ def test_crd_schemas_are_structural() -> None:
         if isinstance(node.get("additionalProperties"), dict):
             walk(node["additionalProperties"], f"{where}.*")
 
-    for (api_version, kind), schema in crd_schemas().items():
+    for (_api_version, kind), schema in crd_schemas().items():
         walk(schema, kind)
         assert schema["properties"]["metadata"] == {"type": "object"}
         assert set(schema["properties"]) == {"apiVersion", "kind", "metadata", "spec", "status"}
@@ -367,7 +367,7 @@ def all_traffic_policies() -> list[tuple[str, dict[str, Any]]]:
 def test_every_shipped_traffic_policy_is_valid_for_both_the_crd_and_the_model() -> None:
     policies = all_traffic_policies()
     assert any(path.startswith("manifests/") for path, _ in policies)
-    for path, doc in policies:
+    for _path, doc in policies:
         validate_custom_object(doc)
         k8s_objects.convert(doc)  # the server reads it without error
 

@@ -35,3 +35,22 @@ def test_mypy_is_clean() -> None:
 def test_import_contract_is_kept() -> None:
     result = run(str(BIN / "lint-imports"), "--no-cache")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_layout_names_every_package_and_module() -> None:
+    """The README's Layout is the map a newcomer reads first: every package and top-level
+    module of xds_server/ is on it, and nothing it names is gone."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    package = ROOT / "xds_server"
+    present = {f"{p.name}/" for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    present |= {p.name for p in package.glob("*.py") if p.stem != "__init__"}
+    missing = sorted(name for name in present if name not in layout)
+    assert not missing, f"README Layout does not name: {missing}"
+    named = {
+        word.rstrip("/").removesuffix(".py")
+        for word in layout.replace(",", " ").split()
+        if word.startswith("xds_server/")
+    }
+    gone = sorted(n for n in named if not (ROOT / n).exists() and not (ROOT / f"{n}.py").exists())
+    assert not gone, f"README Layout names what does not exist: {gone}"

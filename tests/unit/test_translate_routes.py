@@ -923,8 +923,8 @@ def test_live_envoy_routes_as_the_configs_say() -> None:
     out_port, in_port, *echo_ports = free_ports(2 + len(backends))
     listeners = [_hcm_listener("outbound", out_port, out_cfg, inbound=False),
                  _hcm_listener("inbound", in_port, in_cfg, inbound=True)]
-    listeners += [_echo_listener(b, p) for b, p in zip(backends, echo_ports)]
-    clusters = [_static_cluster(b, p) for b, p in zip(backends, echo_ports)]
+    listeners += [_echo_listener(b, p) for b, p in zip(backends, echo_ports, strict=True)]
+    clusters = [_static_cluster(b, p) for b, p in zip(backends, echo_ports, strict=True)]
     bootstrap = static_bootstrap({LISTENER_TYPE: listeners, CLUSTER_TYPE: clusters}, inline_dynamic=False)
 
     api, v2, v3 = (names.cluster_name(k, 8080) for k in (API.key, API_V2.key, API_V3.key))

@@ -101,7 +101,7 @@ def generate_private_key(algorithm: KeyAlgorithm | str = KeyAlgorithm.EC_P256) -
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
+def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | None:
     """The digest to sign with for an issuer key (None for Ed25519/Ed448, which hash inside)."""
     if isinstance(key, ec.EllipticCurvePrivateKey):
         size = key.curve.key_size

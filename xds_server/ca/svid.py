@@ -298,7 +298,8 @@ class SvidIssuer:
             issuer_ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
             aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski)
         except x509.ExtensionNotFound:
-            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())
+            # The signing certificate's own key (checked to match it when the CA loads).
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(state.signing_key.public_key())
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))

@@ -109,13 +109,13 @@ class TokenIssuer:
         path = self.directory / TOKEN_KEY
         if not path.exists():
             ensure_private_dir(self.directory)
-            key = ec.generate_private_key(ec.SECP256R1())
-            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+            created = ec.generate_private_key(ec.SECP256R1())
+            pem = created.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
             if create_exclusive(path, pem):
                 log.info("created the token signing key", extra={"file": str(path),
-                                                                 "kid": _key_id(key.public_key())})
-                return key
+                                                                 "kid": _key_id(created.public_key())})
+                return created
             # Another process created it first: use theirs, or its tokens would not verify.
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,7 +225,8 @@ class KubeApi:
                             timeout=(CONNECT_TIMEOUT, timeout or REQUEST_TIMEOUT))
 
     def watch(self, kind: ResourceKind, watcher: k8s_watch.Watch, *, resource_version: str,
-              timeout_seconds: int, label_selector: str | None = None) -> Iterator[dict[str, Any]]:
+              timeout_seconds: int, label_selector: str | None = None,
+              ) -> Generator[dict[str, Any], None, None]:
         """Events from `resource_version` on, as decoded by the official `Watch`: dicts with
         `type` and `object` (the raw dict). Ends when the server closes the watch (after
         `timeout_seconds`). An ERROR event raises ApiException (410 for an expired

@@ -58,8 +58,10 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def condition(type_: str, ok: bool, reason: str, message: str, generation: int | None) -> dict:
-    cond = {"type": type_, "status": "True" if ok else "False", "reason": reason,
+def condition(
+    type_: str, ok: bool, reason: str, message: str, generation: int | None
+) -> dict[str, str | int]:
+    cond: dict[str, str | int] = {"type": type_, "status": "True" if ok else "False", "reason": reason,
             "message": message[:32768]}
     if generation is not None:
         cond["observedGeneration"] = generation

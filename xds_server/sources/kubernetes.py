@@ -52,6 +52,7 @@ from kubernetes import watch as k8s_watch
 
 from ..api import v1alpha1 as policy
 from ..model.mesh import ServiceKey
+from ..model.routes import Route
 from ..model.store import (
     ENDPOINT_SLICE,
     GRPC_ROUTE,
@@ -228,8 +229,9 @@ class KubernetesSource:
         """True once every kind has been listed and the first state is in the store (ready)."""
         return self._synced
 
-    async def wait_synced(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._synced_event.wait(), timeout)
+    async def wait_synced(self) -> None:
+        """Until synced; bound it with `asyncio.timeout(...)` or `asyncio.wait_for(...)`."""
+        await self._synced_event.wait()
 
     @property
     def is_leader(self) -> bool:
@@ -442,7 +444,8 @@ class KubernetesSource:
         else:
             if not wants_route_status(held.raw):
                 return None
-            route = held.model if held.error is None else None
+            # HTTPRoute/GRPCRoute: the last valid version is a Route
+            route = held.model if held.error is None and isinstance(held.model, Route) else None
             compute = partial(route_status, route=route, error=held.error, kept_last_good=kept,
                               services=self._services())
         return StatusTarget(WATCHED[kind], namespace, name, held.raw, compute)

@@ -207,14 +207,14 @@ def _yaml_error(file: str, error: yaml.YAMLError) -> ResourceError:
 def _parse_resource(data: Any, node: yaml.Node | None, file: str) -> _Entry | ResourceError:
     line = node.start_mark.line + 1 if node is not None else None
     if not isinstance(data, dict):
-        message = f"expected a resource (a mapping with @type), got {type(data).__name__}"
-        return ResourceError(file=file, line=line, message=message)
+        problem = f"expected a resource (a mapping with @type), got {type(data).__name__}"
+        return ResourceError(file=file, line=line, message=problem)
     name = data.get("name") or data.get("cluster_name") or data.get("clusterName")
     quoted = f'"{name}"' if isinstance(name, str) else None
     type_url = data.get("@type")
     if not isinstance(type_url, str) or not type_url:
-        message = 'missing "@type" (e.g. type.googleapis.com/envoy.config.cluster.v3.Cluster)'
-        return ResourceError(file=file, line=line, resource=quoted, message=message)
+        problem = 'missing "@type" (e.g. type.googleapis.com/envoy.config.cluster.v3.Cluster)'
+        return ResourceError(file=file, line=line, resource=quoted, message=problem)
     cls = _message_class(type_url.rpartition("/")[2])
     if cls is None:
         return ResourceError(
@@ -228,8 +228,8 @@ def _parse_resource(data: Any, node: yaml.Node | None, file: str) -> _Entry | Re
     label = f"{type_name} {quoted}" if quoted else type_name
     name_field = _name_field(cls)  # only named resources can be served (and told apart)
     if name_field is None:
-        message = f"{cls.DESCRIPTOR.full_name} is not an xDS resource type (it has no name)"
-        return ResourceError(file=file, line=line, resource=label, field="@type", message=message)
+        problem = f"{cls.DESCRIPTOR.full_name} is not an xDS resource type (it has no name)"
+        return ResourceError(file=file, line=line, resource=label, field="@type", message=problem)
     try:
         message = json_format.ParseDict({k: v for k, v in data.items() if k != "@type"}, cls())
     except Exception as e:  # mostly ParseError, but odd YAML values (dates...) raise others

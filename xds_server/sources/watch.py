@@ -45,7 +45,7 @@ async def watch_changes(
         stop = asyncio.Event()
     while not stop.is_set():
         try:
-            if not directory.is_dir():
+            if not await asyncio.to_thread(directory.is_dir):
                 await reload(None)  # keeps the last good set and reports the problem
             else:
                 # Catch up once the watch exists (its first, empty, timeout yield), so a
@@ -59,7 +59,7 @@ async def watch_changes(
                         await reload(None)
                     elif changes:
                         await reload(frozenset(Path(path) for _, path in changes))
-                    if not directory.is_dir():
+                    if not await asyncio.to_thread(directory.is_dir):
                         break  # its watch died with it: poll until it comes back
         except Exception as e:
             log.warning("%s: cannot watch %s (%s); retrying", label, directory, e)

@@ -21,7 +21,7 @@ class Batch:
         self._upsert: dict[str, dict[str, Resource]] = {}
         self._remove: dict[str, set[str]] = {}
         self._touch: dict[str, set[str]] = {}
-        self._on_publish: list[Callable[[], None]] = []
+        self._on_publish: list[Callable[[], object]] = []  # results are ignored
 
     def __bool__(self) -> bool:
         return bool(self._upsert or self._remove or self._touch or self._on_publish)
@@ -45,7 +45,7 @@ class Batch:
         """Streams re-check these names against their views (a change of who may see them)."""
         self._touch.setdefault(type_url, set()).update(names)
 
-    def on_publish(self, apply: Callable[[], None]) -> None:
+    def on_publish(self, apply: Callable[[], object]) -> None:
         """Update state the views read, at the moment the cache changes."""
         self._on_publish.append(apply)
 

@@ -60,8 +60,7 @@ def load_assignment(
         else:
             health = health_check_pb2.UNHEALTHY
         owner = workload(service.namespace, endpoint.pod, address)
-        meshed = owner is not None and owner.meshed
-        port_value = owner.inbound_port if meshed else target
+        port_value = owner.inbound_port if owner is not None and owner.meshed else target
         secure = owner is not None and mtls is not None and mtls(owner, target)
         by_zone.setdefault(endpoint.zone, []).append((address, port_value, health, secure))
     # Filled in place (`add()` and field sets) rather than from nested constructors: half the

@@ -162,7 +162,8 @@ class ModelIndex:
 
     def _apply_workload(self, change: ObjectChange) -> set[Dep]:
         deps: set[Dep] = set()
-        old, new = change.old, change.new
+        old: Workload | None = change.old
+        new: Workload | None = change.new
         if old is not None:
             deps |= {("workload", old.namespace, old.name), ("workload-ip", old.ip)}
             self.workloads.pop((old.namespace, old.name), None)

@@ -13,6 +13,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
+from google.protobuf.message import Message
 
 from . import rbac
 from . import tls as tls_contexts
@@ -28,7 +29,9 @@ def socket(ip: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))
 
 
-def _http_manager(stat_prefix: str, route_name: str, filters: list) -> listener_components_pb2.Filter:
+def _http_manager(
+    stat_prefix: str, route_name: str, filters: list[hcm_pb2.HttpFilter]
+) -> listener_components_pb2.Filter:
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,  # HTTP/1.1 and h2c (gRPC) alike
@@ -125,7 +128,7 @@ def inbound_listener(
     return listener
 
 
-def _listener_filter(name: str, config) -> listener_components_pb2.ListenerFilter:
+def _listener_filter(name: str, config: Message) -> listener_components_pb2.ListenerFilter:
     return listener_components_pb2.ListenerFilter(name=name, typed_config=pack(config))
 
 

@@ -96,7 +96,7 @@ class Orchestrator:
         self.tracker = DependencyTracker()
         self.translations = 0
         self._builders = {b.kind: b for b in builders}
-        self._families: dict[str, list[Builder]] = {}
+        self._families: dict[Hashable, list[Builder]] = {}  # by family: a Dep's lookup
         for builder in self._builders.values():
             self._families.setdefault(builder.family, []).append(builder)
         self._queue: deque[ObjectChange] = deque()
@@ -133,12 +133,12 @@ class Orchestrator:
         deps = deps if isinstance(deps, (set, frozenset)) else set(deps)
         for dep in deps:
             if len(dep) == 2:
-                for builder in self._families.get(dep[0], ()):  # type: ignore[call-overload]
+                for builder in self._families.get(dep[0], ()):
                     self._dirty.mark(builder.phase, (builder.kind, dep[1]), None)
         for output, parts in self.tracker.dependents(deps).items():
-            builder = self._builders.get(output[0])
-            if builder is not None:
-                self._dirty.mark(builder.phase, output, parts)
+            owner = self._builders.get(output[0])
+            if owner is not None:
+                self._dirty.mark(owner.phase, output, parts)
 
     # Work -----------------------------------------------------------------------------------
 

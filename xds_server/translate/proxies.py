@@ -117,7 +117,7 @@ class ProxyBuilder:
 
     def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
         assert isinstance(arg, tuple)
-        key: ProxyKey = arg  # type: ignore[assignment]
+        key: ProxyKey = arg
         proxy = self.registry.proxies.get(key)
         if proxy is None:
             self._replace(key, {}, batch)

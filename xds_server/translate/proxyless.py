@@ -85,7 +85,7 @@ def client_cluster(cluster: cluster_pb2.Cluster) -> cluster_pb2.Cluster:
     out.ClearField("metadata")
     if out.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST:
         out.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
-    if mtls:
+    if mtls and match is not None:
         envoy_context = tls_pb2.UpstreamTlsContext()
         match.transport_socket.typed_config.Unpack(envoy_context)
         validation = envoy_context.common_tls_context.combined_validation_context.default_validation_context

@@ -10,6 +10,7 @@ names, a scope's services): `derived(key)` records those reads the same way.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Mapping
+from typing import TypeVar, overload
 
 from ..model.mesh import EndpointSlice, Namespace, Service, ServiceKey, Workload
 from ..model.policy import TrafficPolicySpec
@@ -20,27 +21,36 @@ from .rbac import PortAuthz
 from .security import InboundSecurity
 
 
-class _RecordingMapping(Mapping[Hashable, object]):
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+_T = TypeVar("_T")
+
+
+class _RecordingMapping(Mapping[_K, _V]):
     """A read-only mapping that records a `(lookup, key)` read for every key asked for."""
 
-    def __init__(self, data: Mapping[Hashable, object], lookup: str, reads: set[Dep]) -> None:
+    def __init__(self, data: Mapping[_K, _V], lookup: str, reads: set[Dep]) -> None:
         self._data = data
         self._lookup = lookup
         self._reads = reads
 
-    def __getitem__(self, key: Hashable) -> object:
+    def __getitem__(self, key: _K) -> _V:
         self._reads.add((self._lookup, key))
         return self._data[key]
 
-    def get(self, key: Hashable, default: object = None) -> object:
+    @overload
+    def get(self, key: _K) -> _V | None: ...
+    @overload
+    def get(self, key: _K, default: _V | _T) -> _V | _T: ...
+    def get(self, key: _K, default: _V | _T | None = None) -> _V | _T | None:
         self._reads.add((self._lookup, key))
         return self._data.get(key, default)
 
     def __contains__(self, key: object) -> bool:
-        self._reads.add((self._lookup, key))  # type: ignore[arg-type]
+        self._reads.add((self._lookup, key))
         return key in self._data
 
-    def __iter__(self) -> Iterator[Hashable]:  # iterating would read everything: not allowed
+    def __iter__(self) -> Iterator[_K]:  # iterating would read everything: not allowed
         raise TypeError("iterate the index through a lookup that records what it reads")
 
     def __len__(self) -> int:
@@ -74,7 +84,7 @@ class Reader:
 
     def services(self) -> Mapping[ServiceKey, Service]:
         """Services by key, for builders that resolve references (route backends)."""
-        return _RecordingMapping(self.index.services, "service", self.reads)  # type: ignore[return-value]
+        return _RecordingMapping(self.index.services, "service", self.reads)
 
     def slices(self, key: ServiceKey) -> list[EndpointSlice]:
         self.reads.add(("slices", key))
@@ -124,7 +134,7 @@ class Reader:
         return self.index.ip_owners.get(ip, set())
 
     def namespaces(self) -> Mapping[str, Namespace]:
-        return _RecordingMapping(self.index.namespaces, "namespace", self.reads)  # type: ignore[return-value]
+        return _RecordingMapping(self.index.namespaces, "namespace", self.reads)
 
     # Security -------------------------------------------------------------------------------
 

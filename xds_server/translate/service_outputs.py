@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 
-from ..model.mesh import Service, ServiceKey, ServicePort, Workload
+from ..model.mesh import EndpointSlice, Service, ServiceKey, ServicePort, Workload
 from ..xds import types
 from ..xds.resource import Resource
 from . import proxyless
@@ -87,7 +87,9 @@ class ClusterSecurityBuilder:
         return ids, tuple(_all_endpoints_mtls(key, port, slices, reader) for port in service.ports)
 
 
-def _all_endpoints_mtls(key: ServiceKey, port: ServicePort, slices: list, reader: Reader) -> bool:
+def _all_endpoints_mtls(
+    key: ServiceKey, port: ServicePort, slices: list[EndpointSlice], reader: Reader
+) -> bool:
     """Whether every endpoint of the port accepts mTLS (gRPC clients, which cannot choose per
     endpoint, then originate it)."""
     found = False

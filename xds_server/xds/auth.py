@@ -284,9 +284,9 @@ class GuardSettings:
 
 @dataclass
 class GuardStats:
-    authenticated: Counter = field(default_factory=Counter)  # by method
-    auth_failures: Counter = field(default_factory=Counter)  # by reason
-    limited: Counter = field(default_factory=Counter)  # "streams-per-identity", "request-rate"
+    authenticated: Counter[str] = field(default_factory=Counter)  # by method
+    auth_failures: Counter[str] = field(default_factory=Counter)  # by reason
+    limited: Counter[str] = field(default_factory=Counter)  # "streams-per-identity", "request-rate"
     revoked_streams: int = 0
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2, struct_pb2, timestamp_pb2
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 SERVICE_NAME = csds_pb2.DESCRIPTOR.services_by_name["ClientStatusDiscoveryService"].full_name
 
-GenericXdsConfig = csds_pb2.ClientConfig.GenericXdsConfig
+GenericXdsConfig: TypeAlias = csds_pb2.ClientConfig.GenericXdsConfig
 ConfigStatus = csds_pb2.ConfigStatus
 ClientResourceStatus = dump_pb2.ClientResourceStatus
 
@@ -98,15 +98,16 @@ def _string_matcher(matcher: string_pb2.StringMatcher) -> Callable[[str], bool]:
     kind = matcher.WhichOneof("match_pattern")
     fold = matcher.ignore_case
     if kind in ("exact", "prefix", "suffix", "contains"):
-        pattern = getattr(matcher, kind)
+        pattern: str = getattr(matcher, kind)
         if fold:
             pattern = pattern.lower()
-        test = {
+        tests: dict[str, Callable[[str], bool]] = {
             "exact": lambda s: s == pattern,
             "prefix": lambda s: s.startswith(pattern),
             "suffix": lambda s: s.endswith(pattern),
             "contains": lambda s: pattern in s,
-        }[kind]
+        }
+        test = tests[kind]
         return (lambda s: test(s.lower())) if fold else test
     if kind == "safe_regex":
         try:  # RE2 syntax; the common subset means the same in Python's `re`
@@ -272,20 +273,20 @@ class StatusBuilder:
         type_url = t.type_url
         delta = state.variant is Variant.DELTA
         in_flight = t.pending_nonce is not None
-        rejected = t.nack is not None and not in_flight
+        # The NACK that stands: the latest response was rejected and nothing newer is in flight.
+        nack = t.nack if not in_flight else None
+        rejected = nack is not None
         changes = {r.name: r for r in t.last_changes} if (in_flight or rejected) else {}
-        if rejected and changes:
+        failed: set[str] = set()
+        details = ""
+        if nack is not None and changes:
             # Envoy applies each resource on its own and names the failing ones in the
             # message; when it names none of them, all the changes count as rejected.
-            named = {n for n in changes if _mentions(t.nack.message, n)}
+            named = {n for n in changes if _mentions(nack.message, n)}
             failed = named or set(changes)
-        else:
-            failed = set()
-        # Envoy's NACK text quotes the rejected resource (its debug string, sensitive fields
-        # included): not shown when the rejected responses carried anything sensitive.
-        details = ""
-        if failed:
-            details = redaction.redact_text(t.nack.message)
+            # Envoy's NACK text quotes the rejected resource (its debug string, sensitive
+            # fields included): not shown when the rejected responses carried anything sensitive.
+            details = redaction.redact_text(nack.message)
             if any(self.redactor.sensitive(r) for r in changes.values()):
                 details = WITHHELD
 
@@ -313,7 +314,7 @@ class StatusBuilder:
                 entry.version_info = resource_version if delta else t.pending_version
                 stamp = _timestamp(t.sent_at)
             elif name in failed:
-                nack = t.nack
+                assert nack is not None  # only a standing NACK fails resources
                 entry.config_status = ConfigStatus.ERROR
                 entry.client_status = ClientResourceStatus.NACKED
                 # ERROR shows the rejected config (the server's latest), as the API says.
@@ -333,8 +334,8 @@ class StatusBuilder:
                 entry.client_status = ClientResourceStatus.ACKED
                 if delta:
                     entry.version_info = resource_version
-                elif change is not None and rejected:
-                    entry.version_info = t.nack.version  # applied from the rejected response
+                elif change is not None and nack is not None:
+                    entry.version_info = nack.version  # applied from the rejected response
                 else:
                     entry.version_info = t.acked_version or t.sent_version
                 stamp = _timestamp(t.acked_at)
@@ -363,10 +364,18 @@ class StatusBuilder:
 
 # Called with the call's context before anything is answered; it aborts the call (e.g.
 # PERMISSION_DENIED) when the caller may not read proxies' configuration.
-Authorize = Callable[[aio.ServicerContext], Awaitable[None]]
+# (Quoted: grpc's ServicerContext is generic in its type stubs only, not at run time.)
+Authorize: TypeAlias = "Callable[[aio.ServicerContext[Any, Any]], Awaitable[None]]"
+
+# The generated servicer base ships no type information (it only supplies UNIMPLEMENTED
+# defaults for the methods below): mypy sees a plain object.
+if TYPE_CHECKING:
+    _Servicer = object
+else:
+    _Servicer = csds_pb2_grpc.ClientStatusDiscoveryServiceServicer
 
 
-class ClientStatusService(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):
+class ClientStatusService(_Servicer):
     """The gRPC servicer; `connections` returns the server's live xDS connections."""
 
     def __init__(
@@ -376,7 +385,9 @@ class ClientStatusService(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):
         self._authorize = authorize
 
     async def FetchClientStatus(
-        self, request: csds_pb2.ClientStatusRequest, context: aio.ServicerContext
+        self,
+        request: csds_pb2.ClientStatusRequest,
+        context: aio.ServicerContext[csds_pb2.ClientStatusRequest, csds_pb2.ClientStatusResponse],
     ) -> csds_pb2.ClientStatusResponse:
         if self._authorize is not None:
             await self._authorize(context)
@@ -387,7 +398,9 @@ class ClientStatusService(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):
             raise  # unreachable: abort raises
 
     async def StreamClientStatus(
-        self, request_iterator: AsyncIterator[csds_pb2.ClientStatusRequest], context: aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[csds_pb2.ClientStatusRequest],
+        context: aio.ServicerContext[csds_pb2.ClientStatusRequest, csds_pb2.ClientStatusResponse],
     ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
         if self._authorize is not None:
             await self._authorize(context)

@@ -29,7 +29,8 @@ class DeltaStream(StreamState):
 
     @staticmethod
     def _encode_plane(plane: base_pb2.ControlPlane) -> bytes:
-        return discovery_pb2.DeltaDiscoveryResponse(control_plane=plane).SerializeToString()
+        data: bytes = discovery_pb2.DeltaDiscoveryResponse(control_plane=plane).SerializeToString()
+        return data
 
     def on_request(self, request: Request) -> RequestResult:
         """Apply a delta request."""
@@ -97,6 +98,7 @@ class DeltaStream(StreamState):
         else:
             send, removed = [], []
             view, type_url = self.view, state.type_url
+            assert view is not None  # a stream has its view before its first push
             for name in candidates:
                 subscribed = state.wildcard or name in state.names
                 resource = view.get(type_url, name) if subscribed else None

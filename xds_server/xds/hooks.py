@@ -21,7 +21,7 @@ Every method has a no-op default: override only what you follow. In the order of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import grpc
@@ -99,7 +99,7 @@ class HookChain(StreamHooks):
             self._hooks.remove(hook)
             self._index()
 
-    def __iter__(self):  # the hooks, in order
+    def __iter__(self) -> Iterator[StreamHooks]:  # the hooks, in order
         return iter(list(self._hooks))
 
     def __len__(self) -> int:

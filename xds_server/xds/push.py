@@ -6,10 +6,13 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 from .cache import Change
 
 Pending = dict[str, set[str]]  # type URL -> names changed or removed since the last flush
+
+S = TypeVar("S", bound=Hashable)  # what subscribes: the server's connections
 
 
 class Debouncer:
@@ -66,19 +69,19 @@ class Debouncer:
             self._handle = None
 
 
-class SubscriptionIndex:
+class SubscriptionIndex(Generic[S]):
     """Which streams subscribe to which names, so a change wakes only those streams."""
 
     def __init__(self) -> None:
-        self._by_name: dict[str, dict[str, set[Hashable]]] = defaultdict(lambda: defaultdict(set))
-        self._wildcard: dict[str, set[Hashable]] = defaultdict(set)
+        self._by_name: dict[str, dict[str, set[S]]] = defaultdict(lambda: defaultdict(set))
+        self._wildcard: dict[str, set[S]] = defaultdict(set)
 
-    def subscribe(self, stream: Hashable, type_url: str, names: set[str]) -> None:
+    def subscribe(self, stream: S, type_url: str, names: set[str]) -> None:
         by_name = self._by_name[type_url]
         for name in names:
             by_name[name].add(stream)
 
-    def unsubscribe(self, stream: Hashable, type_url: str, names: set[str]) -> None:
+    def unsubscribe(self, stream: S, type_url: str, names: set[str]) -> None:
         by_name = self._by_name.get(type_url)
         if by_name is None:
             return
@@ -89,13 +92,13 @@ class SubscriptionIndex:
                 if not holders:
                     del by_name[name]
 
-    def set_wildcard(self, stream: Hashable, type_url: str, on: bool) -> None:
+    def set_wildcard(self, stream: S, type_url: str, on: bool) -> None:
         if on:
             self._wildcard[type_url].add(stream)
         else:
             self._wildcard[type_url].discard(stream)
 
-    def affected(self, type_url: str, names: set[str]) -> set[Hashable]:
+    def affected(self, type_url: str, names: set[str]) -> set[S]:
         streams = set(self._wildcard.get(type_url, ()))
         by_name = self._by_name.get(type_url)
         if by_name:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import cast
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from .types import CLUSTER, PREFIX, resource_name
@@ -52,8 +54,10 @@ class Resource:
         body = message.SerializeToString(deterministic=True)
         type_url = PREFIX + message.DESCRIPTOR.full_name
         warms_with = None
-        if type_url == CLUSTER and message.type == message.EDS:
-            warms_with = message.eds_cluster_config.service_name or message.name
+        if type_url == CLUSTER:
+            cluster = cast(cluster_pb2.Cluster, message)
+            if cluster.type == cluster.EDS:
+                warms_with = cluster.eds_cluster_config.service_name or cluster.name
         return cls.from_bytes(
             type_url, name if name is not None else resource_name(message), body, warms_with,
             key=key,

@@ -14,8 +14,9 @@ import asyncio
 import itertools
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -33,7 +34,7 @@ from .connection import Connection, proxy_label
 from .hooks import HookChain, StreamHooks, StreamRefused
 from .node import proxy_claim
 from .push import Debouncer, Pending, SubscriptionIndex
-from .stream import MAX_TRACKED_CHANGES, Ack, ProtocolError, Variant, new_stream
+from .stream import MAX_TRACKED_CHANGES, Ack, ProtocolError, Request, Variant, new_stream
 
 __all__ = ["Connection", "ServerSettings", "XdsServer", "proxy_label"]
 
@@ -90,9 +91,21 @@ class ServerSettings:
 ViewProvider = Callable[[VerifiedProxy], View]
 ViewRelease = Callable[[VerifiedProxy], None]
 
+# The xDS methods as gRPC sees them: requests of either variant in, pre-encoded responses out.
+# (Quoted: grpc's classes are generic in its type stubs only, not at run time.)
+XdsContext: TypeAlias = "aio.ServicerContext[Request, bytes]"
+XdsMethodHandler: TypeAlias = "grpc.RpcMethodHandler[Request, bytes]"
+StreamBehavior: TypeAlias = "Callable[[AsyncIterator[Request], XdsContext], Awaitable[None]]"
+FetchBehavior: TypeAlias = "Callable[[discovery_pb2.DiscoveryRequest, XdsContext], Awaitable[bytes]]"
+
 
 def _identity(data: bytes) -> bytes:
     return data
+
+
+def _same_view(view: View) -> ViewProvider:
+    """A provider giving every proxy the one shared `view`."""
+    return lambda _proxy: view
 
 
 @dataclass
@@ -129,18 +142,18 @@ class XdsServer:
         # Who sees what: called with the verified proxy of each new stream (and
         # `release_view` when the stream ends), so a mesh can scope proxies and build their
         # own resources.
-        self._view_for: ViewProvider = view_for or (lambda proxy, _full=FullView(cache): _full)
+        self._view_for: ViewProvider = view_for or _same_view(FullView(cache))
         self._release_view = release_view
         self.connections: set[Connection] = set()
         self.stats = ServerStats()
-        self._index = SubscriptionIndex()
+        self._index: SubscriptionIndex[Connection] = SubscriptionIndex()
         self._ids = itertools.count(1)
         self._debouncer = Debouncer(
             self.settings.debounce_quiet, self.settings.debounce_max, self._on_flush
         )
         self._push_slots = asyncio.Semaphore(max(1, self.settings.max_concurrent_pushes))
         self._writing: set[Connection] = set()
-        self._sweeper: asyncio.Task | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._server: aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._remove_listener: Callable[[], None] | None = None
@@ -274,7 +287,7 @@ class XdsServer:
     # gRPC plumbing --------------------------------------------------------------------------
 
     def _handlers(self) -> grpc.GenericRpcHandler:
-        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        handlers: dict[str, XdsMethodHandler] = {}
         for service, (fixed_type, suffix) in SERVICES.items():
             stream_name = "Stream" + suffix
             delta_name = "Delta" + suffix
@@ -296,14 +309,14 @@ class XdsServer:
                 )
         return _MethodTable(handlers)
 
-    def _stream_handler(self, variant: Variant, fixed_type: str | None, method: str):
-        async def handle(requests: AsyncIterator, context: aio.ServicerContext) -> None:
+    def _stream_handler(self, variant: Variant, fixed_type: str | None, method: str) -> StreamBehavior:
+        async def handle(requests: AsyncIterator[Request], context: XdsContext) -> None:
             await self._serve_stream(variant, fixed_type, method, requests, context)
 
         return handle
 
-    def _fetch_handler(self, type_url: str):
-        async def fetch(request: discovery_pb2.DiscoveryRequest, context: aio.ServicerContext) -> bytes:
+    def _fetch_handler(self, type_url: str) -> FetchBehavior:
+        async def fetch(request: discovery_pb2.DiscoveryRequest, context: XdsContext) -> bytes:
             state = new_stream(Variant.SOTW, next(self._ids), fixed_type=type_url,
                                control_plane=self.settings.control_plane_id)
             try:
@@ -330,9 +343,10 @@ class XdsServer:
                 hooks.closed(conn)
             if push is None:
                 # REST-style fetch: "nothing new" is an empty response at the same version.
-                return discovery_pb2.DiscoveryResponse(
+                empty: bytes = discovery_pb2.DiscoveryResponse(
                     version_info=request.version_info, type_url=type_url
                 ).SerializeToString()
+                return empty
             return push.data
 
         return fetch
@@ -350,8 +364,8 @@ class XdsServer:
         variant: Variant,
         fixed_type: str | None,
         method: str,
-        requests: AsyncIterator,
-        context: aio.ServicerContext,
+        requests: AsyncIterator[Request],
+        context: XdsContext,
     ) -> None:
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down")
@@ -383,7 +397,7 @@ class XdsServer:
         if conn.closing and self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; reconnect")
 
-    async def _read(self, conn: Connection, requests: AsyncIterator) -> None:
+    async def _read(self, conn: Connection, requests: AsyncIterator[Request]) -> None:
         state = conn.state
         try:
             hooks = self.hooks
@@ -414,7 +428,9 @@ class XdsServer:
                 if type_state is None:
                     continue  # stale nonce (rule 9)
                 type_url = type_state.type_url
-                key = state.view.cache_key
+                view = state.view
+                assert view is not None  # set when the first request was admitted
+                key = view.cache_key
                 # Indexed by cache entry: a change wakes exactly the streams that follow it.
                 self._index.subscribe(conn, type_url, {key(type_url, n) for n in added})
                 self._index.unsubscribe(conn, type_url, {key(type_url, n) for n in dropped})
@@ -457,7 +473,7 @@ class XdsServer:
             )
         self.hooks.acked(conn, ack)
 
-    async def _write_loop(self, conn: Connection, context: aio.ServicerContext) -> None:
+    async def _write_loop(self, conn: Connection, context: XdsContext) -> None:
         state = conn.state
         slots = self._push_slots
         loop = asyncio.get_running_loop()
@@ -518,7 +534,7 @@ class XdsServer:
                 log.exception("releasing a proxy's view failed", extra={"proxy": conn.proxy_id})
 
 
-async def _loopback_only(context: aio.ServicerContext) -> None:
+async def _loopback_only(context: aio.ServicerContext[Any, Any]) -> None:
     """CSDS shows every proxy's config: only callers on this host may read it (an operator
     with kubectl port-forward, or the admin API, which has its own tokens)."""
     peer = context.peer()  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
@@ -528,10 +544,10 @@ async def _loopback_only(context: aio.ServicerContext) -> None:
 
 
 class _MethodTable(grpc.GenericRpcHandler):
-    def __init__(self, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def __init__(self, handlers: dict[str, XdsMethodHandler]) -> None:
         self._handlers = handlers
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> XdsMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
 
     def service_names(self) -> Iterable[str]:

@@ -31,7 +31,8 @@ class SotwStream(StreamState):
 
     @staticmethod
     def _encode_plane(plane: base_pb2.ControlPlane) -> bytes:
-        return discovery_pb2.DiscoveryResponse(control_plane=plane).SerializeToString()
+        data: bytes = discovery_pb2.DiscoveryResponse(control_plane=plane).SerializeToString()
+        return data
 
     def on_request(self, request: Request) -> RequestResult:
         """Apply a SotW request (state None: ignored as stale)."""
@@ -111,6 +112,7 @@ class SotwStream(StreamState):
         else:
             send = []
             view, type_url = self.view, state.type_url
+            assert view is not None  # a stream has its view before its first push
             for name in candidates:
                 if not state.wildcard and name not in state.names:
                     continue

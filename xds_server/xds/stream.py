@@ -292,9 +292,9 @@ class StreamState(ABC):
                 targets[resource.name] = resource
         for name in state.names:
             if name not in targets:
-                resource = view.get(state.type_url, name)
-                if resource is not None:
-                    targets[name] = resource
+                named = view.get(state.type_url, name)
+                if named is not None:
+                    targets[name] = named
         return targets
 
     def _rewarm(self, sent: list[Resource]) -> None:

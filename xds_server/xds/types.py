@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from google.protobuf.message import Message
+
 PREFIX = "type.googleapis.com/"
 
 LISTENER = PREFIX + "envoy.config.listener.v3.Listener"
@@ -38,11 +40,14 @@ def short_name(type_url: str) -> str:
     return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
 
 
-def resource_name(message) -> str:
+def resource_name(message: Message) -> str:
     """The name Envoy knows a resource by (ClusterLoadAssignment names itself cluster_name)."""
     descriptor = message.DESCRIPTOR
     if descriptor.full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment":
-        return message.cluster_name
-    if "name" in descriptor.fields_by_name:
-        return message.name
-    raise ValueError(f"{descriptor.full_name} has no name field")
+        field = "cluster_name"
+    elif "name" in descriptor.fields_by_name:
+        field = "name"
+    else:
+        raise ValueError(f"{descriptor.full_name} has no name field")
+    name: str = getattr(message, field)  # a string field of a message type not known statically
+    return name

@@ -52,7 +52,7 @@ async def get_proxy_config(
     request: Request,
     proxy_id: ProxyId,
     type: Annotated[list[TypeName] | None, Query(description="Only these types (repeatable).")] = None,
-) -> dict:
+) -> JSONResponse:  # documented by ConfigDump (response_model), rendered once in a thread
     conns = _streams_of(request, proxy_id)
     # Importing every Envoy proto module takes ~0.5 s once: not on the event loop.
     await asyncio.to_thread(views.message_class_for, "envoy.config.cluster.v3.Cluster")

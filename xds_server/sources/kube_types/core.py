@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PlainValidator, StrictStr, model_validator
 
-from .base import Invalid, KubeModel, Port
+from .base import Invalid, KubeModel, Port, Step
 from .meta import LabelNamedMeta, ObjectMeta
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
@@ -101,7 +101,8 @@ class PodStatus(KubeModel):
     @model_validator(mode="after")
     def _an_ip(self) -> PodStatus:
         # The sidecar's listeners bind to it: Envoy would reject them all for a typo.
-        address, at = self.pod_ip, ("podIP",)
+        address = self.pod_ip
+        at: tuple[Step, ...] = ("podIP",)
         if not address and self.pod_ips:
             address, at = self.pod_ips[0].ip, ("podIPs", 0, "ip")
         if address:

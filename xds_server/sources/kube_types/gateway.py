@@ -447,9 +447,9 @@ class GRPCRouteSpec(KubeModel):
 
 class HTTPRoute(KubeModel):
     metadata: ObjectMeta
-    spec: HTTPRouteSpec = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    spec: HTTPRouteSpec = Field(default_factory=dict, validate_default=True)
 
 
 class GRPCRoute(KubeModel):
     metadata: ObjectMeta
-    spec: GRPCRouteSpec = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    spec: GRPCRouteSpec = Field(default_factory=dict, validate_default=True)
