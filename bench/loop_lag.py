@@ -141,6 +141,7 @@ async def compose(ca_dir: Path, log_file: Path) -> Server:
 
 async def close(server: Server) -> None:
     server.stop.set()
+    await server.controller.stop()  # the drain task runs until stopped
     await asyncio.gather(*server.tasks, return_exceptions=True)
     await server.xds.stop(0)
 

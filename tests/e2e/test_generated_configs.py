@@ -127,10 +127,19 @@ def test_every_proxy_config_of_the_example_passes_envoy_validate(example: str) -
 
 NAMES = ("api", "web", "db", "cache", "auth")
 PATHS = ("/", "/api", "/api/v1", "/users/", "/static/img.png", "/a-b_c.d")
-# Also any printable path a user may write (what the API accepts: it starts with "/").
+
+
+def _api_accepts(path: str) -> bool:
+    """The Gateway API's own rules for a path match (its CEL validations): no '//', '/./',
+    '/../', '%2f' or '#', and no trailing '/.' or '/..'."""
+    lowered = path.lower()
+    return not any(p in lowered for p in ("//", "/./", "/../", "%2f", "#")) and not path.endswith(("/.", "/.."))
+
+
+# Also any printable path a user may write that the API accepts (it starts with "/").
 paths = st.sampled_from(PATHS) | st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=10
-).map(lambda t: "/" + t)
+).map(lambda t: "/" + t).filter(_api_accepts)
 REGEXES = ("/api/v[0-9]+/.*", "/users/[a-z]+", ".*", "/(foo|bar)/?", r"/items/\d{1,4}")
 HEADER_NAMES = ("x-user", "x-env", "X-Canary", "user-agent", "x_under")
 GRPC_SERVICES = ("payments.Payments", "helloworld.Greeter", "a.b.c.Svc")
