@@ -51,6 +51,7 @@ from xds_server.sources.policies import (
     parse_mtls_policy_spec,
     parse_traffic_policy_spec,
 )
+from xds_server.translate import scopes
 from xds_server.translate.controller import MeshController, proxy_resources
 from xds_server.translate.routes import INVALID_BACKEND_CLUSTER
 from xds_server.translate.scope import TENANT_LABEL
@@ -304,7 +305,9 @@ def test_batched_updates_equal_a_fresh_build(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-async def test_time_sliced_batches_equal_a_fresh_build(seed: int) -> None:
+async def test_time_sliced_batches_equal_a_fresh_build(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whole scope recomputations in slices of two services: changes land between slices.
+    monkeypatch.setattr(scopes, "RESCAN_CHUNK", 2)
     world = World(seed, security=MTLS, batched=True)
     controller = world.controller
     controller.start()

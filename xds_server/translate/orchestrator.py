@@ -52,6 +52,9 @@ class Built:
     emits: frozenset[Dep] = frozenset()  # derived keys whose value changed (others read them)
     alive: bool = True  # False: the output no longer exists (its records are dropped)
     translations: int = 0  # builder calls, for tests and benchmarks of incrementality
+    # True: the build did part of its work and must be called again (with no parts) before
+    # anything is published; a big output (a scope over 10,000 services) builds in slices.
+    pending: bool = False
 
 
 class Builder(Protocol):
@@ -76,6 +79,11 @@ class _Dirty:
                 current |= parts
         else:
             outputs[output] = None if parts is None else set(parts)
+
+    def continue_(self, phase: int, output: OutputKey) -> None:
+        """Build `output` again (it is part way through), unless it is already dirty: then
+        the parts marked meanwhile are passed as they are."""
+        self.by_phase.setdefault(phase, {}).setdefault(output, set())
 
     def pop(self) -> tuple[OutputKey, Parts] | None:
         for phase in sorted(self.by_phase):
@@ -194,6 +202,8 @@ class Orchestrator:
             self.tracker.forget(output)
         if built.emits:
             self._mark(built.emits)
+        if built.pending:
+            self._dirty.continue_(builder.phase, output)
 
     def run_until_idle(self) -> None:
         self.step()

@@ -4,7 +4,9 @@ that namespace's outbound route configuration (a byte join of its services' virt
 A scope exists while a proxy of its namespace is connected. It reads every service, every
 service's virtual hosts and cluster names and every namespace (`read_each`), so a change of
 one service re-checks that one service in each scope (O(log n)), and a Namespace change (a
-tenant label) or a big batch recomputes the scope from all services.
+tenant label) or a big batch recomputes the scope from all services. That recomputation runs
+in slices of `RESCAN_CHUNK` services (`Built.pending`), so a Namespace change over 10,000
+services never holds the event loop; nothing is published until the whole scope is done.
 """
 
 from __future__ import annotations
@@ -31,11 +33,29 @@ from .views import Published, ScopeView
 
 _by_name = attrgetter("namespace", "name")  # ServiceKey's order, as a C-compared tuple
 
+# Services whose visibility one slice of a whole recomputation checks.
+RESCAN_CHUNK = 2000
+
 
 class ScopeMembers(Protocol):
     """How many proxies each namespace has connected (the proxy registry keeps it)."""
 
     def proxies_in(self, namespace: str) -> int: ...
+
+
+@dataclass
+class _Rescan:
+    """A whole recomputation in slices: the services to check (keys: each is looked up when
+    its turn comes, so it is current), and those found visible so far."""
+
+    todo: list[ServiceKey]
+    before: frozenset[ServiceKey]  # what the scope held when it was last published
+    clusters_before: list[str]
+    position: int = 0
+    finalized: bool = False  # every service checked and the scope rebuilt: publish next
+    # Each visible service's encoded virtual hosts and cluster names, as of its check (a
+    # later change to them reaches the scope as a part, and is checked again).
+    visible: dict[ServiceKey, tuple[bytes, list[str]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,6 +66,7 @@ class _Scope:
     entries: list[bytes] = field(default_factory=list)  # their encoded virtual hosts, in order
     member_clusters: dict[ServiceKey, list[str]] = field(default_factory=dict)
     clusters: list[str] = field(default_factory=list)  # sorted cluster names of `services`
+    rescan: _Rescan | None = None  # a whole recomputation part way through
 
     @property
     def route_name(self) -> str:
@@ -90,8 +111,34 @@ class ScopeBuilder:
             scope = self._scopes[namespace] = _Scope(namespace)
             parts = None
         keys = self._changed_services(parts)
-        before, clusters_before = frozenset(scope.services), list(scope.clusters)
-        changed = self._rescope(scope) if keys is None else self._rescope_services(scope, keys)
+        rescan = scope.rescan
+        changed: bool
+        if keys is None:  # (re)start from every service
+            # What proxies were last given stays the baseline, even across a restart.
+            before = rescan.before if rescan is not None else frozenset(scope.services)
+            clusters_before = rescan.clusters_before if rescan is not None else list(scope.clusters)
+            rescan = scope.rescan = _Rescan(list(self.index.services), before, clusters_before)
+        elif rescan is not None and not rescan.finalized:  # changed meanwhile: checked now
+            for key in keys:
+                if self._visible(key, namespace):
+                    rescan.visible[key] = self._member(scope, key)
+                else:
+                    rescan.visible.pop(key, None)
+        if rescan is not None and not rescan.finalized:
+            # Slices: the services' checks, then the sorted scope, then (below) the publish.
+            if self._scan(scope, rescan):
+                self._rescope(scope, rescan.visible)
+                rescan.finalized = True
+            return Built(pending=True)
+        if rescan is not None:
+            scope.rescan = None
+            before, clusters_before = rescan.before, rescan.clusters_before
+            self._rescope_services(scope, keys or ())  # what changed since the rebuild
+            changed = True  # a whole recomputation is always published
+        else:
+            assert keys is not None
+            before, clusters_before = frozenset(scope.services), list(scope.clusters)
+            changed = self._rescope_services(scope, keys)
         gained_or_lost = before ^ scope.services
         if changed or gained_or_lost or scope.clusters != clusters_before or namespace not in self._views:
             self._publish(scope, batch, gained_or_lost, scope.clusters != clusters_before)
@@ -119,17 +166,31 @@ class ScopeBuilder:
     def _entry(self, scope: _Scope, key: ServiceKey) -> bytes:
         return self.outputs.vhosts.get((key, key.namespace == scope.namespace), b"")
 
-    def _rescope(self, scope: _Scope) -> bool:
-        namespaces, settings, ns = self.index.namespaces, self.settings, scope.namespace
-        scope.services = {
-            key for key, service in self.index.services.items() if visible(service, ns, namespaces, settings)
-        }
+    def _member(self, scope: _Scope, key: ServiceKey) -> tuple[bytes, list[str]]:
+        return self._entry(scope, key), self.outputs.clusters.get(key, [])
+
+    def _scan(self, scope: _Scope, rescan: _Rescan) -> bool:
+        """Check the next slice of services; True when every one has been checked."""
+        services, namespaces, settings = self.index.services, self.index.namespaces, self.settings
+        namespace = scope.namespace
+        end = min(len(rescan.todo), rescan.position + RESCAN_CHUNK)
+        found = rescan.visible
+        for key in rescan.todo[rescan.position:end]:
+            service = services.get(key)
+            if service is not None and visible(service, namespace, namespaces, settings):
+                found[key] = self._member(scope, key)
+            else:
+                found.pop(key, None)
+        rescan.position = end
+        return end == len(rescan.todo)
+
+    def _rescope(self, scope: _Scope, members: dict[ServiceKey, tuple[bytes, list[str]]]) -> bool:
+        scope.services = set(members)
         # Sorted by plain tuples: the dataclass's own __lt__ is a Python call per comparison.
-        scope.ordered = sorted(scope.services, key=_by_name)
-        scope.entries = [self._entry(scope, key) for key in scope.ordered]
-        clusters = self.outputs.clusters
-        scope.member_clusters = {key: clusters.get(key, []) for key in scope.ordered}
-        scope.clusters = sorted(name for names_ in scope.member_clusters.values() for name in names_)
+        scope.ordered = sorted(members, key=_by_name)
+        scope.entries = [members[key][0] for key in scope.ordered]
+        scope.member_clusters = {key: members[key][1] for key in scope.ordered}
+        scope.clusters = sorted([name for _, names_ in members.values() for name in names_])
         return True
 
     def _rescope_services(self, scope: _Scope, keys: Iterable[ServiceKey]) -> bool:
