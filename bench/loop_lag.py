@@ -179,9 +179,9 @@ def tenant_namespace(name: str, tenant: str) -> Any:
     return Namespace(name, labels=((TENANT_LABEL, tenant),))
 
 
-def sync(server: Server, objects: list[Any]) -> None:
-    """A source's first (or full) sync."""
-    server.store.sync(SOURCE, objects)
+async def sync(server: Server, objects: list[Any]) -> None:
+    """A source's first (or full) sync, in slices as the sources run it on the loop."""
+    await server.store.sync_in_slices(SOURCE, objects)
 
 
 def put(server: Server, obj: Any) -> None:

@@ -336,3 +336,29 @@ async def test_time_sliced_batches_equal_a_fresh_build(seed: int, monkeypatch: p
         checker.cancel()
         await controller.stop()
     assert turns > 100, "the drain never yielded to the loop"
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_sliced_store_syncs_reach_the_cache_whole(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source's sync in slices (`MeshStore.sync_in_slices`) is built while it runs, but the
+    cache changes only once the store holds the whole new set; the result equals a fresh build."""
+    monkeypatch.setattr(scopes, "RESCAN_CHUNK", 2)
+    world = World(seed, security=MTLS, batched=True)
+    controller = world.controller
+    controller.start()
+    controller.orchestrator.budget = 0.0001
+    written_mid_sync: list[str] = []
+    world.cache.add_listener(
+        lambda change: written_mid_sync.append(change.type_url) if world.store.syncing else None
+    )
+    try:
+        for i in range(12):
+            actions = [world.batch_step(i * 10 + k) for k in range(world.rng.randint(1, 8))]
+            objects = [o for kind in KINDS for o in world.model.all(kind).values()]
+            await world.store.sync_in_slices(SOURCE, objects, chunk=3)
+            await controller.settled()
+            assert not written_mid_sync, f"seed {seed}, batch {i} {actions}: {written_mid_sync[:5]}"
+            assert not broken_references(world.cache), f"seed {seed}, batch {i} {actions}"
+            assert_equals_fresh_build(world, f"seed {seed}, batch {i} {actions}")
+    finally:
+        await controller.stop()

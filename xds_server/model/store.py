@@ -7,8 +7,9 @@ translator recomputes only what depends on them. It holds no Envoy and no Kubern
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -78,6 +79,10 @@ class ObjectChange:
 ChangeListener = Callable[[list[ObjectChange]], None]
 
 
+# Objects a sliced sync applies per event-loop turn (about 10 ms at 10,000 services).
+SYNC_CHUNK = 4096
+
+
 class MeshStore:
     def __init__(self) -> None:
         self._objects: dict[str, dict[tuple[str, str], MeshObject]] = {k: {} for k in KINDS}
@@ -85,6 +90,7 @@ class MeshStore:
         self._by_source: dict[str, set[ObjectKey]] = {}
         self._listeners: list[ChangeListener] = []
         self._synced: set[str] = set()
+        self._syncing = 0  # sliced syncs under way (`sync_in_slices`)
 
     # Reading --------------------------------------------------------------------------------
 
@@ -120,6 +126,47 @@ class MeshStore:
                     changes.append(change)
         self._synced.add(source)
         self._notify(changes)
+        return changes
+
+    @property
+    def syncing(self) -> bool:
+        """A sliced sync is under way: the store holds part of a source's new set. Consumers
+        that publish (translate/orchestrator.py) wait until it is whole."""
+        return self._syncing > 0
+
+    async def sync_in_slices(
+        self, source: str, objects: Sequence[MeshObject], *, chunk: int = SYNC_CHUNK
+    ) -> list[ObjectChange]:
+        """`sync`, without holding the event loop: applied and announced `chunk` objects at a
+        time, yielding between slices. `syncing` is true until the last slice; listeners are
+        called once more, with no changes, when it ends."""
+        self._syncing += 1
+        changes: list[ObjectChange] = []
+        pending: list[ObjectChange] = []
+        try:
+            wanted: dict[ObjectKey, MeshObject] = {}
+            for start in range(0, len(objects), chunk):
+                for obj in objects[start:start + chunk]:
+                    wanted[key_of(obj)] = obj
+                await asyncio.sleep(0)
+            for done, (key, obj) in enumerate(wanted.items(), 1):
+                change = self._put(source, key, obj)
+                if change is not None:
+                    pending.append(change)
+                if done % chunk == 0:
+                    self._notify(pending)
+                    changes += pending
+                    pending = []
+                    await asyncio.sleep(0)
+            for key in [k for k in self._by_source.get(source, ()) if k not in wanted]:
+                change = self._remove(source, key)
+                if change is not None:
+                    pending.append(change)
+            self._synced.add(source)
+        finally:
+            self._syncing -= 1
+            self._notify(pending, always=True)
+            changes += pending
         return changes
 
     def put(self, source: str, obj: MeshObject) -> ObjectChange | None:
@@ -166,8 +213,8 @@ class MeshStore:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
-    def _notify(self, changes: list[ObjectChange]) -> None:
-        if not changes:
+    def _notify(self, changes: list[ObjectChange], *, always: bool = False) -> None:
+        if not changes and not always:
             return
         for listener in list(self._listeners):
             try:

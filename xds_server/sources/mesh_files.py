@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from .watch import ChangedPaths, watch_changes
-from ..model.store import KINDS, MeshObject, MeshStore, ObjectKey, key_of
+from ..model.store import KINDS, MeshObject, MeshStore, ObjectChange, ObjectKey, key_of
 from .k8s_objects import ObjectError, convert
 
 log = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ class MeshDirectory:
     async def _reload(self, changed: ChangedPaths = None) -> list[MeshError]:
         # Reading and parsing run in a thread so a big tree does not stall the event loop; the
         # store is only written here, on the loop.
-        return self._apply(await asyncio.to_thread(self._scan, self._known(), changed))
+        return await self._apply_in_slices(await asyncio.to_thread(self._scan, self._known(), changed))
 
     def _known(self) -> dict[str, str | None]:
         return {file: parsed.digest for file, parsed in self._files.items()}
@@ -430,25 +430,41 @@ class MeshDirectory:
         return sorted(files)
 
     def _apply(self, scanned: _Scan | None) -> list[MeshError]:
+        objects, errors = self._resolve(scanned)
+        if objects is not None:
+            self._changed(self._store.sync(self._source, objects))
+        return self._report(errors)
+
+    async def _apply_in_slices(self, scanned: _Scan | None) -> list[MeshError]:
+        """`_apply`, the store written in slices (a big tree's sync never holds the loop)."""
+        objects, errors = self._resolve(scanned)
+        if objects is not None:
+            self._changed(await self._store.sync_in_slices(self._source, objects))
+        return self._report(errors)
+
+    def _resolve(self, scanned: _Scan | None) -> tuple[list[MeshObject] | None, list[MeshError]]:
+        """The objects the store should hold (None: keep what it has), and the problems."""
         if scanned is None:
             # A vanished directory is not an empty one: keep serving what it held.
             message = "cannot list the directory; keeping the objects loaded from it"
-            errors = [MeshError(file=str(self.directory), message=message)]
-        else:
-            files = {} if scanned.complete else dict(self._files)
-            for file in scanned.gone:
-                files.pop(file, None)
-            for file, parsed in scanned.parsed.items():
-                if parsed is not None:
-                    files[file] = parsed
-                elif file in self._files:  # unchanged
-                    files[file] = self._files[file]
-            self._files = files
-            self._held, errors = resolve(self._files, self._held)
-            changes = self._store.sync(self._source, [held.obj for held in self._held.values()])
-            if changes:
-                log.info("mesh files: %d objects changed", len(changes),
-                         extra={"source": self._source})
+            return None, [MeshError(file=str(self.directory), message=message)]
+        files = {} if scanned.complete else dict(self._files)
+        for file in scanned.gone:
+            files.pop(file, None)
+        for file, parsed in scanned.parsed.items():
+            if parsed is not None:
+                files[file] = parsed
+            elif file in self._files:  # unchanged
+                files[file] = self._files[file]
+        self._files = files
+        self._held, errors = resolve(self._files, self._held)
+        return [held.obj for held in self._held.values()], errors
+
+    def _changed(self, changes: list[ObjectChange]) -> None:
+        if changes:
+            log.info("mesh files: %d objects changed", len(changes), extra={"source": self._source})
+
+    def _report(self, errors: list[MeshError]) -> list[MeshError]:
         previous = set(self._errors)
         for error in errors:
             if error not in previous:

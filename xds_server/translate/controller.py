@@ -82,7 +82,7 @@ class MeshController:
             VirtualHostsBuilder(outputs),
             self.scopes,
             self.proxy_builder,
-        ])
+        ], hold=lambda: store.syncing)
         store.add_listener(self.orchestrator.submit)
         self.orchestrator.submit([
             ObjectChange((kind, namespace, name), None, obj)

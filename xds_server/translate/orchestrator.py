@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,8 +98,14 @@ class _Dirty:
 
 
 class Orchestrator:
-    def __init__(self, index: ModelIndex, cache: ResourceCache, builders: Iterable[Builder]) -> None:
+    def __init__(
+        self, index: ModelIndex, cache: ResourceCache, builders: Iterable[Builder],
+        *, hold: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.index = index
+        # True while the model is part way through a change that must reach proxies whole
+        # (a sliced source sync, model/store.py): batches are built but not published.
+        self._hold = hold
         self.cache = cache
         self.tracker = DependencyTracker()
         self.translations = 0
@@ -182,9 +188,9 @@ class Orchestrator:
             else:
                 item = self._dirty.pop()
                 if item is None:
-                    if self._batch:
+                    if self._batch and not self._hold():
                         self._batch.publish(self.cache)
-                    return True
+                    return True  # (held: the store's last notice of the sync kicks it)
                 self._build(*item)
             if clock() >= deadline:
                 return False
