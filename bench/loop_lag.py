@@ -277,6 +277,31 @@ class LagSampler:
         return [lag for start, end, lag in self.samples if end >= t0 and start <= t1]
 
 
+class GcPauses:
+    """CPython's garbage collections while a scenario runs (gc.callbacks): each one holds the
+    loop like any other code, and a full (generation 2) pass over a big heap is the longest."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._start))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def longest(self, generation: int | None = None) -> float:
+        return max((d for g, d in self.pauses if generation is None or g == generation), default=0.0)
+
+
 class Writes:
     """Cache writes since the last reset: when the last one was, and how many per type."""
 
@@ -335,19 +360,20 @@ async def run_scenario(server: Server, writes: Writes, scenario: Scenario,
     t0 = time.monotonic()
     if profile is not None:
         profile.enable()
-    result = scenario.trigger()
-    if inspect.isawaitable(result):
-        await result
-    await settled(server)
-    deadline = t0 + timeout
-    while True:
-        now = time.monotonic()
-        if writes.count and scenario.done() and now - writes.last >= quiet:
-            break
-        if now > deadline:
-            raise TimeoutError(f"{scenario.name}: not settled within {timeout} s "
-                               f"({writes.count} cache writes)")
-        await asyncio.sleep(0.01)
+    with GcPauses() as collections:
+        result = scenario.trigger()
+        if inspect.isawaitable(result):
+            await result
+        await settled(server)
+        deadline = t0 + timeout
+        while True:
+            now = time.monotonic()
+            if writes.count and scenario.done() and now - writes.last >= quiet:
+                break
+            if now > deadline:
+                raise TimeoutError(f"{scenario.name}: not settled within {timeout} s "
+                                   f"({writes.count} cache writes)")
+            await asyncio.sleep(0.01)
     cpu = time.process_time() - c0
     if profile is not None:
         profile.disable()
@@ -373,9 +399,13 @@ async def run_scenario(server: Server, writes: Writes, scenario: Scenario,
         "cpu_s": cpu,
         "cache_writes": dict(sorted(writes.by_type.items())),
         "other_load_cores": max(0.0, other),
+        "gc_collections": len(collections.pauses),
+        "longest_gc_ms": collections.longest() * 1000,
+        "full_gc_collections": sum(1 for g, _ in collections.pauses if g == 2),
     }
     log(f"{scenario.name}: max stall {row['max_stall_ms']:.1f} ms, p99 {row['p99_lag_ms']:.1f} ms, "
-        f"wall {row['wall_s']:.2f} s, CPU {cpu:.2f} s, {len(lags)} samples, writes {row['cache_writes']}")
+        f"wall {row['wall_s']:.2f} s, CPU {cpu:.2f} s, {len(lags)} samples, writes {row['cache_writes']}, "
+        f"longest GC pause {row['longest_gc_ms']:.0f} ms ({row['full_gc_collections']} full)")
     return row
 
 
@@ -437,12 +467,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"{r['storm']}-certificate storm. Machine: {m['cpu']}, {m['cores']} cores, "
         f"Python {m['python']}.",
         "",
-        "| scenario | max stall ms | p99 lag ms | wall s | CPU s | lag samples | other load (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| scenario | max stall ms | p99 lag ms | longest GC pause ms (full GCs) | wall s | CPU s "
+        "| lag samples | other load (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
         lines.append(
             f"| {row['label']} | {fmt(row['max_stall_ms'], '.0f')} | {fmt(row['p99_lag_ms'], '.0f')} "
+            f"| {fmt(row['longest_gc_ms'], '.0f')} ({row['full_gc_collections']}) "
             f"| {fmt(row['wall_s'], '.2f')} | {fmt(row['cpu_s'], '.2f')} | {row['samples']} "
             f"| {fmt(row['other_load_cores'], '.2f')} |"
         )

@@ -248,7 +248,12 @@ class Orchestrator:
                 self.longest_slice = max(self.longest_slice, time.perf_counter() - start)
                 if done:
                     break
-                await asyncio.sleep(0)  # let the server and the sources run
+                # Let the server and the sources run. Twice: the first yield comes back at
+                # the head of the next loop iteration, before the timers and I/O that became
+                # ready meanwhile; the second queues behind them, so they wait one slice,
+                # not two.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
             if self.idle:
                 self._idle.set()
 
