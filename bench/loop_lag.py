@@ -106,6 +106,7 @@ async def compose(ca_dir: Path, log_file: Path) -> Server:
     from xds_server.model.security import SecuritySettings
     from xds_server.model.store import MeshStore
     from xds_server.security import Security, SecurityConfig
+    from xds_server.gc_policy import DrainCollector
     from xds_server.translate.controller import MeshController
     from xds_server.translate.scope import ScopeSettings
     from xds_server.xds.auth import AuthMode
@@ -127,7 +128,7 @@ async def compose(ca_dir: Path, log_file: Path) -> Server:
     settings = ServerSettings(address="127.0.0.1:0")
     # app.mesh_security: mTLS is on when proxies can get certificates.
     mesh_security = SecuritySettings(mtls=True, root_namespace=ROOT_NAMESPACE)
-    controller = MeshController(store, cache, ScopeSettings(), mesh_security)
+    controller = MeshController(store, cache, ScopeSettings(), mesh_security, collector=DrainCollector())
     xds = XdsServer(cache, settings, view_for=controller.view_for, release_view=controller.release)
     security = Security.build(security_config, cache, settings.address)
     security.attach(xds)

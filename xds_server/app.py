@@ -16,6 +16,7 @@ from .admin.settings import AdminSettings
 from .config import is_loopback, parse_address
 from .model.security import SecuritySettings
 from .model.store import MeshStore
+from .gc_policy import DrainCollector
 from .translate.controller import MeshController
 from .translate.scope import ScopeSettings
 from .xds.auth import AuthMode
@@ -133,7 +134,8 @@ async def start_app(config: AppConfig) -> RunningApp:
     controller: MeshController | None = None
     if config.source is not None or config.kubernetes is not None:
         store = MeshStore()
-        controller = MeshController(store, cache, config.scope, mesh_security(config))
+        controller = MeshController(store, cache, config.scope, mesh_security(config),
+                                    collector=DrainCollector())
         view_for, release = controller.view_for, controller.release
         # Translation runs in time-slices from here on: no store change holds the loop.
         tasks.append(controller.start())

@@ -154,17 +154,15 @@ class MeshStore:
             wanted: dict[ObjectKey, MeshObject] = {}
             for start in range(0, len(objects), chunk):
                 for obj in objects[start:start + chunk]:
-                    wanted[key_of(obj)] = obj
+                    key = key_of(obj)
+                    wanted[key] = obj  # (a key given twice: the later one stays, as in `sync`)
+                    change = self._put(source, key, obj)
+                    if change is not None:
+                        pending.append(change)
+                self._notify(pending)
+                changes += pending
+                pending = []
                 await _yield_to_loop()
-            for done, (key, obj) in enumerate(wanted.items(), 1):
-                change = self._put(source, key, obj)
-                if change is not None:
-                    pending.append(change)
-                if done % chunk == 0:
-                    self._notify(pending)
-                    changes += pending
-                    pending = []
-                    await _yield_to_loop()
             for key in [k for k in self._by_source.get(source, ()) if k not in wanted]:
                 change = self._remove(source, key)
                 if change is not None:

@@ -31,7 +31,7 @@ from ..model.security import SecuritySettings
 from ..model.store import KINDS, MeshStore, ObjectChange
 from ..xds.cache import ResourceCache
 from .index import ModelIndex
-from .orchestrator import Orchestrator
+from .orchestrator import Collector, Orchestrator
 from .proxies import ProxyBuilder, ProxyRegistry
 from .scope import ScopeSettings
 from .scopes import ScopeBuilder
@@ -59,6 +59,8 @@ class MeshController:
         cache: ResourceCache,
         settings: ScopeSettings | None = None,
         security: SecuritySettings | None = None,
+        *,
+        collector: Collector | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -82,7 +84,7 @@ class MeshController:
             VirtualHostsBuilder(outputs),
             self.scopes,
             self.proxy_builder,
-        ], hold=lambda: store.syncing)
+        ], hold=lambda: store.syncing, collector=collector)
         store.add_listener(self.orchestrator.submit)
         self.orchestrator.submit([
             ObjectChange((kind, namespace, name), None, obj)

@@ -97,11 +97,37 @@ class _Dirty:
         return sum(len(o) for o in self.by_phase.values())
 
 
+class Collector(Protocol):
+    """What a big drain tells the process's garbage-collection policy (xds_server/gc_policy.py
+    wires one; the default does nothing)."""
+
+    def begin(self) -> None: ...
+    def between_slices(self) -> None: ...
+    def end(self, big: bool) -> None: ...
+
+
+class _NoCollector:
+    def begin(self) -> None:
+        pass
+
+    def between_slices(self) -> None:
+        pass
+
+    def end(self, big: bool) -> None:
+        pass
+
+
+# A drain of this many slices or more is big (a full build, every scope or every proxy
+# rebuilt): the collector is told, so it can keep its survivors out of later collections.
+BIG_DRAIN_SLICES = 8
+
+
 class Orchestrator:
     def __init__(
         self, index: ModelIndex, cache: ResourceCache, builders: Iterable[Builder],
-        *, hold: Callable[[], bool] = lambda: False,
+        *, hold: Callable[[], bool] = lambda: False, collector: Collector | None = None,
     ) -> None:
+        self.collector: Collector = collector or _NoCollector()
         self.index = index
         # True while the model is part way through a change that must reach proxies whole
         # (a sliced source sync, model/store.py): batches are built but not published.
@@ -238,22 +264,29 @@ class Orchestrator:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while True:
-                start = time.perf_counter()
-                try:
-                    done = self.step(start + self.budget)
-                except Exception:  # a broken builder must not stop translation for good
-                    log.exception("translation step failed")
-                    done = self.idle
-                self.longest_slice = max(self.longest_slice, time.perf_counter() - start)
-                if done:
-                    break
-                # Let the server and the sources run. Twice: the first yield comes back at
-                # the head of the next loop iteration, before the timers and I/O that became
-                # ready meanwhile; the second queues behind them, so they wait one slice,
-                # not two.
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
+            slices = 0
+            self.collector.begin()
+            try:
+                while True:
+                    start = time.perf_counter()
+                    try:
+                        done = self.step(start + self.budget)
+                    except Exception:  # a broken builder must not stop translation for good
+                        log.exception("translation step failed")
+                        done = self.idle
+                    self.longest_slice = max(self.longest_slice, time.perf_counter() - start)
+                    slices += 1
+                    if done:
+                        break
+                    self.collector.between_slices()
+                    # Let the server and the sources run. Twice: the first yield comes back
+                    # at the head of the next loop iteration, before the timers and I/O that
+                    # became ready meanwhile; the second queues behind them, so they wait
+                    # one slice, not two.
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
+            finally:
+                self.collector.end(big=slices >= BIG_DRAIN_SLICES or self._hold())
             if self.idle:
                 self._idle.set()
 
