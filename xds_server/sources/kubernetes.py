@@ -210,6 +210,7 @@ class KubernetesSource:
         self._resource_versions: dict[str, str] = {}
         self._synced = False
         self._synced_event = asyncio.Event()
+        self._initial_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.elector: LeaseElector | None = None
         self.status_writer: StatusWriter | None = None
@@ -278,6 +279,8 @@ class KubernetesSource:
             await stop.wait()
         finally:
             done.set()
+            if self._initial_task is not None and not self._initial_task.done():
+                self._initial_task.cancel()
             for reflector in reflectors:
                 reflector.stop()
             if tasks:  # the elector releases the lease; an in-flight status write finishes
@@ -378,8 +381,24 @@ class KubernetesSource:
         return _Held(model, entry.error, entry.raw)
 
     def _initial_sync(self) -> None:
+        """Every kind is listed: the first state goes into the store in slices (a big
+        cluster's 100,000 objects never hold the event loop), then what changed meanwhile."""
+        if self._initial_task is not None:
+            return  # under way (a re-list while it runs is in `_objects`, caught up below)
+        self._initial_task = asyncio.get_running_loop().create_task(
+            self._initial_sync_in_slices(), name="kube-initial-sync"
+        )
+
+    async def _initial_sync_in_slices(self) -> None:
+        try:
+            await self.store.sync_in_slices(self.source_name, self._desired())
+        except Exception:
+            log.exception("kubernetes: the initial sync failed; applying it at once")
+        self._synced_initially()
+
+    def _synced_initially(self) -> None:
         desired = self._desired()
-        self.store.sync(self.source_name, desired)
+        self.store.sync(self.source_name, desired)  # events during the slices: a small diff
         self._synced = True
         self._synced_event.set()
         counts = {kind: sum(1 for k in self._objects[kind] if self._admitted(k)) for kind in KINDS}
