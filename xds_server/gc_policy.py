@@ -25,7 +25,7 @@ __all__ = ["DrainCollector"]
 class DrainCollector:
     """The orchestrator's collector hooks (see translate/orchestrator.py `Collector`)."""
 
-    def __init__(self, young: int = 10_000) -> None:
+    def __init__(self, young: int = 2_000) -> None:
         self.young = young  # objects allocated before a young collection between slices
         self.active = False
         self.freezes = 0

@@ -39,9 +39,11 @@ from .reads import Reader
 
 log = logging.getLogger(__name__)
 
-# Per slice of a time-sliced drain; one unit of work (a scope over 10,000 services) may run
-# past it, so it is kept well under the 50 ms a change may hold the loop.
-DEFAULT_BUDGET = 0.015
+# Per slice of a time-sliced drain. A slice ends after the step that crosses it, and the
+# largest steps (a scope's sorted rebuild or its publish at 10,000 services, a batch publish)
+# take 20-30 ms, so the budget is small: a slice stays under the 50 ms a change may hold the
+# loop (bench/loop_lag.py). Yielding costs a few microseconds.
+DEFAULT_BUDGET = 0.005
 # Past this many changed parts an output is rebuilt whole (a scope then recomputes from every
 # service in one pass, cheaper than re-checking thousands one by one).
 MAX_PARTS = 1024

@@ -126,7 +126,9 @@ class ScopeBuilder:
                     rescan.visible.pop(key, None)
         if rescan is not None and not rescan.finalized:
             # Slices: the services' checks, then the sorted scope, then (below) the publish.
-            if self._scan(scope, rescan):
+            if rescan.position < len(rescan.todo):
+                self._scan(scope, rescan)
+            else:
                 self._rescope(scope, rescan.visible)
                 rescan.finalized = True
             return Built(pending=True)
