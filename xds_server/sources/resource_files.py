@@ -16,11 +16,8 @@ This source parses and validates; it hands the current good resources, by type, 
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib
 import json
 import logging
-import pkgutil
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,9 +25,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
-from google.protobuf import descriptor_pool, json_format, message_factory
+from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from ..protos import import_all, registered_class
 from .watch import watch_directory
 
 log = logging.getLogger(__name__)
@@ -88,32 +86,6 @@ class _Entry:
 
 
 # Parsing -------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _import_protos() -> None:
-    """Register every Envoy/xDS message with the default pool so any `@type` resolves.
-
-    About half a second, so done once and only when a resource file is first read.
-    """
-    for top in ("envoy", "xds", "udpa"):
-        package = importlib.import_module(top)
-        for info in pkgutil.walk_packages(package.__path__, top + ".", onerror=lambda _: None):
-            if info.name.endswith("_pb2"):
-                try:
-                    importlib.import_module(info.name)
-                except Exception:  # one broken module only makes its own types unknown
-                    log.debug("cannot import %s", info.name, exc_info=True)
-
-
-@functools.cache
-def _message_class(full_name: str) -> type[Message] | None:
-    _import_protos()
-    try:
-        descriptor = descriptor_pool.Default().FindMessageTypeByName(full_name)
-    except KeyError:
-        return None
-    return message_factory.GetMessageClass(descriptor)
 
 
 def load_file(
@@ -215,7 +187,8 @@ def _parse_resource(data: Any, node: yaml.Node | None, file: str) -> _Entry | Re
     if not isinstance(type_url, str) or not type_url:
         problem = 'missing "@type" (e.g. type.googleapis.com/envoy.config.cluster.v3.Cluster)'
         return ResourceError(file=file, line=line, resource=quoted, message=problem)
-    cls = _message_class(type_url.rpartition("/")[2])
+    import_all()  # nested Anys (typed_config) resolve only when every module is imported
+    cls = registered_class(type_url.rpartition("/")[2])
     if cls is None:
         return ResourceError(
             file=file,
