@@ -11,7 +11,7 @@ XDS_ADDRESS ?= 127.0.0.1:15010
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run serve test check bench bench-smoke manifests clean
+.PHONY: setup system-packages run serve test check bench bench-smoke manifests clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -29,7 +29,26 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 	rm -f $(VENV)/.installed-test-*
 	touch $@
 
-setup: $(TEST_STAMP)
+setup: system-packages $(TEST_STAMP)
+
+# System packages the project uses: iptables (`xds-server iptables`, pods as network
+# namespaces in tests) and iproute2. Installed when missing and running as root; otherwise
+# named, and the tests that need them fail saying what is missing.
+SYSTEM_TOOLS := iptables-restore:iptables ip:iproute2
+system-packages:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing:$$missing"; \
+			{ apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+			  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $$missing >/dev/null; }; } || \
+			{ echo "could not install:$$missing (apt-get install$$missing)"; exit 1; }; \
+		else \
+			echo "missing system packages:$$missing (as root: apt-get install$$missing)"; \
+		fi; \
+	fi
 
 # The main job: a whole mesh on this machine (examples/demo): the server on the embedded
 # default, an Envoy sidecar per workload, small apps, traffic, a table per round; Ctrl-C stops.

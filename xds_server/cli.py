@@ -267,6 +267,45 @@ def crds_command(output_dir: Path | None) -> None:
             click.echo(f"wrote {path}")
 
 
+@main.command("iptables")
+@click.option("--outbound-port", type=int, default=15001, help="The sidecar's outbound listener.")
+@click.option("--inbound-port", type=int, default=15006, help="The sidecar's inbound listener.")
+@click.option("--proxy-uid", type=int, default=1337, help="The sidecar's UID: its traffic is not captured.")
+@click.option("--proxy-gid", type=int, default=1337, help="The sidecar's GID: its traffic is not captured.")
+@click.option("--include-outbound-cidrs", default="*", help="CIDRs captured outbound ('*': all).")
+@click.option("--exclude-outbound-cidrs", default="", help="CIDRs never captured outbound.")
+@click.option("--include-outbound-ports", default="*", help="Ports captured outbound ('*': all).")
+@click.option("--exclude-outbound-ports", default="", help="Ports never captured outbound.")
+@click.option("--include-inbound-ports", default="*", help="Ports captured inbound ('*': all).")
+@click.option("--exclude-inbound-ports", default="", help="Ports never captured inbound.")
+@click.option("--dry-run", is_flag=True, help="Print the rules (iptables-restore input); change nothing.")
+@click.option("--cleanup", is_flag=True, help="Remove the rules instead.")
+def iptables_command(dry_run: bool, cleanup: bool, **options: Any) -> None:
+    """Capture this network namespace's TCP traffic into the sidecar (as istio-iptables does).
+
+    Outbound connections go to --outbound-port and inbound ones to --inbound-port, except the
+    sidecar's own (--proxy-uid/--proxy-gid), loopback, and what is excluded. Running it twice
+    leaves the same rules. This is what an injected init container runs.
+    """
+    from .capture.apply import CaptureError
+    from .capture.apply import apply as apply_rules
+    from .capture.apply import cleanup as remove_rules
+    from .capture.rules import CaptureSettings, nat_rules
+
+    try:
+        settings = CaptureSettings.from_options(**options)
+        if dry_run:
+            click.echo("\n".join(nat_rules(settings)))
+        elif cleanup:
+            remove_rules()
+            click.echo("capture rules removed")
+        else:
+            rules = apply_rules(settings)
+            click.echo(f"capture rules applied ({sum(line.startswith('-A') for line in rules)} rules)")
+    except (ConfigError, CaptureError) as err:
+        raise click.ClickException(str(err)) from None
+
+
 @main.command("demo")
 @click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="The demo mesh (Kubernetes-shaped YAML).  [default: examples/demo]")
