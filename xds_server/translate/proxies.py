@@ -153,15 +153,26 @@ class ProxyBuilder:
 
     @staticmethod
     def app_ports(workload: Workload, reader: Reader) -> list[AppPort]:
-        """The app ports peers reach through this sidecar."""
-        found: dict[int, AppPort] = {}
+        """Every (app port, protocol, service, service port) peers reach through this sidecar:
+        all the Services and ports that select the pod, several of them on one app port if so,
+        by app port, then service and port."""
+        found: dict[tuple[int, str, str, int], AppPort] = {}
         for service, slices in reader.backed_by(workload.namespace, workload.name):
             for endpoint_slice in slices:
                 for port in service.ports:
                     target = slice_port(port, endpoint_slice)
-                    if target is not None and target not in found:
-                        found[target] = (target, port.app_protocol, service, port)
-        return [found[p] for p in sorted(found)]
+                    key = (target or 0, service.namespace, service.name, port.port)
+                    if target is not None and key not in found:
+                        found[key] = (target, port.app_protocol, service, port)
+        return [found[k] for k in sorted(found)]
+
+    @staticmethod
+    def distinct_ports(entries: list[AppPort]) -> list[tuple[int, AppProtocol]]:
+        """One (app port, protocol) per app port: the first service's protocol for it."""
+        ports: dict[int, AppProtocol] = {}
+        for port, protocol, _, _ in entries:
+            ports.setdefault(port, protocol)
+        return sorted(ports.items())
 
     # Builds ---------------------------------------------------------------------------------
 
@@ -192,18 +203,20 @@ class ProxyBuilder:
             ))
         clusters: list[Message] = []
         routes: list[Message] = []
-        ports = self.app_ports(workload, reader)
-        if ports:
-            clusters = [inbound_cluster(namespace, pod, ip, p, proto) for p, proto, _, _ in ports]
-            http = [(p, proto) for p, proto, _, _ in ports if proto.is_http]
-            tcp = next((p for p, proto, _, _ in ports if not proto.is_http), None)
+        entries = self.app_ports(workload, reader)
+        if entries:
+            ports = self.distinct_ports(entries)
+            clusters = [inbound_cluster(namespace, pod, ip, p, proto) for p, proto in ports]
+            http = [(p, proto) for p, proto in ports if proto.is_http]
+            tcp = next((p for p, proto in ports if not proto.is_http), None)
             inbound_route = names.inbound_route_name(namespace, pod)
             policies = {
-                s.key: spec for _, _, s, _ in ports if (spec := reader.policy(s.key)) is not None
+                s.key: spec for _, _, s, _ in entries if (spec := reader.policy(s.key)) is not None
             }
-            # Service ports with their target resolved to the app port the slices say.
-            backed = [(s, dataclasses.replace(sp, target_port=p)) for p, _, s, sp in ports]
-            security = reader.inbound(workload, [(p, proto) for p, proto, _, _ in ports])
+            # Every (Service, port) that selects the pod, its target resolved to the app port
+            # the slices say: each gets its own domains, several on one app port if need be.
+            backed = [(s, dataclasses.replace(sp, target_port=p)) for p, _, s, sp in entries]
+            security = reader.inbound(workload, ports)
             routes.extend(secure_inbound_routes(
                 inbound_route_configuration(inbound_route, http, backed, policies, namespace=namespace, pod=pod),
                 security, namespace=namespace, pod=pod,
@@ -223,7 +236,7 @@ class ProxyBuilder:
         workload = self.workload_of(proxy, reader)
         ports = {p for p, _, _, _ in self.app_ports(workload, reader)} | {p for _, p in workload.container_ports}
         grpc_ports = [(p, AppProtocol.GRPC) for p in sorted(ports)]
-        security = reader.inbound(workload, grpc_ports)  # type: ignore[arg-type]
+        security = reader.inbound(workload, grpc_ports)
         return [
             proxyless.server_listener(
                 workload.ip or "127.0.0.1", port, security.http_modes[port], security.authz[port],

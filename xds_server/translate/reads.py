@@ -9,10 +9,10 @@ names, a scope's services): `derived(key)` records those reads the same way.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import TypeVar, overload
 
-from ..model.mesh import EndpointSlice, Namespace, Service, ServiceKey, Workload
+from ..model.mesh import AppProtocol, EndpointSlice, Namespace, Service, ServiceKey, Workload
 from ..model.policy import TrafficPolicySpec
 from ..model.routes import Route
 from ..model.security import MtlsMode
@@ -150,10 +150,10 @@ class Reader:
         self._security_of(workload.namespace)
         return self.index.security.mode(workload, port)
 
-    def inbound(self, workload: Workload, ports: list[tuple[int, object]]) -> InboundSecurity:
+    def inbound(self, workload: Workload, ports: Iterable[tuple[int, AppProtocol]]) -> InboundSecurity:
         """The workload's mTLS modes and authorization per app port."""
         self.selected_by_policies(workload.namespace)
-        return self.index.security.inbound(workload, ports)  # type: ignore[arg-type]
+        return self.index.security.inbound(workload, ports)
 
     def selected_by_policies(self, namespace: str) -> None:
         """Record that what is built may change with any mTLS or authorization policy that can
