@@ -417,6 +417,35 @@ async def test_local_rate_limit_answers_429_beyond_the_rate(mesh: MeshHarness) -
     assert backend.requests_for("/limited") == counts[200]
 
 
+async def test_two_services_on_one_app_port_each_keep_their_own_rate_limit(mesh: MeshHarness) -> None:
+    """A pod behind two Services whose ports target the same app port: each is reachable by
+    its own name, and a rate limit on one does not touch the other."""
+    api, backend = programmable_pod(mesh, NS, "api-1")
+    web = mesh.pod(NS, "web-1")
+    mesh.service(NS, "api", PORT, pods=[api])
+    mesh.service(NS, "api-admin", 9090, pods=[api], target_port=PORT)
+    await start_sidecars(mesh, api, web)
+    await reachable(mesh, web, "api", "api-1")
+    await reachable(mesh, web, "api-admin", "api-1")
+
+    traffic_policy(mesh, "api-admin", rateLimit={"requests": 5, "per": "1s", "burst": 5})
+    await until_config(
+        mesh,
+        lambda: any(
+            "api-admin" in vhost.get("domains", ())
+            and any("envoy.filters.http.local_ratelimit" in r.get("typed_per_filter_config", {})
+                    for r in vhost.get("routes", ()))
+            for vhost in route_config(api, "inbound|")
+        ),
+        "api-admin's own limited virtual host on api's inbound routes",
+    )
+    limited = statuses(await burst(web, "api-admin", 20, path="/admin"))
+    assert set(limited) <= {200, 429} and 5 <= limited[200] <= 10, limited
+    unlimited = statuses(await burst(web, "api", 20, path="/main"))
+    assert unlimited == {200: 20}, unlimited  # the other Service on the same app port
+    assert backend.requests_for("/main") == 20
+
+
 async def test_ring_hash_keeps_each_key_on_one_backend(mesh: MeshHarness) -> None:
     pods = [mesh.pod(NS, f"api-{i}", labels={"app": "api"}) for i in (1, 2, 3)]
     web = mesh.pod(NS, "web-1")
