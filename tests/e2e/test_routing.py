@@ -385,6 +385,7 @@ async def test_request_redirect_is_seen_by_the_client(mesh: MeshHarness) -> None
                  path={"type": "ReplaceFullPath", "replaceFullPath": "/landing"}),
         redirect("/old", path={"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}),
         redirect("/secure", scheme="https", hostname="secure.example.com", statusCode=308),
+        redirect("/scheme", scheme="https"),
         redirect("/elsewhere", hostname="other.example.com", port=8443, statusCode=307),
         {"backendRefs": [backend("web")], "filters": [marker("1")]},
     ]))
@@ -395,6 +396,7 @@ async def test_request_redirect_is_seen_by_the_client(mesh: MeshHarness) -> None
         ("/old/page?x=1", 302, "http://web/new/page?x=1"),  # default 302, request host kept
         ("/old", 302, "http://web/new"),
         ("/secure/login", 308, "https://secure.example.com/secure/login"),  # 443 implied
+        ("/scheme/a", 302, "https://web/scheme/a"),  # the request's host; the default port omitted
         ("/elsewhere/x", 307, "http://other.example.com:8443/elsewhere/x"),
     ]
     served = web.backend.requests_total

@@ -12,6 +12,8 @@ Three layers:
 
 from __future__ import annotations
 
+import re
+
 import http.client
 import json
 import random
@@ -500,10 +502,23 @@ def test_redirects() -> None:
     vh = _case_filters().virtual_hosts[0]
     full = route_named(vh, "rule/1/match/0").redirect
     assert full.path_redirect == "/new" and full.response_code == rc.RedirectAction.MOVED_PERMANENTLY
+    # Gateway API: scheme without port -> the scheme's well-known port, not the request's, and
+    # the default port SHOULD be left out of Location. A request naming no port (or :80) keeps
+    # its host and Envoy writes no port; one naming another port gets :443 explicitly.
     secure = route_named(vh, "rule/2/match/0").redirect
-    # Gateway API: scheme without port -> the scheme's well-known port, not the request's.
-    assert secure.scheme_redirect == "https" and secure.port_redirect == 443
+    assert secure.scheme_redirect == "https" and secure.port_redirect == 0
     assert secure.response_code == rc.RedirectAction.FOUND
+    explicit = route_named(vh, "rule/2/match/0|port")
+    assert explicit.redirect.scheme_redirect == "https" and explicit.redirect.port_redirect == 443
+    [authority] = explicit.match.headers
+    pattern = re.compile(authority.string_match.safe_regex.regex)
+    assert authority.name == ":authority"
+    for host, named_port in [("api:8080", True), ("api:8", True), ("api:800", True), ("api:443", True),
+                             ("api:80", False), ("api", False), ("[fd00::1]", False), ("[fd00::1]:81", True)]:
+        assert bool(pattern.fullmatch(host)) is named_port, host
+    names_in_order = [r.name for r in vh.routes]  # the port-naming variant is checked first
+    assert names_in_order.index(explicit.name) + 1 == names_in_order.index(
+        next(r.name for r in vh.routes if r.name.endswith("rule/2/match/0")))
     elsewhere = route_named(vh, "rule/3/match/0").redirect
     # hostname without port -> the listener (service) port; Envoy drops the request's port.
     assert elsewhere.host_redirect == "web.front" and elsewhere.port_redirect == 8080
@@ -608,7 +623,7 @@ def test_fault_on_every_route_of_the_vhost() -> None:
     pol = policy(fault={"delay": {"percentage": 50, "fixedDelay": "2s"},
                         "abort": {"percentage": 12.5, "httpStatus": 418}})
     vh = vhost([route("r", rule(prefix("/a")), rule(prefix("/b"), redirect=Redirect(scheme="https")))], pol)
-    assert len(vh.routes) == 2
+    assert len(vh.routes) == 3  # the scheme redirect is two routes (see test_redirects)
     for r in vh.routes:
         fault = fault_pb2.HTTPFault()
         assert r.typed_per_filter_config[names.FAULT_FILTER].Unpack(fault)

@@ -363,12 +363,14 @@ def _apply_path_rewrite(
 
 def _redirect_action(redirect: Redirect, match: RouteMatch, listener_port: int) -> rc.RedirectAction:
     """RequestRedirect. Gateway API port rules: no port given -> the well-known port of the
-    redirect scheme when a scheme is given, else the listener (= service) port. Envoy keeps
-    the request's `:port` unless told otherwise, and drops it whenever host_redirect is set,
-    so: with a scheme and no port, port_redirect is the scheme's port (Location then reads
-    `https://api:443/...` when no hostname is given: a SHOULD-level deviation, the port is
-    correct); with a hostname and no scheme/port, port_redirect is the service port; a port
-    that is the scheme's well-known one is left out when a hostname is set."""
+    redirect scheme when a scheme is given, else the listener (= service) port; the default
+    port SHOULD be left out of Location. Envoy keeps the request's `:port` unless told
+    otherwise (dropping an explicit `:80` when the scheme changes) and drops it whenever
+    host_redirect is set, so: with a scheme and neither hostname nor port, no port_redirect
+    (`Host: api` -> `https://api/...`; only a request that named a non-default port keeps it,
+    where the spec's `:443` is implied); with a scheme and a hostname, the scheme's port, left
+    out as the default; with a hostname and no scheme/port, the service port; a port that is
+    the scheme's well-known one is left out when a hostname is set."""
     out = rc.RedirectAction(response_code=_REDIRECT_CODES.get(redirect.status_code, rc.RedirectAction.FOUND))
     scheme = redirect.scheme.lower() if redirect.scheme else None
     if scheme:
@@ -377,7 +379,7 @@ def _redirect_action(redirect: Redirect, match: RouteMatch, listener_port: int) 
         out.host_redirect = redirect.hostname
     port = redirect.port
     if port is None:
-        if scheme:
+        if scheme and redirect.hostname:
             port = _WELL_KNOWN_PORTS.get(scheme)
         elif redirect.hostname:
             port = listener_port
@@ -583,20 +585,38 @@ def _forward(
         action.retry_policy.CopyFrom(retry)
 
 
-def _rule_route(
+# An authority that names a port other than 80 (RE2 has no lookahead): digit strings != "80".
+_NON_DEFAULT_PORT_AUTHORITY = r".+:(?:[0-79][0-9]*|8|8[1-9][0-9]*|80[0-9]+)"
+
+
+def _rule_routes(
     entry: _Entry,
     parent: Service,
     port: ServicePort,
     policy: TrafficPolicySpec | None,
     services: Mapping[ServiceKey, Service],
-) -> rc.Route:
+) -> list[rc.Route]:
     route = rc.Route(name=entry.name, match=_envoy_match(entry.match))
     _apply_header_modifiers(route, entry.rule)
-    if entry.rule.redirect is not None:  # Gateway API: a redirect rule has no backends
-        route.redirect.CopyFrom(_redirect_action(entry.rule.redirect, entry.match, port.port))
-    else:
+    redirect = entry.rule.redirect
+    if redirect is None:
         _forward(route, entry, parent, port, policy, services)
-    return route
+        return [route]
+    # Gateway API: a redirect rule has no backends.
+    route.redirect.CopyFrom(_redirect_action(redirect, entry.match, port.port))
+    scheme = (redirect.scheme or "").lower()
+    if not (scheme in _WELL_KNOWN_PORTS and redirect.hostname is None and redirect.port is None):
+        return [route]
+    # A scheme change keeping the request's host: Location carries no port (the scheme's
+    # default), which Envoy gives when the request named none or :80. A request that named
+    # another port gets the scheme's port explicitly (`https://api:443/`), never its own.
+    explicit = rc.Route()
+    explicit.CopyFrom(route)
+    explicit.name = f"{entry.name}|port"
+    header = explicit.match.headers.add(name=":authority")
+    header.string_match.safe_regex.regex = _NON_DEFAULT_PORT_AUTHORITY
+    explicit.redirect.port_redirect = _WELL_KNOWN_PORTS[scheme]
+    return [explicit, route]
 
 
 def _default_route(service: Service, port: ServicePort, policy: TrafficPolicySpec | None) -> rc.Route:
@@ -643,7 +663,8 @@ def service_virtual_host(
     if not attached:
         vhost.routes.append(_default_route(service, port, policy))
     else:
-        vhost.routes.extend(_rule_route(e, service, port, policy, services) for e in _entries(attached))
+        for e in _entries(attached):
+            vhost.routes.extend(_rule_routes(e, service, port, policy, services))
     if policy is not None and policy.fault is not None and (policy.fault.delay or policy.fault.abort):
         fault = fault_per_route(policy.fault)
         for route in vhost.routes:
