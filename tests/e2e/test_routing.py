@@ -506,6 +506,45 @@ async def test_header_modifiers_seen_by_backend_and_client(mesh: MeshHarness) ->
     assert "x-resp-set" not in r.headers
 
 
+async def test_backend_ref_filters_apply_to_their_backend_only(mesh: MeshHarness) -> None:
+    """backendRefs[].filters (as upstream's backend request header modifier case): each
+    backend's header changes reach only the requests sent to it; the rule's own filters reach
+    all of them."""
+    client = mesh.pod(NS, "client", service_account="client")
+    await asyncio.gather(http_pods(mesh, "front", "v1", "v2"), mesh.sidecar(client))
+
+    def tagged(name: str, **modifier: Any) -> dict[str, Any]:
+        ref = backend(name, weight=1)
+        ref["filters"] = [{"type": "RequestHeaderModifier", "requestHeaderModifier": modifier},
+                          {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                              "set": [{"name": "x-backend", "value": name}]}}]
+        return ref
+
+    mesh.write("route-front.yaml", http_route("front", "front", [{
+        "backendRefs": [
+            tagged("v1", set=[{"name": "x-version", "value": "one"}], remove=["x-drop"]),
+            tagged("v2", add=[{"name": "x-version", "value": "two"}]),
+        ],
+        "filters": [request_tag("all"), marker("1")],
+    }]))
+    await route_applied(mesh, client, "front", "1")
+
+    seen: dict[str, list[dict[str, Any]]] = {"v1": [], "v2": []}
+    for _ in range(40):
+        r = await send(client, "front", "/", headers={"x-drop": "yes"})
+        assert r.status == 200, r.status
+        name = r.json["name"]
+        assert r.headers["x-backend"] == name  # its own response filter
+        seen[name].append(r.json["headers"])
+        if all(len(v) >= 3 for v in seen.values()):
+            break
+    assert all(seen.values()), {k: len(v) for k, v in seen.items()}  # both got traffic
+    for headers in seen["v1"]:
+        assert headers["x-version"] == "one" and "x-drop" not in headers and headers["x-rule"] == "all"
+    for headers in seen["v2"]:
+        assert headers["x-version"] == "two" and headers["x-drop"] == "yes" and headers["x-rule"] == "all"
+
+
 async def test_request_header_add_appends_to_an_existing_value(mesh: MeshHarness) -> None:
     """Gateway API: `add` appends to a header the request already has (`a,b`)."""
     client = mesh.pod(NS, "client", service_account="client")

@@ -79,6 +79,9 @@ class BackendRef:
     service: ServiceKey
     port: int | None = None  # None: the parent's port
     weight: int = 1
+    # backendRefs[].filters: header changes for requests sent to this backend only.
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -455,11 +455,7 @@ def _rule(
         elif isinstance(settings, gateway.URLRewrite):
             found[item.type] = Rewrite(hostname=settings.hostname, path=_path_modifier(settings.path))
         elif isinstance(settings, gateway.HeaderModifier):
-            found[item.type] = HeaderModifier(
-                set=tuple((h.name, h.value) for h in settings.set),
-                add=tuple((h.name, h.value) for h in settings.add),
-                remove=tuple(settings.remove),
-            )
+            found[item.type] = _header_modifier(settings)
     return RouteRule(
         matches=matches,
         backends=tuple(_backend(o, ref, ref.weight) for ref in rule.backend_refs),
@@ -520,8 +516,24 @@ def _redirect(value: gateway.RequestRedirect) -> Redirect:
     )
 
 
+def _header_modifier(settings: gateway.HeaderModifier) -> HeaderModifier:
+    return HeaderModifier(
+        set=tuple((h.name, h.value) for h in settings.set),
+        add=tuple((h.name, h.value) for h in settings.add),
+        remove=tuple(settings.remove),
+    )
+
+
 def _backend(o: _Object, ref: gateway.BackendObjectReference, weight: int = 1) -> BackendRef:
-    return BackendRef(ServiceKey(ref.namespace or o.namespace, ref.name), ref.port, weight)
+    headers: dict[str, HeaderModifier] = {}
+    for item in getattr(ref, "filters", ()):  # a BackendRef's own filters (not a mirror's ref)
+        if isinstance(item.settings, gateway.HeaderModifier):
+            headers[item.type] = _header_modifier(item.settings)
+    return BackendRef(
+        ServiceKey(ref.namespace or o.namespace, ref.name), ref.port, weight,
+        request_headers=headers.get("RequestHeaderModifier"),
+        response_headers=headers.get("ResponseHeaderModifier"),
+    )
 
 
 def _retry(value: gateway.Retry | None) -> Retry | None:

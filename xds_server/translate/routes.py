@@ -553,23 +553,35 @@ def _forward(
     no backendRefs, all weights 0, or no valid backend with weight: every request gets 500.
     """
     rule = entry.rule
-    weights: dict[str, int] = {}
+    # By (cluster, the backendRef's own header filters): refs to one cluster with the same
+    # filters share an entry.
+    weights: dict[tuple[str, HeaderModifier | None, HeaderModifier | None], int] = {}
     invalid = 0
     for ref in rule.backends:
         cluster = _backend_cluster(ref, parent, port.port, services)
         if cluster is None:
             invalid += max(ref.weight, 0)
         else:
-            weights[cluster] = weights.get(cluster, 0) + max(ref.weight, 0)
+            key = (cluster, ref.request_headers, ref.response_headers)
+            weights[key] = weights.get(key, 0) + max(ref.weight, 0)
     if sum(weights.values()) == 0:
         route.direct_response.status = 500
         return
     action = route.route
-    if len(weights) == 1 and not invalid:
-        action.cluster = next(iter(weights))
+    filtered = any(request or response for _, request, response in weights)
+    if len(weights) == 1 and not invalid and not filtered:
+        action.cluster = next(iter(weights))[0]
     else:
-        for cluster, weight in weights.items():
-            action.weighted_clusters.clusters.add(name=cluster).weight.value = weight
+        for (cluster, request, response), weight in weights.items():
+            entry_ = action.weighted_clusters.clusters.add(name=cluster)
+            entry_.weight.value = weight
+            # backendRefs[].filters: applied only to requests sent to this backend.
+            if request is not None:
+                entry_.request_headers_to_add.extend(_headers_to_add(request))
+                entry_.request_headers_to_remove.extend(h for h in request.remove if _modifiable(h))
+            if response is not None:
+                entry_.response_headers_to_add.extend(_headers_to_add(response))
+                entry_.response_headers_to_remove.extend(h for h in response.remove if _modifiable(h))
         if invalid:
             action.weighted_clusters.clusters.add(name=INVALID_BACKEND_CLUSTER).weight.value = invalid
             action.cluster_not_found_response_code = rc.RouteAction.INTERNAL_SERVER_ERROR

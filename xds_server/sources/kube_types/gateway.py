@@ -108,12 +108,18 @@ class BackendObjectReference(KubeModel):
 
 class BackendRef(BackendObjectReference):
     weight: Weight = 1
-    filters: list[Any] = Field(default_factory=list, max_length=16)
+    # backendRefs[].filters: applied only to requests forwarded to this backend (validated
+    # with the filter types below, which are declared later in this module).
+    filters: list[BackendFilter] = Field(default_factory=list, max_length=16)
 
     @model_validator(mode="after")
-    def _no_filters(self) -> BackendRef:
-        if self.filters:
-            raise Invalid("not supported on a backendRef; put filters on the rule", at=("filters",))
+    def _filters_once(self) -> BackendRef:
+        seen: set[str] = set()
+        for i, item in enumerate(self.filters):
+            if item.type in seen:
+                raise Invalid(f"{item.type} may appear only once on a backendRef",
+                              at=("filters", i, "type"))
+            seen.add(item.type)
         return self
 
 
@@ -344,6 +350,13 @@ class GRPCRouteFilter(HTTPRouteFilter):
     )
 
 
+class BackendFilter(HTTPRouteFilter):
+    """A filter on one backendRef. Envoy applies header changes per weighted cluster; a
+    mirror, a redirect or a rewrite acts on the whole route, so those stay on the rule."""
+
+    supported: ClassVar[tuple[str, ...]] = ("RequestHeaderModifier", "ResponseHeaderModifier")
+
+
 def _filter_rules(filters: list[HTTPRouteFilter]) -> None:
     seen: set[str] = set()
     for i, item in enumerate(filters):
@@ -453,3 +466,6 @@ class HTTPRoute(KubeModel):
 class GRPCRoute(KubeModel):
     metadata: ObjectMeta
     spec: GRPCRouteSpec = Field(default_factory=dict, validate_default=True)
+
+
+BackendRef.model_rebuild()  # its filters' type is declared after it
