@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 
 from tests.support.xds_client import (
     XdsClient,
@@ -863,3 +864,30 @@ async def test_rule_12_per_type_service_wildcard_answered_when_empty(server, cac
     await stream.request("")
     response = await stream.recv()
     assert response.type_url == LDS and list(response.resources) == []
+
+
+# Bounds: a REST-style Fetch keeps the same per-request name limit as a stream ------------------
+
+
+@pytest.mark.parametrize("names, status", [(5, grpc.StatusCode.OK), (6, grpc.StatusCode.INVALID_ARGUMENT)])
+async def test_fetch_keeps_the_per_request_name_limit(cache, names, status):
+    server = await start_server(cache, max_names_per_request=5)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            fetch = channel.unary_unary(
+                "/envoy.service.cluster.v3.ClusterDiscoveryService/FetchClusters",
+                request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+            )
+            request = discovery_pb2.DiscoveryRequest(
+                node=base_pb2.Node(id="fetcher"), resource_names=[f"c{i}" for i in range(names)]
+            )
+            try:
+                await fetch(request, timeout=10)
+                got = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as err:
+                got = err.code()
+                assert "limit 5" in (err.details() or "")
+            assert got == status
+    finally:
+        await server.stop(0)

@@ -318,7 +318,8 @@ class XdsServer:
     def _fetch_handler(self, type_url: str) -> FetchBehavior:
         async def fetch(request: discovery_pb2.DiscoveryRequest, context: XdsContext) -> bytes:
             state = new_stream(Variant.SOTW, next(self._ids), fixed_type=type_url,
-                               control_plane=self.settings.control_plane_id)
+                               control_plane=self.settings.control_plane_id,
+                               max_names=self.settings.max_names_per_request)
             try:
                 added = state.on_request(request).added
             except ProtocolError as err:
