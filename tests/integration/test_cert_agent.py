@@ -117,6 +117,12 @@ async def test_unauthenticated_and_invalid_requests(server: SigningServer, tmp_p
         with pytest.raises(aio.AioRpcError) as bad_csr:
             await raw(b'{"csr": "-----BEGIN CERTIFICATE REQUEST-----"}', metadata=metadata)
         assert bad_csr.value.code().name == "INVALID_ARGUMENT"
+        # Hostile TTLs: refused as the caller's mistake (no INTERNAL, no traceback in the log).
+        for ttl in (b"1e20", b"-5", b"0", b"1e400", b"86401"):
+            with pytest.raises(aio.AioRpcError) as bad_ttl:
+                await raw(b'{"csr": "x", "ttl_seconds": ' + ttl + b"}", metadata=metadata)
+            assert bad_ttl.value.code().name == "INVALID_ARGUMENT", ttl
+            assert "ttl_seconds" in (bad_ttl.value.details() or ""), ttl
     finally:
         await channel.close()
 

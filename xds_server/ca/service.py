@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -99,6 +100,11 @@ class CertificateService:
             if ttl_seconds is not None:
                 if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
                     raise ValueError("'ttl_seconds' must be a number")
+                if not math.isfinite(ttl_seconds) or ttl_seconds <= 0:
+                    raise ValueError("'ttl_seconds' must be a positive, finite number of seconds")
+                limit = self.issuer.max_ttl.total_seconds()
+                if ttl_seconds > limit:  # (also keeps timedelta from overflowing)
+                    raise ValueError(f"'ttl_seconds' {ttl_seconds:g} exceeds the maximum {limit:g}")
                 ttl = timedelta(seconds=ttl_seconds)
             issued = self.issuer.sign_csr(csr, identity, ttl=ttl, proxy=peer)
         except (ValueError, IssueError) as err:
