@@ -105,10 +105,26 @@ class RunningApp:
 
 async def start_app(config: AppConfig) -> RunningApp:
     """Load the sources, start watching them and start the xDS server; return at once."""
+    host, _ = parse_address(config.server.address, "--xds-address")
+    admin_socket = None
+    if config.admin is not None:
+        from .admin.server import bind_admin
+
+        # Taken before anything starts: a busy admin port stops the start-up here, not after
+        # the xDS server has accepted streams it would then cut.
+        admin_socket = bind_admin(config.admin.address)
+    try:
+        return await _start(config, host, admin_socket)
+    except BaseException:
+        if admin_socket is not None:
+            admin_socket.close()
+        raise
+
+
+async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
     from .sources.resource_files import ResourceDirectory  # imports every Envoy proto: lazily
     from .translate.raw import RawResources
 
-    host, _ = parse_address(config.server.address, "--xds-address")
     if not is_loopback(host):
         log.warning(
             "xDS listening beyond loopback without TLS: only do this on a trusted network",
@@ -189,7 +205,7 @@ async def start_app(config: AppConfig) -> RunningApp:
         from .admin.server import start_admin
 
         try:
-            running.admin = await start_admin(running, config.admin)
+            running.admin = await start_admin(running, config.admin, sock=admin_socket)
         except BaseException:
             await running.close(0)
             raise

@@ -147,3 +147,39 @@ async def test_serves_example_resources_and_survives_bad_files(served: ServeProc
         code, details = await ads.closed_with(timeout=10)
         assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
         assert await served.stop() == 0
+
+
+async def test_a_taken_admin_port_stops_the_start_before_xds_listens(tmp_path: Path) -> None:
+    """The admin port is bound before anything else starts: a busy one ends `serve` with a
+    clear message and exit code, and the xDS port never accepts a stream it would then cut."""
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    xds_port = free_port()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "xds_server.cli", "--log-format", "json", "serve", "--auth", "none",
+            "--xds-address", f"127.0.0.1:{xds_port}",
+            "--admin-address", f"127.0.0.1:{busy.getsockname()[1]}",
+            stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        busy.close()
+    text = stderr.decode()
+    assert proc.returncode not in (0, None), text
+    assert "cannot listen on" in text and "--admin-address" in text, text
+    assert "Traceback" not in text, text
+    assert not any(line.get("msg") == "xDS server listening" for line in _json_lines(text)), text
+
+
+def _json_lines(text: str) -> list[dict]:
+    lines = []
+    for raw in text.splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            continue
+    return lines

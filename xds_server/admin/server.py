@@ -41,7 +41,9 @@ class _Uvicorn(uvicorn.Server):
         yield  # the process's signals belong to `serve`, which closes us
 
 
-def _bind(address: str) -> socket.socket:
+def bind_admin(address: str) -> socket.socket:
+    """The admin API's listening socket (bound early, so a taken port fails the start-up
+    before the xDS server accepts any stream). Raises OSError naming the flag."""
     host, port = parse_address(address, "--admin-address")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -83,12 +85,12 @@ class AdminServer:
         scheme = "https" if self._ssl_context is not None else "http"
         return f"{scheme}://{self.address}"
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
         # uvicorn's own start/stop chatter ("Started server process") is not an event of ours.
         for name in ("uvicorn", "uvicorn.error"):
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.WARNING)
-        sock = _bind(self.settings.address)
+        sock = sock or bind_admin(self.settings.address)
         self.host, self.port = sock.getsockname()[:2]
         factory = None
         if self._ssl_context is not None:
@@ -228,7 +230,8 @@ def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = Non
 
 
 async def start_admin(running: Any, settings: AdminSettings,
-                      environ: Mapping[str, str] | None = None) -> AdminServer:
+                      environ: Mapping[str, str] | None = None,
+                      sock: socket.socket | None = None) -> AdminServer:
     """Start the admin API for a running server (see app.py `start_app`)."""
     tokens = TokenStore.load(settings.tokens_file, environ)
     host, _ = parse_address(settings.address, "--admin-address")
@@ -251,7 +254,7 @@ async def start_admin(running: Any, settings: AdminSettings,
         ssl_context, issued = await asyncio.to_thread(mtls_context, ctx.authority, issuer, settings)
     admin = AdminServer(ctx, settings, ssl_context)
     try:
-        await admin.start()
+        await admin.start(sock)
     except BaseException:
         ctx.metrics.close()
         raise
