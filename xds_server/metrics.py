@@ -260,6 +260,11 @@ class Metrics:
         """Read the xDS stream guard's authentication failures (xds/auth.py `StreamGuard`)."""
         self._live.guard = guard
 
+    def attach_refusals(self, surface: str, counts: Any) -> None:
+        """Read another refusal counter (a `Counter` by reason) under `surface`: the SDS
+        glue's refused secret requests (`sds`), the CSR service's refused requests (`ca`)."""
+        self._live.refusals[surface] = counts
+
     def attach_cache(self, cache: Any) -> None:
         def on_change(change: Any) -> None:
             self.resource_changes.labels(type_label(change.type_url)).inc(
@@ -338,6 +343,7 @@ class _LiveCollector(Collector):
         self.auth_failures = auth_failures
         self.server: Any = None
         self.guard: Any = None
+        self.refusals: dict[str, Any] = {}  # surface -> Counter by reason
         self.sources: Mapping[str, Any] = {}
         self.authority: Any = None
         self.registry: Any = None
@@ -384,12 +390,16 @@ class _LiveCollector(Collector):
 
         failures = CounterMetricFamily(
             f"{ns}_auth_failures", "Requests refused for authentication or authorization, by "
-            "surface (admin: the admin API; xds: xDS streams) and reason.",
+            "surface (admin: the admin API; xds: xDS streams; sds: secret requests for another "
+            "identity or without a proven one; ca: CSR requests) and reason.",
             labels=["surface", "reason"])
         counts = collections.Counter(self.auth_failures)
         stats = getattr(self.guard, "stats", None)
         for reason, count in dict(getattr(stats, "auth_failures", None) or {}).items():
             counts[("xds", str(reason))] += count
+        for surface, refused in self.refusals.items():
+            for reason, count in dict(refused).items():
+                counts[(surface, str(reason))] += count
         for (surface, reason), count in sorted(counts.items()):
             failures.add_metric([surface, reason], count)
         yield failures

@@ -123,6 +123,9 @@ async def test_unauthenticated_and_invalid_requests(server: SigningServer, tmp_p
                 await raw(b'{"csr": "x", "ttl_seconds": ' + ttl + b"}", metadata=metadata)
             assert bad_ttl.value.code().name == "INVALID_ARGUMENT", ttl
             assert "ttl_seconds" in (bad_ttl.value.details() or ""), ttl
+        # Every refusal is counted (the metrics read these: surface "ca").
+        assert server.service.failures["unauthenticated"] >= 3
+        assert server.service.failures["invalid-request"] >= 7
     finally:
         await channel.close()
 

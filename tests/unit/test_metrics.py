@@ -272,3 +272,18 @@ def test_xds_stream_auth_failures_are_read_from_the_stream_guard() -> None:
                   reason="unknown_token") == 1
     metrics.close()
     assert len(server.hooks) == 0
+
+
+def test_sds_and_csr_refusals_are_counted_by_surface_and_reason() -> None:
+    import collections
+
+    metrics = Metrics()
+    sds_refused = collections.Counter({"other-identity": 3})
+    csr_failures = collections.Counter({"unauthenticated": 2, "invalid-request": 1})
+    metrics.attach_refusals("sds", sds_refused)
+    metrics.attach_refusals("ca", csr_failures)
+    assert sample(metrics, "xds_server_auth_failures_total", surface="sds", reason="other-identity") == 3
+    assert sample(metrics, "xds_server_auth_failures_total", surface="ca", reason="unauthenticated") == 2
+    csr_failures["unauthenticated"] += 1  # read live at every scrape
+    assert sample(metrics, "xds_server_auth_failures_total", surface="ca", reason="unauthenticated") == 3
+    metrics.close()

@@ -215,6 +215,12 @@ def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = Non
     guard = getattr(ca, "guard", None)
     if guard is not None:
         metrics.attach_guard(guard)
+    sds = getattr(ca, "sds", None)
+    if sds is not None:
+        metrics.attach_refusals("sds", sds.stats.refused)
+    csr_service = getattr(ca, "csr_service", None)
+    if csr_service is not None:
+        metrics.attach_refusals("ca", csr_service.failures)
     metrics.attach_cache(running.cache)
     if running.store is not None:
         metrics.attach_store(running.store)

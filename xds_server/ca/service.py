@@ -22,6 +22,7 @@ import inspect
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -68,6 +69,8 @@ class CertificateService:
     def __init__(self, issuer: SvidIssuer, authenticator: Authenticator) -> None:
         self.issuer = issuer
         self.authenticator = authenticator
+        # Refused requests by reason, for the metrics (`xds_server_auth_failures{surface="ca"}`).
+        self.failures: Counter[str] = Counter()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
@@ -87,8 +90,10 @@ class CertificateService:
             identity = await authenticate(self.authenticator, context.invocation_metadata())
         except AuthError as err:
             log.warning("CSR rejected: not authenticated: %s", err.reason, extra={"peer": peer})
+            self.failures["unauthenticated"] += 1
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, err.reason)
         if len(request) > MAX_REQUEST_BYTES:
+            self.failures["too-large"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request too large")
         try:
             message = decode_json(request)
@@ -109,6 +114,7 @@ class CertificateService:
             issued = self.issuer.sign_csr(csr, identity, ttl=ttl, proxy=peer)
         except (ValueError, IssueError) as err:
             log.warning("CSR rejected: %s", err, extra={"peer": peer, "identity": str(identity)})
+            self.failures["invalid-request"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Exception:
             log.exception("CSR signing failed", extra={"peer": peer})
