@@ -291,7 +291,9 @@ async def test_serve_enforces_tokens_and_never_logs_them(tmp_path: Path) -> None
                 assert metric(samples, "xds_server_source_errors", source="resources") == 0
                 spec = (await http.get("/openapi.json")).json()
                 assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
-                assert (await http.get("/docs")).status_code == 200
+                # Interactive docs load scripts from public CDNs: off unless --admin-docs.
+                assert (await http.get("/docs")).status_code == 404
+                assert (await http.get("/redoc")).status_code == 404
 
                 reads = [p for p, item in spec["paths"].items() if "get" in item and p.startswith("/api/")]
                 writes = [p for p, item in spec["paths"].items() if "post" in item]
@@ -656,3 +658,16 @@ async def test_readyz_reports_each_check() -> None:
         await stack.server.stop(0)
         r = await http.get("/readyz")
         assert r.status_code == 503 and not r.json()["checks"]["xds"]["ok"]
+
+
+async def test_interactive_docs_are_served_only_when_asked_for() -> None:
+    """--admin-docs: /docs and /redoc (their pages load CDN scripts); /openapi.json always."""
+    for docs, status in ((False, 404), (True, 200)):
+        stack = await AdminStack(docs=docs).start()
+        try:
+            async with stack.client(token=None) as http:
+                assert (await http.get("/docs")).status_code == status
+                assert (await http.get("/redoc")).status_code == status
+                assert (await http.get("/openapi.json")).status_code == 200
+        finally:
+            await stack.close()

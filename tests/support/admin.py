@@ -59,7 +59,7 @@ class AdminStack:
     def __init__(self, *, cache: ResourceCache | None = None, server: XdsServer | None = None,
                  store: Any = None, sources: dict | None = None, ca: CA | None = None,
                  settings: ServerSettings | None = None, tokens: Tokens | None = None,
-                 mtls: bool = False) -> None:
+                 mtls: bool = False, docs: bool = False) -> None:
         self.cache = cache if cache is not None else ResourceCache()
         self.server = server or XdsServer(
             self.cache, settings or ServerSettings(address="127.0.0.1:0", debounce_quiet=0))
@@ -68,6 +68,7 @@ class AdminStack:
         self.ca = ca
         self.tokens = tokens or Tokens()
         self.mtls = mtls
+        self.docs = docs
         self.admin: AdminServer | None = None
 
     async def start(self) -> AdminStack:
@@ -78,7 +79,7 @@ class AdminStack:
         running = types.SimpleNamespace(server=self.server, cache=self.cache, store=self.store,
                                         sources=self.sources, ca=self.ca)
         ctx = context_from(running, self.tokens.store())
-        settings = AdminSettings(address="127.0.0.1:0", mtls=self.mtls)
+        settings = AdminSettings(address="127.0.0.1:0", mtls=self.mtls, docs=self.docs)
         ssl_context = None
         if self.mtls:
             assert self.ca is not None

@@ -114,7 +114,7 @@ NON_DEFAULT = {
     "ca.rotation_startup_grace": "1m", "ca.watch_ca_files": False,
     "mesh.mtls_mode": "strict", "mesh.root_namespace": "mesh-root", "mesh.default_deny": True,
     "admin.address": "127.0.0.1:25014", "admin.tokens_file": "{kubeconfig}",
-    "admin.mtls": True, "admin.identity_namespace": "ops",
+    "admin.mtls": True, "admin.docs": True, "admin.identity_namespace": "ops",
     "admin.identity_service_account": "xds-admin",
 }
 # Fields decided by the app, not by an operator: mTLS is on exactly when certificates can be

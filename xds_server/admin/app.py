@@ -4,7 +4,7 @@
 loop. Handlers read the live state (connections, cache, store, CA) and never keep a copy.
 
 Access:
-  * `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, `/docs`: no token (probes, scrapers and
+  * `/healthz`, `/readyz`, `/metrics`, `/openapi.json` (and `/docs` with --admin-docs): no token (probes, scrapers and
     documentation; nothing there is secret or per-proxy).
   * every `/api/v1/...` GET needs a token with the read role; every write the admin role.
 Errors are JSON, `{"error": ..., "fields": [{"field", "location", "message"}]}`: 401 without
@@ -164,7 +164,7 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
     return problems
 
 
-def create_app(ctx: AdminContext) -> FastAPI:
+def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
     from .routes import ca, debug, health, mesh, proxies
 
     app = FastAPI(
@@ -180,8 +180,8 @@ def create_app(ctx: AdminContext) -> FastAPI:
             "open."
         ),
         dependencies=[Depends(known_query_only)],
-        docs_url="/docs",
-        redoc_url="/redoc",
+        docs_url="/docs" if docs else None,  # (--admin-docs: the pages load CDN scripts)
+        redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json",
     )
     app.state.context = ctx

@@ -63,7 +63,7 @@ class AdminServer:
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.context = context
         self.settings = settings
-        self.app = create_app(context)
+        self.app = create_app(context, docs=settings.docs)
         self._ssl_context = ssl_context
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task | None = None

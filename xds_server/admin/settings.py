@@ -13,6 +13,10 @@ class AdminSettings:
     address: str = DEFAULT_ADDRESS
     tokens_file: Path | None = None
     mtls: bool = False  # require client certificates from the mesh CA
+    # Interactive docs (/docs, /redoc): their pages load Swagger UI and ReDoc from public
+    # CDNs, which breaks offline and tells third parties who opens them. Off by default;
+    # /openapi.json is always served.
+    docs: bool = False
     # The admin server's own identity when it serves mTLS (a SPIFFE ID under the trust domain).
     identity_namespace: str = "xds-system"
     identity_service_account: str = "xds-server"

@@ -238,6 +238,10 @@ class AdminSection(Section):
     mtls: bool = setting(
         False, "--admin-mtls",
         "Serve the admin API over TLS, requiring client certificates from the mesh CA.")
+    docs: bool = setting(
+        False, "--admin-docs",
+        "Serve interactive API docs at /docs and /redoc (their pages load Swagger UI and ReDoc "
+        "from public CDNs); /openapi.json is always served.")
     identity_namespace: str = setting(
         _ADMIN.identity_namespace, "--admin-identity-namespace",
         "Namespace in the admin server's own SPIFFE ID (its --admin-mtls certificate).")

@@ -130,7 +130,8 @@ class ServeSettings(BaseSettings):
         if self.admin.address is not None:
             admin = AdminSettings(
                 address=self.admin.address, tokens_file=self.admin.tokens_file,
-                mtls=self.admin.mtls, identity_namespace=self.admin.identity_namespace,
+                mtls=self.admin.mtls, docs=self.admin.docs,
+                identity_namespace=self.admin.identity_namespace,
                 identity_service_account=self.admin.identity_service_account,
             )
         mesh = SecuritySettings(default_mode=self.mesh.mtls_mode,
