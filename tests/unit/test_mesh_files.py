@@ -22,6 +22,7 @@ from xds_server.model.store import (
     MeshStore,
 )
 from xds_server.sources.k8s_objects import convert
+from xds_server.sources.reading import MAX_FILE_BYTES
 from xds_server.sources.mesh_files import MeshDirectory, MeshError
 from xds_server.sources.validate import format_errors, has_errors, validate_directory
 
@@ -442,3 +443,23 @@ def test_every_kind_is_known_to_the_store() -> None:
     # The files source relies on the store's kinds being the kinds users write.
     assert {"Namespace", "Service", "EndpointSlice", "Pod", "HTTPRoute", "GRPCRoute",
             "TrafficPolicy", "MTLSPolicy", "AuthorizationPolicy"} == set(KINDS)
+
+
+def test_links_out_of_the_directory_and_oversized_files_are_reported_not_read(tmp_path: Path) -> None:
+    source, outside = tmp_path / "mesh", tmp_path / "elsewhere"
+    write(source / "a.yaml", service("a"))
+    write(outside / "secret.yaml", service("stolen"))
+    (source / "link.yaml").symlink_to(outside / "secret.yaml")
+    # A ConfigMap mount's links stay inside the directory: read as usual.
+    write(source / "..2024_01" / "b.yaml", service("b"))
+    (source / "..data").symlink_to(source / "..2024_01")
+    (source / "b.yaml").symlink_to(source / "..data" / "b.yaml")
+    huge = source / "huge.yaml"
+    with huge.open("wb") as handle:  # sparse: no disk used, but larger than the limit
+        handle.truncate(MAX_FILE_BYTES + 1)
+    store = MeshStore()
+    errors = MeshDirectory(source, store).load()
+    assert names(store, SERVICE) == {"a", "b"}
+    by_file = {e.file: e.message for e in errors}
+    assert "out of the source directory" in by_file["link.yaml"]
+    assert "limit" in by_file["huge.yaml"]

@@ -20,6 +20,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from xds_server.sources.resource_files import ResourceDirectory, ResourceError, load_file
+from xds_server.sources.reading import MAX_FILE_BYTES
 from xds_server.translate.raw import RawResources
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -169,6 +170,19 @@ def test_hidden_and_temporary_files_are_ignored(tmp_path: Path) -> None:
     cache = ResourceCache()
     assert ResourceDirectory(tmp_path, RawResources(cache)).load() == []
     assert set(cache.resources(CLUSTER)) == {"a"}
+
+
+def test_links_out_of_the_directory_and_oversized_files_are_refused(tmp_path: Path) -> None:
+    source = tmp_path / "resources"
+    write_yaml(source / "a.yaml", cluster("a"))
+    write_yaml(tmp_path / "outside.yaml", cluster("stolen"))
+    (source / "link.yaml").symlink_to(tmp_path / "outside.yaml")
+    with (source / "huge.yaml").open("wb") as handle:  # sparse
+        handle.truncate(MAX_FILE_BYTES + 1)
+    cache = ResourceCache()
+    errors = {e.file: e.message for e in ResourceDirectory(source, RawResources(cache)).load()}
+    assert set(cache.resources(CLUSTER)) == {"a"}
+    assert "out of the source directory" in errors["link.yaml"] and "limit" in errors["huge.yaml"]
 
 
 # Errors ---------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .reading import Refused, read_bounded
 from .watch import ChangedPaths, watch_changes
 from ..model.store import KINDS, MeshObject, MeshStore, ObjectChange, ObjectKey, key_of
 from .k8s_objects import ObjectError, convert
@@ -324,13 +325,19 @@ def digest_of(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def read_file(path: Path, display: str, known: str | None = None) -> ParsedFile | None:
+def read_file(
+    path: Path, display: str, known: str | None = None, *, root: Path | None = None
+) -> ParsedFile | None:
     """Parse one file (errors name it `display`); None when its content digest is still
-    `known`. Raises FileNotFoundError if the file is gone."""
+    `known`. A file past the size limit or a link out of `root` (the source directory) is
+    reported and not read (sources/reading.py).
+    Raises FileNotFoundError if the file is gone."""
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(path, root)
     except FileNotFoundError:
         raise
+    except Refused as e:
+        return _failed(None, MeshError(file=display, message=str(e)))
     except OSError as e:
         return _failed(None, MeshError(file=display, message=f"cannot read: {e.strerror or e}"))
     digest = digest_of(raw)
@@ -411,7 +418,7 @@ class MeshDirectory:
                 if not path.is_file():
                     raise FileNotFoundError(file)
                 self.reads[file] += 1
-                scan.parsed[file] = read_file(path, file, known.get(file))
+                scan.parsed[file] = read_file(path, file, known.get(file), root=self.directory)
             except FileNotFoundError:  # deleted (or deleted while scanning): gone
                 scan.gone.add(file)
         return scan

@@ -29,6 +29,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from ..protos import import_all, registered_class
+from .reading import Refused, read_bounded
 from .watch import watch_directory
 
 log = logging.getLogger(__name__)
@@ -360,8 +361,11 @@ class ResourceDirectory:
                 continue
             file = relative.as_posix()
             try:
-                raw = path.read_bytes()
+                raw = read_bounded(path, self.directory)
             except FileNotFoundError:  # deleted while scanning: gone
+                continue
+            except Refused as e:
+                result[path] = (None, [], [ResourceError(file=file, message=str(e))])
                 continue
             except OSError as e:
                 result[path] = (None, [], [ResourceError(file=file, message=f"cannot read: {e}")])
