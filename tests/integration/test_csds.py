@@ -398,6 +398,12 @@ async def test_csds_redacts_sensitive_fields_and_matches_metadata() -> None:
             with pytest.raises(grpc.RpcError) as err:
                 await asyncio.to_thread(ids, bad)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # RE2, as Envoy (linear time, no backtracking): no backreferences, which Python's
+            # engine would accept.
+            backref = node_pb2.NodeMatcher(node_id={"safe_regex": {"regex": "(a)\\1"}})
+            with pytest.raises(grpc.RpcError) as err:
+                await asyncio.to_thread(ids, backref)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await server.stop(0)
 

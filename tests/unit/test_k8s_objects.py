@@ -574,6 +574,8 @@ ROUTE_RULE = "spec/rules/0"
         (HTTP_ROUTE, f"{ROUTE_RULE}/matches/0/path/type", "Prefix", "spec.rules[0].matches[0].path.type", "not one of"),
         (HTTP_ROUTE, f"{ROUTE_RULE}/matches/0/path/value", "v1", "spec.rules[0].matches[0].path.value", "start with '/'"),
         (HTTP_ROUTE, f"{ROUTE_RULE}/matches/1/path/value", "(", "spec.rules[0].matches[1].path.value", "regular expression"),
+        # Python's engine accepts lookarounds and backreferences; RE2 (Envoy's) does not.
+        (HTTP_ROUTE, f"{ROUTE_RULE}/matches/1/path/value", "/a(?=b)", "spec.rules[0].matches[1].path.value", "RE2"),
         (HTTP_ROUTE, f"{ROUTE_RULE}/matches/0/method", "FETCH", "spec.rules[0].matches[0].method", "not one of"),
         (HTTP_ROUTE, f"{ROUTE_RULE}/matches/0/headers/0/name", "x user", "spec.rules[0].matches[0].headers[0].name", "header name"),
         (HTTP_ROUTE, f"{ROUTE_RULE}/matches/0/headers/1/value", "[", "spec.rules[0].matches[0].headers[1].value", "regular expression"),

@@ -16,7 +16,6 @@ next to the code that makes them.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
+from ..regex import re2_error
 from ..model.mesh import AppProtocol, Service, ServiceKey, ServicePort
 from ..model.policy import LocalRateLimit, Retries, TrafficPolicySpec
 from ..model.routes import (
@@ -162,24 +162,11 @@ def _regex_escape(text: str) -> str:
     return re.sub(r"([\\.+*?()|\[\]{}^$])", r"\\\1", text)
 
 
-# RE2 has no lookaround and no backreferences; Python's `re` accepts both.
-_NOT_RE2 = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=")
-
-
 def _valid_regex(pattern: str) -> bool:
-    """Best-effort RE2 check: one bad regex makes Envoy reject the whole route configuration,
-    so a match whose regex is certainly invalid is dropped instead (sources should validate
-    first; this is the last line of defence). Python's `re` stands in for RE2: constructs RE2
-    lacks are refused, and escapes only RE2 knows (`\\z`, `\\Q..\\E`, `\\pN`) are left to Envoy."""
-    if _NOT_RE2.search(pattern):
-        return False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            re.compile(pattern)
-    except re.error as exc:
-        return str(exc).startswith("bad escape")
-    return True
+    """One bad regex makes Envoy reject the whole route configuration, so a match whose
+    regex RE2 rejects is dropped instead (sources validate first; this is the last line of
+    defence)."""
+    return re2_error(pattern) is None
 
 
 def _usable(match: RouteMatch) -> bool:

@@ -42,6 +42,7 @@ from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from envoy.type.matcher.v3 import node_pb2, string_pb2, struct_pb2 as struct_matcher_pb2, value_pb2
 
 from .. import redaction
+from ..regex import RegexError, compile_re2
 from . import types
 from .resource import Resource
 from .stream import TypeState, Variant
@@ -110,9 +111,9 @@ def _string_matcher(matcher: string_pb2.StringMatcher) -> Callable[[str], bool]:
         test = tests[kind]
         return (lambda s: test(s.lower())) if fold else test
     if kind == "safe_regex":
-        try:  # RE2 syntax; the common subset means the same in Python's `re`
-            regex = re.compile(matcher.safe_regex.regex)
-        except re.error as err:
+        try:  # RE2, as Envoy: linear time, so a caller's pattern cannot stall the server
+            regex = compile_re2(matcher.safe_regex.regex)
+        except RegexError as err:
             raise MatcherError(f"invalid regex {matcher.safe_regex.regex!r}: {err}") from None
         return lambda s: regex.fullmatch(s) is not None
     if kind is None:

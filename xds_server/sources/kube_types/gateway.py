@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, PlainValidator, StrictInt, StrictStr, model_validator
 
 from ...api.v1alpha1 import parse_duration
+from ...regex import re2_error
 from .base import Invalid, KubeModel, Port, RequiredText, check, in_range, max_length
 from .meta import ObjectMeta
 
@@ -50,14 +51,12 @@ def _section_name(value: str) -> None:
 
 
 def regex(value: str) -> None:
-    # Envoy uses RE2; Python's engine accepts nearly all of RE2's syntax, so a pattern Python
-    # rejects would almost surely be NACKed by every proxy.
+    # Envoy uses RE2: a pattern RE2 rejects would be NACKed by every proxy.
     if not value:
         raise Invalid("required")
-    try:
-        re.compile(value)
-    except re.error as e:
-        raise Invalid(f"invalid regular expression {value!r}: {e}") from None
+    problem = re2_error(value)
+    if problem is not None:
+        raise Invalid(f"invalid regular expression {value!r} (RE2 syntax): {problem}")
 
 
 def _duration(value: Any) -> float:
