@@ -679,3 +679,24 @@ async def test_rule_17_wildcard_never_reports_unknown_names(server, cache, clien
     cache.update(CDS, [cluster("a")])
     cache.update(CDS, remove=["a"])  # same flush: a never existed for this client
     await ads.expect_silence()
+
+
+# Bounds: the names one stream subscribes to, over all types ---------------------------------------
+
+
+async def test_a_stream_cannot_subscribe_past_its_total_name_limit(cache):
+    """Each request is under the per-request limit, but the stream keeps adding names: past
+    --max-names-per-stream it ends with INVALID_ARGUMENT instead of growing without bound."""
+    server = await start_server(cache, max_names_per_request=8, max_names_per_stream=10)
+    try:
+        async with XdsClient(server.address) as client:
+            ads = client.ads_delta()
+            await ads.request(CDS, [f"c{i}" for i in range(6)])
+            await ads.request(EDS, [f"e{i}" for i in range(4)])  # 10: at the limit
+            await ads.request(CDS, unsubscribe=["c0"], subscribe=["c6"])  # still 10
+            await eventually(lambda: sum(len(t.names) for t in connection(server).state.types.values()) == 10)
+            await ads.request(EDS, ["e4"])  # 11
+            code, details = await ads.closed_with()
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit 10" in details
+    finally:
+        await server.stop(0)

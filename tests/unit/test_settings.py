@@ -90,7 +90,7 @@ NON_DEFAULT = {
     "xds.address": "127.0.0.1:25010", "xds.debounce_quiet": "50ms", "xds.debounce_max": "2s",
     "xds.max_concurrent_pushes": "10", "xds.slow_write_seconds": "3s",
     "xds.max_concurrent_streams": "16", "xds.max_pending_streams": "100",
-    "xds.max_names_per_request": "50", "xds.max_send_message_bytes": "1000000",
+    "xds.max_names_per_request": "50", "xds.max_names_per_stream": "70", "xds.max_send_message_bytes": "1000000",
     "xds.max_receive_message_bytes": "2000000", "xds.keepalive_time": "1m",
     "xds.keepalive_timeout": "20s", "xds.min_client_ping_interval": "5s",
     "xds.shutdown_grace": "1s", "xds.control_plane_id": "cp-1",

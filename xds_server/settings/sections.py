@@ -59,6 +59,10 @@ class XdsSection(Section):
     max_names_per_request: int = setting(_SERVER.max_names_per_request,
                                          "--max-names-per-request",
                                          "Resource names one request may hold.", ge=1)
+    max_names_per_stream: int = setting(_SERVER.max_names_per_stream,
+                                        "--max-names-per-stream",
+                                        "Resource names one stream may subscribe to at once "
+                                        "(all types).", ge=1)
     max_send_message_bytes: int = setting(_SERVER.max_send_message_bytes, "--max-message-bytes",
                                           "Largest response sent.", ge=1)
     max_receive_message_bytes: int = setting(_SERVER.max_receive_message_bytes,

@@ -106,7 +106,8 @@ class ServeSettings(BaseSettings):
             max_send_message_bytes=x.max_send_message_bytes,
             max_concurrent_streams=x.max_concurrent_streams,
             max_pending_streams=x.max_pending_streams,
-            max_names_per_request=x.max_names_per_request, shutdown_grace=x.shutdown_grace,
+            max_names_per_request=x.max_names_per_request,
+            max_names_per_stream=x.max_names_per_stream, shutdown_grace=x.shutdown_grace,
         )
         if x.control_plane_id:
             server.control_plane_id = x.control_plane_id

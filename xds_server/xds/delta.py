@@ -76,6 +76,7 @@ class DeltaStream(StreamState):
         unsubscribe.discard(WILDCARD)
         added = subscribe - state.names
         dropped = (unsubscribe - subscribe) & state.names
+        self._check_subscriptions(state, len(added), len(dropped))
         state.names |= added
         state.names -= dropped
         for name in dropped:

@@ -68,6 +68,7 @@ class ServerSettings:
     max_concurrent_streams: int = 1024  # per HTTP/2 connection
     max_pending_streams: int = 50_000  # stream opens queued at once (bursts of reconnects)
     max_names_per_request: int = 20_000
+    max_names_per_stream: int = 100_000  # subscribed at once, over all types of one stream
     shutdown_grace: float = 5.0
     control_plane_id: str = field(default_factory=lambda: f"xds-server@{socket.gethostname()}")
 
@@ -376,6 +377,7 @@ class XdsServer:
             fixed_type=fixed_type,
             control_plane=self.settings.control_plane_id,
             max_names=self.settings.max_names_per_request,
+            max_stream_names=self.settings.max_names_per_stream,
         )
         conn = Connection(state, context.peer(), method)
         conn.metadata = tuple(context.invocation_metadata() or ())

@@ -74,9 +74,10 @@ class SotwStream(StreamState):
         else:
             wildcard = False
             state.legacy_wildcard = False
-        state.seen_request = True
         added = requested - state.names
         dropped = state.names - requested
+        self._check_subscriptions(state, len(added), len(dropped))
+        state.seen_request = True
         wildcard_turned_on = wildcard and not state.wildcard
         if wildcard_turned_on:
             state.must_reply = True  # rule 12: answered even when there is nothing to send

@@ -154,6 +154,7 @@ class StreamState(ABC):
         fixed_type: str | None = None,
         control_plane: str = "xds-server",
         max_names: int = 100_000,
+        max_stream_names: int = 100_000,
     ) -> None:
         self.id = stream_id
         self.fixed_type = fixed_type
@@ -166,6 +167,7 @@ class StreamState(ABC):
         # Encoded once per stream and appended to every response (protobuf merges fields).
         self._plane = self._encode_plane(base_pb2.ControlPlane(identifier=control_plane))
         self._max_names = max_names
+        self._max_stream_names = max_stream_names
 
     @staticmethod
     @abstractmethod
@@ -209,6 +211,15 @@ class StreamState(ABC):
     def _check_names(self, count: int) -> None:
         if count > self._max_names:
             raise ProtocolError(f"{count} resource names in one request (limit {self._max_names})")
+
+    def _check_subscriptions(self, state: TypeState, added: int, dropped: int) -> None:
+        """Names subscribed on the whole stream, with this change: bounded, so one stream
+        cannot grow the server's memory by subscribing a little more with every request."""
+        total = sum(len(t.names) for t in self.types.values()) + added - dropped
+        if total > self._max_stream_names:
+            raise ProtocolError(
+                f"{total} resource names subscribed on one stream (limit {self._max_stream_names})"
+            )
 
     def _settle(self, state: TypeState, nonce: str, version: str, request: Request) -> Ack | None:
         """Record the ACK or NACK of the outstanding response, if this request answers it."""
