@@ -146,6 +146,8 @@ async def test_serves_example_resources_and_survives_bad_files(served: ServeProc
         served.proc.send_signal(signal.SIGTERM)
         code, details = await ads.closed_with(timeout=10)
         assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        # It exits by itself after the streams (a second signal would mean "stop now").
+        assert await asyncio.wait_for(served.proc.wait(), 30) == 0
         assert await served.stop() == 0
 
 

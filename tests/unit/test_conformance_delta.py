@@ -694,9 +694,14 @@ async def test_a_stream_cannot_subscribe_past_its_total_name_limit(cache):
             await ads.request(CDS, [f"c{i}" for i in range(6)])
             await ads.request(EDS, [f"e{i}" for i in range(4)])  # 10: at the limit
             await ads.request(CDS, unsubscribe=["c0"], subscribe=["c6"])  # still 10
-            await eventually(lambda: sum(len(t.names) for t in connection(server).state.types.values()) == 10)
+            await eventually(lambda: subscribed(server) == 10)
             await ads.request(EDS, ["e4"])  # 11
             code, details = await ads.closed_with()
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit 10" in details
     finally:
         await server.stop(0)
+
+
+def subscribed(server: XdsServer) -> int:
+    """Names subscribed on the server's (one) stream so far; 0 before it is registered."""
+    return sum(len(t.names) for c in server.connections for t in c.state.types.values())
