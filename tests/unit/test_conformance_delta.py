@@ -705,3 +705,22 @@ async def test_a_stream_cannot_subscribe_past_its_total_name_limit(cache):
 def subscribed(server: XdsServer) -> int:
     """Names subscribed on the server's (one) stream so far; 0 before it is registered."""
     return sum(len(t.names) for c in server.connections for t in c.state.types.values())
+
+
+async def test_a_stream_that_never_sends_a_request_is_ended(cache):
+    """An unauthenticated peer cannot hold a stream open without saying who it is: no request
+    within --first-request-timeout ends it with DEADLINE_EXCEEDED, and it is counted."""
+    server = await start_server(cache, first_request_timeout=0.3)
+    try:
+        async with XdsClient(server.address) as client:
+            silent = client.ads_delta()
+            talking = client.ads_delta()
+            await talking.request(CDS)
+            await talking.recv()
+            code, details = await silent.closed_with(timeout=10)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no request within" in details
+            assert server.stats.first_request_timeouts == 1
+            await asyncio.sleep(0.5)  # past the deadline: the stream that spoke stays open
+            assert subscribed(server) == 0 and len(server.connections) == 1
+    finally:
+        await server.stop(0)

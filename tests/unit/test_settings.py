@@ -93,7 +93,7 @@ NON_DEFAULT = {
     "xds.max_names_per_request": "50", "xds.max_names_per_stream": "70", "xds.max_send_message_bytes": "1000000",
     "xds.max_receive_message_bytes": "2000000", "xds.keepalive_time": "1m",
     "xds.keepalive_timeout": "20s", "xds.min_client_ping_interval": "5s",
-    "xds.shutdown_grace": "1s", "xds.control_plane_id": "cp-1",
+    "xds.shutdown_grace": "1s", "xds.first_request_timeout": "3s", "xds.control_plane_id": "cp-1",
     "sources.source": "{tmp}", "sources.resources": "{tmp}",
     "scope.default_export_to": ".,shared", "scope.tenant_label": "example.com/tenant",
     "kubernetes.kubeconfig": "{kubeconfig}", "kubernetes.in_cluster": False,

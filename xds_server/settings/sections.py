@@ -78,6 +78,10 @@ class XdsSection(Section):
         "Clients pinging more often are told off (GOAWAY).", ge=0)
     shutdown_grace: Seconds = setting(_SERVER.shutdown_grace, "--shutdown-grace",
                                       "Time to finish in-flight work on SIGTERM.", ge=0)
+    first_request_timeout: Seconds = setting(
+        _SERVER.first_request_timeout, "--first-request-timeout",
+        "A stream that sends no request this long after opening is ended (DEADLINE_EXCEEDED).",
+        gt=0)
     control_plane_id: str | None = setting(
         None, "--control-plane-id",
         "Identifier in every response's control_plane field.",

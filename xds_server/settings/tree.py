@@ -108,6 +108,7 @@ class ServeSettings(BaseSettings):
             max_pending_streams=x.max_pending_streams,
             max_names_per_request=x.max_names_per_request,
             max_names_per_stream=x.max_names_per_stream, shutdown_grace=x.shutdown_grace,
+            first_request_timeout=x.first_request_timeout,
         )
         if x.control_plane_id:
             server.control_plane_id = x.control_plane_id

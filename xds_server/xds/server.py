@@ -69,6 +69,9 @@ class ServerSettings:
     max_pending_streams: int = 50_000  # stream opens queued at once (bursts of reconnects)
     max_names_per_request: int = 20_000
     max_names_per_stream: int = 100_000  # subscribed at once, over all types of one stream
+    # A stream that sends no request this long after opening is ended (DEADLINE_EXCEEDED):
+    # an unauthenticated peer cannot hold streams open forever without saying who it is.
+    first_request_timeout: float = 10.0
     shutdown_grace: float = 5.0
     control_plane_id: str = field(default_factory=lambda: f"xds-server@{socket.gethostname()}")
 
@@ -121,6 +124,7 @@ class ServerStats:
     protocol_errors: int = 0
     flushes: int = 0
     slow_writes: int = 0  # writes that outlived slow_write_seconds
+    first_request_timeouts: int = 0  # streams ended for sending no request in time
 
 
 class XdsServer:
@@ -384,9 +388,13 @@ class XdsServer:
         self.connections.add(conn)
         self.stats.streams_opened += 1
         reader = asyncio.create_task(self._read(conn, requests))
+        overdue = asyncio.get_running_loop().call_later(
+            self.settings.first_request_timeout, self._first_request_overdue, conn
+        )
         try:
             await self._write_loop(conn, context)
         finally:
+            overdue.cancel()
             reader.cancel()
             self._forget(conn)
             self.hooks.closed(conn)
@@ -399,6 +407,18 @@ class XdsServer:
             await context.abort(*conn.error)
         if conn.closing and self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; reconnect")
+
+    def _first_request_overdue(self, conn: Connection) -> None:
+        if conn.state.node is not None or conn.closing:
+            return
+        self.stats.first_request_timeouts += 1
+        log.warning("no first request in time, closing stream",
+                    extra={"peer": conn.peer, "method": conn.method,
+                           "timeout": self.settings.first_request_timeout})
+        conn.error = (grpc.StatusCode.DEADLINE_EXCEEDED,
+                      f"no request within {self.settings.first_request_timeout:g}s of opening the stream")
+        conn.closing = True
+        conn.wake.set()
 
     async def _read(self, conn: Connection, requests: AsyncIterator[Request]) -> None:
         state = conn.state
