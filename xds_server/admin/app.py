@@ -182,6 +182,8 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
         dependencies=[Depends(known_query_only)],
         # The limit for every transfer encoding: a chunked body has no Content-Length for the
         # check in `observe`, so FastAPI counts the bytes as they arrive and stops past it (413).
+        # (Starlette's limiter also rewrites `observe`'s JSON 413 for a declared oversize body
+        # into its plain-text one: logged and counted here, but not in the API's error shape.)
         max_body_size=MAX_BODY_BYTES,
         docs_url="/docs" if docs else None,  # (--admin-docs: the pages load CDN scripts)
         redoc_url="/redoc" if docs else None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import ConfigError
 
@@ -98,7 +98,7 @@ class CaptureSettings:
     include_outbound_ports: tuple[int, ...] | None = None
     exclude_outbound_ports: tuple[int, ...] = ()
     include_inbound_ports: tuple[int, ...] | None = None
-    exclude_inbound_ports: tuple[int, ...] = field(default=())
+    exclude_inbound_ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _port(self.outbound_port, "--outbound-port")

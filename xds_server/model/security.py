@@ -1,26 +1,7 @@
 """Security policies in the model (the IR the translators read): mutual TLS and authorization.
 
-Produced by the sources from the user-facing API (`xds_server/api/v1alpha1/security.py`).
-
-`MTLSPolicy` says how a workload's sidecar accepts connections (Istio's PeerAuthentication,
-flattened): STRICT (mTLS only), PERMISSIVE (mTLS and plaintext), DISABLE (plaintext; clients
-send plaintext to it), for a whole namespace (no selector) or the workloads a selector picks,
-with per-port overrides (keys are the workload's app ports, as in Istio). A policy in the
-root namespace (`SecuritySettings.root_namespace`, default `xds-system`) without a selector
-is the mesh default; the server setting `default_mode` applies where no policy says anything.
-
-`AuthorizationPolicy` has Istio's shape and meanings, so policies carry over by changing the
-apiVersion: `selector`, `action` (ALLOW or DENY), `rules[].from[].source`,
-`rules[].to[].operation`, `rules[].when[]`. DENY wins over ALLOW; with no ALLOW policy a
-request is allowed, with ALLOW policies only what one of them matches; an ALLOW policy with
-no rules matches nothing ("allow-nothing": in the root namespace without a selector it is a
-mesh-wide default-deny, as in Istio; `SecuritySettings.default_deny` does the same from the
-server's settings). A policy in the root namespace applies to the workloads its selector
-picks in every namespace.
-
-Matching of values follows Istio: exact, `prefix*`, `*suffix`, or `*` (any / present).
-Principals are SPIFFE IDs (`spiffe://cluster.local/ns/shop/sa/api`), or Istio's spelling
-without the scheme (`cluster.local/ns/shop/sa/api`); service accounts are `namespace/name`.
+Produced by the sources from the user-facing API; what the kinds mean (modes, actions,
+matching, the root namespace) is documented once, there: `xds_server/api/v1alpha1/security.py`.
 """
 
 from __future__ import annotations
