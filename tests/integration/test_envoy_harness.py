@@ -288,16 +288,31 @@ def test_bad_bootstrap_fails_fast_with_log() -> None:
 
 
 def test_wait_until_reports_death_and_timeout() -> None:
-    with EnvoyProcess(ads_bootstrap("lonely", "127.0.0.1", free_port(), "sotw-ads", 0), name="lonely") as envoy:
-        # No xDS server: Envoy stays initializing, not connected.
-        assert envoy.server_state() in ("PRE_INITIALIZING", "INITIALIZING")
-        assert envoy.stats("control_plane")["control_plane.connected_state"] == 0
-        with pytest.raises(TimeoutError, match="never"):
-            envoy.wait_until(lambda: False, timeout=0.2, message="never")
-        assert envoy.pid is not None
-        psutil.Process(envoy.pid).kill()
-        with pytest.raises(EnvoyError, match="exited"):
-            envoy.wait_until(lambda: False, timeout=10)
+    # A bound socket that never listens: connects are refused, and no parallel test can take
+    # the port for a server of its own while this test runs.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as reserved:
+        reserved.bind(("127.0.0.1", 0))
+        dead_port = int(reserved.getsockname()[1])
+        with EnvoyProcess(ads_bootstrap("lonely", "127.0.0.1", dead_port, "sotw-ads", 0), name="lonely") as envoy:
+            _lonely_envoy_checks(envoy)
+
+
+def _lonely_envoy_checks(envoy: EnvoyProcess) -> None:
+    # No xDS server: Envoy stays initializing, not connected. Envoy sets connected_state to 1
+    # when it opens the stream, before the connect is refused, so wait for it to settle.
+    assert envoy.server_state() in ("PRE_INITIALIZING", "INITIALIZING")
+    envoy.wait_until(
+        lambda: envoy.stats("control_plane")["control_plane.connected_state"] == 0,
+        timeout=10,
+        message="Envoy never reported itself disconnected",
+    )
+    assert envoy.server_state() in ("PRE_INITIALIZING", "INITIALIZING")
+    with pytest.raises(TimeoutError, match="never"):
+        envoy.wait_until(lambda: False, timeout=0.2, message="never")
+    assert envoy.pid is not None
+    psutil.Process(envoy.pid).kill()
+    with pytest.raises(EnvoyError, match="exited"):
+        envoy.wait_until(lambda: False, timeout=10)
 
 
 # ---------------------------------------------- naive ADS responder (harness check only)
