@@ -31,10 +31,19 @@ class SidecarSpec:
     outbound_port: int = OUTBOUND_PORT
     labels: dict[str, str] = field(default_factory=dict)
     delta: bool = True  # incremental xDS: only changes travel
+    # "capture" (iptables send the pod's traffic to the sidecar) or "explicit" (the app sends
+    # to the outbound port with the destination in Host): must match the pod's annotation.
+    interception: str = "capture"
     token: str | None = field(default=None, repr=False)  # bearer token for the xDS server
 
 
 def _socket(address: str, setting: str) -> dict[str, Any]:
+    """HOST:PORT, or `unix:/path` for a Unix socket (Envoy's `pipe` address)."""
+    if address.startswith("unix:"):
+        path = address.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError(f"{setting}: a Unix socket needs an absolute path, got {address!r}")
+        return {"pipe": {"path": path}}
     host, port = parse_address(address, setting)
     return {"socket_address": {"address": host, "port_value": port}}
 
@@ -60,6 +69,7 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
                 "pod_ip": spec.pod_ip,
                 "inbound_port": str(spec.inbound_port),
                 "outbound_port": str(spec.outbound_port),
+                "interception": spec.interception,
                 "labels": dict(spec.labels),
             },
         },
@@ -77,7 +87,7 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
             "clusters": [
                 {
                     "name": "xds-server",
-                    "type": "STRICT_DNS",
+                    "type": "STATIC" if spec.xds_address.startswith("unix:") else "STRICT_DNS",
                     "connect_timeout": "1s",
                     "load_assignment": {
                         "cluster_name": "xds-server",

@@ -117,6 +117,7 @@ class ProxyClaim:
     proxyless: bool = False  # a gRPC xDS client or server, not an Envoy
     inbound_port: int = 15006
     outbound_port: int = 15001
+    capture: bool = True  # metadata `interception`: "explicit" turns it off (model/mesh.py)
     # Every other string-valued metadata field, for features that read their own keys.
     metadata: tuple[tuple[str, str], ...] = field(default=())
 

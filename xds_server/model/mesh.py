@@ -164,6 +164,9 @@ class Workload:
     container_ports: tuple[tuple[str, int], ...] = ()  # (name, port) for named targetPorts
     tcp_upstreams: tuple[TcpUpstream, ...] = ()
     proxyless: bool = False
+    # Traffic reaches the sidecar by capture (iptables, routed by original destination), the
+    # default; False: the explicit mode (the app sends to the outbound port, Host picks).
+    capture: bool = True
 
     @property
     def label_map(self) -> dict[str, str]:

@@ -71,11 +71,16 @@ OUTBOUND_PORT_ANNOTATION = "xds-server.io/outbound-port"
 TCP_UPSTREAMS_ANNOTATION = "xds-server.io/tcp-upstreams"
 # A workload that is its own xDS client (gRPC with xDS credentials): no sidecar, but mTLS.
 PROXYLESS_ANNOTATION = "xds-server.io/proxyless"
+# How traffic reaches the sidecar: "capture" (iptables; the default) or "explicit" (the app
+# sends to 127.0.0.1:15001 with the destination in Host, for hosts where capture is impossible).
+INTERCEPTION_ANNOTATION = "sidecar.xds-server.io/interception"
+INTERCEPTION_MODES = ("capture", "explicit")
 # Containers that are the mesh sidecar: names operators already use for an Envoy sidecar.
 SIDECAR_CONTAINERS = frozenset({"envoy", "envoy-proxy", "envoy-sidecar", "istio-proxy"})
 
 __all__ = [
     "EXPORT_TO_ANNOTATION", "GATEWAY_GROUP", "INBOUND_PORT_ANNOTATION", "INJECT_ANNOTATION",
+    "INTERCEPTION_ANNOTATION",
     "OUTBOUND_PORT_ANNOTATION", "PROXYLESS_ANNOTATION", "SERVICE_NAME_LABEL",
     "SIDECAR_CONTAINERS", "TCP_UPSTREAMS_ANNOTATION", "ObjectError", "convert",
 ]
@@ -338,6 +343,9 @@ def _pod(o: _Object, obj: dict[str, Any]) -> Workload:
     outbound = _port_annotation(o, annotations, OUTBOUND_PORT_ANNOTATION) or OUTBOUND_PORT
     if inbound == outbound:
         o.fail_annotation(OUTBOUND_PORT_ANNOTATION, f"the same port as the inbound port ({inbound})")
+    interception = annotations.get(INTERCEPTION_ANNOTATION, "capture")
+    if interception not in INTERCEPTION_MODES:
+        o.fail_annotation(INTERCEPTION_ANNOTATION, f"must be one of {', '.join(INTERCEPTION_MODES)}, not {interception!r}")
     return Workload(
         namespace=o.namespace,
         name=o.name,
@@ -350,6 +358,7 @@ def _pod(o: _Object, obj: dict[str, Any]) -> Workload:
         container_ports=tuple(ports),
         tcp_upstreams=_tcp_upstreams(o, annotations, (inbound, outbound)),
         proxyless=proxyless,
+        capture=interception == "capture",
     )
 
 

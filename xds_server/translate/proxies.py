@@ -149,6 +149,7 @@ class ProxyBuilder:
             meshed=True,
             inbound_port=claim.inbound_port,
             outbound_port=claim.outbound_port,
+            capture=claim.capture,
         )
 
     @staticmethod

@@ -62,5 +62,6 @@ def proxy_claim(node: base_pb2.Node) -> ProxyClaim:
         proxyless=is_proxyless(node),
         inbound_port=_port(meta, "inbound_port", 15006),
         outbound_port=_port(meta, "outbound_port", 15001),
+        capture=text("interception") != "explicit",
         metadata=extra,
     )

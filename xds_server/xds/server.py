@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ class ServerSettings:
     """Everything about the gRPC server an operator may tune. Defaults are production-safe."""
 
     address: str = "127.0.0.1:15010"  # loopback unless configured otherwise
+    # Also listen on this Unix socket: local agents and sidecars of this host reach it from
+    # any network namespace (as Istio's agent serves Envoy's xDS on a socket); not exposed
+    # on the network. The socket file is made 0666: reaching it is what the path allows.
+    unix_socket: str | None = None
     debounce_quiet: float = 0.1  # seconds without a change before pushing; 0 = off
     debounce_max: float = 1.0  # longest a burst of changes may delay a push
     max_concurrent_pushes: int = 1000  # responses being written at once
@@ -186,7 +191,12 @@ class XdsServer:
             raise OSError(f"cannot listen on {self.settings.address}: address in use or not local") from err
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.address}")
+        if self.settings.unix_socket:
+            if server.add_insecure_port(f"unix:{self.settings.unix_socket}") == 0:
+                raise OSError(f"cannot listen on the Unix socket {self.settings.unix_socket}")
         await server.start()
+        if self.settings.unix_socket:
+            os.chmod(self.settings.unix_socket, 0o666)  # sidecars run as their own UID
         self._server = server
         self._remove_listener = self.cache.add_listener(self._on_change)
         self._sweeper = asyncio.create_task(self._sweep_slow_writes(), name="slow-write-sweeper")
