@@ -134,6 +134,9 @@ class LoadClient:
         node = base_pb2.Node(id=f"{self.node_prefix}-{sid}", cluster="bench", user_agent_name="envoy")
         node.user_agent_build_version.version.major_number = 1
         node.user_agent_build_version.version.minor_number = 40
+        # Explicit-mode sidecars: it subscribes EDS to every cluster it learns, and capture
+        # mode's static (non-EDS) clusters would never get an assignment.
+        node.metadata.update({"interception": "explicit"})
         return node
 
     def _eds_prefix_for(self, names: tuple[str, ...]) -> bytes:

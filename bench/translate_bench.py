@@ -224,6 +224,9 @@ def proxy_node(namespace: str, pod: str, ip: str) -> base_pb2.Node:
     node = base_pb2.Node(id=f"{pod}.{namespace}", cluster=namespace)
     node.metadata.update({
         "namespace": namespace, "pod": pod, "pod_ip": ip, "service_account": "default",
+        # The explicit mode, as the numbers recorded before capture mode existed; capture
+        # mode adds pod-IP chains to each namespace's listeners (bench/capture_bench.py).
+        "interception": "explicit",
     })
     return node
 

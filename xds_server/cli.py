@@ -36,6 +36,8 @@ SERVE_SECTIONS = tuple(s for s in ServeSettings.model_fields if s != "logging")
 
 
 def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value.startswith("unix:/"):  # a Unix socket (the bootstrap's `pipe` address)
+        return value
     try:
         parse_address(value, f"--{(param.name or '').replace('_', '-')}")
     except ConfigError as err:
@@ -221,13 +223,17 @@ def _message_class(type_url: str) -> Any:
 @click.option("--outbound-port", type=int, default=15001)
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--sotw", is_flag=True, help="State-of-the-world ADS instead of delta.")
+@click.option("--interception", type=click.Choice(["capture", "explicit"]), default="capture",
+              show_default=True,
+              help="How the pod's traffic reaches the sidecar: iptables capture (`xds-server "
+                   "iptables`), or explicit (the app sends to the outbound port, Host picks).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A bearer token (`xds-server token create`, or a projected service-account "
                    "token) Envoy sends on its xDS streams. The bootstrap then holds a secret.")
 def bootstrap_command(
     namespace: str, service_account: str, pod: str, pod_ip: str, xds_address: str,
     admin_address: str, inbound_port: int, outbound_port: int, labels: tuple[str, ...], sotw: bool,
-    token_file: Path | None,
+    interception: str, token_file: Path | None,
 ) -> None:
     """Print an Envoy bootstrap (YAML) for one workload's sidecar."""
     import yaml
@@ -243,7 +249,7 @@ def bootstrap_command(
     spec = SidecarSpec(
         namespace=namespace, service_account=service_account, pod=pod, pod_ip=pod_ip,
         xds_address=xds_address, admin_address=admin_address, inbound_port=inbound_port,
-        outbound_port=outbound_port, labels=label_map, delta=not sotw,
+        outbound_port=outbound_port, labels=label_map, delta=not sotw, interception=interception,
         token=token_file.read_text().strip() if token_file is not None else None,
     )
     try:

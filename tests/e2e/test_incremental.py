@@ -282,9 +282,10 @@ async def test_route_change_rebuilds_only_the_route_configurations_that_see_it(s
 # --------------------------------------------------------------------- without Envoy
 
 
-def _model(services: int) -> tuple[MeshStore, MeshController, ResourceCache]:
+def _model(services: int, interception: str = "explicit") -> tuple[MeshStore, MeshController, ResourceCache]:
     """`services` HTTP services over 10 namespaces, two meshed pods each, an HTTPRoute on
-    every tenth; a proxy connected in every namespace and on both pods of svc-5."""
+    every tenth; a proxy connected in every namespace and on both pods of svc-5, all in the
+    given interception mode."""
     store, cache = MeshStore(), ResourceCache()
     controller = MeshController(store, cache)
     objects: list[Any] = []
@@ -304,9 +305,9 @@ def _model(services: int) -> tuple[MeshStore, MeshController, ResourceCache]:
             ))
     store.sync("test", objects)
     for n in range(10):
-        controller.view_for(verified(_node(f"ns-{n}", "client")))
+        controller.view_for(verified(_node(f"ns-{n}", "client", interception)))
     for k in range(2):
-        controller.view_for(verified(_node("ns-5", f"svc-5-{k}")))
+        controller.view_for(verified(_node("ns-5", f"svc-5-{k}", interception)))
     return store, controller, cache
 
 
@@ -317,16 +318,16 @@ def _slice(ns: str, i: int, pods: list[Workload], ready: tuple[bool, ...]) -> En
     )
 
 
-def _node(namespace: str, pod: str) -> base_pb2.Node:
+def _node(namespace: str, pod: str, interception: str = "explicit") -> base_pb2.Node:
     metadata = struct_pb2.Struct()
-    metadata.update({"namespace": namespace, "pod": pod})
+    metadata.update({"namespace": namespace, "pod": pod, "interception": interception})
     return base_pb2.Node(id=f"{pod}.{namespace}", metadata=metadata)
 
 
-def _endpoint_change_work(services: int) -> list[tuple[int, list[Change]]]:
+def _endpoint_change_work(services: int, interception: str = "explicit") -> list[tuple[int, list[Change]]]:
     """(translations, cache changes) of: a readiness flip of svc-5's endpoints, then a
     third pod joining svc-5."""
-    store, controller, cache = _model(services)
+    store, controller, cache = _model(services, interception)
     writes: list[Change] = []
     cache.add_listener(writes.append)
     ns = "ns-5"
@@ -352,3 +353,23 @@ def test_endpoint_change_work_does_not_grow_with_the_mesh() -> None:
     for (work_small, writes_small), (work_large, writes_large) in zip(small, large, strict=True):
         assert work_small == work_large == 1  # one ClusterLoadAssignment
         assert writes_small == writes_large == [Change(types.ENDPOINT, frozenset({cla}), frozenset())]
+
+
+def test_capture_mode_endpoint_work_grows_with_the_proxies_that_see_it_not_the_mesh() -> None:
+    """Capture-mode outbound listeners match endpoints by pod IP (translate/capture.py): a
+    readiness flip costs one assignment as before; a new endpoint also rebuilds the outbound
+    listener of each proxy that sees the service (12 here), whatever the mesh's size."""
+    small, large = _endpoint_change_work(10, "capture"), _endpoint_change_work(1000, "capture")
+    cla = names.cluster_name(ServiceKey("ns-5", "svc-5"), 80)
+    (flip_small, flip_writes_small), (join_small, join_writes_small) = small
+    (flip_large, flip_writes_large), (join_large, join_writes_large) = large
+    assert flip_small == flip_large == 1
+    assert flip_writes_small == flip_writes_large == [Change(types.ENDPOINT, frozenset({cla}), frozenset())]
+    assert join_small == join_large == 1 + 12  # the assignment, and 12 proxies' listeners
+    listeners = {names.outbound_listener_name(f"ns-{n}", "client") for n in range(10)}
+    listeners |= {names.outbound_listener_name("ns-5", f"svc-5-{k}") for k in range(2)}
+    for writes in (join_writes_small, join_writes_large):
+        assert writes == [  # in xDS order: the assignment before the listeners
+            Change(types.ENDPOINT, frozenset({cla}), frozenset()),
+            Change(types.LISTENER, frozenset(listeners), frozenset()),
+        ]

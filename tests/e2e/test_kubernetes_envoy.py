@@ -63,7 +63,9 @@ def pod_object(p: Pod) -> dict:
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels,
-                     "annotations": {"sidecar.xds-server.io/inject": "true"}},
+                     # Loopback pods: the explicit mode, as tests/support/mesh.py's.
+                     "annotations": {"sidecar.xds-server.io/inject": "true",
+                                     "sidecar.xds-server.io/interception": "explicit"}},
         "spec": {"serviceAccountName": p.service_account,
                  "containers": [{"name": "app", "ports": [{"containerPort": p.app_port}]}]},
         "status": {"phase": "Running", "podIP": p.ip},

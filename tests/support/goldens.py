@@ -41,6 +41,7 @@ from xds_server.model.store import POD, MeshStore
 from xds_server.sds import SdsSecrets
 from xds_server.sources.mesh_files import parse_file, resolve
 from xds_server.translate.controller import MeshController
+from xds_server.translate.capture import OutboundTrafficPolicy
 from xds_server.translate.scope import ScopeSettings
 from xds_server.xds import types
 from xds_server.xds.cache import ResourceCache, View
@@ -131,7 +132,10 @@ def golden_proxy(case: str, store: MeshStore) -> GoldenProxy:
         authenticated=proxy.get("authenticated", True),
         targets=tuple(proxy.get("targets") or ()),
         security=security,
-        scope=ScopeSettings(default_export_to=tuple(e.strip() for e in export.split(","))),
+        scope=ScopeSettings(
+            default_export_to=tuple(e.strip() for e in export.split(",")),
+            outbound_traffic_policy=OutboundTrafficPolicy(server.get("outboundTrafficPolicy", "ALLOW_ANY")),
+        ),
     )
 
 

@@ -49,7 +49,9 @@ class Pod:
         return (self.ip, 15001)
 
     def manifest(self) -> dict[str, Any]:
-        annotations = {"sidecar.xds-server.io/inject": "true"}
+        # Loopback "pods" share the host's network: the explicit mode (Host picks the
+        # destination); tests/support/podnet.py runs pods as namespaces with capture.
+        annotations = {"sidecar.xds-server.io/inject": "true", "sidecar.xds-server.io/interception": "explicit"}
         if self.tcp_upstreams:
             annotations["xds-server.io/tcp-upstreams"] = self.tcp_upstreams
         return {
@@ -185,6 +187,7 @@ class MeshHarness:
             namespace=pod.namespace, service_account=pod.service_account, pod=pod.name,
             pod_ip=pod.ip, xds_address=self.server.address,
             admin_address=f"{pod.ip}:{free_port(pod.ip)}", labels=pod.labels, delta=delta,
+            interception="explicit",
         )
         pod.envoy = EnvoyProcess(sidecar_bootstrap(spec), name=f"{pod.namespace}-{pod.name}")
         await asyncio.to_thread(pod.envoy.start)

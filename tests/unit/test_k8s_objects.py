@@ -127,6 +127,23 @@ def test_service_defaults() -> None:
     assert service.export_to is None  # the mesh default, not "nobody"
 
 
+def test_service_with_a_duplicate_port_or_a_malformed_cluster_ip_names_the_field() -> None:
+    service = obj("""
+        apiVersion: v1
+        kind: Service
+        metadata: {name: api, namespace: shop}
+        spec: {clusterIP: 10.96.0.10, ports: [{port: 80, name: a}, {port: 81, name: b}]}
+    """)
+    assert convert(service).cluster_ip == "10.96.0.10"
+    error = error_of(with_(service, "spec/ports/1/port", 80))
+    assert error.field_path == "spec.ports[1].port"
+    assert "duplicate port 80" in error.message
+    error = error_of(with_(service, "spec/clusterIP", "10.96.0"))
+    assert error.field_path == "spec.clusterIP"
+    assert "not an IP address" in error.message
+    assert convert(with_(service, "spec/clusterIP", "fd00::10")).cluster_ip == "fd00::10"
+
+
 @pytest.mark.parametrize("value, expected", [("*", ("*",)), (".", (".",))])
 def test_service_export_to_everyone_or_own_namespace(value: str, expected: tuple[str, ...]) -> None:
     data = with_(SERVICE, "metadata/annotations/xds-server.io~export-to", value)
@@ -238,6 +255,21 @@ def test_pod_defaults_and_inject_annotation() -> None:
         "default", 15006, 15001
     )
     assert convert(with_(pod, "metadata/annotations", {})).meshed is False
+
+
+def test_pod_interception_mode_is_capture_unless_explicit() -> None:
+    pod = obj("""
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: p, annotations: {sidecar.xds-server.io/inject: "true"}}
+        spec: {containers: [{name: app}]}
+    """)
+    assert convert(pod).capture is True
+    explicit = with_(pod, "metadata/annotations/sidecar.xds-server.io~interception", "explicit")
+    assert convert(explicit).capture is False
+    error = error_of(with_(pod, "metadata/annotations/sidecar.xds-server.io~interception", "tproxy"))
+    assert error.field_path == "metadata.annotations[sidecar.xds-server.io/interception]"
+    assert "capture, explicit" in error.message
 
 
 def test_pod_native_sidecar_and_opt_out() -> None:

@@ -87,7 +87,7 @@ def test_readme_configuration_table_lists_every_setting() -> None:
 # A value other than the default for every leaf, as an operator would write it.
 NON_DEFAULT = {
     "logging.level": "debug", "logging.format": "json",
-    "xds.address": "127.0.0.1:25010", "xds.debounce_quiet": "50ms", "xds.debounce_max": "2s",
+    "xds.address": "127.0.0.1:25010", "xds.unix_socket": "{tmp}/xds.sock", "xds.debounce_quiet": "50ms", "xds.debounce_max": "2s",
     "xds.max_concurrent_pushes": "10", "xds.slow_write_seconds": "3s",
     "xds.max_concurrent_streams": "16", "xds.max_pending_streams": "100",
     "xds.max_names_per_request": "50", "xds.max_names_per_stream": "70", "xds.max_send_message_bytes": "1000000",
@@ -96,6 +96,7 @@ NON_DEFAULT = {
     "xds.shutdown_grace": "1s", "xds.first_request_timeout": "3s", "xds.control_plane_id": "cp-1",
     "sources.source": "{tmp}", "sources.resources": "{tmp}",
     "scope.default_export_to": ".,shared", "scope.tenant_label": "example.com/tenant",
+    "scope.outbound_traffic_policy": "registry_only",
     "kubernetes.kubeconfig": "{kubeconfig}", "kubernetes.in_cluster": False,
     "kubernetes.namespace_selector": "mesh=on", "kubernetes.watch_timeout": "1m",
     "kubernetes.page_size": "100", "kubernetes.list_timeout": "30s",

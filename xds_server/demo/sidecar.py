@@ -30,6 +30,7 @@ class Sidecar(EnvoyProcess):
             admin_address=f"{workload.ip}:{ENVOY_ADMIN_PORT}",
             inbound_port=workload.inbound_port, outbound_port=workload.outbound_port,
             labels=workload.label_map, token=token,
+            interception="capture" if workload.capture else "explicit",
         )
         super().__init__(sidecar_bootstrap(spec), workdir, name=f"{workload.namespace}-{workload.name}",
                          binary=binary, new_session=True)

@@ -15,6 +15,7 @@ from ..ca.authority import KeyAlgorithm
 from ..config import ConfigError
 from ..model.security import MtlsMode, SecuritySettings
 from ..security import SecurityConfig
+from ..translate.capture import OutboundTrafficPolicy
 from ..translate.scope import ScopeSettings
 from ..xds.auth import AuthMode, GuardSettings
 from ..xds.server import ServerSettings
@@ -41,6 +42,10 @@ class LoggingSection(Section):
 class XdsSection(Section):
     address: Address = setting(_SERVER.address, "--xds-address",
                                "HOST:PORT for xDS gRPC (plaintext).")
+    unix_socket: str | None = setting(
+        None, "--xds-unix-socket",
+        "Also serve xDS on this Unix socket (absolute path; made 0666): sidecars and agents "
+        "of this host reach it from any network namespace.", pattern=r"^/")
     debounce_quiet: Seconds = setting(
         _SERVER.debounce_quiet, "--debounce-quiet",
         "Time without changes before pushing; 0 turns debouncing off.", ge=0)
@@ -105,6 +110,10 @@ class ScopeSection(Section):
     tenant_label: str = setting(_SCOPE.tenant_label, "--tenant-label",
                                 "Namespace label naming a tenant (a hard visibility boundary).",
                                 min_length=1)
+    outbound_traffic_policy: Annotated[OutboundTrafficPolicy, BeforeValidator(upper_case)] = setting(
+        _SCOPE.outbound_traffic_policy, "--outbound-traffic-policy",
+        "Where a capture-mode sidecar sends a connection to an address the mesh does not know: "
+        "ALLOW_ANY (through, to that address) or REGISTRY_ONLY (refused).")
 
 
 class KubernetesSection(Section):

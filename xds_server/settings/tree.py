@@ -98,7 +98,7 @@ class ServeSettings(BaseSettings):
                               "choose tokens, insecure-node-metadata or none")
         x, limits = self.xds, self.limits
         server = ServerSettings(
-            address=x.address, debounce_quiet=x.debounce_quiet, debounce_max=x.debounce_max,
+            address=x.address, unix_socket=x.unix_socket, debounce_quiet=x.debounce_quiet, debounce_max=x.debounce_max,
             max_concurrent_pushes=x.max_concurrent_pushes, slow_write_seconds=x.slow_write_seconds,
             keepalive_time=x.keepalive_time, keepalive_timeout=x.keepalive_timeout,
             min_client_ping_interval=x.min_client_ping_interval,
@@ -142,7 +142,8 @@ class ServeSettings(BaseSettings):
         return AppConfig(
             server=server, source=self.sources.source, resources=self.sources.resources,
             scope=ScopeSettings(default_export_to=self.scope.default_export_to or ("*",),
-                                tenant_label=self.scope.tenant_label),
+                                tenant_label=self.scope.tenant_label,
+                                outbound_traffic_policy=self.scope.outbound_traffic_policy),
             kubernetes=self._kubernetes_config(), admin=admin, security=security,
             mesh_security=mesh,
         )

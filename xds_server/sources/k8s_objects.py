@@ -14,6 +14,7 @@ here also applies to a real cluster.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, TypeVar
@@ -254,6 +255,11 @@ def _service(o: _Object, obj: dict[str, Any]) -> Service:
         if p.protocol == "TCP"  # the sidecar proxies TCP (and HTTP over it) only
     )
     cluster_ip = service.spec.cluster_ip
+    if cluster_ip not in ("", "None"):
+        try:
+            ipaddress.ip_address(cluster_ip)
+        except ValueError:
+            o.fail("spec.clusterIP", f"{cluster_ip!r} is not an IP address (or None, for a headless service)")
     return Service(
         namespace=o.namespace,
         name=o.name,

@@ -37,6 +37,8 @@ from .scope import ScopeSettings
 from .scopes import ScopeBuilder
 from .service_outputs import (
     AssignmentsBuilder,
+    CaptureBuilder,
+    PodIpsBuilder,
     ClusterSecurityBuilder,
     ClustersBuilder,
     ProxylessClustersBuilder,
@@ -72,7 +74,7 @@ class MeshController:
         mtls = self.index.security.settings.mtls
         self.scopes = ScopeBuilder(self.index, outputs, self.registry, self.published, self.settings)
         self.proxy_builder = ProxyBuilder(
-            self.registry, self.scopes, self.published, self.index.security.settings.trust_domain
+            self.registry, self.scopes, self.published, self.index.security.settings.trust_domain, mtls
         )
         # Without mTLS a service's clusters say nothing about its servers: no such builder.
         security_builders = [ClusterSecurityBuilder(outputs, mtls)] if mtls else []
@@ -82,6 +84,8 @@ class MeshController:
             AssignmentsBuilder(mtls),
             ProxylessClustersBuilder(outputs, self.published),
             VirtualHostsBuilder(outputs),
+            PodIpsBuilder(outputs, mtls),
+            CaptureBuilder(outputs, self.published),
             self.scopes,
             self.proxy_builder,
         ], hold=lambda: store.syncing, collector=collector)

@@ -32,7 +32,7 @@ def load_assignment(
     workload: WorkloadLookup,
     mtls: MtlsLookup | None = None,
 ) -> endpoint_pb2.ClusterLoadAssignment:
-    """Endpoints grouped by zone (locality). Meshed pods are reached at their sidecar's
+    """Endpoints grouped by zone (locality). Explicit-mode sidecars are reached at their
     inbound port; others directly at the target port.
 
     Readiness follows Kubernetes: ready endpoints take traffic; terminating-but-serving ones
@@ -60,7 +60,10 @@ def load_assignment(
         else:
             health = health_check_pb2.UNHEALTHY
         owner = workload(service.namespace, endpoint.pod, address)
-        port_value = owner.inbound_port if owner is not None and owner.meshed else target
+        # An explicit-mode sidecar is reached at its inbound port (Host picks the app port);
+        # a captured pod at the app port itself: its iptables send it to the sidecar.
+        explicit = owner is not None and owner.meshed and not owner.capture
+        port_value = owner.inbound_port if explicit and owner is not None else target
         secure = owner is not None and mtls is not None and mtls(owner, target)
         by_zone.setdefault(endpoint.zone, []).append((address, port_value, health, secure))
     # Filled in place (`add()` and field sets) rather than from nested constructors: half the

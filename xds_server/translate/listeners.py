@@ -29,7 +29,7 @@ def socket(ip: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))
 
 
-def _http_manager(
+def http_manager(
     stat_prefix: str, route_name: str, filters: list[hcm_pb2.HttpFilter]
 ) -> listener_components_pb2.Filter:
     manager = hcm_pb2.HttpConnectionManager(
@@ -47,7 +47,7 @@ def _http_manager(
     return listener_components_pb2.Filter(name=HCM, typed_config=pack(manager))
 
 
-def _tcp_proxy(stat_prefix: str, cluster: str) -> listener_components_pb2.Filter:
+def tcp_proxy(stat_prefix: str, cluster: str) -> listener_components_pb2.Filter:
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster)
     return listener_components_pb2.Filter(name=TCP_PROXY, typed_config=pack(proxy))
 
@@ -61,7 +61,7 @@ def outbound_listener(name: str, ip: str, port: int, route_name: str) -> listene
         traffic_direction=base_pb2.OUTBOUND,
         filter_chains=[
             listener_components_pb2.FilterChain(
-                filters=[_http_manager("outbound", route_name, outbound_http_filters())]
+                filters=[http_manager("outbound", route_name, outbound_http_filters())]
             )
         ],
     )
@@ -75,7 +75,7 @@ def tcp_upstream_listener(name: str, ip: str, local_port: int, cluster: str) -> 
         stat_prefix=f"outbound_tcp_{local_port}",
         traffic_direction=base_pb2.OUTBOUND,
         filter_chains=[
-            listener_components_pb2.FilterChain(filters=[_tcp_proxy(f"outbound_tcp_{local_port}", cluster)])
+            listener_components_pb2.FilterChain(filters=[tcp_proxy(f"outbound_tcp_{local_port}", cluster)])
         ],
     )
 
@@ -104,12 +104,12 @@ def inbound_listener(
         traffic_direction=base_pb2.INBOUND,
     )
     http_chain = listener_components_pb2.FilterChain(
-        filters=[_http_manager("inbound", route_name, inbound_http_filters())]
+        filters=[http_manager("inbound", route_name, inbound_http_filters())]
     )
     if tcp_cluster is None:
         listener.filter_chains.append(http_chain)
         return listener
-    tcp_chain = listener_components_pb2.FilterChain(filters=[_tcp_proxy("inbound_tcp", tcp_cluster)])
+    tcp_chain = listener_components_pb2.FilterChain(filters=[tcp_proxy("inbound_tcp", tcp_cluster)])
     if not has_http:
         listener.filter_chains.append(tcp_chain)
         return listener
@@ -162,11 +162,11 @@ def _secure_inbound_listener(
 
     def http_chain(stat_prefix: str, route: str) -> listener_components_pb2.FilterChain:
         filters = rbac.http_filters() + inbound_http_filters()
-        return listener_components_pb2.FilterChain(filters=[_http_manager(stat_prefix, route, filters)])
+        return listener_components_pb2.FilterChain(filters=[http_manager(stat_prefix, route, filters)])
 
     def tcp_chain(stat_prefix: str) -> listener_components_pb2.FilterChain:
         assert tcp_cluster is not None
-        return listener_components_pb2.FilterChain(filters=[*tcp_rbac, _tcp_proxy(stat_prefix, tcp_cluster)])
+        return listener_components_pb2.FilterChain(filters=[*tcp_rbac, tcp_proxy(stat_prefix, tcp_cluster)])
 
     if tls:
         downstream = tls_contexts.transport_socket(

@@ -25,6 +25,11 @@ def inbound_route_name(namespace: str, pod: str) -> str:
     return f"inbound|http|{namespace}/{pod}"
 
 
+def inbound_port_route_name(port: int, namespace: str, pod: str) -> str:
+    """A capture-mode sidecar's route configuration of one HTTP app port."""
+    return f"inbound|http|{port}|{namespace}/{pod}"
+
+
 def outbound_listener_name(namespace: str, pod: str) -> str:
     return f"outbound|{namespace}/{pod}"
 

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import Message
 
@@ -20,7 +21,7 @@ from ..model.identity import ProxyClaim
 from ..model.mesh import AppProtocol, Service, ServiceKey, ServicePort, Workload
 from ..xds import types
 from ..xds.resource import Resource
-from . import names, proxyless
+from . import capture, names, proxyless
 from .batch import Batch
 from .clusters import inbound_cluster
 from .dependencies import Parts
@@ -28,6 +29,7 @@ from .endpoints import slice_port
 from .index import Dep
 from .listeners import inbound_listener, outbound_listener, tcp_upstream_listener
 from .orchestrator import Built
+from .rbac import PortAuthz
 from .reads import Reader
 from .routes import inbound_route_configuration
 from .scopes import ScopeBuilder
@@ -58,6 +60,7 @@ class ProxyRegistry:
         self.proxies: dict[ProxyKey, Proxy] = {}
         self._per_namespace: dict[str, int] = {}
         self._proxyless = 0
+        self._capture = 0
 
     def proxies_in(self, namespace: str) -> int:
         return self._per_namespace.get(namespace, 0)
@@ -77,6 +80,11 @@ class ProxyRegistry:
                 if self._proxyless == 1:
                     self._outputs.proxyless_connected = True
                     deps.add(("proxyless-connected",))
+            elif claim.capture:
+                self._capture += 1
+                if self._capture == 1:
+                    self._outputs.capture_connected = True
+                    deps.add(("capture-connected",))
         proxy.streams += 1
         return proxy, deps
 
@@ -100,6 +108,11 @@ class ProxyRegistry:
             if self._proxyless == 0:
                 self._outputs.proxyless_connected = False
                 deps.add(("proxyless-connected",))
+        elif proxy.claim.capture:
+            self._capture -= 1
+            if self._capture == 0:
+                self._outputs.capture_connected = False
+                deps.add(("capture-connected",))
         return deps
 
 
@@ -107,13 +120,18 @@ class ProxyBuilder:
     kind, phase, family = "proxy", 4, "proxy"
 
     def __init__(
-        self, registry: ProxyRegistry, scopes: ScopeBuilder, published: Published, trust_domain: str
+        self, registry: ProxyRegistry, scopes: ScopeBuilder, published: Published, trust_domain: str,
+        mtls: bool = False,
     ) -> None:
         self.registry = registry
         self.scopes = scopes
         self.published = published
         self.trust_domain = trust_domain
+        self.mtls = mtls
         self._owned: dict[ProxyKey, dict[str, set[str]]] = {}
+        self._static_clusters = [
+            Resource.from_message(c) for c in capture.static_clusters(trust_domain, mtls)
+        ]
 
     def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
         assert isinstance(arg, tuple)
@@ -121,14 +139,26 @@ class ProxyBuilder:
         proxy = self.registry.proxies.get(key)
         if proxy is None:
             self._replace(key, {}, batch)
+            batch.on_publish(lambda: self.published.capture_proxies.discard(key))
             return Built(alive=False)
         # Whatever the proxy serves, the policies that may select it decide its inbound side.
         reader.selected_by_policies(key[0])
+        captured = False
         if proxy.proxyless:
             built = {types.LISTENER: self._proxyless_listeners(proxy, reader)}
         else:
-            built = self._sidecar(proxy, reader)
+            workload = self.workload_of(proxy, reader)
+            # Explicit if the pod or the node says so (they agree when the injector wrote both).
+            captured = workload.capture and proxy.claim.capture
+            if captured:
+                built = self._capture_sidecar(proxy, workload, reader)
+                # The clusters its chains name: the same for every proxy, shared by name.
+                batch.put(self._static_clusters)
+            else:
+                built = self._sidecar(proxy, reader)
         self._replace(key, built, batch)
+        capture_proxies = self.published.capture_proxies
+        batch.on_publish(lambda: capture_proxies.add(key) if captured else capture_proxies.discard(key))
         return Built(translations=1)
 
     # What a proxy is ----------------------------------------------------------------------------
@@ -231,6 +261,50 @@ class ProxyBuilder:
             ))
         return {types.CLUSTER: clusters, types.ROUTE: routes, types.LISTENER: listeners}
 
+    def _capture_sidecar(self, proxy: Proxy, workload: Workload, reader: Reader) -> dict[str, list[Any]]:
+        """A sidecar whose pod's traffic is captured (translate/capture.py): the outbound
+        listener is its head plus the namespace's shared chains; inbound, the destination
+        port picks the app port."""
+        namespace, pod = proxy.key
+        ip = workload.ip or "127.0.0.1"
+        reader.derived("capture-chains", namespace)
+        head = capture.outbound_listener_head(
+            names.outbound_listener_name(namespace, pod), workload.outbound_port,
+            self.scopes.settings.outbound_traffic_policy,
+        )
+        outbound = Resource.from_bytes(
+            types.LISTENER, head.name,
+            capture.outbound_listener_bytes(head, self.scopes.capture_chains(namespace)),
+        )
+        entries = self.app_ports(workload, reader)
+        ports = self.distinct_ports(entries)
+        clusters: list[Any] = [inbound_cluster(namespace, pod, ip, p, proto) for p, proto in ports]
+        policies = {s.key: spec for _, _, s, _ in entries if (spec := reader.policy(s.key)) is not None}
+        routes: list[Any] = []
+        app_ports: list[capture.InboundPort] = []
+        for port, protocol in ports:
+            security = reader.inbound(workload, [(port, protocol)])
+            mode = security.http_modes[port] if protocol.is_http else security.tcp_mode
+            route_name = None
+            if protocol.is_http:
+                route_name = names.inbound_port_route_name(port, namespace, pod)
+                backed = [(s, dataclasses.replace(sp, target_port=p)) for p, _, s, sp in entries if p == port]
+                config = inbound_route_configuration(
+                    route_name, [(port, protocol)], backed, policies, namespace=namespace, pod=pod
+                )
+                routes.extend(secure_inbound_routes(config, security, namespace=namespace, pod=pod)[:1])
+            app_ports.append(capture.InboundPort(
+                port=port, http=protocol.is_http, mode=mode, authz=security.authz.get(port, PortAuthz()),
+                cluster=names.inbound_cluster_name(port, namespace, pod), route=route_name,
+            ))
+        # Ports no service names reach the app as they are, unless the workload is STRICT.
+        passthrough = reader.mode(workload, None).accepts_plaintext
+        inbound = capture.inbound_listener(
+            names.inbound_listener_name(namespace, pod), workload.inbound_port, app_ports,
+            self.trust_domain, passthrough,
+        )
+        return {types.CLUSTER: clusters, types.ROUTE: routes, types.LISTENER: [outbound, inbound]}
+
     def _proxyless_listeners(self, proxy: Proxy, reader: Reader) -> list[Message]:
         """An xDS-enabled gRPC server's listeners: one per app port (from the services it
         backs) and container port, with the port's mTLS mode and authorization."""
@@ -250,7 +324,9 @@ class ProxyBuilder:
         """Write the proxy's resources, removing those it no longer has."""
         owned = self._owned.setdefault(key, {})
         for type_url in (types.CLUSTER, types.ROUTE, types.LISTENER):
-            resources = [Resource.from_message(m) for m in built.get(type_url, ())]
+            resources = [
+                m if isinstance(m, Resource) else Resource.from_message(m) for m in built.get(type_url, ())
+            ]
             new = {r.name for r in resources}
             old = owned.get(type_url, set())
             batch.put(resources)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..model.mesh import Namespace, Service
+from .capture import OutboundTrafficPolicy
 
 TENANT_LABEL = "xds-server.io/tenant"
 EXPORT_ANNOTATION = "xds-server.io/export-to"
@@ -19,6 +20,8 @@ class ScopeSettings:
     # any pod may reach any Service), "." only in its own namespace.
     default_export_to: tuple[str, ...] = ("*",)
     tenant_label: str = TENANT_LABEL
+    # Where a capture-mode sidecar sends a connection to an address the mesh does not know.
+    outbound_traffic_policy: OutboundTrafficPolicy = OutboundTrafficPolicy.ALLOW_ANY
 
 
 def tenant_of(namespace: str, namespaces: Mapping[str, Namespace], settings: ScopeSettings) -> str | None:

@@ -1,5 +1,7 @@
-"""Namespace scopes: what every proxy of one namespace sees of the shared resources, and
-that namespace's outbound route configuration (a byte join of its services' virtual hosts).
+"""Namespace scopes: what every proxy of one namespace sees of the shared resources, that
+namespace's outbound route configuration (a byte join of its services' virtual hosts), and
+the filter chains of its capture-mode outbound listeners (a byte join of its services'
+ClusterIP chains, plus its visible endpoints' pod-IP chains: translate/capture.py).
 
 A scope exists while a proxy of its namespace is connected. It reads every service, every
 service's virtual hosts and cluster names and every namespace (`read_each`), so a change of
@@ -12,6 +14,7 @@ services never holds the event loop; nothing is published until the whole scope 
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -20,7 +23,7 @@ from typing import Protocol
 from ..model.mesh import ServiceKey
 from ..xds import types
 from ..xds.resource import Resource
-from . import names
+from . import capture, names
 from .batch import Batch
 from .dependencies import Parts
 from .index import ModelIndex
@@ -35,6 +38,10 @@ _by_name = attrgetter("namespace", "name")  # ServiceKey's order, as a C-compare
 
 # Services whose visibility one slice of a whole recomputation checks.
 RESCAN_CHUNK = 2000
+
+# What a scope keeps of one visible service: its encoded virtual hosts, cluster names,
+# encoded capture chains and endpoints' pod IPs, as of its check.
+Member = tuple[bytes, list[str], bytes, frozenset[capture.PodIp]]
 
 
 class ScopeMembers(Protocol):
@@ -53,9 +60,9 @@ class _Rescan:
     clusters_before: list[str]
     position: int = 0
     finalized: bool = False  # every service checked and the scope rebuilt: publish next
-    # Each visible service's encoded virtual hosts and cluster names, as of its check (a
-    # later change to them reaches the scope as a part, and is checked again).
-    visible: dict[ServiceKey, tuple[bytes, list[str]]] = field(default_factory=dict)
+    # Each visible service's Member, as of its check (a later change to it reaches the
+    # scope as a part, and is checked again).
+    visible: dict[ServiceKey, Member] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +73,10 @@ class _Scope:
     entries: list[bytes] = field(default_factory=list)  # their encoded virtual hosts, in order
     member_clusters: dict[ServiceKey, list[str]] = field(default_factory=dict)
     clusters: list[str] = field(default_factory=list)  # sorted cluster names of `services`
+    chains: list[bytes] = field(default_factory=list)  # their encoded capture chains, in order
+    member_pod_ips: dict[ServiceKey, frozenset[capture.PodIp]] = field(default_factory=dict)
+    pod_ips: Counter[capture.PodIp] = field(default_factory=Counter)  # over `services`
+    capture_body: bytes | None = None  # the joined chains, made when a proxy asks
     rescan: _Rescan | None = None  # a whole recomputation part way through
 
     @property
@@ -88,6 +99,18 @@ class ScopeBuilder:
         self._scopes: dict[str, _Scope] = {}
         self._views: dict[str, ScopeView] = {}
 
+    def capture_chains(self, namespace: str) -> bytes:
+        """The filter chains (encoded) of the namespace's capture-mode outbound listeners:
+        every visible service's ClusterIP chains, then the pod-IP chains of their endpoints.
+        Joined on the first ask after a change (read by proxies after `capture-chains`)."""
+        scope = self._scopes.get(namespace)
+        if scope is None:
+            return b""
+        if scope.capture_body is None:
+            pod_ips = capture.encode_chains(capture.pod_ip_chains(scope.pod_ips))
+            scope.capture_body = b"".join([*scope.chains, pod_ips])
+        return scope.capture_body
+
     def services_of(self, namespace: str) -> set[ServiceKey]:
         """The services the scope sees (as built; read by proxies after `scope-services`)."""
         scope = self._scopes.get(namespace)
@@ -105,7 +128,7 @@ class ScopeBuilder:
             batch.remove(types.ROUTE, [scope.route_name])
             batch.on_publish(lambda: self.published.scopes.pop(namespace, None))
             return Built(alive=False)
-        for lookup in ("service", "vhosts", "clusters", "namespace"):
+        for lookup in ("service", "vhosts", "clusters", "capture", "namespace"):
             reader.read_each(lookup)
         if scope is None:
             scope = self._scopes[namespace] = _Scope(namespace)
@@ -142,10 +165,13 @@ class ScopeBuilder:
             before, clusters_before = frozenset(scope.services), list(scope.clusters)
             changed = self._rescope_services(scope, keys)
         gained_or_lost = before ^ scope.services
+        capture_changed = scope.capture_body is None
         if changed or gained_or_lost or scope.clusters != clusters_before or namespace not in self._views:
             self._publish(scope, batch, gained_or_lost, scope.clusters != clusters_before)
-        emits = frozenset({("scope-services", namespace)}) if gained_or_lost else frozenset()
-        return Built(emits)
+        emits = {("scope-services", namespace)} if gained_or_lost else set()
+        if capture_changed:
+            emits.add(("capture-chains", namespace))
+        return Built(frozenset(emits))
 
     def _changed_services(self, parts: Parts) -> set[ServiceKey] | None:
         """The services to re-check, or None to recompute the scope from every service (a
@@ -168,8 +194,14 @@ class ScopeBuilder:
     def _entry(self, scope: _Scope, key: ServiceKey) -> bytes:
         return self.outputs.vhosts.get((key, key.namespace == scope.namespace), b"")
 
-    def _member(self, scope: _Scope, key: ServiceKey) -> tuple[bytes, list[str]]:
-        return self._entry(scope, key), self.outputs.clusters.get(key, [])
+    def _chains(self, scope: _Scope, key: ServiceKey) -> bytes:
+        return self.outputs.capture_chains.get((key, key.namespace == scope.namespace), b"")
+
+    def _member(self, scope: _Scope, key: ServiceKey) -> Member:
+        return (
+            self._entry(scope, key), self.outputs.clusters.get(key, []), self._chains(scope, key),
+            self.outputs.pod_ips.get(key, frozenset()),
+        )
 
     def _scan(self, scope: _Scope, rescan: _Rescan) -> bool:
         """Check the next slice of services; True when every one has been checked."""
@@ -186,13 +218,17 @@ class ScopeBuilder:
         rescan.position = end
         return end == len(rescan.todo)
 
-    def _rescope(self, scope: _Scope, members: dict[ServiceKey, tuple[bytes, list[str]]]) -> bool:
+    def _rescope(self, scope: _Scope, members: dict[ServiceKey, Member]) -> bool:
         scope.services = set(members)
         # Sorted by plain tuples: the dataclass's own __lt__ is a Python call per comparison.
         scope.ordered = sorted(members, key=_by_name)
         scope.entries = [members[key][0] for key in scope.ordered]
         scope.member_clusters = {key: members[key][1] for key in scope.ordered}
-        scope.clusters = sorted([name for _, names_ in members.values() for name in names_])
+        scope.clusters = sorted([name for member in members.values() for name in member[1]])
+        scope.chains = [members[key][2] for key in scope.ordered]
+        scope.member_pod_ips = {key: member[3] for key, member in members.items() if member[3]}
+        scope.pod_ips = Counter(ip for ips in scope.member_pod_ips.values() for ip in ips)
+        scope.capture_body = None
         return True
 
     def _rescope_services(self, scope: _Scope, keys: Iterable[ServiceKey]) -> bool:
@@ -203,18 +239,34 @@ class ScopeBuilder:
             i = bisect.bisect_left(scope.ordered, _by_name(key), key=_by_name)
             if was and not now:
                 scope.services.discard(key)
-                del scope.ordered[i], scope.entries[i]
+                del scope.ordered[i], scope.entries[i], scope.chains[i]
                 changed = True
+                scope.capture_body = None
             elif now and not was:
                 scope.services.add(key)
                 scope.ordered.insert(i, key)
                 scope.entries.insert(i, self._entry(scope, key))
+                scope.chains.insert(i, self._chains(scope, key))
                 changed = True
+                scope.capture_body = None
             elif now:
                 entry = self._entry(scope, key)
                 if scope.entries[i] != entry:
                     scope.entries[i] = entry
                     changed = True
+                chains = self._chains(scope, key)
+                if scope.chains[i] != chains:
+                    scope.chains[i] = chains
+                    scope.capture_body = None
+            old_ips = scope.member_pod_ips.pop(key, frozenset()) if was else frozenset()
+            new_ips = self.outputs.pod_ips.get(key, frozenset()) if now else frozenset()
+            if new_ips:
+                scope.member_pod_ips[key] = new_ips
+            if old_ips != new_ips:
+                scope.pod_ips.subtract(old_ips)
+                scope.pod_ips.update(new_ips)
+                scope.pod_ips += Counter()  # drop the zero counts
+                scope.capture_body = None
             old_names = scope.member_clusters.pop(key, []) if was else []
             new_names = self.outputs.clusters.get(key, []) if now else []
             if now:

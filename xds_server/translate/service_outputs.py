@@ -7,6 +7,9 @@
   assignments       one ClusterLoadAssignment per service port
   proxyless         its clusters reshaped for gRPC, while a proxyless proxy is connected
   vhosts            its virtual hosts (encoded), as seen from its own namespace and others
+  capture           what capture-mode sidecars need of it (translate/capture.py): its
+                    ClusterIP's filter chains (encoded, both forms), a route configuration
+                    per HTTP port for traffic by address, and its endpoints' pod IPs
 
 Each is one builder over the "service" family: a new Service gets all of them, and each
 rebuilds when something it read changed (translate/reads.py records what that is).
@@ -24,7 +27,7 @@ from envoy.config.route.v3 import route_pb2
 from ..model.mesh import EndpointSlice, Service, ServiceKey, ServicePort, Workload
 from ..xds import types
 from ..xds.resource import Resource
-from . import proxyless
+from . import capture, proxyless
 from .batch import Batch
 from .clusters import service_cluster
 from .dependencies import Parts
@@ -48,6 +51,10 @@ class ServiceOutputs:
     vhosts: dict[tuple[ServiceKey, bool], bytes] = field(default_factory=dict)  # (key, local)
     proxyless: dict[ServiceKey, list[str]] = field(default_factory=dict)
     proxyless_connected: bool = False  # set by the proxy registry
+    capture_connected: bool = False  # a capture-mode sidecar is: set by the proxy registry
+    capture_chains: dict[tuple[ServiceKey, bool], bytes] = field(default_factory=dict)  # (key, local)
+    pod_ips: dict[ServiceKey, frozenset[capture.PodIp]] = field(default_factory=dict)
+    destination_routes: dict[ServiceKey, list[str]] = field(default_factory=dict)
 
 
 def _key(arg: Hashable) -> ServiceKey:
@@ -262,6 +269,108 @@ class VirtualHostsBuilder:
             ))
         encoded = route_pb2.RouteConfiguration(virtual_hosts=hosts).SerializeToString(deterministic=True)
         return encoded, len(hosts)
+
+
+class CaptureBuilder:
+    """A service as capture-mode sidecars reach it by ClusterIP: its chains and a route
+    configuration per HTTP port, from its virtual hosts. Built while a capture-mode sidecar
+    is connected (a mesh of explicit-mode sidecars pays nothing for it)."""
+
+    kind, phase, family = "capture", 2, "service"
+
+    def __init__(self, outputs: ServiceOutputs, published: Published) -> None:
+        self.outputs = outputs
+        self.published = published
+
+    def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
+        key = _key(arg)
+        reader.derived("capture-connected")
+        service = reader.service(key)
+        old_routes = self.outputs.destination_routes.get(key, [])
+        owners = self.published.route_owner
+        if service is None or not self.outputs.capture_connected:
+            changed = False
+            for local in (True, False):
+                changed = self.outputs.capture_chains.pop((key, local), None) is not None or changed
+            self.outputs.destination_routes.pop(key, None)
+            batch.remove(types.ROUTE, old_routes)
+            if old_routes:
+                batch.on_publish(lambda: [owners.pop(n, None) for n in old_routes])
+            emits = frozenset({("capture", key)}) if changed else frozenset()
+            return Built(emits, alive=service is not None)
+        reader.derived("vhosts", key)
+        service = _routable(service, reader)
+        local_routes = capture.destination_routes(self.outputs.vhosts.get((key, True), b""), key, consumers=False)
+        remote_routes = capture.destination_routes(self.outputs.vhosts.get((key, False), b""), key, consumers=True)
+        routes: list[route_pb2.RouteConfiguration] = list(local_routes.values())
+        remote_names: dict[int, str] = {}
+        for port, config in remote_routes.items():
+            same = local_routes.get(port)
+            if same is not None and list(same.virtual_hosts) == list(config.virtual_hosts):
+                remote_names[port] = same.name  # no consumer route: one configuration serves all
+            else:
+                remote_names[port] = config.name
+                routes.append(config)
+        changed = False
+        for local, route_names in ((True, {p: c.name for p, c in local_routes.items()}), (False, remote_names)):
+            entry = capture.encode_chains(capture.service_chains(service, route_names))
+            if self.outputs.capture_chains.get((key, local)) != entry:
+                self.outputs.capture_chains[(key, local)] = entry
+                changed = True
+        resources = [Resource.from_message(c) for c in routes]
+        new = sorted(r.name for r in resources)
+        gone = set(old_routes) - set(new)
+        batch.put(resources)
+        batch.remove(types.ROUTE, gone)
+        self.outputs.destination_routes[key] = new
+
+        def publish() -> None:
+            for name in gone:
+                owners.pop(name, None)
+            for name in new:
+                owners[name] = key
+
+        batch.on_publish(publish)
+        return Built(frozenset({("capture", key)}) if changed else frozenset(), translations=len(routes))
+
+
+class PodIpsBuilder:
+    """A service's endpoints as capture-mode sidecars reach them by pod IP: (IP, port,
+    whether it accepts mTLS). A readiness flip leaves them as they are: nothing follows."""
+
+    kind, phase, family = "pod-ips", 1, "service"
+
+    def __init__(self, outputs: ServiceOutputs, mtls: bool) -> None:
+        self.outputs = outputs
+        self.mtls = mtls
+
+    def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
+        key = _key(arg)
+        reader.derived("capture-connected")
+        service = reader.service(key)
+        found: frozenset[capture.PodIp] = frozenset()
+        if service is not None and self.outputs.capture_connected:
+            found = self._pod_ips(service, reader)
+        before = self.outputs.pod_ips.get(key, frozenset())
+        if found:
+            self.outputs.pod_ips[key] = found
+        else:
+            self.outputs.pod_ips.pop(key, None)
+        emits = frozenset({("capture", key)}) if found != before else frozenset()
+        return Built(emits, alive=service is not None)
+
+    def _pod_ips(self, service: Service, reader: Reader) -> frozenset[capture.PodIp]:
+        out: set[capture.PodIp] = set()
+        for endpoint_slice in reader.slices(service.key):
+            for port in service.ports:
+                target = slice_port(port, endpoint_slice)
+                if target is None:
+                    continue
+                for endpoint in endpoint_slice.endpoints:
+                    owner = reader.workload(service.namespace, endpoint.pod, endpoint.address)
+                    mtls = self.mtls and owner is not None and reader.endpoint_mtls(owner, target)
+                    out.add((endpoint.address, target, mtls))
+        return frozenset(out)
 
 
 def _routable(service: Service, reader: Reader) -> Service:

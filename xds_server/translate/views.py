@@ -42,6 +42,9 @@ class Published:
     scopes: dict[str, ScopeView] = field(default_factory=dict)
     # Service clusters reshaped for gRPC, by name (translate/proxyless.py `client_cluster`).
     proxyless_clusters: dict[str, Resource] = field(default_factory=dict)
+    # Route configurations of one service port reached by address (translate/capture.py).
+    route_owner: dict[str, ServiceKey] = field(default_factory=dict)
+    capture_proxies: set[ProxyKey] = field(default_factory=set)  # the sidecars that use them
 
     def scope(self, namespace: str) -> ScopeView:
         scope = self.scopes.get(namespace)
@@ -73,8 +76,12 @@ class ProxyView:
             service = published.cluster_owner.get(name)
             if service is not None:
                 return service in self._scope.services
-        elif type_url == types.ROUTE and name.startswith("outbound|http|"):
-            return name == names.outbound_route_name(self._proxy[0])
+        elif type_url == types.ROUTE:
+            if name.startswith("outbound|http|"):
+                return name == names.outbound_route_name(self._proxy[0])
+            service = published.route_owner.get(name)
+            if service is not None:
+                return self._proxy in published.capture_proxies and service in self._scope.services
         elif type_url == types.SECRET:
             return False  # secrets are issued per identity by the CA, never shared
         return True  # raw resources (--resources) are for every proxy

@@ -191,9 +191,9 @@ class XdsServer:
             raise OSError(f"cannot listen on {self.settings.address}: address in use or not local") from err
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.address}")
-        if self.settings.unix_socket:
-            if server.add_insecure_port(f"unix:{self.settings.unix_socket}") == 0:
-                raise OSError(f"cannot listen on the Unix socket {self.settings.unix_socket}")
+        unix = self.settings.unix_socket
+        if unix and server.add_insecure_port(f"unix:{unix}") == 0:
+            raise OSError(f"cannot listen on the Unix socket {unix}")
         await server.start()
         if self.settings.unix_socket:
             os.chmod(self.settings.unix_socket, 0o666)  # sidecars run as their own UID

@@ -1,0 +1,289 @@
+"""Capture mode: the listeners of a sidecar whose pod's traffic is sent to it by iptables
+(`xds-server iptables`), routed by each connection's original destination.
+
+Outbound (0.0.0.0:15001): the `original_dst` listener filter restores the address the app
+dialled, and filter chains are matched on it (Envoy matches destination port, then IP):
+
+  ClusterIP:port of a visible service  HTTP ports: an HCM whose route configuration holds
+                                       only that service port's routes (domain `*`), so the
+                                       address dialled picks the service, never the Host
+                                       header; TCP ports: tcp_proxy to the service's cluster;
+  pod IP:port of a visible endpoint    tcp_proxy to the original destination, over mTLS when
+                                       that endpoint accepts it (headless Services,
+                                       StatefulSet pods, a pod IP dialled directly: the
+                                       routes of a Service apply to its ClusterIP only);
+  anything else                        the outbound traffic policy: ALLOW_ANY passes it
+                                       through, REGISTRY_ONLY closes it.
+
+The service and pod-IP chains are the same for every proxy of a namespace: each service's
+chains are encoded once (ServiceOutputs), the namespace's are a byte join (scopes.py), and a
+proxy's listener is its own small head plus that join.
+
+Inbound (0.0.0.0:15006): the destination port picks the app port; per port, mTLS and
+authorization as the port's mode says; a port no service names passes through to the app.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from google.protobuf import wrappers_pb2
+
+from ..model.mesh import Service, ServiceKey
+from ..model.security import MtlsMode
+from . import names, rbac
+from . import tls as tls_contexts
+from .clusters import duration, pack
+from .http_filters import inbound_http_filters, outbound_http_filters
+from .listeners import http_manager, socket, tcp_proxy
+
+ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
+TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
+# Istio's names: operators know them from `istioctl proxy-config cluster`.
+PASSTHROUGH = "PassthroughCluster"
+PASSTHROUGH_MTLS = "PassthroughCluster|mtls"
+BLACKHOLE = "BlackHoleCluster"
+INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
+STATIC_CLUSTERS = (PASSTHROUGH, PASSTHROUGH_MTLS, BLACKHOLE, INBOUND_PASSTHROUGH)
+ANY_ADDRESS = "0.0.0.0"
+
+
+class OutboundTrafficPolicy(str, Enum):
+    """Where a connection to an address the mesh does not know goes (Istio's meshConfig
+    outboundTrafficPolicy.mode)."""
+
+    ALLOW_ANY = "ALLOW_ANY"  # through, to the address dialled
+    REGISTRY_ONLY = "REGISTRY_ONLY"  # closed
+
+
+# ------------------------------------------------------------------------------- outbound
+
+
+def destination_route_name(key: ServiceKey, port: int, *, consumers: bool = False) -> str:
+    """The route configuration of one service port as reached by its ClusterIP, e.g.
+    `outbound|80||api.shop.svc.cluster.local`; `consumers`: the copy for clients outside the
+    service's namespace when consumer routes (GEP-1294) make it differ."""
+    return names.cluster_name(key, port) + ("|consumers" if consumers else "")
+
+
+def destination_routes(
+    encoded_vhosts: bytes, key: ServiceKey, *, consumers: bool
+) -> dict[int, route_pb2.RouteConfiguration]:
+    """Per HTTP service port, a route configuration with that port's virtual host (as built
+    for the Host-header mode, VirtualHostsBuilder) answering every Host: reached by address,
+    the Host header cannot pick another service."""
+    out: dict[int, route_pb2.RouteConfiguration] = {}
+    for vhost in route_pb2.RouteConfiguration.FromString(encoded_vhosts).virtual_hosts:
+        port_text = vhost.name.rpartition(":")[2]
+        if not port_text.isdigit():
+            continue
+        port = int(port_text)
+        config = route_pb2.RouteConfiguration(name=destination_route_name(key, port, consumers=consumers))
+        config.validate_clusters.value = False
+        copy = config.virtual_hosts.add()
+        copy.CopyFrom(vhost)
+        del copy.domains[:]
+        copy.domains.append("*")
+        out[port] = config
+    return out
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def base_cidr(ip: str) -> address_pb2.CidrRange:
+    length = 128 if ipaddress.ip_address(ip).version == 6 else 32
+    return address_pb2.CidrRange(address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=length))
+
+
+def service_chains(service: Service, route_names: Mapping[int, str]) -> list[listener_components_pb2.FilterChain]:
+    """The chains of a service's ClusterIP: one per port (a duplicate port number, which
+    Kubernetes refuses, is skipped: Envoy would reject the whole listener)."""
+    ip = service.cluster_ip
+    if not ip or not _is_ip(ip):  # headless (None), or not validated by a source
+        return []
+    chains = []
+    seen: set[int] = set()
+    for port in service.ports:
+        if port.port in seen:
+            continue
+        seen.add(port.port)
+        stat = f"outbound|{port.port}||{service.key.fqdn}"
+        chain = listener_components_pb2.FilterChain(name=f"{ip}_{port.port}")
+        chain.filter_chain_match.destination_port.value = port.port
+        chain.filter_chain_match.prefix_ranges.append(base_cidr(ip))
+        route = route_names.get(port.port)
+        if port.app_protocol.is_http and route is not None:
+            chain.filters.append(http_manager(stat, route, outbound_http_filters()))
+        else:
+            chain.filters.append(tcp_proxy(stat, names.cluster_name(service.key, port.port)))
+        chains.append(chain)
+    return chains
+
+
+PodIp = tuple[str, int, bool]  # (pod IP, port, whether it accepts mTLS)
+
+
+def pod_ip_chains(entries: Iterable[PodIp]) -> list[listener_components_pb2.FilterChain]:
+    """Chains for endpoints dialled by pod IP: per port, those that accept mTLS and those
+    that do not, each passed through to the original destination."""
+    by_address: dict[tuple[int, str], bool] = {}
+    for ip, port, mtls in entries:
+        if not _is_ip(ip):  # a hostname endpoint (FQDN slices) has no address to match
+            continue
+        by_address[(port, ip)] = by_address.get((port, ip), False) or mtls
+    groups: dict[tuple[int, bool], list[str]] = {}
+    for (port, ip), mtls in sorted(by_address.items()):
+        groups.setdefault((port, mtls), []).append(ip)
+    chains = []
+    for (port, mtls), ips in sorted(groups.items()):
+        chain = listener_components_pb2.FilterChain(name=f"pod-ips_{port}" + ("_mtls" if mtls else ""))
+        chain.filter_chain_match.destination_port.value = port
+        chain.filter_chain_match.prefix_ranges.extend(base_cidr(ip) for ip in ips)
+        cluster = PASSTHROUGH_MTLS if mtls else PASSTHROUGH
+        chain.filters.append(tcp_proxy(f"outbound|{port}|pod-ip", cluster))
+        chains.append(chain)
+    return chains
+
+
+def encode_chains(chains: Iterable[listener_components_pb2.FilterChain]) -> bytes:
+    """Chains as `Listener.filter_chains` entries: listeners are then byte joins."""
+    encoded: bytes = listener_pb2.Listener(filter_chains=list(chains)).SerializeToString(deterministic=True)
+    return encoded
+
+
+def _original_dst() -> listener_components_pb2.ListenerFilter:
+    return listener_components_pb2.ListenerFilter(
+        name=ORIGINAL_DST_FILTER, typed_config=pack(original_dst_pb2.OriginalDst())
+    )
+
+
+def outbound_listener_head(name: str, port: int, policy: OutboundTrafficPolicy) -> listener_pb2.Listener:
+    """Everything of the outbound capture listener but the service and pod-IP chains."""
+    fallback = PASSTHROUGH if policy is OutboundTrafficPolicy.ALLOW_ANY else BLACKHOLE
+    listener = listener_pb2.Listener(
+        name=name,
+        address=socket(ANY_ADDRESS, port),
+        stat_prefix="outbound",
+        traffic_direction=base_pb2.OUTBOUND,
+        listener_filters=[_original_dst()],
+    )
+    listener.default_filter_chain.name = policy.value
+    listener.default_filter_chain.filters.append(tcp_proxy(policy.value, fallback))
+    return listener
+
+
+def outbound_listener_bytes(head: listener_pb2.Listener, chains: bytes) -> bytes:
+    encoded: bytes = head.SerializeToString(deterministic=True)
+    return encoded + chains
+
+
+# -------------------------------------------------------------------------------- inbound
+
+
+@dataclass(frozen=True)
+class InboundPort:
+    """One app port of the workload as the inbound capture listener serves it."""
+
+    port: int
+    http: bool
+    mode: MtlsMode
+    authz: rbac.PortAuthz
+    cluster: str
+    route: str | None  # HTTP ports: their route configuration
+
+
+def inbound_listener(
+    name: str, port: int, app_ports: Iterable[InboundPort], trust_domain: str, passthrough: bool
+) -> listener_pb2.Listener:
+    """Chains by destination port: per app port, mTLS (transport `tls`) and/or plaintext
+    (`raw_buffer`) as its mode accepts; `passthrough`: connections to other ports reach the
+    app as they are (plaintext only)."""
+    listener = listener_pb2.Listener(
+        name=name,
+        address=socket(ANY_ADDRESS, port),
+        stat_prefix="inbound",
+        traffic_direction=base_pb2.INBOUND,
+        listener_filters=[_original_dst()],
+    )
+    any_tls = False
+    for app in app_ports:
+        stat = f"inbound|{app.port}"
+        if app.http:
+            assert app.route is not None
+            filters = [http_manager(stat, app.route, rbac.http_filters() + inbound_http_filters())]
+        else:
+            filters = [*rbac.network_filters(app.authz, stat), tcp_proxy(stat, app.cluster)]
+        both = app.mode.accepts_tls and app.mode.accepts_plaintext
+        if app.mode.accepts_tls:
+            any_tls = True
+            chain = listener.filter_chains.add(name=f"{stat}|mtls")
+            chain.filter_chain_match.destination_port.value = app.port
+            chain.filter_chain_match.transport_protocol = "tls"
+            chain.filters.extend(filters)
+            context = tls_contexts.downstream_tls_context(trust_domain)
+            chain.transport_socket.CopyFrom(tls_contexts.transport_socket(context))
+        if app.mode.accepts_plaintext:
+            chain = listener.filter_chains.add(name=f"{stat}|plaintext")
+            chain.filter_chain_match.destination_port.value = app.port
+            if both:
+                chain.filter_chain_match.transport_protocol = "raw_buffer"
+            chain.filters.extend(filters)
+    if any_tls:
+        listener.listener_filters.append(
+            listener_components_pb2.ListenerFilter(
+                name=TLS_INSPECTOR, typed_config=pack(tls_inspector_pb2.TlsInspector())
+            )
+        )
+        # The inspector waits for bytes; a server-speaks-first protocol must not hang.
+        listener.listener_filters_timeout.CopyFrom(duration(1))
+        listener.continue_on_listener_filters_timeout = True
+    if passthrough:
+        listener.default_filter_chain.name = "inbound-passthrough"
+        listener.default_filter_chain.filters.append(tcp_proxy("inbound-passthrough", INBOUND_PASSTHROUGH))
+    return listener
+
+
+# ------------------------------------------------------------------------------- clusters
+
+
+def static_clusters(trust_domain: str, mtls: bool) -> list[cluster_pb2.Cluster]:
+    """The clusters the capture chains name: to the original destination (plain, and over
+    mTLS to any workload of the trust domain), a black hole, and the inbound passthrough."""
+
+    def original_dst(name: str) -> cluster_pb2.Cluster:
+        return cluster_pb2.Cluster(
+            name=name,
+            type=cluster_pb2.Cluster.ORIGINAL_DST,
+            lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+            connect_timeout=duration(10),
+        )
+
+    clusters = [original_dst(PASSTHROUGH), original_dst(INBOUND_PASSTHROUGH)]
+    blackhole = cluster_pb2.Cluster(name=BLACKHOLE, type=cluster_pb2.Cluster.STATIC, connect_timeout=duration(1))
+    clusters.append(blackhole)
+    if mtls:
+        secure = original_dst(PASSTHROUGH_MTLS)
+        context = tls_pb2.UpstreamTlsContext(
+            common_tls_context=tls_contexts.common_tls_context(
+                tls_contexts.SDS, [tls_contexts.trust_domain_matcher(trust_domain)], ()
+            )
+        )
+        secure.transport_socket.CopyFrom(tls_contexts.transport_socket(context))
+        clusters.append(secure)
+    return clusters
