@@ -56,7 +56,7 @@ from typing import IO, Any, Protocol, TypeVar
 import yaml
 
 from tests.support import netns
-from tests.support.envoy import EnvoyError, EnvoyProcess
+from tests.support.envoy import LISTENER_TYPE, EnvoyError, EnvoyProcess
 from tests.support.grpc_backend import GrpcBackend
 from tests.support.upstreams import HttpResponse, HttpUpstream, TcpEchoUpstream
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
@@ -1026,6 +1026,24 @@ class CaptureMesh:
         await asyncio.to_thread(envoy.start)
         await asyncio.to_thread(envoy.wait_ready, timeout)
         return pod
+
+    def sent(self, pod: NetPod, type_url: str = LISTENER_TYPE) -> dict[str, str]:
+        """{name: version} of the resources of `type_url` the server has sent the pod's
+        sidecar on its open stream(s) ({} when it has none)."""
+        out: dict[str, str] = {}
+        for conn in list(self.server.connections):
+            node = conn.state.node
+            if node is not None and node.id == f"{pod.name}.{pod.namespace}":
+                state = conn.state.types.get(type_url)
+                if state is not None:
+                    out.update(state.known or {r.name: r.version for r in state.last_full.values()})
+        return out
+
+    def connection_peers(self, pod: NetPod) -> list[str]:
+        """How the pod's sidecar streams reached the server (gRPC peer strings: "unix:..."
+        for the Unix socket)."""
+        return [c.peer for c in list(self.server.connections)
+                if c.state.node is not None and c.state.node.id == f"{pod.name}.{pod.namespace}"]
 
     async def until(
         self, probe: Callable[[], T], timeout: float = 10.0, message: str = "condition"
