@@ -156,9 +156,15 @@ async def test_an_app_reaching_its_own_pod_over_loopback_is_not_captured(tmp_pat
     async with CaptureMesh(tmp_path / "mesh") as mesh:
         pod = mesh.pod("shop", "api-1")
         await mesh.sidecar(pod)
-        assert pod.capture_rules()
+        assert pod.capture_rules() and pod.envoy is not None
+        envoy = pod.envoy
+
+        def accepted() -> int:
+            return sum(envoy.counters(r"^listener\..*downstream_cx_total$").values())
+
+        before = accepted()
         reply = pod.http("http://127.0.0.1:8080/self")
-        assert reply.status == 200 and reply.json["name"] == "api-1"
-        assert pod.backend is not None and reply.json["path"] == "/self"
-        local, peer = pod.app.connect("127.0.0.1", 8080)
-        assert peer == "127.0.0.1:8080"  # the app's backend itself, not port 15001
+        assert reply.status == 200 and reply.json["name"] == "api-1" and reply.json["path"] == "/self"
+        assert not any(h.startswith(("x-envoy-", "x-request-id")) for h in reply.json["headers"])
+        assert pod.tcp("127.0.0.1", 8080, b"GET /tcp HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")
+        assert accepted() == before  # no sidecar listener saw these connections
