@@ -131,6 +131,8 @@ async def test_a_sidecar_in_a_captured_pod_goes_live_over_the_unix_socket(tmp_pa
         api = mesh.pod("shop", "api-1", sidecar=False)
         client = mesh.pod("shop", "client")
         mesh.service("shop", "api", 80, pods=[api])
+        db = mesh.service("shop", "db", ports=[{"name": "tcp-db", "port": 5432, "targetPort": 8080}], pods=[api])
+        assert client.app.resolve("db") == [db.cluster_ip] and client.app.resolve(db.host) == [db.cluster_ip]
         assert any("REDIRECT" in rule for rule in client.capture_rules())
 
         await mesh.sidecar(client)

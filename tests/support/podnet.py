@@ -774,6 +774,7 @@ class PodEnvoy(EnvoyProcess):
         super().__init__(config, name=name, log_level=log_level, concurrency=concurrency,
                          drain_time_s=drain_time_s, extra_args=extra_args, workdir=workdir)
         self._own_dir = True  # made here: removed on stop (unless $KEEP_ENVOY_LOGS)
+        pod._stoppables.append(self)  # closing the pod (or its network) stops it too
 
     def command(self) -> list[str]:
         return self.pod.command(super().command(), self.uid, self.gid)
