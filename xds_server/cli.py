@@ -224,10 +224,16 @@ def _message_class(type_url: str) -> Any:
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A bearer token (`xds-server token create`, or a projected service-account "
                    "token) Envoy sends on its xDS streams. The bootstrap then holds a secret.")
+@click.option("--readiness-port", type=click.IntRange(0, 65535), default=0,
+              help="Serve GET /healthz/ready (Envoy's readiness) on this port of every address "
+                   "of the pod, for the kubelet's probes; 0: none.")
+@click.option("--interception", type=click.Choice(["capture", "explicit"]), default="capture",
+              help="How the pod's traffic reaches the sidecar: iptables capture, or the app "
+                   "sending to the outbound port (the pod's sidecar.xds-server.io/interception).")
 def bootstrap_command(
     namespace: str, service_account: str, pod: str, pod_ip: str, xds_address: str,
     admin_address: str, inbound_port: int, outbound_port: int, labels: tuple[str, ...], sotw: bool,
-    token_file: Path | None,
+    token_file: Path | None, readiness_port: int, interception: str,
 ) -> None:
     """Print an Envoy bootstrap (YAML) for one workload's sidecar."""
     import yaml
@@ -245,11 +251,13 @@ def bootstrap_command(
         xds_address=xds_address, admin_address=admin_address, inbound_port=inbound_port,
         outbound_port=outbound_port, labels=label_map, delta=not sotw,
         token=token_file.read_text().strip() if token_file is not None else None,
+        readiness_port=readiness_port, interception=interception,
     )
     try:
         bootstrap = sidecar_bootstrap(spec)
     except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--token-file") from None
+        hint = "--readiness-port" if str(err).startswith("--readiness-port") else "--token-file"
+        raise click.BadParameter(str(err).removeprefix("--readiness-port: "), param_hint=hint) from None
     click.echo(yaml.safe_dump(bootstrap, sort_keys=False))
 
 
