@@ -314,6 +314,59 @@ def iptables_command(dry_run: bool, cleanup: bool, **options: Any) -> None:
         raise click.ClickException(str(err)) from None
 
 
+@main.command("inject")
+@click.option("-f", "--filename", "source", required=True, type=click.File("r", encoding="utf-8"),
+              help="Kubernetes YAML (several documents); '-' reads standard input.")
+@click.option("-o", "--output", type=click.File("w", encoding="utf-8", atomic=True), default="-",
+              help="Where to write the result ('-': standard output).")
+@click.option("--proxy-image", default=None, help="The sidecar's image (xds-server, Envoy, iptables).  "
+              "[default: xds-server-proxy:<version>]")
+@click.option("--init-image", default="", help="The capture init container's image.  [default: --proxy-image]")
+@click.option("--xds-address", default=None, callback=lambda c, p, v: v if v is None else _address(c, p, v),
+              help="Where sidecars reach the server.  [default: xds-server.xds-system.svc:15010]")
+@click.option("--token-audience", default=None,
+              help="Audience of the service-account token the sidecar sends ('' for none).  "
+                   "[default: xds-server]")
+@click.option("--image-pull-policy", type=click.Choice(["Always", "IfNotPresent", "Never"]),
+              default="IfNotPresent")
+def inject_command(source: Any, output: Any, proxy_image: str | None, init_image: str,
+                   xds_address: str | None, token_audience: str | None,
+                   image_pull_policy: str) -> None:
+    """Add the Envoy sidecar and its capture init container to workloads (as istioctl kube-inject).
+
+    Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, ReplicationControllers, Jobs and
+    CronJobs are injected (pods annotated sidecar.xds-server.io/inject: "false" and
+    hostNetwork pods are left alone); every other object passes through unchanged. Injecting
+    an injected workload again replaces what the first injection added.
+    """
+    import yaml
+
+    from .inject.settings import InjectorSettings
+    from .inject.workloads import DocumentError, inject_documents
+
+    defaults = InjectorSettings()
+    try:
+        settings = InjectorSettings(
+            proxy_image=proxy_image or defaults.proxy_image, init_image=init_image,
+            xds_address=xds_address or defaults.xds_address,
+            token_audience=defaults.token_audience if token_audience is None else token_audience,
+            image_pull_policy=image_pull_policy,
+        ).check()
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    name = getattr(source, "name", "input")
+    try:
+        documents, results = inject_documents(source.read(), settings)
+    except DocumentError as err:
+        raise click.ClickException(f"{name}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise click.ClickException(f"{name}: not UTF-8 text ({err.reason})") from None
+    output.write(yaml.safe_dump_all(documents, sort_keys=False) if documents else "")
+    for result in results:
+        if result.outcome is not None and not result.outcome.injected:
+            click.echo(f"skipped {result.kind} {result.name}: {result.outcome.reason}", err=True)
+
+
 @main.command("demo")
 @click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="The demo mesh (Kubernetes-shaped YAML).  [default: examples/demo]")

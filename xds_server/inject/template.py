@@ -48,10 +48,10 @@ from .settings import VERSION, InjectorSettings
 __all__ = [
     "CAPTURE_ANNOTATIONS",
     "INIT_CONTAINER",
-    "InjectionError",
-    "Outcome",
     "SIDECAR_CONTAINER",
     "STATUS_ANNOTATION",
+    "InjectionError",
+    "Outcome",
     "capture_command",
     "inject_pod",
 ]

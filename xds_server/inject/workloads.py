@@ -16,8 +16,14 @@ import yaml
 from .settings import InjectorSettings
 from .template import InjectionError, Outcome, inject_pod
 
-__all__ = ["DocumentError", "POD_TEMPLATES", "Injected", "inject_documents", "inject_object",
-           "template_path"]
+__all__ = [
+    "POD_TEMPLATES",
+    "DocumentError",
+    "Injected",
+    "inject_documents",
+    "inject_object",
+    "template_path",
+]
 
 # kind -> (API groups it is served in, path of its pod template; () for a Pod itself).
 POD_TEMPLATES: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
@@ -36,8 +42,8 @@ class DocumentError(ValueError):
     """A document that cannot be injected: its position (1-based), kind, name and field."""
 
     def __init__(self, index: int, kind: str, name: str, field: str, message: str) -> None:
-        what = f"{kind} {name}".strip() or "object"
-        where = f"document {index} ({what})"
+        what = f"{kind} {name}".strip()
+        where = f"document {index} ({what})" if what else f"document {index}"
         super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
         self.index, self.kind, self.name, self.field = index, kind, name, field
         self.message = message
@@ -121,8 +127,7 @@ def _replace(obj: dict[str, Any], path: tuple[str, ...], value: dict[str, Any]) 
     return out
 
 
-def inject_documents(text: str, settings: InjectorSettings, *,
-                     source: str = "input") -> tuple[list[Any], list[Injected]]:
+def inject_documents(text: str, settings: InjectorSettings) -> tuple[list[Any], list[Injected]]:
     """Every document of a YAML stream, injected; empty documents are dropped. Raises
     DocumentError (a YAML error names the document and the line)."""
     documents: list[Any] = []
@@ -141,7 +146,7 @@ def inject_documents(text: str, settings: InjectorSettings, *,
                 mark = getattr(err, "problem_mark", None)
                 where = f"line {mark.line + 1}" if mark is not None else ""
                 problem = getattr(err, "problem", None) or str(err)
-                raise DocumentError(index, "", "", where, f"not valid YAML ({source}): {problem}") from None
+                raise DocumentError(index, "", "", where, f"not valid YAML: {problem}") from None
             if document is None:
                 continue
             injected, done = inject_object(document, settings, index)
