@@ -318,7 +318,8 @@ def inject_pod(pod: Mapping[str, Any], settings: InjectorSettings, *,
     if inject not in (None, "true", "false"):
         raise InjectionError(_annotation_field(INJECT_ANNOTATION),
                              f'expected "true" or "false", got {inject!r}')
-    if inject == "false":
+    if inject == "false" or labels.get(INJECT_ANNOTATION) == "false":
+        # the label too: the webhook configuration's objectSelector filters on it
         return out, Outcome(False, f'{INJECT_ANNOTATION}: "false"')
     if spec.get("hostNetwork") is True:
         return out, Outcome(False, "hostNetwork: the capture rules would apply to the node")
