@@ -408,3 +408,48 @@ async def test_a_missing_or_changed_configuration_is_repaired(
             stop.set()
             await task
             api.close()
+
+
+# The injected sidecar's readiness endpoint, with a real Envoy and server -----------------------
+
+
+@pytest.mark.envoy
+async def test_the_readiness_port_answers_with_envoys_readiness(tmp_path: Path) -> None:
+    """What the injected probes hit: `/healthz/ready` on the readiness port is 200 once Envoy
+    has its config from the server (Envoy's /ready), and nothing else is served there."""
+    import urllib.error
+    import urllib.request
+
+    from tests.support.envoy import EnvoyProcess
+    from tests.support.net import free_port
+    from xds_server.app import AppConfig, start_app
+    from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
+    from xds_server.xds.server import ServerSettings
+
+    running = await start_app(AppConfig(
+        server=ServerSettings(address="127.0.0.1:0", debounce_quiet=0),
+        source=ROOT / "examples" / "demo"))
+    ready_port, admin_port = free_port(), free_port()
+    bootstrap = sidecar_bootstrap(SidecarSpec(
+        namespace="demo", service_account="frontend", pod="frontend-0", pod_ip="127.0.10.2",
+        xds_address=running.address, admin_address=f"127.0.0.1:{admin_port}",
+        readiness_port=ready_port, interception="explicit"))
+
+    def get(path: str, method: str = "GET") -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{ready_port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    envoy = EnvoyProcess(bootstrap, name="injected", workdir=tmp_path / "envoy")
+    try:
+        await asyncio.to_thread(envoy.start)
+        await asyncio.to_thread(envoy.wait_ready)
+        assert await asyncio.to_thread(get, "/healthz/ready") == 200
+        assert await asyncio.to_thread(get, "/stats") == 404  # the admin API is not exposed
+        assert await asyncio.to_thread(get, "/healthz/ready", "POST") == 404
+    finally:
+        await asyncio.to_thread(envoy.stop)
+        await running.close(0.1)
