@@ -24,6 +24,7 @@ from .xds.cache import ResourceCache
 from .xds.server import ServerSettings, XdsServer
 
 if TYPE_CHECKING:
+    from .inject.settings import WebhookSettings
     from .security import SecurityConfig
     from .sources.kubernetes import KubeSettings
 
@@ -55,6 +56,8 @@ class AppConfig:
     # Mesh mTLS/authorization defaults (--mtls-mode, --root-namespace, --default-deny); mTLS
     # itself is on only when proxies can get certificates (see `mesh_security`).
     mesh_security: SecuritySettings | None = None
+    # The sidecar-injection admission webhook (HTTPS, a mesh-CA certificate), when set.
+    webhook: WebhookSettings | None = None
 
 
 def tune_gc() -> None:
@@ -86,6 +89,7 @@ class RunningApp:
     # security.Security: the CA (authority, issuer, registry, rotation), authentication and
     # SDS; `status()` and `start_root_rotation()` for the admin API.
     ca: Any = None
+    webhook: Any = None  # the inject.webhook.WebhookServer, when the webhook runs
 
     @property
     def address(self) -> str:
@@ -97,6 +101,8 @@ class RunningApp:
         self.stop_event.set()
         if self.admin is not None:
             await self.admin.close()
+        if self.webhook is not None:
+            await self.webhook.close()
         await self.server.stop(grace)
         for task in self.tasks:
             task.cancel()
@@ -201,6 +207,12 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     running = RunningApp(server, cache, store, stop, tasks, kube, sources, ca=security)
+    if config.webhook is not None:
+        try:
+            running.webhook = await _start_webhook(config, security, stop, tasks)
+        except BaseException:
+            await running.close(0)
+            raise
     if config.admin is not None:
         from .admin.server import start_admin
 
@@ -210,6 +222,45 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
             await running.close(0)
             raise
     return running
+
+
+async def _start_webhook(config: AppConfig, security: Any, stop: asyncio.Event,
+                         tasks: list[asyncio.Task]) -> Any:
+    """The injection webhook, with a certificate from the mesh CA; with a cluster, the
+    MutatingWebhookConfiguration's caBundle kept on the CA's roots."""
+    from .config import ConfigError
+    from .inject.webhook import on_ca_change, start_webhook
+
+    assert config.webhook is not None
+    authority = getattr(security, "authority", None)
+    if authority is None:
+        raise ConfigError("--webhook-address: the webhook's certificate comes from the mesh CA: "
+                          "run with --auth tokens or insecure-node-metadata")
+    key_algorithm = config.security.key_algorithm if config.security is not None else "ec-p256"
+    webhook = await start_webhook(config.webhook, authority, registry=security.registry,
+                                  key_algorithm=key_algorithm)
+    if config.kubernetes is not None and config.webhook.configuration:
+        from .inject.ca_bundle import CaBundleSync
+        from .sources.kube_api import KubeApi, make_api_client
+
+        try:
+            api = KubeApi(make_api_client(config.kubernetes.kubeconfig,
+                                          in_cluster=config.kubernetes.in_cluster or None))
+        except BaseException:
+            await webhook.close()
+            raise
+        sync = CaBundleSync(api, config.webhook.configuration, lambda: authority.trust_bundle_pem)
+        on_ca_change(authority, sync.bundle_changed)
+        webhook.ca_bundle = sync
+
+        async def keep_ca_bundle() -> None:
+            try:
+                await sync.run(stop)
+            finally:
+                api.close()
+
+        tasks.append(asyncio.create_task(keep_ca_bundle(), name="webhook-ca-bundle"))
+    return webhook
 
 
 def mesh_security(config: AppConfig) -> SecuritySettings:

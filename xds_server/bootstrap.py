@@ -35,6 +35,10 @@ class SidecarSpec:
     # to the outbound port with the destination in Host): must match the pod's annotation.
     interception: str = "capture"
     token: str | None = field(default=None, repr=False)  # bearer token for the xDS server
+    # A port (0: none) where Envoy answers `GET /healthz/ready` from outside the pod: its admin
+    # `/ready` (200 once the first config is in place, 503 before), for the kubelet's probes,
+    # without exposing the admin interface. Istio's sidecars use 15021 for the same.
+    readiness_port: int = 0
 
 
 def _socket(address: str, setting: str) -> dict[str, Any]:
@@ -48,6 +52,51 @@ def _socket(address: str, setting: str) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+READINESS_PATH = "/healthz/ready"
+HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = "envoy.extensions.filters.http.router.v3.Router"
+
+
+def _readiness(spec: SidecarSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A static listener on all addresses of the pod answering only READINESS_PATH, with the
+    admin interface's `/ready`, and the cluster that reaches the admin address."""
+    if not 1 <= spec.readiness_port <= 65535:
+        raise ValueError(f"--readiness-port: {spec.readiness_port} is not a port (1-65535)")
+    taken = {spec.inbound_port, spec.outbound_port}
+    if not spec.admin_address.startswith("unix:"):
+        taken.add(parse_address(spec.admin_address, "--admin-address")[1])
+    if spec.readiness_port in taken:
+        raise ValueError(f"--readiness-port: {spec.readiness_port} is already a sidecar port")
+    routes = [
+        {"match": {"path": READINESS_PATH, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+         "route": {"cluster": "envoy-admin", "prefix_rewrite": "/ready", "timeout": "2s"}},
+        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+    ]
+    listener = {
+        "name": "readiness",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": spec.readiness_port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": f"type.googleapis.com/{HCM}",
+                "stat_prefix": "readiness",
+                "route_config": {"name": "readiness", "virtual_hosts": [
+                    {"name": "readiness", "domains": ["*"], "routes": routes}]},
+                "http_filters": [{"name": "envoy.filters.http.router",
+                                  "typed_config": {"@type": f"type.googleapis.com/{ROUTER}"}}],
+            },
+        }]}],
+    }
+    cluster = {
+        "name": "envoy-admin",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "envoy-admin", "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": _socket(spec.admin_address, "--admin-address")}}]}]},
+    }
+    return listener, cluster
+
+
 def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
     """A bootstrap dict (write it as YAML or JSON). The node metadata is what the server uses
     to know the proxy: namespace, service account, pod, pod IP, sidecar ports, labels."""
@@ -58,7 +107,7 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
             raise ValueError("the token must be one word (no spaces or newlines inside)")
         grpc_service["initial_metadata"] = [{"key": "authorization", "value": f"Bearer {token}"}]
     ads = {"ads": {}, "resource_api_version": "V3"}
-    return {
+    bootstrap: dict[str, Any] = {
         "node": {
             "id": f"{spec.pod}.{spec.namespace}",
             "cluster": f"{spec.service_account}.{spec.namespace}",
@@ -136,3 +185,8 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
             ]
         },
     }
+    if spec.readiness_port:
+        listener, cluster = _readiness(spec)
+        bootstrap["static_resources"]["listeners"] = [listener]
+        bootstrap["static_resources"]["clusters"].append(cluster)
+    return bootstrap

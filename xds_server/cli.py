@@ -223,17 +223,19 @@ def _message_class(type_url: str) -> Any:
 @click.option("--outbound-port", type=int, default=15001)
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--sotw", is_flag=True, help="State-of-the-world ADS instead of delta.")
-@click.option("--interception", type=click.Choice(["capture", "explicit"]), default="capture",
-              show_default=True,
-              help="How the pod's traffic reaches the sidecar: iptables capture (`xds-server "
-                   "iptables`), or explicit (the app sends to the outbound port, Host picks).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A bearer token (`xds-server token create`, or a projected service-account "
                    "token) Envoy sends on its xDS streams. The bootstrap then holds a secret.")
+@click.option("--readiness-port", type=click.IntRange(0, 65535), default=0,
+              help="Serve GET /healthz/ready (Envoy's readiness) on this port of every address "
+                   "of the pod, for the kubelet's probes; 0: none.")
+@click.option("--interception", type=click.Choice(["capture", "explicit"]), default="capture",
+              help="How the pod's traffic reaches the sidecar: iptables capture, or the app "
+                   "sending to the outbound port (the pod's sidecar.xds-server.io/interception).")
 def bootstrap_command(
     namespace: str, service_account: str, pod: str, pod_ip: str, xds_address: str,
     admin_address: str, inbound_port: int, outbound_port: int, labels: tuple[str, ...], sotw: bool,
-    interception: str, token_file: Path | None,
+    token_file: Path | None, readiness_port: int, interception: str,
 ) -> None:
     """Print an Envoy bootstrap (YAML) for one workload's sidecar."""
     import yaml
@@ -249,13 +251,15 @@ def bootstrap_command(
     spec = SidecarSpec(
         namespace=namespace, service_account=service_account, pod=pod, pod_ip=pod_ip,
         xds_address=xds_address, admin_address=admin_address, inbound_port=inbound_port,
-        outbound_port=outbound_port, labels=label_map, delta=not sotw, interception=interception,
+        outbound_port=outbound_port, labels=label_map, delta=not sotw,
         token=token_file.read_text().strip() if token_file is not None else None,
+        readiness_port=readiness_port, interception=interception,
     )
     try:
         bootstrap = sidecar_bootstrap(spec)
     except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--token-file") from None
+        hint = "--readiness-port" if str(err).startswith("--readiness-port") else "--token-file"
+        raise click.BadParameter(str(err).removeprefix("--readiness-port: "), param_hint=hint) from None
     click.echo(yaml.safe_dump(bootstrap, sort_keys=False))
 
 
@@ -310,6 +314,59 @@ def iptables_command(dry_run: bool, cleanup: bool, **options: Any) -> None:
             click.echo(f"capture rules applied ({sum(line.startswith('-A') for line in rules)} rules)")
     except (ConfigError, CaptureError) as err:
         raise click.ClickException(str(err)) from None
+
+
+@main.command("inject")
+@click.option("-f", "--filename", "source", required=True, type=click.File("r", encoding="utf-8"),
+              help="Kubernetes YAML (several documents); '-' reads standard input.")
+@click.option("-o", "--output", type=click.File("w", encoding="utf-8", atomic=True), default="-",
+              help="Where to write the result ('-': standard output).")
+@click.option("--proxy-image", default=None, help="The sidecar's image (xds-server, Envoy, iptables).  "
+              "[default: xds-server-proxy:<version>]")
+@click.option("--init-image", default="", help="The capture init container's image.  [default: --proxy-image]")
+@click.option("--xds-address", default=None, callback=lambda c, p, v: v if v is None else _address(c, p, v),
+              help="Where sidecars reach the server.  [default: xds-server.xds-system.svc:15010]")
+@click.option("--token-audience", default=None,
+              help="Audience of the service-account token the sidecar sends ('' for none).  "
+                   "[default: xds-server]")
+@click.option("--image-pull-policy", type=click.Choice(["Always", "IfNotPresent", "Never"]),
+              default="IfNotPresent")
+def inject_command(source: Any, output: Any, proxy_image: str | None, init_image: str,
+                   xds_address: str | None, token_audience: str | None,
+                   image_pull_policy: str) -> None:
+    """Add the Envoy sidecar and its capture init container to workloads (as istioctl kube-inject).
+
+    Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, ReplicationControllers, Jobs and
+    CronJobs are injected (pods annotated sidecar.xds-server.io/inject: "false" and
+    hostNetwork pods are left alone); every other object passes through unchanged. Injecting
+    an injected workload again replaces what the first injection added.
+    """
+    import yaml
+
+    from .inject.settings import InjectorSettings
+    from .inject.workloads import DocumentError, inject_documents
+
+    defaults = InjectorSettings()
+    try:
+        settings = InjectorSettings(
+            proxy_image=proxy_image or defaults.proxy_image, init_image=init_image,
+            xds_address=xds_address or defaults.xds_address,
+            token_audience=defaults.token_audience if token_audience is None else token_audience,
+            image_pull_policy=image_pull_policy,
+        ).check()
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    name = getattr(source, "name", "input")
+    try:
+        documents, results = inject_documents(source.read(), settings)
+    except DocumentError as err:
+        raise click.ClickException(f"{name}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise click.ClickException(f"{name}: not UTF-8 text ({err.reason})") from None
+    output.write(yaml.safe_dump_all(documents, sort_keys=False) if documents else "")
+    for result in results:
+        if result.outcome is not None and not result.outcome.injected:
+            click.echo(f"skipped {result.kind} {result.name}: {result.outcome.reason}", err=True)
 
 
 @main.command("demo")

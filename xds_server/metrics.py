@@ -294,6 +294,10 @@ class Metrics:
 
             listeners.append(on_issued)
 
+    def attach_webhook(self, results: Mapping[str, int]) -> None:
+        """Read the admission webhook's answers by result (inject/webhook.py `stats`)."""
+        self._live.webhook = results
+
     def auth_failure(self, surface: str, reason: str) -> None:
         """Count a refused request (`surface`: admin, xds, ca; `reason`: a short fixed word)."""
         self._auth_failures[(surface, reason)] += 1
@@ -347,6 +351,7 @@ class _LiveCollector(Collector):
         self.sources: Mapping[str, Any] = {}
         self.authority: Any = None
         self.registry: Any = None
+        self.webhook: Mapping[str, int] | None = None
 
     def describe(self) -> list:
         return []  # dynamic: describing would mean collecting at registration
@@ -432,6 +437,15 @@ class _LiveCollector(Collector):
             if records:
                 earliest.add_metric([], records[0].not_after.timestamp())
             yield earliest
+        if self.webhook is not None:
+            answers = CounterMetricFamily(
+                f"{ns}_webhook_requests", "Sidecar-injection admission requests, by result "
+                "(injected, skipped, denied: a bad annotation, allowed: not a CREATE, "
+                "bad-request: not an AdmissionReview for a Pod, or over 1 MiB).",
+                labels=["result"])
+            for result, count in sorted(dict(self.webhook).items()):
+                answers.add_metric([result], count)
+            yield answers
         if self.authority is not None:
             root = GaugeMetricFamily(f"{ns}_ca_expiry_timestamp_seconds",
                                      "Unix time the CA certificate that signs expires.")

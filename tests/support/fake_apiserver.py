@@ -26,7 +26,8 @@ over HTTPS on a loopback port and keeps the documented semantics that clients de
   409 Conflict; custom resources require a resourceVersion on update and bump
   `metadata.generation` on spec changes only;
 - `application/merge-patch+json` PATCH (other patch types answer 415);
-- Leases (coordination.k8s.io/v1), TokenReview (authentication.k8s.io/v1) against tokens the
+- Leases (coordination.k8s.io/v1), MutatingWebhookConfigurations
+  (admissionregistration.k8s.io/v1, cluster-scoped, no status), TokenReview (authentication.k8s.io/v1) against tokens the
   test registers, bearer-token authentication (401 without a known token), discovery (/api,
   /apis, /version) and Status bodies on every error.
 
@@ -111,6 +112,9 @@ RESOURCE_TYPES: tuple[ResourceType, ...] = (
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease", status=False),
     ResourceType("authentication.k8s.io", "v1", "tokenreviews", "TokenReview",
                  namespaced=False, status=False, create_only=True),
+    # Cluster-scoped, no status: the injector's configuration, whose caBundle the server keeps.
+    ResourceType("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations",
+                 "MutatingWebhookConfiguration", namespaced=False, status=False),
 )
 
 
@@ -842,6 +846,17 @@ class FakeApiServer:
                            f"the expected kind ({rtype.kind})")
 
     def _validate(self, rtype: ResourceType, body: dict) -> None:
+        if rtype.kind == "MutatingWebhookConfiguration":
+            # clientConfig.caBundle is []byte: base64 in JSON, as every byte field.
+            for i, webhook in enumerate(body.get("webhooks") or []):
+                bundle = ((webhook or {}).get("clientConfig") or {}).get("caBundle")
+                if bundle is None:
+                    continue
+                try:
+                    base64.b64decode(bundle, validate=True)
+                except (ValueError, TypeError):
+                    raise ApiError(400, "BadRequest", f"webhooks[{i}].clientConfig.caBundle: "
+                                   "illegal base64 data") from None
         if rtype.kind == "Lease":
             spec = body.get("spec") or {}
             duration = spec.get("leaseDurationSeconds")

@@ -24,6 +24,7 @@ from xds_server.sources.kubernetes import KubeSettings
 from xds_server.sources.leader import LeaderSettings
 from xds_server.translate.scope import ScopeSettings
 from xds_server.xds.auth import GuardSettings
+from xds_server.inject.settings import WebhookSettings
 from xds_server.xds.server import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +118,10 @@ NON_DEFAULT = {
     "admin.address": "127.0.0.1:25014", "admin.tokens_file": "{kubeconfig}",
     "admin.mtls": True, "admin.docs": True, "admin.identity_namespace": "ops",
     "admin.identity_service_account": "xds-admin",
+    "webhook.address": "127.0.0.1:25017", "webhook.service": "injector",
+    "webhook.namespace": "ops", "webhook.configuration": "injector-config",
+    "webhook.proxy_image": "mirror.example/proxy:1", "webhook.init_image": "mirror.example/init:1",
+    "webhook.xds_address": "xds.ops.svc:25010",
 }
 # Fields decided by the app, not by an operator: mTLS is on exactly when certificates can be
 # issued (--auth other than none), and the mesh's trust domain is the CA's (--trust-domain).
@@ -145,7 +150,13 @@ def test_every_dataclass_field_is_reachable_from_a_setting(tmp_path: Path) -> No
     config = settings.app_config()
     assert config.kubernetes is not None and config.kubernetes.watch is not None
     assert config.admin is not None and config.security is not None
+    assert config.webhook is not None
+    injector = config.webhook.injector
+    assert (injector.proxy_image, injector.init_image, injector.xds_address) == (
+        "mirror.example/proxy:1", "mirror.example/init:1", "xds.ops.svc:25010")
+    assert injector.token_audience == "a"  # the first --token-audience
     built = [
+        (config.webhook, WebhookSettings()),
         (config.server, ServerSettings()), (config.security.limits, GuardSettings()),
         (config.security, SecurityConfig()), (config.admin, AdminSettings()),
         (config.scope, ScopeSettings()), (config.mesh_security, SecuritySettings()),
@@ -266,3 +277,11 @@ def test_bad_durations_are_refused_naming_the_setting(bad: object) -> None:
         parse_duration(bad, setting="--ttl", settings_form=True)
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+def test_the_webhook_needs_the_mesh_ca() -> None:
+    with pytest.raises(ConfigError, match="--webhook-address: the webhook's certificate"):
+        ServeSettings.load({"webhook": {"address": "127.0.0.1:0"}, "auth": {"mode": "none"}},
+                           environ={}).app_config()
+    off = ServeSettings.load({"auth": {"mode": "tokens"}}, environ={}).app_config()
+    assert off.webhook is None  # off unless asked for: it needs a port and the CA

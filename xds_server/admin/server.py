@@ -222,6 +222,9 @@ def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = Non
     if csr_service is not None:
         metrics.attach_refusals("ca", csr_service.failures)
     metrics.attach_cache(running.cache)
+    webhook = getattr(running, "webhook", None)
+    if webhook is not None:
+        metrics.attach_webhook(webhook.stats)
     if running.store is not None:
         metrics.attach_store(running.store)
     metrics.attach_sources(sources)

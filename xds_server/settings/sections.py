@@ -13,6 +13,7 @@ from ..admin.auth import ENV_TOKENS as ADMIN_TOKENS_ENV
 from ..admin.settings import AdminSettings
 from ..ca.authority import KeyAlgorithm
 from ..config import ConfigError
+from ..inject.settings import InjectorSettings, WebhookSettings
 from ..model.security import MtlsMode, SecuritySettings
 from ..security import SecurityConfig
 from ..translate.capture import OutboundTrafficPolicy
@@ -30,6 +31,8 @@ _SECURITY = SecurityConfig()
 _ADMIN = AdminSettings()
 _SCOPE = ScopeSettings()
 _MESH = SecuritySettings()
+_WEBHOOK = WebhookSettings()
+_INJECTOR = InjectorSettings()
 
 
 class LoggingSection(Section):
@@ -265,3 +268,27 @@ class AdminSection(Section):
     identity_service_account: str = setting(
         _ADMIN.identity_service_account, "--admin-identity-service-account",
         "Service account in the admin server's own SPIFFE ID.")
+
+
+class WebhookSection(Section):
+    address: OptionalAddress = setting(
+        None, "--webhook-address",
+        "HOST:PORT for the sidecar-injection admission webhook (HTTPS with a mesh-CA "
+        "certificate: needs --auth other than none); 'off' disables it.", default_text="off")
+    service: str = setting(_WEBHOOK.service, "--webhook-service",
+                           "The Service the API server calls the webhook at: its certificate "
+                           "names <service>.<namespace>.svc.", min_length=1)
+    namespace: str = setting(_WEBHOOK.namespace, "--webhook-namespace",
+                             "Namespace of that Service.", min_length=1)
+    configuration: str = setting(
+        _WEBHOOK.configuration, "--webhook-configuration",
+        "MutatingWebhookConfiguration whose caBundle the server keeps on the mesh roots (with "
+        "--kubeconfig/--in-cluster); empty: leave it alone.")
+    proxy_image: str = setting(_INJECTOR.proxy_image, "--proxy-image",
+                               "Image of injected sidecars (xds-server, Envoy, iptables).",
+                               min_length=1)
+    init_image: str = setting("", "--proxy-init-image",
+                              "Image of the injected capture init container.",
+                              default_text="--proxy-image")
+    xds_address: str = setting(_INJECTOR.xds_address, "--inject-xds-address",
+                               "Where injected sidecars reach the server (HOST:PORT).")

@@ -16,10 +16,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from ..admin.settings import AdminSettings
 from ..app import AppConfig, KubernetesConfig
 from ..config import ConfigError
+from ..inject.settings import InjectorSettings, WebhookSettings
 from ..model.security import SecuritySettings
 from ..security import DEFAULT_TOKEN_AUDIENCE, SecurityConfig
 from ..translate.scope import ScopeSettings
-from ..xds.auth import GuardSettings
+from ..xds.auth import AuthMode, GuardSettings
 from ..xds.server import ServerSettings
 from .leaf import Leaf, Section
 from .sections import (
@@ -32,6 +33,7 @@ from .sections import (
     MeshSection,
     ScopeSection,
     SourcesSection,
+    WebhookSection,
     XdsSection,
 )
 
@@ -54,6 +56,7 @@ class ServeSettings(BaseSettings):
     ca: CaSection = Field(default_factory=CaSection)
     mesh: MeshSection = Field(default_factory=MeshSection)
     admin: AdminSection = Field(default_factory=AdminSection)
+    webhook: WebhookSection = Field(default_factory=WebhookSection)
 
     @classmethod
     def settings_customise_sources(
@@ -140,6 +143,7 @@ class ServeSettings(BaseSettings):
                                 root_namespace=self.mesh.root_namespace,
                                 default_deny=self.mesh.default_deny)
         return AppConfig(
+            webhook=self._webhook_config(security),
             server=server, source=self.sources.source, resources=self.sources.resources,
             scope=ScopeSettings(default_export_to=self.scope.default_export_to or ("*",),
                                 tenant_label=self.scope.tenant_label,
@@ -147,6 +151,24 @@ class ServeSettings(BaseSettings):
             kubernetes=self._kubernetes_config(), admin=admin, security=security,
             mesh_security=mesh,
         )
+
+    def _webhook_config(self, security: SecurityConfig) -> WebhookSettings | None:
+        hook = self.webhook
+        if hook.address is None:
+            return None
+        if security.auth is AuthMode.NONE:
+            raise ConfigError(f"{leaf_by_path('webhook.address').flag}: the webhook's certificate "
+                              "comes from the mesh CA, which --auth none does not run")
+        injector = InjectorSettings(proxy_image=hook.proxy_image, init_image=hook.init_image,
+                                    xds_address=hook.xds_address,
+                                    token_audience=security.token_audiences[0])
+        try:
+            injector.check()
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("--xds-address", "--inject-xds-address")) from None
+        return WebhookSettings(address=hook.address, service=hook.service,
+                               namespace=hook.namespace, configuration=hook.configuration,
+                               injector=injector)
 
     def _kubernetes_config(self) -> KubernetesConfig | None:
         kube = self.kubernetes
