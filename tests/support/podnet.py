@@ -60,6 +60,8 @@ from tests.support.envoy import LISTENER_TYPE, EnvoyError, EnvoyProcess
 from tests.support.grpc_backend import GrpcBackend
 from tests.support.upstreams import HttpResponse, HttpUpstream, TcpEchoUpstream
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
+from xds_server.inject.settings import InjectorSettings
+from xds_server.inject.template import INIT_CONTAINER, inject_pod
 from xds_server.model.security import SecuritySettings
 from xds_server.model.store import MeshStore
 from xds_server.sources.mesh_files import MeshDirectory
@@ -383,18 +385,16 @@ class NetPod:
     # Kubernetes --------------------------------------------------------------------------
 
     def manifest(self) -> dict[str, Any]:
-        """The Pod object: status.podIP is this pod's IP; with a sidecar, container `envoy`
-        and the inject annotation (capture is the default interception: no annotation)."""
+        """The Pod object: status.podIP is this pod's IP; with a sidecar, as the injector
+        (`xds-server inject`, the admission webhook) makes it: its capture init container and
+        native Envoy sidecar (capture is the default interception: no annotation)."""
         annotations: dict[str, str] = {}
         containers: list[dict[str, Any]] = [
             {"name": "app", "ports": [{"containerPort": self.app_port}] if self.app_port else []}
         ]
-        if self.has_sidecar:
-            annotations["sidecar.xds-server.io/inject"] = "true"
-            containers.append({"name": "envoy"})
         if self.tcp_upstreams:
             annotations["xds-server.io/tcp-upstreams"] = self.tcp_upstreams
-        return {
+        pod = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
@@ -404,6 +404,19 @@ class NetPod:
             "spec": {"serviceAccountName": self.service_account, "containers": containers},
             "status": {"podIP": self.ip},
         }
+        if not self.has_sidecar:
+            return pod
+        injected, outcome = inject_pod(pod, InjectorSettings())
+        assert outcome.injected, outcome.reason
+        return injected
+
+    def injected_capture_command(self) -> list[str]:
+        """The command of the capture init container the injector gives this pod: what
+        `apply_capture` runs (with this environment's `xds-server`)."""
+        init = next(c for c in self.manifest()["spec"]["initContainers"] if c["name"] == INIT_CONTAINER)
+        command = list(init.get("command", [])) + list(init.get("args", []))
+        assert command[:2] == ["xds-server", "iptables"], command
+        return command[2:]
 
     # Cleanup -----------------------------------------------------------------------------
 
@@ -1010,7 +1023,8 @@ class CaptureMesh:
             raise ValueError(f"app must be http, tcp, grpc or None, not {app!r}")
         self.write(f"pod-{namespace}-{name}.yaml", pod.manifest())
         if sidecar:
-            pod.apply_capture(*capture_args)
+            # Exactly what the injected init container runs, then the test's own options.
+            pod.apply_capture(*pod.injected_capture_command(), *capture_args)
         return pod
 
     async def sidecar(self, pod: NetPod, *, delta: bool = True, timeout: float = 20.0) -> NetPod:
