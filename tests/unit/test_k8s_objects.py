@@ -123,8 +123,29 @@ def test_service_defaults() -> None:
         metadata: {name: api}
         spec: {clusterIP: None, ports: [{port: 80}]}
     """))
-    assert service == Service("default", "api", (ServicePort(80, "", None, AppProtocol.TCP),))
+    # No appProtocol, no protocol in the port name: proxied as TCP, HTTP sniffed (Istio).
+    assert service == Service("default", "api", (ServicePort(80, "", None, AppProtocol.TCP, sniffed=True),))
     assert service.export_to is None  # the mesh default, not "nobody"
+
+
+@pytest.mark.parametrize(("app_protocol", "name", "protocol", "sniffed"), [
+    (None, "", AppProtocol.TCP, True),
+    (None, "web", AppProtocol.TCP, True),
+    (None, "http-web", AppProtocol.HTTP, False),
+    (None, "tcp-db", AppProtocol.TCP, False),
+    (None, "postgres", AppProtocol.TCP, False),
+    ("kubernetes.io/h2c", "", AppProtocol.HTTP2, False),
+    ("example.com/custom", "http", AppProtocol.TCP, False),  # declared, not one we route
+])
+def test_a_port_that_does_not_declare_its_protocol_is_sniffed(
+    app_protocol: str | None, name: str, protocol: AppProtocol, sniffed: bool
+) -> None:
+    port: dict[str, Any] = {"port": 80, "name": name}
+    if app_protocol:
+        port["appProtocol"] = app_protocol
+    service = convert({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+                       "spec": {"ports": [port]}})
+    assert (service.ports[0].app_protocol, service.ports[0].sniffed) == (protocol, sniffed)
 
 
 def test_service_with_a_duplicate_port_or_a_malformed_cluster_ip_names_the_field() -> None:

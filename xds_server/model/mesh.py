@@ -39,16 +39,27 @@ class AppProtocol(str, Enum):
         """Kubernetes `appProtocol`, else the Istio port-name convention (`http-web`, `grpc`)."""
         text = (app_protocol or "").lower()
         text = text.removeprefix("kubernetes.io/").split("/")[-1]
-        aliases = {"h2c": "http2", "https": "tcp", "tls": "tcp", "mongo": "tcp", "redis": "tcp",
-                   "mysql": "tcp", "postgres": "tcp", "postgresql": "tcp"}
-        text = aliases.get(text, text)
+        text = _ALIASES.get(text, text)
         if not text and port_name:
             text = port_name.lower().split("-")[0]
-            text = aliases.get(text, text)
+            text = _ALIASES.get(text, text)
         try:
             return cls(text)
         except ValueError:
             return cls.TCP
+
+    @classmethod
+    def declared(cls, app_protocol: str | None, port_name: str = "") -> bool:
+        """Whether the port says what it speaks (an `appProtocol`, or a port name with a
+        protocol prefix). Istio sniffs the others: capture-mode sidecars detect HTTP."""
+        if app_protocol:
+            return True
+        prefix = port_name.lower().split("-")[0]
+        return prefix in _ALIASES or prefix in {p.value for p in cls}
+
+
+_ALIASES = {"h2c": "http2", "https": "tcp", "tls": "tcp", "mongo": "tcp", "redis": "tcp",
+            "mysql": "tcp", "postgres": "tcp", "postgresql": "tcp"}
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -70,6 +81,14 @@ class ServicePort:
     name: str = ""
     target_port: int | str | None = None  # a number, a container port name, or None (= port)
     app_protocol: AppProtocol = AppProtocol.TCP
+    # Undeclared (no appProtocol, no protocol-named port): proxied as TCP, and capture-mode
+    # sidecars route it as HTTP when the HTTP inspector sees HTTP (Istio's sniffing).
+    sniffed: bool = False
+
+    @property
+    def routes_http(self) -> bool:
+        """Whether clients may route it as HTTP (declared HTTP, or sniffed)."""
+        return self.app_protocol.is_http or self.sniffed
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,7 +250,8 @@ def _namespace(o: _Object, obj: dict[str, Any]) -> Namespace:
 def _service(o: _Object, obj: dict[str, Any]) -> Service:
     service = _validate(o, k8s.Service, obj)
     ports = tuple(
-        ServicePort(p.port, p.name, p.target_port, AppProtocol.parse(p.app_protocol or None, p.name))
+        ServicePort(p.port, p.name, p.target_port, AppProtocol.parse(p.app_protocol or None, p.name),
+                    sniffed=not AppProtocol.declared(p.app_protocol or None, p.name))
         for p in service.spec.ports
         if p.protocol == "TCP"  # the sidecar proxies TCP (and HTTP over it) only
     )

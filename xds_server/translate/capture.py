@@ -15,6 +15,11 @@ dialled, and filter chains are matched on it (Envoy matches destination port, th
   anything else                        the outbound traffic policy: ALLOW_ANY passes it
                                        through, REGISTRY_ONLY closes it.
 
+A port that does not declare its protocol (no appProtocol, no protocol-named port) is
+sniffed as Istio does: the HTTP inspector, enabled for those ports only, tells HTTP (routed)
+from the rest (TCP). Envoy closes a connection whose client half-closes before the inspector
+has decided; declaring the protocol avoids both that and the inspection.
+
 The service and pod-IP chains are the same for every proxy of a namespace: each service's
 chains are encoded once (ServiceOutputs), the namespace's are a byte join (scopes.py), and a
 proxy's listener is its own small head plus that join.
@@ -34,6 +39,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
@@ -49,6 +55,8 @@ from .listeners import http_manager, socket, tcp_proxy
 
 ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
 TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
+HTTP_INSPECTOR = "envoy.filters.listener.http_inspector"
+SNIFFED_HTTP = ("http/1.1", "h2c")  # what the HTTP inspector reports for HTTP
 # Istio's names: operators know them from `istioctl proxy-config cluster`.
 PASSTHROUGH = "PassthroughCluster"
 PASSTHROUGH_MTLS = "PassthroughCluster|mtls"
@@ -111,11 +119,17 @@ def base_cidr(ip: str) -> address_pb2.CidrRange:
     return address_pb2.CidrRange(address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=length))
 
 
+def has_cluster_ip(service: Service) -> bool:
+    """A ClusterIP to match on: not headless (None), and an address (sources validate it)."""
+    return bool(service.cluster_ip) and _is_ip(service.cluster_ip or "")
+
+
 def service_chains(service: Service, route_names: Mapping[int, str]) -> list[listener_components_pb2.FilterChain]:
     """The chains of a service's ClusterIP: one per port (a duplicate port number, which
-    Kubernetes refuses, is skipped: Envoy would reject the whole listener)."""
+    Kubernetes refuses, is skipped: Envoy would reject the whole listener). An undeclared
+    port gets two: HTTP when the HTTP inspector saw HTTP, else TCP."""
     ip = service.cluster_ip
-    if not ip or not _is_ip(ip):  # headless (None), or not validated by a source
+    if not ip or not has_cluster_ip(service):
         return []
     chains = []
     seen: set[int] = set()
@@ -128,10 +142,19 @@ def service_chains(service: Service, route_names: Mapping[int, str]) -> list[lis
         chain.filter_chain_match.destination_port.value = port.port
         chain.filter_chain_match.prefix_ranges.append(base_cidr(ip))
         route = route_names.get(port.port)
-        if port.app_protocol.is_http and route is not None:
+        tcp = tcp_proxy(stat, names.cluster_name(service.key, port.port))
+        if port.routes_http and route is not None:
             chain.filters.append(http_manager(stat, route, outbound_http_filters()))
+            if port.sniffed:
+                chain.filter_chain_match.application_protocols.extend(SNIFFED_HTTP)
+                other = listener_components_pb2.FilterChain(name=f"{ip}_{port.port}_tcp")
+                other.filter_chain_match.CopyFrom(chain.filter_chain_match)
+                del other.filter_chain_match.application_protocols[:]
+                other.filters.append(tcp)
+                chains.extend([chain, other])
+                continue
         else:
-            chain.filters.append(tcp_proxy(stat, names.cluster_name(service.key, port.port)))
+            chain.filters.append(tcp)
         chains.append(chain)
     return chains
 
@@ -173,8 +196,12 @@ def _original_dst() -> listener_components_pb2.ListenerFilter:
     )
 
 
-def outbound_listener_head(name: str, port: int, policy: OutboundTrafficPolicy) -> listener_pb2.Listener:
-    """Everything of the outbound capture listener but the service and pod-IP chains."""
+def outbound_listener_head(
+    name: str, port: int, policy: OutboundTrafficPolicy, sniffed_ports: Iterable[int] = ()
+) -> listener_pb2.Listener:
+    """Everything of the outbound capture listener but the service and pod-IP chains. With
+    `sniffed_ports` (undeclared service ports), the HTTP inspector looks at connections to
+    those ports only: a server-speaks-first protocol elsewhere never waits for it."""
     fallback = PASSTHROUGH if policy is OutboundTrafficPolicy.ALLOW_ANY else BLACKHOLE
     listener = listener_pb2.Listener(
         name=name,
@@ -185,6 +212,25 @@ def outbound_listener_head(name: str, port: int, policy: OutboundTrafficPolicy) 
     )
     listener.default_filter_chain.name = policy.value
     listener.default_filter_chain.filters.append(tcp_proxy(policy.value, fallback))
+    ports = sorted(set(sniffed_ports))
+    if ports:
+        inspector = listener.listener_filters.add(
+            name=HTTP_INSPECTOR, typed_config=pack(http_inspector_pb2.HttpInspector())
+        )
+        rules = []
+        for sniffed in ports:
+            rule = listener_components_pb2.ListenerFilterChainMatchPredicate()
+            rule.destination_port_range.start = sniffed
+            rule.destination_port_range.end = sniffed + 1
+            rules.append(rule)
+        enabled = inspector.filter_disabled.not_match
+        if len(rules) == 1:  # a match set needs two rules or more
+            enabled.CopyFrom(rules[0])
+        else:
+            enabled.or_match.rules.extend(rules)
+        # A client that waits for the server on a sniffed port goes on as TCP after 1 s.
+        listener.listener_filters_timeout.CopyFrom(duration(1))
+        listener.continue_on_listener_filters_timeout = True
     return listener
 
 

@@ -270,7 +270,7 @@ class ProxyBuilder:
         reader.derived("capture-chains", namespace)
         head = capture.outbound_listener_head(
             names.outbound_listener_name(namespace, pod), workload.outbound_port,
-            self.scopes.settings.outbound_traffic_policy,
+            self.scopes.settings.outbound_traffic_policy, self.scopes.sniffed_ports(namespace),
         )
         outbound = Resource.from_bytes(
             types.LISTENER, head.name,

@@ -40,8 +40,8 @@ _by_name = attrgetter("namespace", "name")  # ServiceKey's order, as a C-compare
 RESCAN_CHUNK = 2000
 
 # What a scope keeps of one visible service: its encoded virtual hosts, cluster names,
-# encoded capture chains and endpoints' pod IPs, as of its check.
-Member = tuple[bytes, list[str], bytes, frozenset[capture.PodIp]]
+# encoded capture chains, endpoints' pod IPs and sniffed ports, as of its check.
+Member = tuple[bytes, list[str], bytes, frozenset[capture.PodIp], frozenset[int]]
 
 
 class ScopeMembers(Protocol):
@@ -76,6 +76,8 @@ class _Scope:
     chains: list[bytes] = field(default_factory=list)  # their encoded capture chains, in order
     member_pod_ips: dict[ServiceKey, frozenset[capture.PodIp]] = field(default_factory=dict)
     pod_ips: Counter[capture.PodIp] = field(default_factory=Counter)  # over `services`
+    member_sniffed: dict[ServiceKey, frozenset[int]] = field(default_factory=dict)
+    sniffed: Counter[int] = field(default_factory=Counter)  # undeclared ports of `services`
     capture_body: bytes | None = None  # the joined chains, made when a proxy asks
     rescan: _Rescan | None = None  # a whole recomputation part way through
 
@@ -110,6 +112,12 @@ class ScopeBuilder:
             pod_ips = capture.encode_chains(capture.pod_ip_chains(scope.pod_ips))
             scope.capture_body = b"".join([*scope.chains, pod_ips])
         return scope.capture_body
+
+    def sniffed_ports(self, namespace: str) -> list[int]:
+        """The undeclared ClusterIP ports of the namespace's visible services: where its
+        capture-mode sidecars run the HTTP inspector (read after `capture-chains`)."""
+        scope = self._scopes.get(namespace)
+        return sorted(scope.sniffed) if scope is not None else []
 
     def services_of(self, namespace: str) -> set[ServiceKey]:
         """The services the scope sees (as built; read by proxies after `scope-services`)."""
@@ -200,7 +208,7 @@ class ScopeBuilder:
     def _member(self, scope: _Scope, key: ServiceKey) -> Member:
         return (
             self._entry(scope, key), self.outputs.clusters.get(key, []), self._chains(scope, key),
-            self.outputs.pod_ips.get(key, frozenset()),
+            self.outputs.pod_ips.get(key, frozenset()), self.outputs.sniffed_ports.get(key, frozenset()),
         )
 
     def _scan(self, scope: _Scope, rescan: _Rescan) -> bool:
@@ -228,6 +236,8 @@ class ScopeBuilder:
         scope.chains = [members[key][2] for key in scope.ordered]
         scope.member_pod_ips = {key: member[3] for key, member in members.items() if member[3]}
         scope.pod_ips = Counter(ip for ips in scope.member_pod_ips.values() for ip in ips)
+        scope.member_sniffed = {key: member[4] for key, member in members.items() if member[4]}
+        scope.sniffed = Counter(p for ports in scope.member_sniffed.values() for p in ports)
         scope.capture_body = None
         return True
 
@@ -266,6 +276,15 @@ class ScopeBuilder:
                 scope.pod_ips.subtract(old_ips)
                 scope.pod_ips.update(new_ips)
                 scope.pod_ips += Counter()  # drop the zero counts
+                scope.capture_body = None
+            old_ports = scope.member_sniffed.pop(key, frozenset()) if was else frozenset()
+            new_ports = self.outputs.sniffed_ports.get(key, frozenset()) if now else frozenset()
+            if new_ports:
+                scope.member_sniffed[key] = new_ports
+            if old_ports != new_ports:
+                scope.sniffed.subtract(old_ports)
+                scope.sniffed.update(new_ports)
+                scope.sniffed += Counter()
                 scope.capture_body = None
             old_names = scope.member_clusters.pop(key, []) if was else []
             new_names = self.outputs.clusters.get(key, []) if now else []

@@ -55,6 +55,7 @@ class ServiceOutputs:
     capture_chains: dict[tuple[ServiceKey, bool], bytes] = field(default_factory=dict)  # (key, local)
     pod_ips: dict[ServiceKey, frozenset[capture.PodIp]] = field(default_factory=dict)
     destination_routes: dict[ServiceKey, list[str]] = field(default_factory=dict)
+    sniffed_ports: dict[ServiceKey, frozenset[int]] = field(default_factory=dict)  # with a ClusterIP
 
 
 def _key(arg: Hashable) -> ServiceKey:
@@ -256,7 +257,7 @@ class VirtualHostsBuilder:
         routes = reader.routes_of(service.key)
         policy = reader.policy(service.key)
         services = reader.services()
-        http_ports = [p for p in service.ports if p.app_protocol.is_http]
+        http_ports = [p for p in service.ports if p.routes_http]
         default = _default_port(http_ports)
         hosts = []
         for port in http_ports:
@@ -289,7 +290,7 @@ class CaptureBuilder:
         old_routes = self.outputs.destination_routes.get(key, [])
         owners = self.published.route_owner
         if service is None or not self.outputs.capture_connected:
-            changed = False
+            changed = self.outputs.sniffed_ports.pop(key, None) is not None
             for local in (True, False):
                 changed = self.outputs.capture_chains.pop((key, local), None) is not None or changed
             self.outputs.destination_routes.pop(key, None)
@@ -311,7 +312,12 @@ class CaptureBuilder:
             else:
                 remote_names[port] = config.name
                 routes.append(config)
-        changed = False
+        sniffed = frozenset(p.port for p in service.ports if p.sniffed) if capture.has_cluster_ip(service) else frozenset()
+        changed = self.outputs.sniffed_ports.get(key, frozenset()) != sniffed
+        if sniffed:
+            self.outputs.sniffed_ports[key] = sniffed
+        else:
+            self.outputs.sniffed_ports.pop(key, None)
         for local, route_names in ((True, {p: c.name for p, c in local_routes.items()}), (False, remote_names)):
             entry = capture.encode_chains(capture.service_chains(service, route_names))
             if self.outputs.capture_chains.get((key, local)) != entry:
