@@ -124,7 +124,8 @@ def test_service_defaults() -> None:
         spec: {clusterIP: None, ports: [{port: 80}]}
     """))
     # No appProtocol, no protocol in the port name: proxied as TCP, HTTP sniffed (Istio).
-    assert service == Service("default", "api", (ServicePort(80, "", None, AppProtocol.TCP, sniffed=True),))
+    assert service == Service("default", "api", (ServicePort(80, "", None, AppProtocol.TCP, sniffed=True),),
+                              headless=True)
     assert service.export_to is None  # the mesh default, not "nobody"
 
 

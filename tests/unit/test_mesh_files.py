@@ -319,6 +319,7 @@ def test_validate_lists_every_error_with_file_and_line(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     errors = validate_directory("mesh")
     assert [(e.file, e.line, e.severity) for e in errors] == [
+        ("mesh/api.yaml", 1, "warning"),  # no clusterIP: reached by pod IP only in capture mode
         ("mesh/api.yaml", 19, "error"),
         ("mesh/broken.yaml", 2, "error"),
         ("mesh/cm.yaml", 2, "warning"),
@@ -327,12 +328,13 @@ def test_validate_lists_every_error_with_file_and_line(tmp_path: Path, monkeypat
     ]
     assert errors[-1].field == "spec.rules[0].backendRefs[0].weight"
     assert has_errors(errors)
+    assert errors[0].field == "spec.clusterIP"
     text = format_errors(errors)
-    assert text.splitlines()[0] == (
+    assert text.splitlines()[1] == (
         "mesh/api.yaml:19: TrafficPolicy default/api-resilience: spec.retries.perTryTimeout: "
         "invalid duration '25xs': expected e.g. '2s', '150ms', '1m30s'"
     )
-    assert text.splitlines()[-1] == "4 errors, 1 warning in 5 files"
+    assert text.splitlines()[-1] == "4 errors, 2 warnings in 5 files"
     assert format_errors([]) == "no problems found"
 
 
@@ -463,3 +465,13 @@ def test_links_out_of_the_directory_and_oversized_files_are_reported_not_read(tm
     by_file = {e.file: e.message for e in errors}
     assert "out of the source directory" in by_file["link.yaml"]
     assert "limit" in by_file["huge.yaml"]
+
+
+def test_validate_warns_of_a_service_without_a_cluster_ip_but_not_a_headless_one(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", service("api") + "---\n" + service("db").replace(
+        "spec:\n", "spec:\n  clusterIP: None\n") + "---\n" + service("web").replace(
+        "spec:\n", "spec:\n  clusterIP: 10.96.0.7\n"))
+    [warning] = validate_directory(tmp_path)
+    assert (warning.name, warning.field, warning.severity) == ("api", "spec.clusterIP", "warning")
+    assert "pod IP only" in warning.message
+    assert not has_errors([warning])  # the service still works: a warning, not an error

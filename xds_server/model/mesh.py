@@ -101,6 +101,7 @@ class Service:
     # Namespaces this service is exported to: None = the mesh default; "*" = everyone;
     # "." = its own namespace only (Istio's exportTo values).
     export_to: tuple[str, ...] | None = None
+    headless: bool = False  # clusterIP: None (a missing clusterIP is no ClusterIP yet)
 
     @property
     def key(self) -> ServiceKey:

@@ -265,7 +265,8 @@ def _service(o: _Object, obj: dict[str, Any]) -> Service:
         namespace=o.namespace,
         name=o.name,
         ports=ports,
-        cluster_ip=None if cluster_ip in ("", "None") else cluster_ip,  # "None": headless
+        cluster_ip=None if cluster_ip in ("", "None") else cluster_ip,
+        headless=cluster_ip == "None",
         labels=_labels(service.metadata.labels),
         export_to=_export_to(o, service.metadata.annotations),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from ..model.mesh import Service
 from .mesh_files import MeshError, ParsedFile, mesh_files, read_file, resolve
 
 
@@ -31,7 +32,18 @@ def validate_directory(path: Path | str) -> list[MeshError]:
             continue
         if result is not None:
             parsed[display] = result
-    _, errors = resolve(parsed, {})
+    served, errors = resolve(parsed, {})
+    for held in served.values():
+        service = held.obj
+        if isinstance(service, Service) and service.cluster_ip is None and not service.headless:
+            errors.append(MeshError(
+                file=held.file, line=held.line, kind="Service", namespace=service.namespace,
+                name=service.name, field="spec.clusterIP", severity="warning",
+                message="not set: capture-mode sidecars match a service by its ClusterIP, so "
+                        "apps reach it by pod IP only (Kubernetes allocates one; in files, set "
+                        "it, or None for a headless service)",
+            ))
+    errors.sort(key=lambda e: (e.file, e.line or 0))
     return errors
 
 
