@@ -200,7 +200,7 @@ class Demo:
         if isinstance(self.traffic, PodTraffic):
             names = [self.traffic.host] + [h for h, _ in self.traffic.tcp_targets]
             resolved = await asyncio.to_thread(self.traffic.resolve, names)
-            traffic.append(f"  names as its getaddrinfo gives them (its /etc/hosts): "
+            traffic.append("  names as its getaddrinfo gives them (its /etc/hosts): "
                            + ", ".join(f"{n} -> {a}" for n, a in resolved.items())
                            + " (ClusterIPs: no interface has them; iptables hand the "
                            "connections to its sidecar)")
