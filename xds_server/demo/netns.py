@@ -199,11 +199,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_leftovers() -> list[str]:
-    """Delete the namespaces (and /etc/netns dirs) of earlier demo runs whose process is gone;
-    their names. Runs still alive are never touched."""
-    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+WORKDIR_PREFIX = "xds-server-demo-"  # + PID + "-": the demo's temp workdir
+
+
+def sweep_leftovers(tempdir: Path | None = None) -> list[str]:
+    """Delete the namespaces (and /etc/netns dirs) of earlier demo runs whose process is gone,
+    and their temp workdirs in `tempdir`; what was removed. Runs still alive are never
+    touched. (The Envoys of a run killed with SIGKILL are not stopped here: they hold
+    nothing the next run needs, in namespaces no name reaches any more; stop them by PID.)"""
     removed = []
+    for path in tempdir.glob(f"{WORKDIR_PREFIX}*-*") if tempdir is not None else ():
+        match = re.fullmatch(rf"{WORKDIR_PREFIX}(\d+)-.*", path.name)
+        if match is not None and path.is_dir() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
     for line in done.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         match = re.fullmatch(rf"{PREFIX}-(\d+)-[0-9a-f]{{6}}-.*", name)

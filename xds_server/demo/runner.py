@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from .errors import DemoError
 from .meshcopy import MeshCopy
 from .netns import (
     PROXY_UID,
+    WORKDIR_PREFIX,
     NetPod,
     PodNetwork,
     choose_mode,
@@ -127,14 +129,14 @@ class Demo:
                         "Stop it, or pass --xds-address 127.0.0.1:0 for any free port.")
         # Sidecars prove who they are with workload tokens this server issues (as a VM or
         # a laptop outside Kubernetes would), and get their certificates over SDS.
-        self.workdir = Path(tempfile.mkdtemp(prefix="xds-server-demo-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
         security = SecurityConfig(auth=AuthMode.TOKENS, ca_dir=self.workdir / "ca")
         server = ServerSettings(address=self.options.xds_address)
         served = source
         if capture:
             # The proxy UID reaches its own files and the server's socket in here.
             self.workdir.chmod(0o755)
-            await asyncio.to_thread(sweep_leftovers)
+            await asyncio.to_thread(sweep_leftovers, self.workdir.parent)
             self.copy = MeshCopy(source, self.workdir / "mesh")
             await asyncio.to_thread(self.copy.render)
             served = self.copy.target
