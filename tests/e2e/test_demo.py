@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -247,3 +248,28 @@ def test_ctrl_c_stops_everything_cleanly(tmp_path: Path) -> None:
     if CAPTURE_LINE in output:  # the default where it can: every namespace gone too
         assert _leftovers(proc.pid) == []
     assert all(row["errors"] == 0 for row in _rows(output)), output
+
+
+def test_fallback_without_root_says_so(tmp_path: Path) -> None:
+    """Not root (as root here: the demo run as nobody through setpriv): the loopback mode,
+    and the one line saying that network namespaces need root."""
+    shared = Path(tempfile.mkdtemp(prefix="xds-demo-test-", dir="/tmp"))  # nobody must read it
+    try:
+        shared.chmod(0o755)
+        command = _command(shared, 205)
+        (shared / "demo").chmod(0o755)
+        for file in (shared / "demo").iterdir():
+            file.chmod(0o644)
+        env = {**_env(), "HOME": str(shared)}
+        env.pop("XDS_SERVER_DEMO_MODE", None)
+        if os.geteuid() == 0:
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        done = subprocess.run([*command, "--once"], cwd=shared, env=env, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    output = done.stdout
+    assert done.returncode == 0, f"exit {done.returncode}\n{output}\n{done.stderr}"
+    reason = [line for line in output.splitlines() if line.startswith(EXPLICIT_LINE)]
+    assert reason == [EXPLICIT_LINE + "network namespaces need root"], output
+    _check_split_retries_and_db(output)
