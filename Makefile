@@ -52,7 +52,9 @@ system-packages:
 
 # The main job: a whole mesh on this machine (examples/demo): the server on the embedded
 # default, an Envoy sidecar per workload, small apps, traffic, a table per round; Ctrl-C stops.
-# One round only: make run DEMO_ARGS=--once
+# As root with iproute2/iptables/setpriv the pods are network namespaces with captured traffic
+# (`make setup` installs iptables); otherwise loopback addresses (explicit mode), and the
+# demo says why. One round only: make run DEMO_ARGS=--once; force a mode: DEMO_ARGS=--mode=explicit
 run: $(DEMO_STAMP)
 	$(BIN)/xds-server demo --xds-address $(XDS_ADDRESS) $(DEMO_ARGS)
 

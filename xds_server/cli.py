@@ -381,10 +381,15 @@ def inject_command(source: Any, output: Any, proxy_image: str | None, init_image
 @click.option("--interval", type=click.FloatRange(min=0), default=1.0, help="Seconds between rounds.")
 @click.option("--xds-address", default=_DEFAULTS.address, callback=_address,
               help="HOST:PORT for the in-process xDS server (port 0: any free port).")
+@click.option("--mode", type=click.Choice(["auto", "capture", "explicit"]), default="auto",
+              envvar="XDS_SERVER_DEMO_MODE", show_default=True,
+              help="Pods as network namespaces with captured traffic (capture: needs root, "
+                   "iproute2, iptables, setpriv), or on loopback addresses (explicit); auto "
+                   "captures when it can and says why not otherwise.  [env: XDS_SERVER_DEMO_MODE]")
 @click.pass_context
 def demo_command(
     ctx: click.Context, source: Path | None, once: bool, rounds: int | None, requests: int,
-    concurrency: int, interval: float, xds_address: str,
+    concurrency: int, interval: float, xds_address: str, mode: str,
 ) -> None:
     """Run a mesh here: the server, real Envoy sidecars, small apps, traffic, a table per round.
 
@@ -402,7 +407,7 @@ def demo_command(
         logging.getLogger().setLevel(logging.WARNING)  # the table is the output; --log-level info for more
     options = demo.DemoOptions(
         source=source or demo.default_source(), xds_address=xds_address, rounds=rounds,
-        requests=requests, concurrency=concurrency, interval=interval,
+        requests=requests, concurrency=concurrency, interval=interval, mode=mode,
     )
     if not options.source.is_dir():
         raise click.BadParameter(f"{options.source} is not a directory (run from the repository "

@@ -1,4 +1,6 @@
-"""The pods' apps: an HTTP app per HTTP port and a TCP echo per TCP port, on the pod's IP.
+"""The pods' apps: an HTTP app per HTTP port and a TCP echo per TCP port, on the pod's IP
+(explicit mode), or on a socket opened inside the pod's network namespace (capture mode: the
+demo's event loop serves it; the socket stays in the pod).
 
 The pod's app container env tunes them (`DEMO_FAIL_EVERY=5`: every 5th request gets 503).
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 
 
 class App:
@@ -20,8 +23,12 @@ class App:
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.ip, self.port, reuse_address=True)
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on (ip, port), or serve `sock`, a listening socket made elsewhere."""
+        if sock is not None:
+            self._server = await asyncio.start_server(self._serve, sock=sock)
+        else:
+            self._server = await asyncio.start_server(self._serve, self.ip, self.port, reuse_address=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)

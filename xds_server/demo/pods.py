@@ -17,9 +17,11 @@ from ..model.store import ENDPOINT_SLICE, POD, MeshStore
 from ..sources.k8s_objects import SIDECAR_CONTAINERS
 from .apps import App, HttpApp, TcpEchoApp
 from .errors import DemoError
+from .netns import listen_in
 from .sidecar import Sidecar
 
-CALLS_ENV = "DEMO_CALLS"
+CALLS_ENV = "DEMO_CALLS"  # the Service the calling app sends HTTP to (by name)
+CALLS_TCP_ENV = "DEMO_CALLS_TCP"  # host:port[,host:port] it makes TCP round trips to (capture)
 FAIL_EVERY_ENV = "DEMO_FAIL_EVERY"
 
 
@@ -93,8 +95,9 @@ def plan_pods(store: MeshStore, source: Path) -> list[PodPlan]:
     return plans
 
 
-async def start_apps(plan: PodPlan) -> None:
-    """The pod's apps, one per app port: HTTP (tuned by DEMO_FAIL_EVERY) or a TCP echo."""
+async def start_apps(plan: PodPlan, netns: str | None = None) -> None:
+    """The pod's apps, one per app port: HTTP (tuned by DEMO_FAIL_EVERY) or a TCP echo; on
+    the pod's IP, or with `netns` on all addresses inside that network namespace."""
     workload = plan.workload
     fail_text = plan.env.get(FAIL_EVERY_ENV) or "0"
     if not fail_text.isdigit():
@@ -108,7 +111,7 @@ async def start_apps(plan: PodPlan) -> None:
         else:
             app = TcpEchoApp(workload.ip, port)
         try:
-            await app.start()
+            await app.start(listen_in(netns, port) if netns else None)
         except OSError as err:
             raise DemoError(f"cannot start {workload.name}'s app on "
                             f"{workload.ip}:{port}: {err}") from None
@@ -153,3 +156,17 @@ def check_free(ip: str, port: int, what: str, hint: str) -> None:
                     f"loopback (macOS: `sudo ifconfig lo0 alias {ip}`)"
                 ) from None
             raise DemoError(f"cannot bind {ip}:{port} ({what}): {err}") from None
+
+
+def tcp_targets(plan: PodPlan) -> list[tuple[str, int]]:
+    """(host, port) of the pod's DEMO_CALLS_TCP (e.g. db:5432): what its app dials by name."""
+    out = []
+    for item in (plan.env.get(CALLS_TCP_ENV) or "").split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not item.strip():
+            continue
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise DemoError(f"pod {plan.workload.name}: {CALLS_TCP_ENV} takes host:port "
+                            f"items separated by commas (e.g. db:5432), got {item.strip()!r}")
+        out.append((host, int(port)))
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TextIO
 
 from .apps import HttpApp
-from .pods import CALLS_ENV, PodPlan
+from .pods import PodPlan
 from .traffic import RoundResult, percentile
 
 
@@ -52,7 +52,7 @@ class Table:
         return line
 
 
-def describe(plans: list[PodPlan], client: PodPlan, requests: int) -> list[str]:
+def describe(plans: list[PodPlan], traffic: list[str]) -> list[str]:
     """Each pod (address, sidecar, apps), then what traffic the rounds send and the legend."""
     lines = []
     for plan in plans:
@@ -68,19 +68,12 @@ def describe(plans: list[PodPlan], client: PodPlan, requests: int) -> list[str]:
             apps.append(text)
         sidecar = f"sidecar pid {plan.sidecar.pid} LIVE" if plan.sidecar else "no sidecar"
         lines.append(f"  {w.namespace}/{w.name:<12} {w.ip:<12} {sidecar:<24} {'; '.join(apps)}")
-    w = client.workload
-    bindings = ", ".join(f"{t.service.name} via {w.ip}:{t.local_port}" for t in w.tcp_upstreams)
     lines.append("")
-    lines.append(
-        f"Traffic, as {w.name}'s app: {requests} x HTTP GET with "
-        f"Host: {client.env[CALLS_ENV]} to its sidecar {w.ip}:{w.outbound_port}"
-        + (f"; TCP round trips to {bindings}" if bindings else "")
-    )
+    lines += traffic
     lines.append(
         "errors: what the app saw; upstream 5xx / retries / retried ok: what its sidecar "
         "hid (Envoy stats). Ctrl-C stops."
     )
-    lines.append("")
     return lines
 
 

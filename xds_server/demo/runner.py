@@ -1,36 +1,52 @@
 """The demo's runner: start the server, the apps and the sidecars, send rounds of traffic,
-print the table, and stop everything (Envoys by PID, then the apps, then the server)."""
+print the table, and stop everything (the app, Envoys by PID, the apps, the pods' network
+namespaces, then the server, then the temp workdir).
+
+Two modes (netns.choose_mode): capture, where the pods are network namespaces, the mesh is a
+rewritten copy (meshcopy.py) and the app dials names; explicit, the loopback fallback."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import itertools
+import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from ..app import AppConfig, RunningApp, start_app
 from ..config import parse_address
 from ..envoy_process import find_envoy
+from ..inject.settings import InjectorSettings
+from ..inject.template import InjectionError, capture_command
 from ..security import SecurityConfig
 from ..xds.auth import AuthMode
 from ..xds.server import ServerSettings
 from .apps import HttpApp
 from .errors import DemoError
-from .pods import CALLS_ENV, PodPlan, check_bindable, check_free, plan_pods, start_apps
+from .meshcopy import MeshCopy
+from .netns import (
+    PROXY_UID,
+    WORKDIR_PREFIX,
+    NetPod,
+    PodNetwork,
+    choose_mode,
+    sweep_leftovers,
+    xds_server_command,
+)
+from .pods import CALLS_ENV, PodPlan, check_bindable, check_free, plan_pods, start_apps, tcp_targets
 from .report import Table, describe, summary
-from .sidecar import INSTALL_HINT, Sidecar
-from .traffic import DB_TRIPS_PER_ROUND, RoundResult, Traffic
+from .sidecar import INSTALL_HINT, PodSidecar, Sidecar
+from .traffic import DB_TRIPS_PER_ROUND, LoopbackTraffic, PodTraffic, RoundResult
 
 TOKEN_TTL = timedelta(days=1)  # a demo runs for minutes; tokens die with its CA directory
 
@@ -44,6 +60,7 @@ class DemoOptions:
     concurrency: int = 4
     interval: float = 1.0
     ready_timeout: float = 30.0
+    mode: str = "auto"  # auto: capture when this machine can (netns.choose_mode); capture; explicit
 
 
 class Demo:
@@ -57,11 +74,12 @@ class Demo:
         self.workdir: Path | None = None
         self.keep_logs = False
         self.caller = ""
-        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run blocking client code (the app's sockets) off the loop that serves xDS."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        self.mode = "explicit"
+        self.copy: MeshCopy | None = None  # capture: the mesh the server reads
+        self.network: PodNetwork | None = None
+        self.netpods: dict[tuple[str, str], NetPod] = {}
+        self.traffic: LoopbackTraffic | PodTraffic | None = None
+        self.tasks: list[asyncio.Task[None]] = []
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -71,14 +89,14 @@ class Demo:
             self.say("(still stopping...)")
         self.stop.set()
         self.halt.set()
+        if isinstance(self.traffic, PodTraffic):
+            self.traffic.interrupt()  # a round in progress is dropped, as in explicit mode
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal)
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            self.options.concurrency + 2, thread_name_prefix="demo-traffic")
         try:
             client = await self._start()
             if client is None:  # interrupted while starting
@@ -89,7 +107,6 @@ class Demo:
             return 1
         finally:
             await self._shutdown()
-            self.pool.shutdown(wait=True, cancel_futures=True)
 
     # Start-up -------------------------------------------------------------------------------
 
@@ -103,6 +120,8 @@ class Demo:
         errors = validate_directory(source)
         if has_errors(errors):
             raise DemoError(f"{source} has problems; fix them and run again:\n{format_errors(errors)}")
+        self.mode, why_not = choose_mode(self.options.mode, binary)
+        capture = self.mode == "capture"
 
         host, port = parse_address(self.options.xds_address, "--xds-address")
         if port:
@@ -110,17 +129,25 @@ class Demo:
                         "Stop it, or pass --xds-address 127.0.0.1:0 for any free port.")
         # Sidecars prove who they are with workload tokens this server issues (as a VM or
         # a laptop outside Kubernetes would), and get their certificates over SDS.
-        self.workdir = Path(tempfile.mkdtemp(prefix="xds-server-demo-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
         security = SecurityConfig(auth=AuthMode.TOKENS, ca_dir=self.workdir / "ca")
+        server = ServerSettings(address=self.options.xds_address)
+        served = source
+        if capture:
+            # The proxy UID reaches its own files and the server's socket in here.
+            self.workdir.chmod(0o755)
+            await asyncio.to_thread(sweep_leftovers, self.workdir.parent)
+            self.copy = MeshCopy(source, self.workdir / "mesh")
+            await asyncio.to_thread(self.copy.render)
+            served = self.copy.target
+            server = ServerSettings(address=self.options.xds_address,
+                                    unix_socket=str(self.workdir / "xds.sock"))
         try:
-            self.app = await start_app(AppConfig(
-                server=ServerSettings(address=self.options.xds_address), source=source,
-                security=security,
-            ))
+            self.app = await start_app(AppConfig(server=server, source=served, security=security))
         except RuntimeError as err:  # grpc's "Failed to bind to address"
             raise DemoError(f"cannot start the xDS server on {self.options.xds_address}: {err}") from None
         assert self.app.store is not None
-        self.plans = plan_pods(self.app.store, source)
+        self.plans = plan_pods(self.app.store, served)
         callers = [p for p in self.plans if p.env.get(CALLS_ENV)]
         if not callers:
             raise DemoError(
@@ -131,18 +158,33 @@ class Demo:
         self.caller = client.workload.name
         if not client.workload.meshed:
             raise DemoError(f"pod {client.workload.name} ({CALLS_ENV}) has no sidecar to send through")
-        check_bindable(self.plans)
+        if not capture:
+            check_bindable(self.plans)
 
         self.say(f"xds-server demo: mesh from {source}, xDS server on {self.app.address}")
+        if capture:
+            self.say(f"pods: network namespaces, traffic captured by iptables (xds-server iptables "
+                     f"in each pod), sidecars as UID {PROXY_UID}; the app calls "
+                     f"{self._calls(client)} by name")
+            await asyncio.to_thread(self._make_pods)
+        else:
+            self.say(f"pods on loopback addresses (explicit mode): {why_not}")
         for plan in self.plans:
-            await start_apps(plan)
+            pod = self.netpods.get((plan.workload.namespace, plan.workload.name))
+            await start_apps(plan, pod.netns if pod else None)
 
+        xds_address = f"unix:{self.workdir / 'xds.sock'}" if capture else self.app.address
         for plan in self.plans:
             if plan.workload.meshed:
                 token = self.app.ca.tokens.create(plan.workload.namespace,
                                                   plan.workload.service_account, TOKEN_TTL)
-                plan.sidecar = Sidecar(binary, plan.workload, self.app.address, self.workdir,
-                                       token=token)
+                pod = self.netpods.get((plan.workload.namespace, plan.workload.name))
+                if pod is not None:
+                    plan.sidecar = PodSidecar(binary, plan.workload, xds_address, self.workdir,
+                                              pod, token=token)
+                else:
+                    plan.sidecar = Sidecar(binary, plan.workload, xds_address, self.workdir,
+                                           token=token)
                 try:
                     plan.sidecar.start()
                 except OSError as err:
@@ -150,10 +192,79 @@ class Demo:
         await self._wait_live()
         if self.stop.is_set():
             return None
-        for line in describe(self.plans, client, self.options.requests):
+        client_pod = self.netpods.get((client.workload.namespace, client.workload.name))
+        if client_pod is not None:
+            self.traffic = PodTraffic(client_pod, client.env[CALLS_ENV], tcp_targets(client), self.halt)
+            self.tasks.append(asyncio.create_task(self._follow_source()))
+        else:
+            self.traffic = LoopbackTraffic(client, client.env[CALLS_ENV], self.halt)
+        traffic = [self.traffic.describe(self.options.requests, client.workload.name)]
+        if isinstance(self.traffic, PodTraffic):
+            names = [self.traffic.host] + [h for h, _ in self.traffic.tcp_targets]
+            resolved = await asyncio.to_thread(self.traffic.resolve, names)
+            traffic.append("  names as its getaddrinfo gives them (its /etc/hosts): "
+                           + ", ".join(f"{n} -> {a}" for n, a in resolved.items())
+                           + " (ClusterIPs: no interface has them; iptables hand the "
+                           "connections to its sidecar)")
+        for line in describe(self.plans, traffic):
             self.say(line)
-        await self._warm_up(client)
+        self.say("")
+        await self._warm_up()
         return None if self.stop.is_set() else client
+
+    @staticmethod
+    def _calls(client: PodPlan) -> str:
+        targets = [f"http://{client.env[CALLS_ENV]}/"] + [f"{h}:{p}" for h, p in tcp_targets(client)]
+        return " and ".join(targets)
+
+    def _make_pods(self) -> None:
+        """Capture mode: a network namespace per pod, hosts files naming the Services, and in
+        each meshed pod the capture rules of the injector's own init container command."""
+        assert self.copy is not None
+        self.network = PodNetwork()
+        self.network.start()
+        self.network.services = sorted(self.copy.services())
+        xds_server = xds_server_command()
+        settings = InjectorSettings()
+        for plan in self.plans:
+            w = plan.workload
+            pod = self.network.add_pod(w.name, w.namespace, w.ip)
+            self.netpods[(w.namespace, w.name)] = pod
+            if not (w.meshed and w.capture):
+                continue
+            try:
+                argv = capture_command(self.copy.pods[(w.namespace, w.name)], settings)
+            except InjectionError as err:
+                raise DemoError(f"pod {w.namespace}/{w.name}: {err}") from None
+            done = subprocess.run(pod.command([*xds_server, *argv[1:]]), capture_output=True,
+                                  text=True, timeout=30)
+            if done.returncode != 0:
+                raise DemoError(f"{' '.join(argv)} failed in pod {w.name} ({done.returncode}): "
+                                f"{done.stderr.strip()}")
+
+    async def _follow_source(self) -> None:
+        """Capture mode: the user edits their mesh files; re-render the copy the server reads
+        (which it then hot-reloads) and the pods' hosts files."""
+        from ..sources.mesh_files import mesh_files
+
+        def signature() -> list[tuple[str, int, int]]:
+            out = []
+            assert self.copy is not None
+            for path in mesh_files(self.copy.source):
+                with contextlib.suppress(OSError):
+                    st = path.stat()
+                    out.append((str(path), st.st_mtime_ns, st.st_size))
+            return out
+
+        seen = await asyncio.to_thread(signature)
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.5)
+            now = await asyncio.to_thread(signature)
+            if now != seen and self.copy is not None and self.network is not None:
+                seen = now
+                await asyncio.to_thread(self.copy.render)
+                await asyncio.to_thread(self.network.set_services, self.copy.services())
 
     async def _wait_live(self) -> None:
         loop = asyncio.get_running_loop()
@@ -177,15 +288,14 @@ class Demo:
             if pending:
                 await asyncio.sleep(0.05)
 
-    async def _warm_up(self, client: PodPlan) -> None:
-        """LIVE means configured; wait until a request and each TCP binding get through."""
-        traffic = Traffic(client, client.env[CALLS_ENV], self.halt)
+    async def _warm_up(self) -> None:
+        """LIVE means configured; wait until a request and each TCP target get through."""
+        traffic = self.traffic
+        assert traffic is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.ready_timeout
         while not self.stop.is_set():
-            probe = RoundResult()
-            await self._in_thread(traffic.http_worker, 1, probe, threading.Lock())
-            await self._in_thread(traffic.db_worker, 1, probe, threading.Lock())
+            probe = await asyncio.to_thread(traffic.run, 1, 1, 1)
             if probe.ok:
                 return
             if loop.time() > deadline:
@@ -200,7 +310,8 @@ class Demo:
     # Rounds ---------------------------------------------------------------------------------
 
     async def _rounds(self, client: PodPlan) -> int:
-        traffic = Traffic(client, client.env[CALLS_ENV], self.halt)
+        traffic = self.traffic
+        assert traffic is not None
         sidecar = client.sidecar
         assert sidecar is not None
         versions = sorted({p.version for p in self.plans if p.version and any(
@@ -238,19 +349,12 @@ class Demo:
             return 0  # Ctrl-C: the user asked to stop; a clean stop is success
         return 0 if failed == 0 and total.requests else 1
 
-    async def _round(self, traffic: Traffic, sidecar: Sidecar) -> RoundResult:
+    async def _round(self, traffic: LoopbackTraffic | PodTraffic, sidecar: Sidecar) -> RoundResult:
         stats = "^cluster\\.outbound\\|.*\\.upstream_rq_(retry|retry_success|5xx)$"
         before = await asyncio.to_thread(sidecar.counters, stats)
-        result = RoundResult()
-        lock = threading.Lock()
-        workers = max(1, min(self.options.concurrency, self.options.requests))
-        shares = [self.options.requests // workers + (i < self.options.requests % workers)
-                  for i in range(workers)]
         started = time.perf_counter()
-        await asyncio.gather(
-            *(self._in_thread(traffic.http_worker, n, result, lock) for n in shares),
-            self._in_thread(traffic.db_worker, DB_TRIPS_PER_ROUND, result, lock),
-        )
+        result = await asyncio.to_thread(traffic.run, self.options.requests,
+                                         self.options.concurrency, DB_TRIPS_PER_ROUND)
         result.seconds = time.perf_counter() - started
         # Envoy charges some counters (retry success) just after the response went out.
         await asyncio.sleep(0.1)
@@ -264,19 +368,31 @@ class Demo:
     # Shutdown -------------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        """Each step runs even if an earlier one failed; the first failure is raised last."""
         self.halt.set()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self.traffic is not None:
+            await asyncio.to_thread(self.traffic.close)
         sidecars = [p.sidecar for p in self.plans if p.sidecar is not None and p.sidecar.started]
         if sidecars:
-            await asyncio.gather(*(asyncio.to_thread(s.stop) for s in sidecars))
+            await asyncio.gather(*(asyncio.to_thread(s.stop) for s in sidecars), return_exceptions=True)
         for plan in self.plans:
             for app in plan.apps:
                 await app.close()
+        namespaces = len(self.network.pods) if self.network is not None else 0
+        if self.network is not None:
+            await asyncio.to_thread(self.network.close)
         if self.app is not None:
             await self.app.close(grace=1.0)
         if sidecars:
             pids = ", ".join(str(s.pid) for s in sidecars)
+            pods = f", {namespaces} pod network namespaces and the node's" if namespaces else ""
             self.say(f"stopped: {len(sidecars)} Envoy sidecars (pids {pids}), "
-                     f"{sum(len(p.apps) for p in self.plans)} apps, the xDS server")
+                     f"{sum(len(p.apps) for p in self.plans)} apps{pods}, the xDS server")
         if self.workdir is not None:
             if self.keep_logs:
                 self.say(f"Envoy bootstraps and logs kept in {self.workdir}")

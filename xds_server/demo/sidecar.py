@@ -1,14 +1,20 @@
 """A pod's sidecar: the shared Envoy process helper, started from the bootstrap
-`xds-server bootstrap` writes for that pod, its admin on the pod's address (port 15000)."""
+`xds-server bootstrap` writes for that pod. Explicit mode: its admin on the pod's loopback
+address (port 15000). Capture mode (`PodSidecar`): inside the pod's network namespace as the
+proxy UID, its admin on a Unix socket."""
 
 from __future__ import annotations
 
+import http.client
+import os
+import socket
 from pathlib import Path
 
 from ..bootstrap import SidecarSpec, sidecar_bootstrap
 from ..envoy_process import ENVOY_PIN, EnvoyError, EnvoyProcess
 from ..model.mesh import ENVOY_ADMIN_PORT, Workload
 from .errors import DemoError
+from .netns import PROXY_UID, NetPod
 
 INSTALL_HINT = (
     "The demo runs real Envoy sidecars, and no Envoy binary was found.\n"
@@ -23,11 +29,11 @@ class Sidecar(EnvoyProcess):
     demo only, which then stops every sidecar itself (after the traffic, before the server)."""
 
     def __init__(self, binary: str, workload: Workload, xds_address: str, workdir: Path,
-                 token: str | None = None) -> None:
+                 token: str | None = None, admin_address: str | None = None) -> None:
         spec = SidecarSpec(
             namespace=workload.namespace, service_account=workload.service_account,
             pod=workload.name, pod_ip=workload.ip, xds_address=xds_address,
-            admin_address=f"{workload.ip}:{ENVOY_ADMIN_PORT}",
+            admin_address=admin_address or f"{workload.ip}:{ENVOY_ADMIN_PORT}",
             inbound_port=workload.inbound_port, outbound_port=workload.outbound_port,
             labels=workload.label_map, token=token,
             interception="capture" if workload.capture else "explicit",
@@ -50,3 +56,72 @@ class Sidecar(EnvoyProcess):
             return super().counters(pattern)
         except EnvoyError as err:
             raise DemoError(str(err)) from None
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (Envoy's admin `pipe` address)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class PodSidecar(Sidecar):
+    """Capture mode: the pod's Envoy inside its network namespace, as the proxy UID/GID (the
+    capture rules let that UID's own connections out): `ip netns exec POD setpriv
+    --reuid=1337 --regid=1337 --clear-groups envoy ...`. Its admin is a Unix socket in its
+    own directory (owned by the proxy UID), which the demo reaches from the root namespace;
+    it reaches the xDS server over the server's Unix socket (`xds_address="unix:/path"`)."""
+
+    def __init__(self, binary: str, workload: Workload, xds_address: str, workdir: Path,
+                 pod: NetPod, token: str | None = None) -> None:
+        name = f"{workload.namespace}-{workload.name}"
+        own = workdir / f"envoy-{name}"
+        own.mkdir(mode=0o755)
+        os.chown(own, PROXY_UID, PROXY_UID)
+        self.admin_socket = own / "admin.sock"
+        super().__init__(binary, workload, xds_address, own, token=token,
+                         admin_address=f"unix:{self.admin_socket}")
+        self.pod = pod
+
+    def command(self) -> list[str]:
+        return self.pod.command(super().command(), PROXY_UID)
+
+    def start(self) -> None:
+        # start() writes the 0600 bootstrap into an existing file, which keeps its owner.
+        self.bootstrap_path.touch(mode=0o600)
+        os.chown(self.bootstrap_path, PROXY_UID, PROXY_UID)
+        super().start()
+
+    def _read_admin_address(self) -> bool:
+        if self.admin_host is not None:
+            return True
+        try:
+            text = self.admin_address_path.read_text().strip()
+        except FileNotFoundError:
+            return False
+        if not text:
+            return False
+        self.admin_host, self.admin_port = text, 0
+        return True
+
+    def admin_request(self, method: str, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        if not self._read_admin_address():
+            raise ConnectionRefusedError(f"{self.name}: admin address not known yet")
+        conn = _UnixHTTPConnection(str(self.admin_socket), timeout)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return response.status, response.read().decode("utf-8", "replace")
+        finally:
+            conn.close()
