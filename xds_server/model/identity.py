@@ -156,6 +156,23 @@ class Proof:
         return f"{self.namespace}/{self.service_account} ({self.method})"
 
 
+def proves_pod(proof: Proof | None, claim: ProxyClaim, pod_service_account: str | None,
+               pod_ip: str = "") -> bool:
+    """Whether a stream may have the pod-scoped config of the pod it claims: no identity to
+    check (`--auth none`); a pod-bound token naming that pod; else a pod of the proven
+    service account (and of the claimed IP, when both say one). `pod_service_account` None:
+    the pod is not known (yet); what was proven is all there is to check, and the builder
+    checks again once the pod is known."""
+    if proof is None:
+        return True
+    if proof.pod:
+        return proof.pod == claim.pod
+    if pod_service_account is None:
+        return True
+    same_ip = not claim.ip or not pod_ip or claim.ip == pod_ip
+    return pod_service_account == proof.service_account and same_ip
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedProxy:
     """A claim after authentication: `proof` is None only in `--auth none` (no identity, so

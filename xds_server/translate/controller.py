@@ -24,15 +24,16 @@ asyncio task (the server: translate/orchestrator.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
-from ..model.identity import VerifiedProxy
+from ..model.identity import VerifiedProxy, proves_pod
 from ..model.security import SecuritySettings
 from ..model.store import KINDS, MeshStore, ObjectChange
 from ..xds.cache import ResourceCache
 from .index import ModelIndex
 from .orchestrator import Collector, Orchestrator
-from .proxies import ProxyBuilder, ProxyRegistry
+from .proxies import ProxyBuilder, ProxyRegistry, identity_key, stranger_key
 from .scope import ScopeSettings
 from .scopes import ScopeBuilder
 from .service_outputs import (
@@ -45,7 +46,7 @@ from .service_outputs import (
     ServiceOutputs,
     VirtualHostsBuilder,
 )
-from .views import ProxylessView, ProxyView, Published, proxy_resources
+from .views import ProxyKey, ProxylessView, ProxyView, Published, proxy_resources
 
 __all__ = ["MeshController", "ProxyView", "ProxylessView", "proxy_resources"]
 
@@ -71,6 +72,8 @@ class MeshController:
         self.published = Published()
         outputs = ServiceOutputs()
         self.registry = ProxyRegistry(outputs)
+        # (claimed key, proven identity) -> (the key its streams hold instead, how many)
+        self._stranger_streams: dict[tuple[ProxyKey, tuple[str, ...]], tuple[ProxyKey, int]] = {}
         mtls = self.index.security.settings.mtls
         self.scopes = ScopeBuilder(self.index, outputs, self.registry, self.published, self.settings)
         self.proxy_builder = ProxyBuilder(
@@ -103,17 +106,48 @@ class MeshController:
     # The view provider --------------------------------------------------------------------------
 
     def view_for(self, verified: VerifiedProxy) -> ProxyView:
-        """The server calls this on a stream's first request (see XdsServer `view_for`)."""
-        proxy, deps = self.registry.connect(verified.claim)
+        """The server calls this on a stream's first request (see XdsServer `view_for`).
+
+        Pod-scoped config goes only to a stream that proves that pod (model/identity.py
+        `proves_pod`); another stream claiming it gets a key of its own, as does one whose
+        identity differs from the streams already holding that key."""
+        key = self._key_of(verified)
+        claim = verified.claim
+        if key != claim.key:  # remembered for release(): the model may change meanwhile
+            slot = (claim.key, identity_key(verified.proof))
+            held = self._stranger_streams.get(slot)
+            self._stranger_streams[slot] = (key, (held[1] if held else 0) + 1)
+            claim = dataclasses.replace(claim, pod=key[1])
+        proxy, deps = self.registry.connect(claim, verified.proof)
         if deps:
             self.orchestrator.emit(deps)
             self._build_inline()
         view = ProxylessView if proxy.proxyless else ProxyView
         return view(self.cache, self.published, proxy.key)
 
+    def _key_of(self, verified: VerifiedProxy) -> ProxyKey:
+        claim, proof = verified.claim, verified.proof
+        if proof is None:
+            return claim.key
+        known = self.index.workloads.get(claim.key)
+        proven = proves_pod(proof, claim, known.service_account if known else None, known.ip if known else "")
+        held = self.registry.proxies.get(claim.key)
+        if proven and (held is None or identity_key(held.proof) == identity_key(proof)):
+            return claim.key
+        return stranger_key(claim, proof)
+
     def release(self, verified: VerifiedProxy) -> None:
         """A stream ended; the last stream of a proxy takes its own resources with it."""
-        deps = self.registry.disconnect(verified.key)
+        key = verified.key
+        slot = (key, identity_key(verified.proof))
+        held = self._stranger_streams.get(slot)
+        if held is not None:
+            key = held[0]
+            if held[1] <= 1:
+                del self._stranger_streams[slot]
+            else:
+                self._stranger_streams[slot] = (held[0], held[1] - 1)
+        deps = self.registry.disconnect(key)
         if deps:
             self.orchestrator.emit(deps)
 

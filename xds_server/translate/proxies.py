@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from ..model.identity import ProxyClaim
+from ..model.identity import Proof, ProxyClaim, proves_pod
 from ..model.mesh import AppProtocol, Service, ServiceKey, ServicePort, Workload
 from ..xds import types
 from ..xds.resource import Resource
@@ -40,12 +40,16 @@ from .views import Published, ProxyKey
 log = logging.getLogger(__name__)
 
 AppPort = tuple[int, AppProtocol, Service, ServicePort]  # (port, protocol, service, service port)
+# The name a stranger's workload gets: no pod has it (a `~` is not in any Kubernetes name),
+# so it backs no service and has no inbound side.
+STRANGER = "~stranger"
 
 
 @dataclass
 class Proxy:
     key: ProxyKey
     claim: ProxyClaim
+    proof: Proof | None = None  # what its first stream proved (every stream of a key proves the same)
     streams: int = 0
 
     @property
@@ -65,12 +69,14 @@ class ProxyRegistry:
     def proxies_in(self, namespace: str) -> int:
         return self._per_namespace.get(namespace, 0)
 
-    def connect(self, claim: ProxyClaim) -> tuple[Proxy, set[Dep]]:
-        """A stream opened; returns the proxy and what its arrival changed."""
+    def connect(self, claim: ProxyClaim, proof: Proof | None = None) -> tuple[Proxy, set[Dep]]:
+        """A stream opened; returns the proxy and what its arrival changed. `claim.key` is the
+        proxy's key: the caller gives a stream that does not prove its pod a key of its own
+        (`stranger_key`), so it never shares a proven pod's resources."""
         proxy = self.proxies.get(claim.key)
         deps: set[Dep] = set()
         if proxy is None:
-            proxy = self.proxies[claim.key] = Proxy(claim.key, claim)
+            proxy = self.proxies[claim.key] = Proxy(claim.key, claim, proof)
             deps.add(("proxy", claim.key))
             count = self._per_namespace[claim.namespace] = self.proxies_in(claim.namespace) + 1
             if count == 1:
@@ -114,6 +120,16 @@ class ProxyRegistry:
                 self._outputs.capture_connected = False
                 deps.add(("capture-connected",))
         return deps
+
+
+def stranger_key(claim: ProxyClaim, proof: Proof) -> ProxyKey:
+    """The key of a stream that claims a pod it does not prove: its own, named after what it
+    proved, so it gets its namespace's shared config and nothing of that pod's."""
+    return (claim.namespace, f"{claim.pod}~{proof.service_account}")
+
+
+def identity_key(proof: Proof | None) -> tuple[str, ...]:
+    return () if proof is None else (proof.namespace, proof.service_account, proof.pod)
 
 
 class ProxyBuilder:
@@ -167,7 +183,12 @@ class ProxyBuilder:
     def workload_of(proxy: Proxy, reader: Reader) -> Workload:
         known = reader.pod(*proxy.key)
         if known is not None:
-            return known
+            if proves_pod(proxy.proof, proxy.claim, known.service_account, known.ip):
+                return known
+            # The pod appeared after the stream, and it is not this stream's: nothing of it.
+            log.warning("a proxy claims a pod its credential does not prove: no pod-scoped config",
+                        extra={"proxy": f"{proxy.key[0]}/{proxy.key[1]}", "proof": str(proxy.proof)})
+            return Workload(namespace=proxy.key[0], name=STRANGER, meshed=True, capture=proxy.claim.capture)
         claim = proxy.claim
         # Not (yet) in the model: a VM or a test proxy; trust its declared ports and address.
         return Workload(
