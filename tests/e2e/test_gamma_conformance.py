@@ -975,3 +975,47 @@ async def test_mesh_grpcroute_request_mirror(conf: Conformance, case: GrpcCase) 
         lambda: sum(1 for md in mirror.metadata_seen if (key, "true") in md) == before + 1,
         message=f"{case.name}: echo-v2 receives the mirrored call",
     )
+
+
+# Beyond upstream: Location when the request named a port ---------------------------------
+# Upstream dials `echo` (port 80) only. Gateway API: with a scheme and no port, the redirect
+# goes to the scheme's well-known port; with neither hostname nor port, to the listener's
+# (the Service's) port; a default port SHOULD be left out of Location. Before the fix, a
+# request to `echo:8080` redirected to https got `https://echo:443/...`, and a redirect to
+# port 80 (or https on 443) kept `:80` (`:443`) in Location.
+
+LOCATION_ROUTE = route("mesh-redirect-ports", [parent("echo")], [  # every port of echo
+    {"matches": [prefix(path)], "filters": [redirect(**fields)]} for path, fields in [
+        ("/scheme", {"scheme": "https"}),
+        ("/host", {"hostname": "example.org"}),
+        ("/port-80", {"port": 80}),
+        ("/http", {"scheme": "http"}),
+        ("/https-443", {"scheme": "https", "port": 443}),
+        ("/https-8443", {"scheme": "https", "port": 8443}),
+    ]
+])
+
+
+@cases(
+    Case("scheme-from-port-8080", dial="echo:8080", path="/scheme", status=302, location="https://echo/scheme"),
+    Case("scheme-from-fqdn-8080", dial=f"echo.{NS}.svc.cluster.local:8080", path="/scheme", status=302,
+         location=f"https://echo.{NS}.svc.cluster.local/scheme"),
+    Case("scheme-from-port-80", dial="echo", headers=(("Host", "echo:80"),), path="/scheme", status=302,
+         location="https://echo/scheme"),
+    Case("port-80-from-port-8080", dial="echo:8080", path="/port-80", status=302, location="http://echo/port-80"),
+    Case("http-from-port-8080", dial="echo:8080", path="/http", status=302, location="http://echo/http"),
+    Case("https-443", dial="echo", path="/https-443", status=302, location="https://echo/https-443"),
+    Case("https-443-from-port-8080", dial="echo:8080", path="/https-443", status=302, location="https://echo/https-443"),
+    Case("https-8443", dial="echo:8080", path="/https-8443", status=302, location="https://echo:8443/https-8443"),
+    Case("hostname-keeps-the-service-port", dial="echo:8080", path="/host", status=302,
+         location="http://example.org:8080/host"),
+    # A Host that is none of the service's names cannot be shortened by Envoy: the port is
+    # still the scheme's (443), written out.
+    Case("scheme-other-host", dial="echo:8080", headers=(("Host", "other.example:8080"),), path="/scheme",
+         status=302, location="https://other.example:443/scheme"),
+)
+async def test_redirect_location_leaves_out_the_default_port_whatever_the_request_named(
+    conf: Conformance, case: Case
+) -> None:
+    await conf.use("RedirectLocationPorts", [LOCATION_ROUTE])
+    await expect(conf, case)
