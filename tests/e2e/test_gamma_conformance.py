@@ -31,7 +31,9 @@ thread), failing with the last mismatch.
 MeshClusterIPMatching is not a test upstream but the feature MeshFrontendHostname checks
 (the parentRef matches the ClusterIP dialled, not the Host header). MeshGRPCRouteRequestMirror
 is not on upstream main (it was proposed in commit 439860389, "Add mesh
-grpcroute-request-mirror"); it is restated too.
+grpcroute-request-mirror"); it is restated too. One test goes beyond upstream, which only
+dials port 80: the redirect Location when the request named a port (the default port is
+left out there too).
 """
 
 from __future__ import annotations
