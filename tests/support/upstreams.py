@@ -209,6 +209,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
             "method": self.command,
             "path": self.path,
             "headers": {k.lower(): v for k, v in self.headers.items()},
+            # Every header line as received (lower-case name), repeated names included.
+            "header_list": [[k.lower(), v] for k, v in self.headers.items()],
             "body": body.decode("utf-8", "replace"),
             "server": f"{self.server.server_address[0]}:{self.server.server_address[1]}",
         }
@@ -229,7 +231,9 @@ class _EchoHandler(BaseHTTPRequestHandler):
 
 class HttpUpstream(_UpstreamBase):
     """HTTP/1.1 backend on (host, port): every request gets 200 + JSON
-    {"name", "method", "path", "headers", "body", "server"} and an `x-upstream-name` header.
+    {"name", "method", "path", "headers", "header_list", "body", "server"} and an
+    `x-upstream-name` header (`headers` keeps the last value of a repeated name;
+    `header_list` has every [name, value] line in order).
     """
 
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:

@@ -504,10 +504,19 @@ def test_redirects() -> None:
     assert full.path_redirect == "/new" and full.response_code == rc.RedirectAction.MOVED_PERMANENTLY
     # Gateway API: scheme without port -> the scheme's well-known port, not the request's, and
     # the default port SHOULD be left out of Location. A request naming no port (or :80) keeps
-    # its host and Envoy writes no port; one naming another port gets :443 explicitly.
+    # its host and Envoy writes no port; one naming the service by one of its names with the
+    # port is redirected to the bare name (no port); any other naming another port gets :443.
     secure = route_named(vh, "rule/2/match/0").redirect
     assert secure.scheme_redirect == "https" and secure.port_redirect == 0
     assert secure.response_code == rc.RedirectAction.FOUND
+    forms = ["api", "api.shop", "api.shop.svc", "api.shop.svc.cluster.local", API.cluster_ip]
+    for index, form in enumerate(forms):
+        named = route_named(vh, f"rule/2/match/0|host|{index}")
+        [authority] = named.match.headers
+        assert authority.name == ":authority" and authority.string_match.exact == f"{form}:8080"
+        assert authority.string_match.ignore_case
+        assert named.redirect.host_redirect == form and named.redirect.port_redirect == 0
+        assert named.redirect.scheme_redirect == "https"
     explicit = route_named(vh, "rule/2/match/0|port")
     assert explicit.redirect.scheme_redirect == "https" and explicit.redirect.port_redirect == 443
     [authority] = explicit.match.headers
@@ -516,9 +525,12 @@ def test_redirects() -> None:
     for host, named_port in [("api:8080", True), ("api:8", True), ("api:800", True), ("api:443", True),
                              ("api:80", False), ("api", False), ("[fd00::1]", False), ("[fd00::1]:81", True)]:
         assert bool(pattern.fullmatch(host)) is named_port, host
-    names_in_order = [r.name for r in vh.routes]  # the port-naming variant is checked first
-    assert names_in_order.index(explicit.name) + 1 == names_in_order.index(
-        next(r.name for r in vh.routes if r.name.endswith("rule/2/match/0")))
+    names_in_order = [r.name for r in vh.routes]  # the service's names, any port, then none
+    start = names_in_order.index("httproute/shop/filters/rule/2/match/0|host|0")
+    assert names_in_order[start:start + len(forms) + 2] == [
+        *(f"httproute/shop/filters/rule/2/match/0|host|{i}" for i in range(len(forms))),
+        explicit.name, "httproute/shop/filters/rule/2/match/0",
+    ]
     elsewhere = route_named(vh, "rule/3/match/0").redirect
     # hostname without port -> the listener (service) port; Envoy drops the request's port.
     assert elsewhere.host_redirect == "web.front" and elsewhere.port_redirect == 8080
@@ -526,6 +538,25 @@ def test_redirects() -> None:
     moved = route_named(vh, "rule/4/match/0").redirect
     assert moved.prefix_rewrite == "/relocated" and moved.port_redirect == 8443
     assert moved.response_code == rc.RedirectAction.PERMANENT_REDIRECT
+
+
+@pytest.mark.parametrize("redirect", [Redirect(port=80), Redirect(scheme="http", port=80),
+                                      Redirect(scheme="https", port=443)], ids=["80", "http-80", "https-443"])
+def test_redirect_to_the_default_port_leaves_it_out(redirect: Redirect) -> None:
+    """A port that is the (redirect's or the request's) scheme's default is handled as a
+    scheme change is: no port_redirect unless another authority named another port."""
+    vh = vhost([route("r", rule(redirect=redirect))])
+    plain = route_named(vh, "rule/0/match/0")
+    assert not plain.match.headers and plain.redirect.port_redirect == 0
+    named = route_named(vh, "rule/0/match/0|host|0")
+    assert named.redirect.host_redirect == "api" and named.redirect.port_redirect == 0
+    explicit = route_named(vh, "rule/0/match/0|port")
+    assert explicit.redirect.port_redirect == redirect.port
+
+
+def test_redirect_to_another_port_is_one_route() -> None:
+    [r] = vhost([route("r", rule(redirect=Redirect(scheme="https", port=80)))]).routes
+    assert r.redirect.port_redirect == 80 and not r.match.headers
 
 
 def test_redirect_to_https_host_leaves_default_port_out() -> None:
@@ -623,7 +654,7 @@ def test_fault_on_every_route_of_the_vhost() -> None:
     pol = policy(fault={"delay": {"percentage": 50, "fixedDelay": "2s"},
                         "abort": {"percentage": 12.5, "httpStatus": 418}})
     vh = vhost([route("r", rule(prefix("/a")), rule(prefix("/b"), redirect=Redirect(scheme="https")))], pol)
-    assert len(vh.routes) == 3  # the scheme redirect is two routes (see test_redirects)
+    assert len(vh.routes) == 8  # the scheme redirect is 7 routes (see test_redirects)
     for r in vh.routes:
         fault = fault_pb2.HTTPFault()
         assert r.typed_per_filter_config[names.FAULT_FILTER].Unpack(fault)
@@ -965,7 +996,7 @@ def test_live_envoy_routes_as_the_configs_say() -> None:
         assert backend("/x", host="api.shop.svc.cluster.local:8080")[1] == api
         assert backend("/x", host="api")[0] == 404  # not the default port here: no such vhost
         status, headers = _get(out_port, "api.shop:8080", "/moved")
-        assert status == 301 and headers["location"] == "https://api.shop:443/moved"
+        assert status == 301 and headers["location"] == "https://api.shop/moved"
         assert _get(out_port, "flaky:8080", "/")[0] == 418  # the destination's fault, client side
 
         inbound_cluster = names.inbound_cluster_name

@@ -354,10 +354,10 @@ def _redirect_action(redirect: Redirect, match: RouteMatch, listener_port: int) 
     port SHOULD be left out of Location. Envoy keeps the request's `:port` unless told
     otherwise (dropping an explicit `:80` when the scheme changes) and drops it whenever
     host_redirect is set, so: with a scheme and neither hostname nor port, no port_redirect
-    (`Host: api` -> `https://api/...`; only a request that named a non-default port keeps it,
-    where the spec's `:443` is implied); with a scheme and a hostname, the scheme's port, left
-    out as the default; with a hostname and no scheme/port, the service port; a port that is
-    the scheme's well-known one is left out when a hostname is set."""
+    (`Host: api` -> `https://api/...`; _rule_routes adds the variants for a request that named
+    a port); with a scheme and a hostname, the scheme's port, left out as the default; with a
+    hostname and no scheme/port, the service port; a port that is the scheme's well-known one
+    is left out when a hostname is set (and without one, by _rule_routes' variants)."""
     out = rc.RedirectAction(response_code=_REDIRECT_CODES.get(redirect.status_code, rc.RedirectAction.FOUND))
     scheme = redirect.scheme.lower() if redirect.scheme else None
     if scheme:
@@ -603,19 +603,49 @@ def _rule_routes(
         return [route]
     # Gateway API: a redirect rule has no backends.
     route.redirect.CopyFrom(_redirect_action(redirect, entry.match, port.port))
-    scheme = (redirect.scheme or "").lower()
-    if not (scheme in _WELL_KNOWN_PORTS and redirect.hostname is None and redirect.port is None):
+    default_port = _default_port_redirect(redirect)
+    if default_port is None:
         return [route]
-    # A scheme change keeping the request's host: Location carries no port (the scheme's
-    # default), which Envoy gives when the request named none or :80. A request that named
-    # another port gets the scheme's port explicitly (`https://api:443/`), never its own.
+    # To the request's own host at the (new) scheme's default port: Location SHOULD carry no
+    # port. Envoy keeps the request's `:port` (dropping only `:80` on a scheme change) unless
+    # host_redirect is set, and never drops a port_redirect that is the default. So: the
+    # service's own names with this port (`api:8080`, `api.shop:8080`, the cluster IP, ...)
+    # are redirected to the bare name; another authority naming a port other than 80 gets
+    # the default port explicitly (`https://other:443/`), never its own; a request that
+    # named no port (or :80) gets none.
+    fallback = rc.Route()
+    fallback.CopyFrom(route)
+    fallback.redirect.ClearField("port_redirect")
+    out = []
+    for index, form in enumerate(_name_forms(parent, short=True)):
+        named = rc.Route()
+        named.CopyFrom(fallback)
+        named.name = f"{entry.name}|host|{index}"
+        authority = named.match.headers.add(name=":authority")
+        authority.string_match.exact = _host(form, port.port)
+        authority.string_match.ignore_case = True
+        named.redirect.host_redirect = _host(form)
+        out.append(named)
     explicit = rc.Route()
-    explicit.CopyFrom(route)
+    explicit.CopyFrom(fallback)
     explicit.name = f"{entry.name}|port"
     header = explicit.match.headers.add(name=":authority")
     header.string_match.safe_regex.regex = _NON_DEFAULT_PORT_AUTHORITY
-    explicit.redirect.port_redirect = _WELL_KNOWN_PORTS[scheme]
-    return [explicit, route]
+    explicit.redirect.port_redirect = default_port
+    return [*out, explicit, fallback]
+
+
+def _default_port_redirect(redirect: Redirect) -> int | None:
+    """The well-known port a redirect keeping the request's host goes to, if it does: a
+    scheme given with no port, or a port that is the default of the redirect's scheme (the
+    request's, http in the mesh, when none is given). None otherwise (a hostname is given,
+    another port, or neither scheme nor port: the request's own port is kept)."""
+    if redirect.hostname:
+        return None
+    scheme = (redirect.scheme or "").lower()
+    if redirect.port is None:
+        return _WELL_KNOWN_PORTS.get(scheme) if scheme else None
+    return redirect.port if redirect.port == _WELL_KNOWN_PORTS.get(scheme or "http") else None
 
 
 def _default_route(service: Service, port: ServicePort, policy: TrafficPolicySpec | None) -> rc.Route:
