@@ -341,7 +341,7 @@ async def test_fault_injection_aborts_and_delays(mesh: CaptureMesh) -> None:
 async def test_circuit_breaker_overflows_with_503(mesh: CaptureMesh) -> None:
     """TrafficPolicy connectionPool, both shapes of test_resilience: one connection plus one
     pending request (`slow`), one request at a time (`slow-h2`); ten simultaneous callers
-    against an app that takes 1 s: the rest fail fast with 503 x-envoy-overloaded."""
+    against an app that takes 2 s: the rest fail fast with 503 x-envoy-overloaded."""
     client = mesh.pod(NS, "client", app=None)
     slow = mesh.pod(NS, "slow-1", app=None, labels={"app": "slow"})
     backend = slow.programmable(8080, "slow-1")
@@ -361,7 +361,7 @@ async def test_circuit_breaker_overflows_with_503(mesh: CaptureMesh) -> None:
     await reachable(mesh, client, "http://slow/", "slow-1")
     await reachable(mesh, client, "http://slow-h2/", "slow-1")
 
-    backend.delay = 1.0
+    backend.delay = 2.0  # all ten arrive while the first is still in flight, even on a busy machine
     for service, overflow in (("slow", "upstream_rq_pending_overflow"), ("slow-h2", "upstream_rq_active_overflow")):
         backend.reset_counters()
         path = f"/cb-{service}"
@@ -410,8 +410,9 @@ async def test_outlier_detection_ejects_the_failing_endpoint(mesh: CaptureMesh) 
 
 
 async def test_local_rate_limit_answers_429_beyond_the_bucket(mesh: CaptureMesh) -> None:
-    """TrafficPolicy rateLimit 5/s (burst 5) on `api`: the bucket is in api's own sidecar
-    (inbound, reached by destination port); 20 simultaneous callers, 5 to 10 get through."""
+    """TrafficPolicy rateLimit on `api`: the bucket is in api's own sidecar (inbound,
+    reached by destination port). 5 per minute, burst 5: of 20 simultaneous callers exactly
+    5 get through, however slowly a busy machine lets them arrive (no refill in the test)."""
     client = mesh.pod(NS, "client", app=None)
     api = mesh.pod(NS, "api-1", app=None, labels={"app": "api"})
     backend = api.programmable(8080, "api-1")
@@ -421,7 +422,7 @@ async def test_local_rate_limit_answers_429_beyond_the_bucket(mesh: CaptureMesh)
     control = await many(client, "http://api/control", 20, concurrency=20, together=True)
     assert statuses(control) == {200: 20}, statuses(control)
 
-    traffic_policy(mesh, "api", rateLimit={"requests": 5, "per": "1s", "burst": 5})
+    traffic_policy(mesh, "api", rateLimit={"requests": 5, "per": "60s", "burst": 5})
     await until_config(
         mesh, lambda: any("envoy.filters.http.local_ratelimit" in r.get("typed_per_filter_config", {})
                           for r in inbound_routes(api)),
@@ -429,9 +430,7 @@ async def test_local_rate_limit_answers_429_beyond_the_bucket(mesh: CaptureMesh)
     )
     results = await many(client, "http://api/limited", 20, concurrency=20, together=True)
     counts = statuses(results)
-    assert set(counts) <= {200, 429}, counts
-    assert 5 <= counts[200] <= 10, counts  # 5 tokens; a burst straddling a refill gets up to 5 more
-    assert counts[429] >= 10, counts
+    assert counts == {200: 5, 429: 15}, counts
     assert all("x-ratelimit-limit" in r.headers for r in results if isinstance(r, PodHttpResponse) and r.status == 429)
     assert backend.requests_for("/limited") == counts[200]  # refused before the app
 
