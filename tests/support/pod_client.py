@@ -11,7 +11,13 @@ Protocol: one JSON object per line on stdin, one JSON object per line on stdout.
     {"op": "http", "url": "http://api/x", "method": "GET", "headers": [[k, v], ...],
      "body": base64 | null, "timeout": 5}
         -> {"ok": true, "status": 200, "headers": [[lower-case name, value], ...],
-            "body": base64}
+            "body": base64, "elapsed": seconds}
+    {"op": "http_many", ...the fields of "http"..., "count": 20, "concurrency": 20,
+     "together": true}
+        -> {"ok": true, "results": [answer of "http" (or its failure, with "elapsed"), ...]}
+           `count` requests, each on its own connection, `concurrency` at a time from
+           threads; `together`: the first `concurrency` are released at the same moment
+           (a barrier), as a burst of simultaneous callers would be.
     {"op": "tcp", "host": h, "port": p, "payload": base64, "timeout": 5}
         -> {"ok": true, "reply": base64}   (sends, half-closes, reads to EOF)
     {"op": "connect", "host": h, "port": p, "timeout": 5}
@@ -31,7 +37,10 @@ import http.client
 import json
 import socket
 import sys
+import threading
+import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
@@ -61,6 +70,7 @@ def _http(cmd: dict[str, Any]) -> dict[str, Any]:
     timeout = float(cmd.get("timeout", 5))
     body = base64.b64decode(cmd["body"]) if cmd.get("body") is not None else None
     conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
+    start = time.monotonic()
     try:
         headers = [(str(k), str(v)) for k, v in cmd.get("headers", ())]
         named = {k.lower() for k, _ in headers}
@@ -76,10 +86,27 @@ def _http(cmd: dict[str, Any]) -> dict[str, Any]:
         return {
             "ok": True, "status": resp.status,
             "headers": [[k.lower(), v] for k, v in resp.getheaders()],
-            "body": base64.b64encode(data).decode(),
+            "body": base64.b64encode(data).decode(), "elapsed": time.monotonic() - start,
         }
     finally:
         conn.close()
+
+
+def _http_many(cmd: dict[str, Any]) -> dict[str, Any]:
+    count = int(cmd.get("count", 1))
+    concurrency = max(1, min(int(cmd.get("concurrency", 1)), count or 1))
+    barrier = threading.Barrier(concurrency) if cmd.get("together") else None
+
+    def one(index: int) -> dict[str, Any]:
+        if barrier is not None and index < concurrency:
+            barrier.wait(10)
+        start = time.monotonic()
+        answer = handle_command(_http, cmd)
+        answer.setdefault("elapsed", time.monotonic() - start)
+        return answer
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return {"ok": True, "results": list(pool.map(one, range(count)))}
 
 
 def _tcp(cmd: dict[str, Any]) -> dict[str, Any]:
@@ -108,18 +135,26 @@ def _resolve(cmd: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "addresses": sorted({str(info[4][0]) for info in infos})}
 
 
-OPS = {"http": _http, "tcp": _tcp, "connect": _connect, "resolve": _resolve}
+OPS = {"http": _http, "http_many": _http_many, "tcp": _tcp, "connect": _connect, "resolve": _resolve}
+
+
+def handle_command(op: Any, cmd: dict[str, Any]) -> dict[str, Any]:
+    try:
+        answer: dict[str, Any] = op(cmd)
+        return answer
+    except Exception as err:  # every failure is an answer, never a dead client
+        return {"ok": False, "kind": _kind(err), "error": f"{type(err).__name__}: {err}"}
 
 
 def handle(line: str) -> dict[str, Any]:
     try:
         cmd = json.loads(line)
-        op = OPS.get(cmd.get("op"))
-        if op is None:
-            return {"ok": False, "kind": "error", "error": f"unknown op {cmd.get('op')!r}"}
-        return op(cmd)
-    except Exception as err:  # every failure is an answer, never a dead client
-        return {"ok": False, "kind": _kind(err), "error": f"{type(err).__name__}: {err}"}
+    except ValueError as err:
+        return {"ok": False, "kind": "error", "error": f"not JSON: {err}"}
+    op = OPS.get(cmd.get("op")) if isinstance(cmd, dict) else None
+    if op is None:
+        return {"ok": False, "kind": "error", "error": f"unknown op {line.strip()[:100]!r}"}
+    return handle_command(op, cmd)
 
 
 def main() -> None:

@@ -58,6 +58,7 @@ import yaml
 from tests.support import netns
 from tests.support.envoy import LISTENER_TYPE, EnvoyError, EnvoyProcess
 from tests.support.grpc_backend import GrpcBackend
+from tests.support.programmable import ProgrammableBackend
 from tests.support.upstreams import HttpResponse, HttpUpstream, TcpEchoUpstream
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
 from xds_server.inject.settings import InjectorSettings
@@ -356,6 +357,14 @@ class NetPod:
         self._stoppables.append(backend)
         return backend
 
+    def programmable(self, port: int = 8080, name: str | None = None, host: str = "0.0.0.0",
+                     **behaviour: Any) -> ProgrammableBackend:
+        """tests.support.programmable.ProgrammableBackend (fails, delays, counts on demand:
+        `behaviour` are its settings) listening in this pod, started."""
+        backend = self.in_pod(lambda: ProgrammableBackend(name or self.name, host, port, **behaviour).start())
+        self._stoppables.append(backend)
+        return backend
+
     # The app -----------------------------------------------------------------------------
 
     def client(self, user: int | None = None) -> PodClient:
@@ -377,6 +386,15 @@ class NetPod:
     ) -> PodHttpResponse:
         """What this pod's app gets for an HTTP request (through its sidecar when captured)."""
         return self.app.http(url, method=method, headers=headers, body=body, timeout=timeout)
+
+    def http_many(
+        self, url: str, count: int, *, concurrency: int = 1, together: bool = False, method: str = "GET",
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None, timeout: float = 5.0,
+    ) -> list[PodHttpResponse | PodNetError]:
+        """What this pod's app gets for `count` requests, `concurrency` at a time (see
+        PodClient.http_many)."""
+        return self.app.http_many(url, count, concurrency=concurrency, together=together, method=method,
+                                  headers=headers, timeout=timeout)
 
     def tcp(self, host: str, port: int, payload: bytes, timeout: float = 5.0) -> bytes:
         """What this pod's app reads back after sending `payload` and half-closing."""
@@ -618,9 +636,23 @@ class PodNetwork:
 @dataclass
 class PodHttpResponse(HttpResponse):
     """tests.support.upstreams.HttpResponse plus every header as sent, in order
-    (`headers` keeps the last value of a repeated name)."""
+    (`headers` keeps the last value of a repeated name), and the seconds the app waited
+    for it (measured in the pod, from connecting to the end of the body)."""
 
     header_list: list[tuple[str, str]] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+def _http_command(
+    url: str, method: str, headers: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+    body: bytes | str | None, timeout: float,
+) -> dict[str, Any]:
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers or ())
+    raw = body.encode() if isinstance(body, str) else body
+    return {
+        "op": "http", "url": url, "method": method, "headers": pairs,
+        "body": base64.b64encode(raw).decode() if raw is not None else None, "timeout": timeout,
+    }
 
 
 class PodClient:
@@ -684,12 +716,28 @@ class PodClient:
     ) -> PodHttpResponse:
         """One request on a fresh connection to the URL's host (resolved in the pod); no
         redirects followed. `json` is the parsed body when it is JSON."""
-        pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers or ())
-        raw = body.encode() if isinstance(body, str) else body
-        answer = self._call({
-            "op": "http", "url": url, "method": method, "headers": pairs,
-            "body": base64.b64encode(raw).decode() if raw is not None else None, "timeout": timeout,
-        }, timeout)
+        return self._response(self._call(_http_command(url, method, headers, body, timeout), timeout))
+
+    def http_many(
+        self, url: str, count: int, *, concurrency: int = 1, together: bool = False, method: str = "GET",
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        body: bytes | str | None = None, timeout: float = 5.0,
+    ) -> list[PodHttpResponse | PodNetError]:
+        """`count` requests as `http` makes them (each on its own connection), made by the
+        app `concurrency` at a time from threads; `together`: the first `concurrency` leave
+        at the same moment (a burst). One result per request, in order: the response, or
+        the PodNetError its connection failed with."""
+        command = {**_http_command(url, method, headers, body, timeout), "op": "http_many",
+                   "count": count, "concurrency": concurrency, "together": together}
+        rounds = -(-count // max(1, concurrency))
+        answer = self._call(command, timeout * rounds + 10)
+        return [
+            self._response(a) if a.get("ok") else PodNetError(str(a.get("kind", "error")), str(a.get("error", "")))
+            for a in answer["results"]
+        ]
+
+    @staticmethod
+    def _response(answer: Mapping[str, Any]) -> PodHttpResponse:
         header_list = [(str(k), str(v)) for k, v in answer["headers"]]
         data = base64.b64decode(answer["body"])
         header_map = dict(header_list)
@@ -698,7 +746,7 @@ class PodClient:
             with contextlib.suppress(ValueError):
                 parsed = json.loads(data)
         return PodHttpResponse(status=int(answer["status"]), headers=header_map, body=data, json=parsed,
-                               header_list=header_list)
+                               header_list=header_list, elapsed=float(answer.get("elapsed", 0.0)))
 
     def tcp(self, host: str, port: int, payload: bytes, timeout: float = 5.0) -> bytes:
         """Connect, send `payload`, half-close, return everything read until EOF."""

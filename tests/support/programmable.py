@@ -7,6 +7,8 @@ keep-alive from threads and answers with JSON naming itself, but a test can also
   from a seeded generator (`fail_fraction`, `fail_status`);
 - answer every request with a status on demand (`status`), or one path differently
   (`path_status`, e.g. a failing health endpoint);
+- fail exactly the next N requests, then recover (`fail_next = N`, counted down per
+  request; a deterministic flaky backend for retries);
 - delay its answers (`delay`, seconds; interrupted by stop(), so teardown never waits);
 - count what it saw: requests in total and per path, requests in flight and the most that
   were ever in flight at once (`requests_total`, `requests_for`, `in_flight`, `max_in_flight`).
@@ -100,6 +102,7 @@ class ProgrammableBackend(_UpstreamBase):
         *,
         fail_fraction: float = 0.0,
         fail_status: int = 503,
+        fail_next: int = 0,
         status: int = 200,
         delay: float = 0.0,
         path_status: dict[str, int] | None = None,
@@ -108,6 +111,7 @@ class ProgrammableBackend(_UpstreamBase):
         super().__init__(name)
         self.fail_fraction = fail_fraction
         self.fail_status = fail_status
+        self.fail_next = fail_next
         self.status = status
         self.delay = delay
         self.path_status: dict[str, int] = dict(path_status or {})
@@ -129,6 +133,9 @@ class ProgrammableBackend(_UpstreamBase):
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
             if path.split("?", 1)[0] in self.path_status:
                 status = self.path_status[path.split("?", 1)[0]]
+            elif self.fail_next > 0:
+                self.fail_next -= 1
+                status = self.fail_status
             elif self.fail_fraction > 0 and self._random.random() < self.fail_fraction:
                 status = self.fail_status
             else:

@@ -266,6 +266,7 @@ class _EchoTcpHandler(socketserver.BaseRequestHandler):
             data = sock.recv(65536)
             if not data:
                 break
+            self.server.count_bytes(len(data))
             if not sent_prefix:
                 data = self.server.prefix + data
                 sent_prefix = True
@@ -279,8 +280,14 @@ class _EchoTcpHandler(socketserver.BaseRequestHandler):
 class _TcpServer(_TrackingMixin, socketserver.TCPServer):
     def __init__(self, address: tuple[str, int], prefix: bytes) -> None:
         self.prefix = prefix
+        self.bytes_received = 0
+        self._bytes_lock = threading.Lock()
         self._init_tracking()
         super().__init__(address, _EchoTcpHandler)
+
+    def count_bytes(self, n: int) -> None:
+        with self._bytes_lock:
+            self.bytes_received += n
 
 
 class TcpEchoUpstream(_UpstreamBase):
@@ -296,6 +303,11 @@ class TcpEchoUpstream(_UpstreamBase):
         super().__init__(name)
         self.prefix = prefix if prefix is not None else f"{name}:".encode()
         self._server = _TcpServer((host, port), self.prefix)
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes received from clients so far, over every connection."""
+        return int(self._server.bytes_received)
 
     def __enter__(self) -> TcpEchoUpstream:
         self.start()
