@@ -13,13 +13,18 @@ saying what is missing (tests/support/podnet.py), never skip.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.podnet import CaptureMesh, NetPod, PodNetError
+from tests.support.podnet import CaptureMesh, NetPod, PodEnvoy, PodNetError
+from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
 from xds_server.ca.authority import CertificateAuthority
 from xds_server.ca.svid import SvidIssuer
 from xds_server.ca.workloads import WorkloadCertificates
@@ -250,3 +255,65 @@ async def test_a_port_without_a_declared_protocol_is_sniffed(mesh: CaptureMesh) 
     # (A client that half-closes before the inspector has decided is closed by Envoy: the
     # price of sniffing, as in Istio; declare the port's protocol to avoid it.)
     assert tcp_exchange(client, "raw", 7000, "\\x00binary") == "raw-0:\x00binary"
+
+
+class TcpToUnixRelay:
+    """A TCP listener inside a pod, relaying each connection to the server's Unix socket: the
+    pod's own "xDS server address" (as a Service address would be), reached over TCP."""
+
+    def __init__(self, pod: NetPod, port: int, unix_path: str) -> None:
+        self.unix_path = unix_path
+        self.connections = 0
+        self.listener = pod.in_pod(lambda: socket.create_server((pod.ip, port)))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.unix_path)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+async def test_the_sidecars_own_tcp_connections_are_not_captured(mesh: CaptureMesh) -> None:
+    """The capture rules exempt the proxy's UID: its xDS stream over TCP to a pod address
+    (not loopback, so the rules see it) reaches the server, not the sidecar's own 15001;
+    and its upstream connections reach the apps (a captured one would loop)."""
+    client = mesh.pod(NS, "client", app=None)
+    api = mesh.pod(NS, "api-1")
+    mesh.service(NS, "api", 80, pods=[api])
+    relay = TcpToUnixRelay(client, 15010, str(mesh.socket_path))
+    try:
+        spec = SidecarSpec(
+            namespace=NS, service_account=client.service_account, pod=client.name, pod_ip=client.ip,
+            xds_address=f"{client.ip}:15010", interception="capture", labels=client.labels,
+        )
+        client.envoy = PodEnvoy(client, sidecar_bootstrap(spec))
+        await asyncio.to_thread(client.envoy.start)
+        await asyncio.to_thread(client.envoy.wait_ready, 20)
+        await mesh.sidecar(api)
+        # LIVE over TCP: captured, the stream would have met the sidecar's own 15001, where
+        # nothing listens before the first config (refused), and later its passthrough.
+        assert relay.connections >= 1
+        reply = await mesh.until(lambda: client.http("http://api/"), message="api through the sidecar")
+        assert reply.status == 200 and reply.json["name"] == "api-1"
+        passthrough = client.envoy.counters(r"^cluster\.PassthroughCluster\.upstream_cx_total$")
+        assert sum(passthrough.values()) == 0
+    finally:
+        relay.close()
