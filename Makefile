@@ -11,7 +11,7 @@ XDS_ADDRESS ?= 127.0.0.1:15010
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages run serve test check bench bench-smoke manifests clean
+.PHONY: setup system-packages run serve test check bench bench-capture bench-smoke manifests clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -76,6 +76,11 @@ check: setup
 
 bench: setup
 	$(BIN)/python bench/push_bench.py
+
+# Latency two capture-mode sidecars add (pods as network namespaces: root) and the config a
+# sidecar receives at 100 and 1,000 services; appends a section to bench/RESULTS.md.
+bench-capture: setup
+	$(BIN)/python bench/capture_bench.py
 
 # Regenerate the generated manifests (CRDs from the models, the example's sidecar bootstraps);
 # review the diff. tests/unit/test_manifests.py fails while they are stale.
