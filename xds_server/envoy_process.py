@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -88,6 +89,24 @@ def write_bootstrap(path: Path, bootstrap: Mapping[str, Any]) -> Path:
     path.touch(mode=0o600)
     path.write_text(json.dumps(bootstrap, indent=1))
     return path
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (Envoy's admin `pipe` address)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class EnvoyProcess:
@@ -238,7 +257,9 @@ class EnvoyProcess:
     # Admin -----------------------------------------------------------------------------------
 
     def _read_admin_address(self) -> bool:
-        """Learn the admin's address from --admin-address-path once Envoy wrote it."""
+        """Learn the admin's address from --admin-address-path once Envoy wrote it: HOST:PORT,
+        or the path of a Unix socket (an admin `pipe`, e.g. for an Envoy in another network
+        namespace), kept as `admin_host` with port 0."""
         if self.admin_port is not None:
             return True
         try:
@@ -247,6 +268,9 @@ class EnvoyProcess:
             return False
         if not text:
             return False
+        if text.startswith("/"):
+            self.admin_host, self.admin_port = text, 0
+            return True
         host, _, port = text.rpartition(":")
         self.admin_host, self.admin_port = host.strip("[]"), int(port)
         return True
@@ -257,7 +281,8 @@ class EnvoyProcess:
         if not self._read_admin_address():
             raise ConnectionRefusedError(f"{self.name}: admin address not known yet")
         assert self.admin_host is not None and self.admin_port is not None
-        conn = http.client.HTTPConnection(self.admin_host, self.admin_port, timeout=timeout)
+        conn = (_UnixHTTPConnection(self.admin_host, timeout) if self.admin_host.startswith("/")
+                else http.client.HTTPConnection(self.admin_host, self.admin_port, timeout=timeout))
         try:
             conn.request(method, path)
             response = conn.getresponse()

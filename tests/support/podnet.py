@@ -30,15 +30,12 @@ import atexit
 import base64
 import contextlib
 import copy
-import ctypes
 import functools
-import http.client
 import json
 import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,11 +53,12 @@ from typing import IO, Any, Protocol, TypeVar
 import yaml
 
 from tests.support import netns
-from tests.support.envoy import LISTENER_TYPE, EnvoyError, EnvoyProcess
+from tests.support.envoy import LISTENER_TYPE, EnvoyProcess
 from tests.support.grpc_backend import GrpcBackend
 from tests.support.programmable import ProgrammableBackend
 from tests.support.upstreams import HttpResponse, HttpUpstream, TcpEchoUpstream
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
+from xds_server.demo.netns import hosts_text, in_netns, service_host_entries
 from xds_server.inject.settings import InjectorSettings
 from xds_server.inject.template import INIT_CONTAINER, inject_pod
 from xds_server.model.security import SecuritySettings
@@ -99,7 +97,6 @@ PROXY_UID = 1337  # the sidecar's UID and GID, exempt from the capture rules
 CLUSTER_DOMAIN = "cluster.local"
 NETNS_DIR = Path("/var/run/netns")
 ETC_NETNS = Path("/etc/netns")
-CLONE_NEWNET = 0x40000000
 
 
 class PodNetUnavailable(RuntimeError):
@@ -155,69 +152,6 @@ def traversable_tempdir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=_traversable_base()))
     path.chmod(0o755)
     return path
-
-
-# ------------------------------------------------------------------ threads in a namespace
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def in_netns(netns_name: str, fn: Callable[[], T]) -> T:
-    """Call `fn` in a fresh thread that first joins the network namespace `netns_name`.
-
-    Network namespaces are per thread: sockets `fn` creates belong to the pod, and threads
-    it starts inherit the namespace (a backend's serving thread). Python 3.11 has no
-    os.setns, hence libc through ctypes. The caller's thread is never moved.
-    """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(NETNS_DIR / netns_name, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({netns_name}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as err:  # handed to the caller
-            box["error"] = err
-
-    thread = threading.Thread(target=target, name=f"in-netns-{netns_name}", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    value: T = box["value"]
-    return value
-
-
-# ------------------------------------------------------------------------------- hosts
-
-
-def service_host_entries(
-    services: Iterable[tuple[str, str, str]], namespace: str, domain: str = CLUSTER_DOMAIN
-) -> dict[str, str]:
-    """Hosts-file names of Services as a pod in `namespace` resolves them: `svc.ns`,
-    `svc.ns.svc` and `svc.ns.svc.<domain>` for each (service, namespace, cluster IP), and
-    the short `svc` only for the pod's own namespace (what Kubernetes' search path does)."""
-    out: dict[str, str] = {}
-    for name, ns, ip in services:
-        for host in (f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.{domain}"):
-            out[host] = ip
-        if ns == namespace:
-            out[name] = ip
-    return out
-
-
-def _hosts_text(entries: Mapping[str, str]) -> str:
-    by_ip: dict[str, list[str]] = {}
-    for name, ip in entries.items():
-        by_ip.setdefault(ip, []).append(name)
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-    lines += [f"{ip}\t{' '.join(names)}" for ip, names in by_ip.items()]
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------- pods
@@ -627,7 +561,7 @@ class PodNetwork:
         # In place (same inode): `ip netns exec` bind-mounted this very file into programs
         # already running; a rename would leave them the old one.
         with open(path, "w") as f:
-            f.write(_hosts_text(self.hosts_for(pod)))
+            f.write(hosts_text(self.hosts_for(pod)))
 
 
 # ------------------------------------------------------------------------------- client
@@ -790,24 +724,6 @@ class PodClient:
 # -------------------------------------------------------------------------------- Envoy
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a Unix socket (Envoy's admin `pipe` address)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 class PodEnvoy(EnvoyProcess):
     """A real Envoy inside a pod, as UID/GID 1337 so the capture rules' owner match lets its
     own connections out: `ip netns exec POD setpriv --reuid=1337 --regid=1337 --clear-groups
@@ -847,34 +763,6 @@ class PodEnvoy(EnvoyProcess):
         os.chown(self.bootstrap_path, self.uid, self.gid)
         super().start(timeout)
         return self
-
-    def _read_admin_address(self) -> bool:
-        """--admin-address-path holds the pipe's path for a Unix-socket admin."""
-        if self.admin_host is not None:
-            return True
-        try:
-            text = self.admin_address_path.read_text().strip()
-        except FileNotFoundError:
-            return False
-        if not text:
-            return False
-        if text != str(self.admin_socket):
-            raise EnvoyError(f"{self.name}: admin at {text!r}, expected the pipe {self.admin_socket}")
-        self.admin_host, self.admin_port = text, 0
-        return True
-
-    def admin_request(self, method: str, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        """(status, body) of an admin request over the Unix socket; ConnectionRefusedError
-        before the admin is known."""
-        if not self._read_admin_address():
-            raise ConnectionRefusedError(f"{self.name}: admin address not known yet")
-        conn = _UnixHTTPConnection(str(self.admin_socket), timeout)
-        try:
-            conn.request(method, path)
-            response = conn.getresponse()
-            return response.status, response.read().decode("utf-8", "replace")
-        finally:
-            conn.close()
 
     def __repr__(self) -> str:
         return f"PodEnvoy(name={self.name!r}, pid={self.pid}, pod={self.pod.netns}, admin={self.admin_socket})"

@@ -5,9 +5,7 @@ proxy UID, its admin on a Unix socket."""
 
 from __future__ import annotations
 
-import http.client
 import os
-import socket
 from pathlib import Path
 
 from ..bootstrap import SidecarSpec, sidecar_bootstrap
@@ -58,24 +56,6 @@ class Sidecar(EnvoyProcess):
             raise DemoError(str(err)) from None
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a Unix socket (Envoy's admin `pipe` address)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 class PodSidecar(Sidecar):
     """Capture mode: the pod's Envoy inside its network namespace, as the proxy UID/GID (the
     capture rules let that UID's own connections out): `ip netns exec POD setpriv
@@ -103,25 +83,3 @@ class PodSidecar(Sidecar):
         os.chown(self.bootstrap_path, PROXY_UID, PROXY_UID)
         super().start()
 
-    def _read_admin_address(self) -> bool:
-        if self.admin_host is not None:
-            return True
-        try:
-            text = self.admin_address_path.read_text().strip()
-        except FileNotFoundError:
-            return False
-        if not text:
-            return False
-        self.admin_host, self.admin_port = text, 0
-        return True
-
-    def admin_request(self, method: str, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        if not self._read_admin_address():
-            raise ConnectionRefusedError(f"{self.name}: admin address not known yet")
-        conn = _UnixHTTPConnection(str(self.admin_socket), timeout)
-        try:
-            conn.request(method, path)
-            response = conn.getresponse()
-            return response.status, response.read().decode("utf-8", "replace")
-        finally:
-            conn.close()
