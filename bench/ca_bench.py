@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 
 from bench import mesh
+from bench.publish import publish
 from bench.push_bench import Proc, cpu_seconds, fmt, machine, pct, wait_quiet
 
 BENCH = Path(__file__).resolve().parent
@@ -360,18 +361,7 @@ def main() -> None:
         "storms": storms,
         "errors": errors,
     }
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    json_path = out_dir / f"ca-{stamp}.json"
-    json_path.write_text(json.dumps(report, indent=2))
-    md = markdown(report)
-    if not results_md.exists():
-        results_md.write_text("# Benchmark results\n\n")
-    with results_md.open("a") as f:
-        f.write(md)
-    print(md)
-    print(json.dumps({"json": str(json_path), "markdown": str(results_md), "errors": len(errors)}))
-    if errors:
-        sys.exit(1)
+    publish(report, "ca", out_dir, results_md, markdown(report))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
 
+from bench.publish import publish
 from bench.push_bench import cpu_seconds_fine, fmt, machine, pct, system_busy
 from bench.translate_bench import SOURCE, _ip, children_cpu, mesh_objects, pod_name, verified
 from xds_server.model.store import MeshStore
@@ -494,18 +495,7 @@ def main() -> None:
         "sizes": sizes,
         "errors": errors,
     }
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    json_path = out_dir / f"capture-{stamp}.json"
-    json_path.write_text(json.dumps(report, indent=2))
-    md = markdown(report)
-    if not results_md.exists():
-        results_md.write_text("# Benchmark results\n\n")
-    with results_md.open("a") as f:
-        f.write(md)
-    print(md)
-    print(json.dumps({"json": str(json_path), "markdown": str(results_md), "errors": len(errors)}))
-    if errors:
-        sys.exit(1)
+    publish(report, "capture", out_dir, results_md, markdown(report))
 
 
 if __name__ == "__main__":

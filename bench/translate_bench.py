@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envoy.config.core.v3 import base_pb2
 
+from bench.publish import publish
 from bench.push_bench import fmt, machine, pct, system_busy
 from xds_server.model.mesh import (
     AppProtocol,
@@ -642,18 +643,7 @@ def main() -> None:
         "verdicts": verdicts(results),
         "errors": errors,
     }
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    json_path = out_dir / f"translate-{stamp}.json"
-    json_path.write_text(json.dumps(report, indent=2))
-    md = markdown(report)
-    if not results_md.exists():
-        results_md.write_text("# Benchmark results\n\n")
-    with results_md.open("a") as f:
-        f.write(md)
-    print(md)
-    print(json.dumps({"json": str(json_path), "markdown": str(results_md), "errors": len(errors)}))
-    if errors:
-        sys.exit(1)
+    publish(report, "translate", out_dir, results_md, markdown(report))
 
 
 if __name__ == "__main__":

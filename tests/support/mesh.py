@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -30,6 +30,8 @@ from xds_server.translate.scope import ScopeSettings
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.hooks import StreamHooks
 from xds_server.xds.server import ServerSettings, XdsServer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -196,16 +198,22 @@ class MeshHarness:
 
     async def until(self, probe, timeout: float = 10.0, message: str = "condition"):
         """Poll a blocking probe (run in a thread) until it returns something truthy."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        last: Any = None
-        while True:
-            try:
-                last = await asyncio.to_thread(probe)
-                if last:
-                    return last
-            except Exception as err:  # connection refused while a listener comes up
-                last = err
-            if loop.time() > deadline:
-                raise AssertionError(f"{message}: not reached in {timeout}s (last: {last!r})")
-            await asyncio.sleep(0.05)
+        return await until(probe, timeout, message)
+
+
+async def until(probe: Callable[[], T], timeout: float = 10.0, message: str = "condition") -> T:
+    """Poll a blocking probe (run in a thread) until it returns something truthy; exceptions
+    count as "not yet" (a connection refused while a listener comes up)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = await asyncio.to_thread(probe)
+            if last:
+                return last  # type: ignore[no-any-return]
+        except Exception as err:
+            last = err
+        if loop.time() > deadline:
+            raise AssertionError(f"{message}: not reached in {timeout}s (last: {last!r})")
+        await asyncio.sleep(0.05)

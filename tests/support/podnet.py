@@ -57,6 +57,7 @@ from tests.support.envoy import LISTENER_TYPE, EnvoyProcess
 from tests.support.grpc_backend import GrpcBackend
 from tests.support.programmable import ProgrammableBackend
 from tests.support.upstreams import HttpResponse, HttpUpstream, TcpEchoUpstream
+from tests.support.mesh import until
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
 from xds_server.demo.netns import hosts_text, in_netns, service_host_entries
 from xds_server.inject.settings import InjectorSettings
@@ -1000,17 +1001,5 @@ class CaptureMesh:
         self, probe: Callable[[], T], timeout: float = 10.0, message: str = "condition"
     ) -> T:
         """Poll a blocking probe (run in a thread) until it returns something truthy."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        last: Any = None
-        while True:
-            try:
-                last = await asyncio.to_thread(probe)
-                if last:
-                    return last
-            except Exception as err:  # connection refused while a listener comes up
-                last = err
-            if loop.time() > deadline:
-                raise AssertionError(f"{message}: not reached in {timeout}s (last: {last!r})")
-            await asyncio.sleep(0.05)
+        return await until(probe, timeout, message)
 
