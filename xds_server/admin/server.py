@@ -16,17 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
-import tempfile
 from collections.abc import Generator, Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from ..ca.serving import load_chain
 from ..config import ConfigError, is_loopback, parse_address
 from ..metrics import Metrics
 from .app import AdminContext, create_app
@@ -131,25 +129,6 @@ class AdminServer:
 # mTLS -----------------------------------------------------------------------------------------
 
 
-def _load_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
-    """Load a certificate and key without writing the key to disk (a memfd where Linux has
-    one; elsewhere a private temporary file removed at once)."""
-    data = chain_pem + b"\n" + key_pem
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("xds-admin-cert", getattr(os, "MFD_CLOEXEC", 0))
-        try:
-            os.write(fd, data)
-            context.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return
-    with tempfile.TemporaryDirectory() as directory:  # pragma: no cover - non-Linux
-        path = Path(directory) / "cert.pem"
-        path.touch(mode=0o600)
-        path.write_bytes(data)
-        context.load_cert_chain(path)
-
-
 def mtls_context(authority: Any, issuer: Any, settings: AdminSettings) -> tuple[ssl.SSLContext, Any]:
     """A server context requiring client certificates from the mesh CA, with a certificate
     for the control plane's own identity. Returns (context, the issued certificate)."""
@@ -161,7 +140,7 @@ def mtls_context(authority: Any, issuer: Any, settings: AdminSettings) -> tuple[
     context.load_verify_locations(cadata=authority.trust_bundle_pem.decode())
     identity = Identity(settings.identity_namespace, settings.identity_service_account)
     issued = issuer.issue_for_identity(identity, proxy="admin-api")
-    _load_chain(context, issued.chain_pem, issued.key_pem)
+    load_chain(context, issued.chain_pem, issued.key_pem)
     return context, issued
 
 
@@ -181,7 +160,7 @@ async def _renew(context: ssl.SSLContext, authority: Any, issuer: Any, settings:
             context.load_verify_locations(cadata=bundle.decode())
         if authority.clock() >= issued.not_before + lifetime / 2 - timedelta(seconds=1):
             issued = await asyncio.to_thread(issuer.issue_for_identity, identity, proxy="admin-api")
-            _load_chain(context, issued.chain_pem, issued.key_pem)
+            load_chain(context, issued.chain_pem, issued.key_pem)
             log.info("admin API certificate renewed",
                      extra={"serial": issued.serial_hex, "not_after": issued.not_after.isoformat()})
 
