@@ -77,8 +77,9 @@ class ProxyView:
             if service is not None:
                 return service in self._scope.services
         elif type_url == types.ROUTE:
-            if name.startswith("outbound|http|"):
-                return name == names.outbound_route_name(self._proxy[0])
+            if name.startswith("outbound|http|"):  # the Host-routed form: not for capture mode
+                return name == names.outbound_route_name(self._proxy[0]) and \
+                    self._proxy not in published.capture_proxies
             service = published.route_owner.get(name)
             if service is not None:
                 return self._proxy in published.capture_proxies and service in self._scope.services
