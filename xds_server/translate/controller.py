@@ -42,6 +42,7 @@ from .service_outputs import (
     ClusterSecurityBuilder,
     ClustersBuilder,
     ProxylessClustersBuilder,
+    ProxylessVirtualHostsBuilder,
     ServiceOutputs,
     VirtualHostsBuilder,
 )
@@ -84,6 +85,7 @@ class MeshController:
             AssignmentsBuilder(mtls),
             ProxylessClustersBuilder(outputs, self.published),
             VirtualHostsBuilder(outputs),
+            ProxylessVirtualHostsBuilder(outputs),
             PodIpsBuilder(outputs, mtls),
             CaptureBuilder(outputs, self.published),
             self.scopes,

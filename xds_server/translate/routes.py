@@ -461,8 +461,10 @@ def _retry_settings(rule: RouteRule | None, policy: TrafficPolicySpec | None) ->
     if policy is not None and policy.retries is not None:
         if per_try is None:
             per_try = policy.retries.per_try_timeout
-        conditions, codes = _retry_on_policy(policy.retries)
-        return _RetrySettings(policy.retries.attempts, tuple(conditions), tuple(codes), None, per_try)
+        policy_conditions, policy_codes = _retry_on_policy(policy.retries)
+        return _RetrySettings(
+            policy.retries.attempts, tuple(policy_conditions), tuple(policy_codes), None, per_try
+        )
     return _RetrySettings(0, per_try=per_try)
 
 
