@@ -162,18 +162,27 @@ def validate_command(directory: Path) -> None:
 @click.option("--type", "type_", type=click.Choice(["lds", "rds", "cds", "eds", "all"]),
               default="all")
 @click.option("--default-export-to", default="*")
+@click.option("--proxyless", is_flag=True,
+              help="The proxy is a proxyless gRPC client/server (its node says gRPC), not Envoy.")
+@click.option("--target", "targets", multiple=True,
+              help="Proxyless clients: a target gRPC asks a listener for (`xds:///api.shop:8080` "
+                   "asks for `api.shop:8080`); repeatable.")
 def translate_command(
     source: Path, namespace: str, service_account: str, pod: str | None, pod_ip: str,
-    type_: str, default_export_to: str,
+    type_: str, default_export_to: str, proxyless: bool, targets: tuple[str, ...],
 ) -> None:
-    """Print the Envoy resources one proxy would receive, as JSON."""
+    """Print the xDS resources one proxy would receive, as JSON. With --proxyless, also warn
+    of every TrafficPolicy setting gRPC cannot apply as Envoy does."""
     import json
 
     from google.protobuf import json_format, struct_pb2
     from envoy.config.core.v3 import base_pb2
 
+    from .model.client_kinds import grpc_notes
     from .model.identity import VerifiedProxy
-    from .model.store import MeshStore
+    from .model.policy import TrafficPolicy
+    from .model.store import TRAFFIC_POLICY, MeshStore
+    from .xds.node import GRPC_FEATURE
     from .sources.mesh_files import MeshDirectory
     from .translate.controller import MeshController, proxy_resources
     from .xds.node import proxy_claim
@@ -190,6 +199,13 @@ def translate_command(
     metadata.update({"namespace": namespace, "service_account": service_account,
                      "pod": pod_name, "pod_ip": pod_ip})
     node = base_pb2.Node(id=f"{pod_name}.{namespace}", metadata=metadata)
+    if proxyless:
+        node.user_agent_name = "gRPC Python"
+        node.client_features.append(GRPC_FEATURE)
+        for (policy_ns, name), policy in sorted(store.all(TRAFFIC_POLICY).items()):
+            assert isinstance(policy, TrafficPolicy)
+            for field, message in grpc_notes(policy.spec):
+                click.echo(f"warning: TrafficPolicy {policy_ns}/{name}: {field}: {message}", err=True)
     view = controller.view_for(VerifiedProxy.unverified(proxy_claim(node)))
     wanted = {"lds": types.LISTENER, "rds": types.ROUTE, "cds": types.CLUSTER, "eds": types.ENDPOINT}
     sections = {"lds": "listeners", "rds": "routes", "cds": "clusters", "eds": "endpoints"}
@@ -198,9 +214,12 @@ def translate_command(
         if type_ not in ("all", short):
             continue
         message_class = _message_class(type_url)
+        found = proxy_resources(view)[type_url]
+        if type_url == types.LISTENER:  # gRPC's client listeners are made when asked for
+            found = found + [r for t in targets if (r := view.get(type_url, t)) is not None]
         output[sections[short]] = [
             json_format.MessageToDict(r.unpack(message_class), preserving_proto_field_name=True)
-            for r in proxy_resources(view)[type_url]
+            for r in found
         ]
     click.echo(json.dumps(output, indent=2))
 

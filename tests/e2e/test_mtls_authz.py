@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import socket
 import ssl
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from spiffe import X509Svid
 
 from tests.support.mesh import MeshHarness, Pod
 from tests.support.net import free_port, next_loopback_ip
+from tests.support.proxyless import ProxylessProcess
 from tests.support.proxyless import bootstrap as proxyless_bootstrap
 from tests.support.upstreams import http_request, tcp_roundtrip
 from xds_server.ca.agent import CertAgent, GrpcCsrSigner
@@ -355,50 +354,6 @@ async def test_tcp_port_network_rbac(mesh: SecureMesh) -> None:
 
 
 # ----------------------------------------------------------------------- proxyless gRPC
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class ProxylessProcess:
-    """A tests.support.proxyless process (its own gRPC XdsClient and bootstrap)."""
-
-    def __init__(self, *args: str, bootstrap: dict[str, Any]) -> None:
-        self.args = args
-        self.bootstrap = bootstrap
-        self.proc: asyncio.subprocess.Process | None = None
-        self.lines: list[dict] = []
-
-    async def start(self) -> ProxylessProcess:
-        env = {**os.environ, "GRPC_XDS_BOOTSTRAP_CONFIG": json.dumps(self.bootstrap),
-               "PYTHONPATH": str(ROOT)}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.support.proxyless", *self.args,
-            stdout=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
-        )
-        return self
-
-    async def until(self, predicate, timeout: float, what: str) -> dict:
-        assert self.proc is not None and self.proc.stdout is not None
-
-        async def scan() -> dict:
-            while True:
-                line = await self.proc.stdout.readline()
-                if not line:
-                    raise AssertionError(f"{self.args[0]} exited; last lines {self.lines[-5:]}")
-                event = json.loads(line)
-                self.lines.append(event)
-                if predicate(event):
-                    return event
-
-        try:
-            return await asyncio.wait_for(scan(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"{what}: not seen in {timeout}s; last lines {self.lines[-5:]}") from None
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await self.proc.wait()
 
 
 class ProxylessMesh(SecureMesh):

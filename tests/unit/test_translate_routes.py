@@ -642,9 +642,13 @@ def test_policy_retry_on_status_codes_and_zero_attempts() -> None:
     assert r.retry_on == "gateway-error,retriable-status-codes" and list(r.retriable_status_codes) == [409]
     none = vhost(pol=policy(retries={"attempts": 0})).routes[0].route
     assert not none.HasField("retry_policy")
-    with_per_try = vhost(pol=policy(retries={"attempts": 0, "perTryTimeout": "1s"})).routes[0].route.retry_policy
-    assert with_per_try.HasField("num_retries") and with_per_try.num_retries.value == 0
-    assert not with_per_try.retry_host_predicate
+    # No retries but a per-try timeout: never `num_retries: 0` (gRPC rejects it, Envoy gains
+    # nothing from it); the only try's timeout bounds the request instead.
+    with_per_try = vhost(pol=policy(retries={"attempts": 0, "perTryTimeout": "1s"})).routes[0].route
+    assert not with_per_try.HasField("retry_policy")
+    assert with_per_try.timeout.ToMilliseconds() == 1000
+    capped = vhost(pol=policy(timeout="500ms", retries={"attempts": 0, "perTryTimeout": "1s"})).routes[0].route
+    assert not capped.HasField("retry_policy") and capped.timeout.ToMilliseconds() == 500
 
 
 # ------------------------------------------------------------------------- fault, limits

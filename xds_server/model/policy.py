@@ -54,11 +54,40 @@ class ConnectionPool:
 
 @dataclass(frozen=True, slots=True)
 class OutlierDetection:
+    """Envoy's ejection kinds, with Envoy's field names. Success-rate ejection is on when any
+    `success_rate_*` field (or `enforcing_success_rate`) is set, failure-percentage ejection
+    when any `failure_percentage_*` field (or `enforcing_failure_percentage`) is; an unset
+    enforcing percentage then means 100. `success_rate_stdev_factor` is in thousandths (1900
+    = 1.9 standard deviations), as in Envoy. gRPC clients (gRFC A50) implement only these
+    two kinds (see model/client_kinds.py for the consecutive-error forms)."""
+
     consecutive_5xx_errors: int | None = 5
     consecutive_gateway_errors: int | None = None
     interval: float = 10.0
     base_ejection_time: float = 30.0
     max_ejection_percent: int = 10
+    success_rate_minimum_hosts: int | None = None
+    success_rate_request_volume: int | None = None
+    success_rate_stdev_factor: int | None = None
+    enforcing_success_rate: int | None = None
+    failure_percentage_threshold: int | None = None
+    failure_percentage_minimum_hosts: int | None = None
+    failure_percentage_request_volume: int | None = None
+    enforcing_failure_percentage: int | None = None
+
+    @property
+    def success_rate(self) -> bool:
+        return any(v is not None for v in (
+            self.success_rate_minimum_hosts, self.success_rate_request_volume,
+            self.success_rate_stdev_factor, self.enforcing_success_rate,
+        ))
+
+    @property
+    def failure_percentage(self) -> bool:
+        return any(v is not None for v in (
+            self.failure_percentage_threshold, self.failure_percentage_minimum_hosts,
+            self.failure_percentage_request_volume, self.enforcing_failure_percentage,
+        ))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +105,11 @@ class FaultDelay:
 
 @dataclass(frozen=True, slots=True)
 class FaultAbort:
+    """Exactly one of an HTTP status and a gRPC status code (its number, 1-16)."""
+
     percentage: float
-    http_status: int
+    http_status: int | None = None
+    grpc_status: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

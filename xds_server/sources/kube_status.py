@@ -1,7 +1,8 @@
 """Status written back to the cluster: what the mesh made of each route and policy.
 
-- TrafficPolicy (our CRD): `status.conditions` holds one `Accepted` condition: True/Accepted,
-  or False with reason `Invalid` and a message naming the field
+- TrafficPolicy (our CRD): `status.conditions` holds one `Accepted` condition: True/Accepted
+  (its message naming each field a client kind cannot apply: proxyless gRPC clients, see
+  model/client_kinds.py), or False with reason `Invalid` and a message naming the field
   (`spec.retries.retryOn: unknown retry condition 'sometimes'`), or False/`TargetNotFound`.
 - MTLSPolicy and AuthorizationPolicy (they select workloads by labels, no target): the same
   `Accepted` condition, True or False/`Invalid` naming the field.
@@ -30,6 +31,7 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..model.client_kinds import format_notes
 from ..model.mesh import ServiceKey
 from ..model.routes import Route
 from ..model.store import ObjectKey
@@ -114,8 +116,10 @@ def _generation(raw: dict) -> int | None:
 
 
 def policy_status(raw: dict, *, error: ObjectError | None, kept_last_good: bool,
-                  services: Container[ServiceKey], now: str | None = None) -> dict:
-    """The TrafficPolicy status we want, merged into the one `raw` carries."""
+                  services: Container[ServiceKey], now: str | None = None,
+                  notes: list[tuple[str, str]] | None = None) -> dict:
+    """The TrafficPolicy status we want, merged into the one `raw` carries. `notes`: what
+    a client kind cannot apply (model/client_kinds.py), said in the Accepted message."""
     now = now or _now()
     generation = _generation(raw)
     namespace = (raw.get("metadata") or {}).get("namespace", "")
@@ -129,8 +133,10 @@ def policy_status(raw: dict, *, error: ObjectError | None, kept_last_good: bool,
             wanted = condition(ACCEPTED, False, REASON_TARGET_NOT_FOUND,
                                f"spec.targetRef: Service {key} not found", generation)
         else:
-            wanted = condition(ACCEPTED, True, REASON_ACCEPTED, "the mesh applies this policy",
-                               generation)
+            message = "the mesh applies this policy"
+            if notes:
+                message += "; not for every client kind: " + format_notes(notes)
+            wanted = condition(ACCEPTED, True, REASON_ACCEPTED, message, generation)
     status = dict(raw.get("status") or {})
     status["conditions"] = set_conditions(status.get("conditions") or [], [wanted], now)
     return status

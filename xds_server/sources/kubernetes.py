@@ -51,7 +51,9 @@ from kubernetes import client as k8s_client
 from kubernetes import watch as k8s_watch
 
 from ..api import v1alpha1 as policy
+from ..model.client_kinds import grpc_notes
 from ..model.mesh import ServiceKey
+from ..model.policy import TrafficPolicy
 from ..model.routes import Route
 from ..model.store import (
     ENDPOINT_SLICE,
@@ -456,8 +458,10 @@ class KubernetesSource:
             return None
         kept = held.error is not None and held.model is not None
         if kind == TRAFFIC_POLICY:
+            spec = held.model.spec if isinstance(held.model, TrafficPolicy) else None
             compute = partial(policy_status, error=held.error, kept_last_good=kept,
-                              services=self._services())
+                              services=self._services(),
+                              notes=grpc_notes(spec) if spec is not None else None)
         elif kind in (MTLS_POLICY, AUTHORIZATION_POLICY):
             compute = partial(accepted_status, error=held.error, kept_last_good=kept)
         else:

@@ -73,6 +73,14 @@ def _outlier_detection(value: api.OutlierDetection | None) -> ir.OutlierDetectio
         interval=value.interval,
         base_ejection_time=value.base_ejection_time,
         max_ejection_percent=value.max_ejection_percent,
+        success_rate_minimum_hosts=value.success_rate_minimum_hosts,
+        success_rate_request_volume=value.success_rate_request_volume,
+        success_rate_stdev_factor=value.success_rate_stdev_factor,
+        enforcing_success_rate=value.enforcing_success_rate,
+        failure_percentage_threshold=value.failure_percentage_threshold,
+        failure_percentage_minimum_hosts=value.failure_percentage_minimum_hosts,
+        failure_percentage_request_volume=value.failure_percentage_request_volume,
+        enforcing_failure_percentage=value.enforcing_failure_percentage,
     )
 
 
@@ -90,7 +98,10 @@ def _fault(value: api.Fault | None) -> ir.Fault | None:
     delay, abort = value.delay, value.abort
     return ir.Fault(
         delay=None if delay is None else ir.FaultDelay(delay.percentage, delay.fixed_delay),
-        abort=None if abort is None else ir.FaultAbort(abort.percentage, abort.http_status),
+        abort=None if abort is None else ir.FaultAbort(
+            abort.percentage, abort.http_status,
+            None if abort.grpc_status is None else api.GRPC_STATUS_CODES[abort.grpc_status],
+        ),
     )
 
 

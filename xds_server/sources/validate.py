@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ..model.mesh import Service
+from ..model.client_kinds import grpc_notes
+from ..model.mesh import Service, Workload
+from ..model.policy import TrafficPolicy
 from .mesh_files import MeshError, ParsedFile, mesh_files, read_file, resolve
 
 
@@ -33,6 +35,8 @@ def validate_directory(path: Path | str) -> list[MeshError]:
         if result is not None:
             parsed[display] = result
     served, errors = resolve(parsed, {})
+    # Said only where proxyless gRPC workloads exist: an Envoy-only mesh gets no such noise.
+    proxyless = any(isinstance(h.obj, Workload) and h.obj.proxyless for h in served.values())
     for held in served.values():
         service = held.obj
         if isinstance(service, Service) and service.cluster_ip is None and not service.headless:
@@ -43,6 +47,13 @@ def validate_directory(path: Path | str) -> list[MeshError]:
                         "apps reach it by pod IP only (Kubernetes allocates one; in files, set "
                         "it, or None for a headless service)",
             ))
+        if isinstance(service, TrafficPolicy) and proxyless:
+            # What proxyless gRPC clients cannot apply as Envoy does (model/client_kinds.py).
+            for field, message in grpc_notes(service.spec):
+                errors.append(MeshError(
+                    file=held.file, line=held.line, kind="TrafficPolicy", namespace=service.namespace,
+                    name=service.name, field=field, severity="warning", message=message,
+                ))
     errors.sort(key=lambda e: (e.file, e.line or 0))
     return errors
 

@@ -155,9 +155,27 @@ def _outlier_detection(policy: TrafficPolicySpec) -> outlier_detection_pb2.Outli
         interval=duration(spec.interval),
         base_ejection_time=duration(spec.base_ejection_time),
         max_ejection_percent=wrappers_pb2.UInt32Value(value=spec.max_ejection_percent),
-        # Success-rate ejection needs statistics a small mesh does not have; Istio disables it.
-        enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
     )
+    # Success-rate ejection needs statistics a small mesh does not have: off (as Istio has it)
+    # unless the policy asks for it. Failure percentage is Envoy's default off.
+    detection.enforcing_success_rate.value = (
+        (100 if spec.enforcing_success_rate is None else spec.enforcing_success_rate)
+        if spec.success_rate else 0
+    )
+    for field, value in (
+        ("success_rate_minimum_hosts", spec.success_rate_minimum_hosts),
+        ("success_rate_request_volume", spec.success_rate_request_volume),
+        ("success_rate_stdev_factor", spec.success_rate_stdev_factor),
+        ("failure_percentage_threshold", spec.failure_percentage_threshold),
+        ("failure_percentage_minimum_hosts", spec.failure_percentage_minimum_hosts),
+        ("failure_percentage_request_volume", spec.failure_percentage_request_volume),
+    ):
+        if value is not None:
+            getattr(detection, field).value = value
+    if spec.failure_percentage:
+        detection.enforcing_failure_percentage.value = (
+            100 if spec.enforcing_failure_percentage is None else spec.enforcing_failure_percentage
+        )
     if spec.consecutive_5xx_errors:
         detection.consecutive_5xx.value = spec.consecutive_5xx_errors
         detection.enforcing_consecutive_5xx.value = 100

@@ -43,6 +43,7 @@ from .service_outputs import (
     ClusterSecurityBuilder,
     ClustersBuilder,
     ProxylessClustersBuilder,
+    ProxylessVirtualHostsBuilder,
     ServiceOutputs,
     VirtualHostsBuilder,
 )
@@ -87,6 +88,7 @@ class MeshController:
             AssignmentsBuilder(mtls),
             ProxylessClustersBuilder(outputs, self.published),
             VirtualHostsBuilder(outputs),
+            ProxylessVirtualHostsBuilder(outputs),
             PodIpsBuilder(outputs, mtls),
             CaptureBuilder(outputs, self.published),
             self.scopes,

@@ -117,12 +117,14 @@ def fault_per_route(fault: Fault) -> any_pb2.Any:
             )
         )
     if fault.abort is not None:
-        config.abort.CopyFrom(
-            fault_pb2.FaultAbort(
-                http_status=fault.abort.http_status,
-                percentage=fractional_percent(fault.abort.percentage),
-            )
-        )
+        # A gRPC status (gRFC A33; Envoy answers gRPC requests with it too), else HTTP's
+        # (gRPC clients map it to a gRPC status as gRPC's HTTP mapping says).
+        abort = fault_pb2.FaultAbort(percentage=fractional_percent(fault.abort.percentage))
+        if fault.abort.grpc_status is not None:
+            abort.grpc_status = fault.abort.grpc_status
+        else:
+            abort.http_status = fault.abort.http_status or 500
+        config.abort.CopyFrom(abort)
     return _pack(config)
 
 

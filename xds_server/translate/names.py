@@ -21,6 +21,11 @@ def outbound_route_name(scope: str) -> str:
     return f"outbound|http|{scope}"
 
 
+def proxyless_route_name(scope: str) -> str:
+    """The same, translated for proxyless gRPC clients (translate/proxyless.py)."""
+    return f"outbound|grpc|{scope}"
+
+
 def inbound_route_name(namespace: str, pod: str) -> str:
     return f"inbound|http|{namespace}/{pod}"
 

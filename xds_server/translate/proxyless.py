@@ -9,11 +9,16 @@ What differs from a sidecar (see FIELD-NOTES "The stock grpcio xDS client"):
 
 - Client LDS: gRPC asks for the listener named like its target (`xds:///api.shop:8080` asks
   for `api.shop:8080`): an `api_listener` whose connection manager takes the client
-  namespace's outbound route configuration over RDS, the same one sidecars of that namespace
-  get, so routes, retries, timeouts and the namespace's visibility apply unchanged. Built for
+  namespace's gRPC route configuration over RDS (below), so routes, retries, timeouts and the
+  namespace's visibility apply as for the namespace's sidecars. Built for
   whatever name is asked (it only names the route configuration; a host no virtual host
   matches fails the RPC at once rather than after gRPC's 15 s does-not-exist timer).
-- Client CDS: the same clusters, reshaped on the way out (`client_cluster`): gRPC supports
+- Client RDS: the namespace's gRPC route configuration `outbound|grpc|<ns>`, the same join
+  of per-service virtual hosts as the sidecars' `outbound|http|<ns>`, each translated for
+  gRPC (translate/routes.py `grpc`, model/client_kinds.py): an Envoy-only field in one route
+  cannot make gRPC reject every route of the namespace.
+- Client CDS: the same clusters, reshaped on the way out (`client_cluster`): outlier
+  detection as gRPC implements it (`grpc_outlier_detection`), and gRPC supports
   neither `transport_socket_matches` nor SDS in TLS contexts, so mTLS is a plain
   `transport_socket` whose certificates come from certificate provider instances of gRPC's
   bootstrap (`file_watcher` over the files `xds-server cert-agent` writes, instance
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 import functools
 
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_pb2
@@ -83,8 +88,14 @@ def client_cluster(cluster: cluster_pb2.Cluster) -> cluster_pb2.Cluster:
     out.ClearField("health_checks")  # gRPC does not health-check (and ignores them)
     out.ClearField("typed_extension_protocol_options")  # always HTTP/2
     out.ClearField("metadata")
-    if out.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST:
-        out.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
+    if out.lb_policy in (cluster_pb2.Cluster.LEAST_REQUEST, cluster_pb2.Cluster.RANDOM):
+        out.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN  # gRPC NACKs RANDOM
+    if cluster.HasField("outlier_detection"):
+        detection = grpc_outlier_detection(cluster.outlier_detection)
+        if detection is None:
+            out.ClearField("outlier_detection")
+        else:
+            out.outlier_detection.CopyFrom(detection)
     if mtls and match is not None:
         envoy_context = tls_pb2.UpstreamTlsContext()
         match.transport_socket.typed_config.Unpack(envoy_context)
@@ -94,6 +105,43 @@ def client_cluster(cluster: cluster_pb2.Cluster) -> cluster_pb2.Cluster:
             envoy_context.sni, ids, source=tls_contexts.CertificateSource.provider_instance()
         )
         out.transport_socket.CopyFrom(tls_contexts.transport_socket(context))
+    return out
+
+
+def grpc_outlier_detection(
+    envoy: outlier_detection_pb2.OutlierDetection,
+) -> outlier_detection_pb2.OutlierDetection | None:
+    """Outlier detection as gRPC implements it (gRFC A50): success-rate and failure-percentage
+    ejection only. Consecutive-error ejection, which gRPC lacks, becomes failure-percentage
+    ejection at 100 % with the consecutive count as request volume (an endpoint all of whose
+    requests failed in an interval), unless failure percentage is already on. None when no
+    kind is left (model/client_kinds.py reports what changed)."""
+    out = outlier_detection_pb2.OutlierDetection()
+    for name in ("interval", "base_ejection_time", "max_ejection_time", "max_ejection_percent",
+                 "success_rate_minimum_hosts", "success_rate_request_volume",
+                 "success_rate_stdev_factor", "enforcing_success_rate",
+                 "failure_percentage_threshold", "failure_percentage_minimum_hosts",
+                 "failure_percentage_request_volume", "enforcing_failure_percentage"):
+        if envoy.HasField(name):
+            getattr(out, name).CopyFrom(getattr(envoy, name))
+    # Envoy's defaults, as gRPC reads them: success rate on (100) unless set, failure off.
+    success_rate = not envoy.HasField("enforcing_success_rate") or envoy.enforcing_success_rate.value > 0
+    failure_percentage = envoy.enforcing_failure_percentage.value > 0
+    if not failure_percentage:
+        counts = [
+            getattr(envoy, name).value for name in ("consecutive_5xx", "consecutive_gateway_failure")
+            if getattr(envoy, name).value and (
+                # Envoy enforces 100 % when unset
+                not envoy.HasField(f"enforcing_{name}") or getattr(envoy, f"enforcing_{name}").value > 0)
+        ]
+        if counts:
+            out.failure_percentage_threshold.value = 100
+            out.failure_percentage_request_volume.value = min(counts)
+            out.failure_percentage_minimum_hosts.value = 1
+            out.enforcing_failure_percentage.value = 100
+            failure_percentage = True
+    if not success_rate and not failure_percentage:
+        return None
     return out
 
 

@@ -26,6 +26,7 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from ..regex import re2_error
+from ..model.client_kinds import GRPC_MAX_RETRIES, grpc_retry_conditions
 from ..model.mesh import AppProtocol, Service, ServiceKey, ServicePort
 from ..model.policy import LocalRateLimit, Retries, TrafficPolicySpec
 from ..model.routes import (
@@ -200,7 +201,9 @@ def _path_of(match: RouteMatch) -> PathMatch:
     return match.path if match.path is not None else PathMatch()
 
 
-def _envoy_match(match: RouteMatch) -> rc.RouteMatch:
+def _envoy_match(match: RouteMatch, *, grpc: bool = False) -> rc.RouteMatch:
+    """grpc: for proxyless gRPC, which knows prefix, path and safe_regex only (gRFC A28): a
+    path_separated_prefix becomes the equivalent regex."""
     out = rc.RouteMatch()
     path = _path_of(match)
     if path.type is MatchType.EXACT:
@@ -211,7 +214,7 @@ def _envoy_match(match: RouteMatch) -> rc.RouteMatch:
         prefix = _normalized_prefix(path.value)
         if not prefix:
             out.prefix = "/"
-        elif "?" in prefix or "#" in prefix:  # outside path_separated_prefix's grammar
+        elif grpc or "?" in prefix or "#" in prefix:  # outside path_separated_prefix's grammar
             out.safe_regex.regex = _regex_escape(prefix) + "(/.*)?"
         else:
             # `/foo` matches `/foo` and `/foo/...`, never `/foobar` (element-wise prefix).
@@ -435,43 +438,116 @@ def _retry_on_policy(retries: Retries) -> tuple[list[str], list[int]]:
     return conditions, codes
 
 
-def _retry_policy(rule: RouteRule | None, policy: TrafficPolicySpec | None) -> rc.RetryPolicy | None:
+@dataclass(frozen=True, slots=True)
+class _RetrySettings:
+    retries: int  # 0: no retries
+    conditions: tuple[str, ...] = ()
+    codes: tuple[int, ...] = ()
+    backoff: float | None = None
+    per_try: float | None = None  # the per-try timeout (of the only try without retries)
+
+
+def _retry_settings(rule: RouteRule | None, policy: TrafficPolicySpec | None) -> _RetrySettings:
     """GEP-1731 `retry` of the rule wins over TrafficPolicy.retries; attempts 0 = no retries.
     timeouts.backendRequest is the per-try timeout (also of the only try), else the policy's
     perTryTimeout when the policy's retries apply."""
-    out = rc.RetryPolicy()
     per_try = rule.backend_timeout if rule is not None else None
-    retries = 0
     if rule is not None and rule.retry is not None:
         retry = rule.retry
-        retries = max(retry.attempts, 0)
-        if retries:
-            conditions = ROUTE_RETRY_ON.split(",")
-            if retry.codes:
-                conditions.append("retriable-status-codes")
-                out.retriable_status_codes.extend(sorted(set(retry.codes)))
-            out.retry_on = ",".join(conditions)
-            if retry.backoff is not None and retry.backoff > 0:
-                out.retry_back_off.base_interval.CopyFrom(seconds(retry.backoff))
-    elif policy is not None and policy.retries is not None:
-        retries = policy.retries.attempts
+        codes = tuple(sorted(set(retry.codes)))
+        conditions = ROUTE_RETRY_ON.split(",") + (["retriable-status-codes"] if codes else [])
+        backoff = retry.backoff if retry.backoff is not None and retry.backoff > 0 else None
+        return _RetrySettings(max(retry.attempts, 0), tuple(conditions), codes, backoff, per_try)
+    if policy is not None and policy.retries is not None:
         if per_try is None:
             per_try = policy.retries.per_try_timeout
-        if retries:
-            conditions, codes = _retry_on_policy(policy.retries)
-            out.retry_on = ",".join(conditions)
-            out.retriable_status_codes.extend(codes)
-    if not retries and per_try is None:
-        return None
-    out.num_retries.value = retries  # explicit: Envoy's default for an unset num_retries is 1
-    if per_try is not None:
-        out.per_try_timeout.CopyFrom(seconds(per_try))
-    if retries:
-        out.retry_host_predicate.add(name=PREVIOUS_HOSTS_PREDICATE).typed_config.Pack(
-            previous_hosts_pb2.PreviousHostsPredicate()
+        policy_conditions, policy_codes = _retry_on_policy(policy.retries)
+        return _RetrySettings(
+            policy.retries.attempts, tuple(policy_conditions), tuple(policy_codes), None, per_try
         )
-        out.host_selection_retry_max_attempts = RETRY_HOST_SELECTION_ATTEMPTS
+    return _RetrySettings(0, per_try=per_try)
+
+
+def _retry_policy(settings: _RetrySettings) -> rc.RetryPolicy | None:
+    """Envoy's retry policy; none without retries (`num_retries: 0` says nothing Envoy's
+    route timeout does not, and gRPC rejects it): the only try's timeout is then folded into
+    the route timeout (`_envoy_timeout`)."""
+    if not settings.retries:
+        return None
+    out = rc.RetryPolicy(retry_on=",".join(settings.conditions))
+    out.num_retries.value = settings.retries
+    out.retriable_status_codes.extend(settings.codes)
+    if settings.backoff is not None:
+        out.retry_back_off.base_interval.CopyFrom(seconds(settings.backoff))
+    if settings.per_try is not None:
+        out.per_try_timeout.CopyFrom(seconds(settings.per_try))
+    out.retry_host_predicate.add(name=PREVIOUS_HOSTS_PREDICATE).typed_config.Pack(
+        previous_hosts_pb2.PreviousHostsPredicate()
+    )
+    out.host_selection_retry_max_attempts = RETRY_HOST_SELECTION_ATTEMPTS
     return out
+
+
+def _grpc_retry_policy(settings: _RetrySettings) -> rc.RetryPolicy | None:
+    """The retry policy as gRPC reads it (gRFC A44): only the gRPC status conditions, more
+    than 0 retries (at most GRPC_MAX_RETRIES count), backoff; nothing else. None when no
+    retry remains: gRPC would drop the policy, and rejects `num_retries: 0`."""
+    conditions = grpc_retry_conditions(list(settings.conditions))
+    if not settings.retries or not conditions:
+        return None
+    out = rc.RetryPolicy(retry_on=",".join(conditions))
+    out.num_retries.value = min(settings.retries, GRPC_MAX_RETRIES)
+    if settings.backoff is not None:
+        # gRPC treats intervals under 1 ms as 1 ms; max_interval defaults to 10 x base.
+        out.retry_back_off.base_interval.CopyFrom(seconds(max(settings.backoff, 0.001)))
+    return out
+
+
+def _only_try_bound(timeout: float, per_try: float | None) -> float:
+    """The request timeout when its only try has a timeout of its own: the smaller (0 = none)."""
+    if per_try is None or per_try <= 0:
+        return timeout
+    return per_try if timeout <= 0 else min(timeout, per_try)
+
+
+def _envoy_timeout(rule: RouteRule | None, policy: TrafficPolicySpec | None, default: float,
+                   settings: _RetrySettings) -> float:
+    timeout = _route_timeout(rule, policy, default)
+    return timeout if settings.retries else _only_try_bound(timeout, settings.per_try)
+
+
+def _grpc_timeout(rule: RouteRule | None, policy: TrafficPolicySpec | None,
+                  settings: _RetrySettings, retry: rc.RetryPolicy | None) -> float:
+    """The call timeout gRPC applies: only an explicit one (Envoy's 15 s default route timeout
+    is Envoy's), bounded by the only try's timeout when gRPC does not retry (it has no
+    per-try timeout, gRFC A44)."""
+    timeout = _route_timeout(rule, policy, 0.0)
+    return timeout if retry is not None else _only_try_bound(timeout, settings.per_try)
+
+
+def _apply_timeouts_and_retries(
+    action: rc.RouteAction, rule: RouteRule | None, policy: TrafficPolicySpec | None,
+    port: ServicePort, grpc: bool,
+) -> None:
+    settings = _retry_settings(rule, policy)
+    if not grpc:
+        action.timeout.CopyFrom(seconds(_envoy_timeout(rule, policy, _default_timeout(port), settings)))
+        retry = _retry_policy(settings)
+    else:
+        retry = _grpc_retry_policy(settings)
+        timeout = _grpc_timeout(rule, policy, settings, retry)
+        if timeout > 0:
+            # gRFC A31: grpc_timeout_header_max, when present, caps the application's deadline
+            # (gRPC uses it in place of max_stream_duration); both say the same here.
+            action.max_stream_duration.max_stream_duration.CopyFrom(seconds(timeout))
+            action.max_stream_duration.grpc_timeout_header_max.CopyFrom(seconds(timeout))
+    if retry is not None:
+        action.retry_policy.CopyFrom(retry)
+
+
+def _grpc_hash_policies(policy: TrafficPolicySpec | None) -> list[rc.RouteAction.HashPolicy]:
+    """gRPC hashes on headers only (gRFC A42): other keys are left out."""
+    return [h for h in _hash_policies(policy) if h.HasField("header")]
 
 
 def _default_timeout(port: ServicePort) -> float:
@@ -532,6 +608,7 @@ def _forward(
     port: ServicePort,
     policy: TrafficPolicySpec | None,
     services: Mapping[ServiceKey, Service],
+    grpc: bool = False,
 ) -> None:
     """Fill the route's action for a forwarding rule (backendRefs), or answer 500.
 
@@ -576,12 +653,10 @@ def _forward(
         if rule.rewrite.hostname:
             action.host_rewrite_literal = rule.rewrite.hostname
         _apply_path_rewrite(action, _path_rewrite(rule.rewrite.path, entry.match))
-    action.request_mirror_policies.extend(_mirror_policies(rule, parent, port.port, services))
-    action.timeout.CopyFrom(seconds(_route_timeout(rule, policy, _default_timeout(port))))
-    action.hash_policy.extend(_hash_policies(policy))
-    retry = _retry_policy(rule, policy)
-    if retry is not None:
-        action.retry_policy.CopyFrom(retry)
+    if not grpc:  # gRPC does not mirror
+        action.request_mirror_policies.extend(_mirror_policies(rule, parent, port.port, services))
+    action.hash_policy.extend(_grpc_hash_policies(policy) if grpc else _hash_policies(policy))
+    _apply_timeouts_and_retries(action, rule, policy, port, grpc)
 
 
 # An authority that names a port other than 80 (RE2 has no lookahead): digit strings != "80".
@@ -594,12 +669,13 @@ def _rule_routes(
     port: ServicePort,
     policy: TrafficPolicySpec | None,
     services: Mapping[ServiceKey, Service],
+    grpc: bool = False,
 ) -> list[rc.Route]:
-    route = rc.Route(name=entry.name, match=_envoy_match(entry.match))
+    route = rc.Route(name=entry.name, match=_envoy_match(entry.match, grpc=grpc))
     _apply_header_modifiers(route, entry.rule)
     redirect = entry.rule.redirect
     if redirect is None:
-        _forward(route, entry, parent, port, policy, services)
+        _forward(route, entry, parent, port, policy, services, grpc)
         return [route]
     # Gateway API: a redirect rule has no backends.
     route.redirect.CopyFrom(_redirect_action(redirect, entry.match, port.port))
@@ -648,16 +724,15 @@ def _default_port_redirect(redirect: Redirect) -> int | None:
     return redirect.port if redirect.port == _WELL_KNOWN_PORTS.get(scheme or "http") else None
 
 
-def _default_route(service: Service, port: ServicePort, policy: TrafficPolicySpec | None) -> rc.Route:
+def _default_route(
+    service: Service, port: ServicePort, policy: TrafficPolicySpec | None, grpc: bool = False
+) -> rc.Route:
     route = rc.Route(name="default")
     route.match.prefix = "/"
     action = route.route
     action.cluster = names.cluster_name(service.key, port.port)
-    action.timeout.CopyFrom(seconds(_route_timeout(None, policy, _default_timeout(port))))
-    action.hash_policy.extend(_hash_policies(policy))
-    retry = _retry_policy(None, policy)
-    if retry is not None:
-        action.retry_policy.CopyFrom(retry)
+    action.hash_policy.extend(_grpc_hash_policies(policy) if grpc else _hash_policies(policy))
+    _apply_timeouts_and_retries(action, None, policy, port, grpc)
     return route
 
 
@@ -673,8 +748,14 @@ def service_virtual_host(
     *,
     local: bool,
     default_port: bool,
+    grpc: bool = False,
 ) -> rc.VirtualHost:
     """The client-side virtual host for traffic to (service, port).
+
+    grpc: the form for proxyless gRPC clients (model/client_kinds.py): timeouts as
+    max_stream_duration, retries as gRPC reads them (never `num_retries: 0`), path prefixes
+    as regexes, no routes gRPC would skip (query matches) and nothing gRPC ignores
+    (mirrors, hashing on anything but headers).
 
     routes: candidate routes (those not attached to this service port are ignored; see
     attached_routes for producer/consumer rules). policy: the TrafficPolicy of `service`
@@ -690,10 +771,12 @@ def service_virtual_host(
     )
     attached = attached_routes(service, port.port, routes, local=local)
     if not attached:
-        vhost.routes.append(_default_route(service, port, policy))
+        vhost.routes.append(_default_route(service, port, policy, grpc))
     else:
         for e in _entries(attached):
-            vhost.routes.extend(_rule_routes(e, service, port, policy, services))
+            if grpc and e.match.query:  # gRPC skips routes with query matches (gRFC A28)
+                continue
+            vhost.routes.extend(_rule_routes(e, service, port, policy, services, grpc))
     if policy is not None and policy.fault is not None and (policy.fault.delay or policy.fault.abort):
         fault = fault_per_route(policy.fault)
         for route in vhost.routes:

@@ -40,8 +40,9 @@ _by_name = attrgetter("namespace", "name")  # ServiceKey's order, as a C-compare
 RESCAN_CHUNK = 2000
 
 # What a scope keeps of one visible service: its encoded virtual hosts, cluster names,
-# encoded capture chains, endpoints' pod IPs and sniffed ports, as of its check.
-Member = tuple[bytes, list[str], bytes, frozenset[capture.PodIp], frozenset[int]]
+# encoded capture chains, endpoints' pod IPs and sniffed ports, and its encoded virtual hosts
+# for gRPC, as of its check.
+Member = tuple[bytes, list[str], bytes, frozenset[capture.PodIp], frozenset[int], bytes]
 
 
 class ScopeMembers(Protocol):
@@ -71,6 +72,8 @@ class _Scope:
     services: set[ServiceKey] = field(default_factory=set)
     ordered: list[ServiceKey] = field(default_factory=list)  # `services`, sorted
     entries: list[bytes] = field(default_factory=list)  # their encoded virtual hosts, in order
+    grpc_entries: list[bytes] = field(default_factory=list)  # the same for gRPC (while wanted)
+    grpc_published: bool = False  # its gRPC route configuration is in the cache
     member_clusters: dict[ServiceKey, list[str]] = field(default_factory=dict)
     clusters: list[str] = field(default_factory=list)  # sorted cluster names of `services`
     chains: list[bytes] = field(default_factory=list)  # their encoded capture chains, in order
@@ -84,6 +87,10 @@ class _Scope:
     @property
     def route_name(self) -> str:
         return names.outbound_route_name(self.namespace)
+
+    @property
+    def grpc_route_name(self) -> str:
+        return names.proxyless_route_name(self.namespace)
 
 
 class ScopeBuilder:
@@ -133,11 +140,14 @@ class ScopeBuilder:
                 return Built(alive=False)
             del self._scopes[namespace]
             self._views.pop(namespace, None)
-            batch.remove(types.ROUTE, [scope.route_name])
+            batch.remove(types.ROUTE, [scope.route_name, scope.grpc_route_name])
             batch.on_publish(lambda: self.published.scopes.pop(namespace, None))
             return Built(alive=False)
-        for lookup in ("service", "vhosts", "clusters", "capture", "namespace"):
+        for lookup in ("service", "vhosts", "proxyless-vhosts", "clusters", "capture", "namespace"):
             reader.read_each(lookup)
+        # Its gRPC route configuration exists while a proxyless proxy is connected (a change
+        # rebuilds the scope whole).
+        reader.derived("proxyless-connected")
         if scope is None:
             scope = self._scopes[namespace] = _Scope(namespace)
             parts = None
@@ -202,6 +212,9 @@ class ScopeBuilder:
     def _entry(self, scope: _Scope, key: ServiceKey) -> bytes:
         return self.outputs.vhosts.get((key, key.namespace == scope.namespace), b"")
 
+    def _grpc_entry(self, scope: _Scope, key: ServiceKey) -> bytes:
+        return self.outputs.grpc_vhosts.get((key, key.namespace == scope.namespace), b"")
+
     def _chains(self, scope: _Scope, key: ServiceKey) -> bytes:
         return self.outputs.capture_chains.get((key, key.namespace == scope.namespace), b"")
 
@@ -209,6 +222,7 @@ class ScopeBuilder:
         return (
             self._entry(scope, key), self.outputs.clusters.get(key, []), self._chains(scope, key),
             self.outputs.pod_ips.get(key, frozenset()), self.outputs.sniffed_ports.get(key, frozenset()),
+            self._grpc_entry(scope, key),
         )
 
     def _scan(self, scope: _Scope, rescan: _Rescan) -> bool:
@@ -231,6 +245,7 @@ class ScopeBuilder:
         # Sorted by plain tuples: the dataclass's own __lt__ is a Python call per comparison.
         scope.ordered = sorted(members, key=_by_name)
         scope.entries = [members[key][0] for key in scope.ordered]
+        scope.grpc_entries = [members[key][5] for key in scope.ordered]
         scope.member_clusters = {key: members[key][1] for key in scope.ordered}
         scope.clusters = sorted([name for member in members.values() for name in member[1]])
         scope.chains = [members[key][2] for key in scope.ordered]
@@ -249,13 +264,14 @@ class ScopeBuilder:
             i = bisect.bisect_left(scope.ordered, _by_name(key), key=_by_name)
             if was and not now:
                 scope.services.discard(key)
-                del scope.ordered[i], scope.entries[i], scope.chains[i]
+                del scope.ordered[i], scope.entries[i], scope.chains[i], scope.grpc_entries[i]
                 changed = True
                 scope.capture_body = None
             elif now and not was:
                 scope.services.add(key)
                 scope.ordered.insert(i, key)
                 scope.entries.insert(i, self._entry(scope, key))
+                scope.grpc_entries.insert(i, self._grpc_entry(scope, key))
                 scope.chains.insert(i, self._chains(scope, key))
                 changed = True
                 scope.capture_body = None
@@ -263,6 +279,10 @@ class ScopeBuilder:
                 entry = self._entry(scope, key)
                 if scope.entries[i] != entry:
                     scope.entries[i] = entry
+                    changed = True
+                grpc_entry = self._grpc_entry(scope, key)
+                if scope.grpc_entries[i] != grpc_entry:
+                    scope.grpc_entries[i] = grpc_entry
                     changed = True
                 chains = self._chains(scope, key)
                 if scope.chains[i] != chains:
@@ -305,6 +325,15 @@ class ScopeBuilder:
         head = outbound_route_configuration(scope.route_name, []).SerializeToString(deterministic=True)
         body = b"".join([head, *scope.entries])
         batch.put([Resource.from_bytes(types.ROUTE, scope.route_name, body)])
+        # The same join of the services' gRPC forms, for proxyless gRPC clients.
+        if self.outputs.proxyless_connected:
+            head = outbound_route_configuration(scope.grpc_route_name, []).SerializeToString(deterministic=True)
+            body = b"".join([head, *scope.grpc_entries])
+            batch.put([Resource.from_bytes(types.ROUTE, scope.grpc_route_name, body)])
+            scope.grpc_published = True
+        elif scope.grpc_published:
+            batch.remove(types.ROUTE, [scope.grpc_route_name])
+            scope.grpc_published = False
         # Copies of the sets the views read, made only when they changed.
         last = self._views.get(scope.namespace)  # the latest made, published or still in the batch
         view = self._views[scope.namespace] = ScopeView(

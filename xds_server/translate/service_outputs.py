@@ -7,6 +7,7 @@
   assignments       one ClusterLoadAssignment per service port
   proxyless         its clusters reshaped for gRPC, while a proxyless proxy is connected
   vhosts            its virtual hosts (encoded), as seen from its own namespace and others
+  proxyless-vhosts  the same translated for gRPC, while a proxyless proxy is connected
   capture           what capture-mode sidecars need of it (translate/capture.py): its
                     ClusterIP's filter chains (encoded, both forms), a route configuration
                     per HTTP port for traffic by address, and its endpoints' pod IPs
@@ -49,6 +50,7 @@ class ServiceOutputs:
     clusters: dict[ServiceKey, list[str]] = field(default_factory=dict)  # sorted names
     cluster_resources: dict[ServiceKey, list[Resource]] = field(default_factory=dict)
     vhosts: dict[tuple[ServiceKey, bool], bytes] = field(default_factory=dict)  # (key, local)
+    grpc_vhosts: dict[tuple[ServiceKey, bool], bytes] = field(default_factory=dict)  # the same, for gRPC
     proxyless: dict[ServiceKey, list[str]] = field(default_factory=dict)
     proxyless_connected: bool = False  # set by the proxy registry
     capture_connected: bool = False  # a capture-mode sidecar is: set by the proxy registry
@@ -229,27 +231,36 @@ class VirtualHostsBuilder:
     entries: a scope's route configuration is then a byte join (translate/scopes.py)."""
 
     kind, phase, family = "vhosts", 1, "service"
+    grpc = False
 
     def __init__(self, outputs: ServiceOutputs) -> None:
         self.outputs = outputs
 
+    def _slots(self) -> dict[tuple[ServiceKey, bool], bytes]:
+        return self.outputs.vhosts
+
+    def _wanted(self, reader: Reader) -> bool:
+        return True
+
     def build(self, arg: Hashable, reader: Reader, parts: Parts, batch: Batch) -> Built:
         key = _key(arg)
         service = reader.service(key)
+        wanted = self._wanted(reader)
+        slots = self._slots()
         changed = False
         translations = 0
         for local in (True, False):
             entry = None
-            if service is not None:
+            if service is not None and wanted:
                 entry, count = self._encode(service, local, reader)
                 translations += count
             slot = (key, local)
             if entry is None:
-                changed = self.outputs.vhosts.pop(slot, None) is not None or changed
-            elif self.outputs.vhosts.get(slot) != entry:
-                self.outputs.vhosts[slot] = entry
+                changed = slots.pop(slot, None) is not None or changed
+            elif slots.get(slot) != entry:
+                slots[slot] = entry
                 changed = True
-        emits = frozenset({("vhosts", key)}) if changed else frozenset()
+        emits = frozenset({(self.kind, key)}) if changed else frozenset()
         return Built(emits, alive=service is not None, translations=translations)
 
     def _encode(self, service: Service, local: bool, reader: Reader) -> tuple[bytes, int]:
@@ -267,9 +278,26 @@ class VirtualHostsBuilder:
             ]
             hosts.append(service_virtual_host(
                 service, port, attached, policy, services, local=local, default_port=port is default,
+                grpc=self.grpc,
             ))
         encoded = route_pb2.RouteConfiguration(virtual_hosts=hosts).SerializeToString(deterministic=True)
         return encoded, len(hosts)
+
+
+class ProxylessVirtualHostsBuilder(VirtualHostsBuilder):
+    """A service's virtual hosts translated for proxyless gRPC clients (routes.py `grpc`), in
+    both forms, kept only while a proxyless proxy is connected: scopes join them into the
+    namespace's gRPC route configuration."""
+
+    kind, phase, family = "proxyless-vhosts", 1, "service"
+    grpc = True
+
+    def _slots(self) -> dict[tuple[ServiceKey, bool], bytes]:
+        return self.outputs.grpc_vhosts
+
+    def _wanted(self, reader: Reader) -> bool:
+        reader.derived("proxyless-connected")
+        return self.outputs.proxyless_connected
 
 
 class CaptureBuilder:

@@ -33,6 +33,10 @@ class ScopeView:
     def route_name(self) -> str:
         return names.outbound_route_name(self.namespace)
 
+    @property
+    def grpc_route_name(self) -> str:
+        return names.proxyless_route_name(self.namespace)
+
 
 @dataclass
 class Published:
@@ -80,6 +84,8 @@ class ProxyView:
             if name.startswith("outbound|http|"):  # the Host-routed form: not for capture mode
                 return name == names.outbound_route_name(self._proxy[0]) and \
                     self._proxy not in published.capture_proxies
+            if name.startswith("outbound|grpc|"):
+                return False  # for proxyless gRPC clients (ProxylessView)
             service = published.route_owner.get(name)
             if service is not None:
                 return self._proxy in published.capture_proxies and service in self._scope.services
@@ -120,19 +126,23 @@ class ProxyView:
 
 
 class ProxylessView(ProxyView):
-    """A proxyless gRPC client's or server's view: listeners named after its targets, and
-    clusters reshaped for gRPC (translate/proxyless.py)."""
+    """A proxyless gRPC client's or server's view: listeners named after its targets, its
+    namespace's route configuration translated for gRPC, and clusters reshaped for gRPC
+    (translate/proxyless.py)."""
 
     def may_see(self, type_url: str, name: str) -> bool:
         if type_url == types.LISTENER and proxyless.is_client_target(name):
             return True
+        if type_url == types.ROUTE and name.startswith(("outbound|grpc|", "outbound|http|")):
+            # Only the gRPC form: the Envoy one may hold fields gRPC rejects.
+            return name == names.proxyless_route_name(self._proxy[0])
         return super().may_see(type_url, name)
 
     def get(self, type_url: str, name: str) -> Resource | None:
         resource = super().get(type_url, name)
         if resource is None:
             if type_url == types.LISTENER and proxyless.is_client_target(name):
-                return proxyless.client_listener_resource(name, self._scope.route_name)
+                return proxyless.client_listener_resource(name, self._scope.grpc_route_name)
             return None
         if type_url == types.CLUSTER:
             return self._published.proxyless_clusters.get(name, resource)

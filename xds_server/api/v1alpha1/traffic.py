@@ -66,11 +66,25 @@ class ConnectionPool(Spec):
 
 
 class OutlierDetection(Spec):
+    """Ejection of failing endpoints. consecutive5xxErrors/consecutiveGatewayErrors follow
+    Istio; the success-rate and failure-percentage fields follow Envoy's OutlierDetection
+    (the only kinds proxyless gRPC clients implement, gRFC A50). Setting any field of a kind
+    turns that kind on; its enforcing percentage then defaults to 100.
+    successRateStdevFactor is in thousandths, as in Envoy (1900 = 1.9)."""
+
     consecutive_5xx_errors: int | None = Field(default=5, ge=0, alias="consecutive5xxErrors")
     consecutive_gateway_errors: int | None = Field(default=None, ge=0)
     interval: PositiveDuration = 10.0
     base_ejection_time: PositiveDuration = 30.0
     max_ejection_percent: int = Field(default=10, ge=0, le=100)
+    success_rate_minimum_hosts: int | None = Field(default=None, ge=0)
+    success_rate_request_volume: int | None = Field(default=None, ge=0)
+    success_rate_stdev_factor: int | None = Field(default=None, ge=0)
+    enforcing_success_rate: int | None = Field(default=None, ge=0, le=100)
+    failure_percentage_threshold: int | None = Field(default=None, ge=0, le=100)
+    failure_percentage_minimum_hosts: int | None = Field(default=None, ge=0)
+    failure_percentage_request_volume: int | None = Field(default=None, ge=0)
+    enforcing_failure_percentage: int | None = Field(default=None, ge=0, le=100)
 
 
 class Retries(Spec):
@@ -97,9 +111,33 @@ class FaultDelay(Spec):
     fixed_delay: PositiveDuration
 
 
+# gRPC status codes by name (Istio's fault.abort.grpcStatus takes these names).
+GRPC_STATUS_CODES = {
+    "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
+
+
 class FaultAbort(Spec):
+    """Abort a share of requests with an HTTP status, or (Istio's `grpcStatus`) a gRPC
+    status by name: exactly one of the two."""
+
     percentage: Percent
-    http_status: int = Field(ge=200, le=599)
+    http_status: int | None = Field(default=None, ge=200, le=599)
+    grpc_status: Literal[
+        "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+        "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+        "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ] | None = None
+
+    @model_validator(mode="after")
+    def _one_status(self) -> FaultAbort:
+        if (self.http_status is None) == (self.grpc_status is None):
+            raise ValueError("set exactly one of httpStatus, grpcStatus")
+        return self
 
 
 class Fault(Spec):
