@@ -129,6 +129,38 @@ async def test_a_released_identity_is_withdrawn_and_not_renewed(tmp_path: Path) 
     assert spiffe_id not in certs.schedule and certs.current(Identity("shop", "web")) is None
 
 
+async def test_a_returning_identity_gets_its_certificate_again_while_it_is_good(tmp_path: Path) -> None:
+    """1,500 reconnects of one identity: one certificate, not 1,500 (issue 13)."""
+    authority = CertificateAuthority(tmp_path / "ca")
+    issuer = SvidIssuer(authority, default_ttl=timedelta(hours=1))
+    certs = WorkloadCertificates(issuer, park_limit=2)
+    sink = Sink()
+    certs.connect(sink)
+    web = Identity("shop", "web")
+    for _ in range(1500):
+        certs.forget(certs.track(web))
+    spiffe_id = certs.track(web)
+    assert certs.stats.issued == 1 and certs.stats.reused == 1500
+    assert {c.serial for c in sink.issued} == {certs.current(web).serial}  # type: ignore[union-attr]
+    assert len(issuer.registry.records(spiffe_id=spiffe_id)) == 1
+    assert spiffe_id in certs.schedule  # renewed at its half-life as before
+
+    # Bounded: the least recently released identities' certificates are dropped first.
+    certs.forget(spiffe_id)
+    for name in ("a", "b"):
+        certs.forget(certs.track(Identity("shop", name)))
+    certs.track(web)
+    assert certs.stats.issued == 4  # web's was dropped for a and b: a new one
+
+    # Past its renewal time, a parked certificate is not handed out again.
+    certs.forget(certs.spiffe_id(web))
+    clock = issuer.clock
+    issuer.clock = lambda: clock() + timedelta(minutes=45)
+    certs.schedule.clock = issuer.clock
+    certs.track(web)
+    assert certs.stats.issued == 5
+
+
 def test_due_entries_are_taken_in_slices() -> None:
     schedule = RenewalSchedule(jitter=0.0)
     now = schedule.clock()

@@ -11,6 +11,12 @@ their SPIFFE ID.
 Renewal: at half the certificate's lifetime with +-10 % jitter (rotation.RenewalSchedule),
 under the same name, so Envoy swaps the certificate in place and no listener drains.
 
+Reuse: an identity nobody uses any more keeps its certificate (key in memory only) for up to
+`park_limit` identities, least recently released dropped first; when a stream of it comes
+back before that certificate is due for renewal, and the signer is the same, it gets the
+same certificate again, so reconnects do not mint a key and certificate each (nor fill the
+registry with them).
+
 The event loop is never held by signing: a due batch is signed in a worker thread (key
 generation included: RSA 2048 takes ~40 ms a key) and applied on the loop in batches of
 `batch_size`, so a rotation storm of thousands of identities is a series of short loop turns.
@@ -35,6 +41,7 @@ import contextlib
 import logging
 import random
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -91,14 +98,16 @@ class CurrentCertificate:
 class IssuanceStats:
     issued: int = 0  # first certificate of an identity
     renewed: int = 0  # re-issued (half-life, or a new signing root)
+    reused: int = 0  # an identity back while its last certificate was still good
     released: int = 0  # an identity nobody uses any more
     issue_failures: int = 0
     bundles_published: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return {
-            "issued": self.issued, "renewed": self.renewed, "released": self.released,
-            "issue_failures": self.issue_failures, "bundles_published": self.bundles_published,
+            "issued": self.issued, "renewed": self.renewed, "reused": self.reused,
+            "released": self.released, "issue_failures": self.issue_failures,
+            "bundles_published": self.bundles_published,
         }
 
 
@@ -137,6 +146,7 @@ class WorkloadCertificates:
         batch_size: int = 64,
         rng: random.Random | None = None,
         startup_grace: float = 30.0,
+        park_limit: int = 10_000,
     ) -> None:
         self.issuer = issuer
         self.authority: CertificateAuthority = issuer.authority
@@ -159,6 +169,10 @@ class WorkloadCertificates:
         self._generations = 0
         self._unissued: set[str] = set()  # tracked, first certificate still being signed
         self._current: dict[str, CurrentCertificate] = {}
+        self._issued: dict[str, IssuedCertificate] = {}  # the current ones, keys included
+        # Released identities' certificates, for reuse (see the module doc), oldest first.
+        self._parked: OrderedDict[str, tuple[IssuedCertificate, CurrentCertificate]] = OrderedDict()
+        self.park_limit = max(0, park_limit)
         self._bundle_pem = b""
         self._signer = self._signer_of()
         self._stepping = False  # a rotation step of ours is changing the CA right now
@@ -204,6 +218,8 @@ class WorkloadCertificates:
         self._identities[spiffe_id] = identity
         self._generations += 1
         self._generation[spiffe_id] = self._generations
+        if self._reuse(spiffe_id):
+            return spiffe_id
         self._unissued.add(spiffe_id)
         if self.slow_keys:
             self.schedule.schedule_at(spiffe_id, self.issuer.clock())
@@ -219,13 +235,36 @@ class WorkloadCertificates:
             return
         self._generation.pop(spiffe_id, None)
         self._unissued.discard(spiffe_id)
-        self._current.pop(spiffe_id, None)
+        current = self._current.pop(spiffe_id, None)
+        issued = self._issued.pop(spiffe_id, None)
+        if current is not None and issued is not None and self.park_limit:
+            self._parked[spiffe_id] = (issued, current)
+            self._parked.move_to_end(spiffe_id)
+            while len(self._parked) > self.park_limit:
+                self._parked.popitem(last=False)
         self.schedule.forget(spiffe_id)
         if self.sink is not None:
             self.sink.certificate_withdrawn(spiffe_id)
         self.stats.released += 1
         log.info("workload secret released: no stream of its identity left",
                  extra={"spiffe_id": spiffe_id})
+
+    def _reuse(self, spiffe_id: str) -> bool:
+        """Give a returning identity its parked certificate if it is not due for renewal
+        and its root still signs (see the module doc)."""
+        parked = self._parked.pop(spiffe_id, None)
+        if parked is None:
+            return False
+        issued, current = parked
+        if self.issuer.clock() >= current.renew_at:  # (a signer change empties the parking)
+            return False
+        self._current[spiffe_id] = current
+        self._issued[spiffe_id] = issued
+        self.schedule.schedule_at(spiffe_id, current.renew_at)
+        self.stats.reused += 1
+        if self.sink is not None:
+            self.sink.certificates_issued([issued])
+        return True
 
     def tracks(self, spiffe_id: str) -> bool:
         return spiffe_id in self._identities
@@ -288,6 +327,7 @@ class WorkloadCertificates:
                 issued.spiffe_id, issued.serial, issued.not_after, issued.issued_at,
                 issued.root_fingerprint, renew_at,
             )
+            self._issued[spiffe_id] = issued
             if spiffe_id in self._unissued:
                 self._unissued.discard(spiffe_id)
                 self.stats.issued += 1
@@ -296,7 +336,7 @@ class WorkloadCertificates:
             published.append(issued)
         if published and self.sink is not None:
             self.sink.certificates_issued(published)
-        del published  # the keys now live only in what the sink built
+        del published  # the keys live on in what the sink built, and in _issued for reuse
         if results:
             self._wake_up()
         return len(results)
@@ -357,6 +397,7 @@ class WorkloadCertificates:
         signer = self._signer_of()
         if signer != self._signer:
             self._signer = signer
+            self._parked.clear()  # from the old signer: never handed out again
             # Every identity's certificate comes from the new signer now, in batches.
             self.schedule.mark_due()
             log.info("the signing certificate changed: re-issuing every workload certificate",
