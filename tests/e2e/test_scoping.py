@@ -64,10 +64,12 @@ def write_namespaces(mesh: MeshHarness, b_tenant: str | None = "b") -> None:
     mesh.write("namespaces.yaml", *namespaces_doc(b_tenant))
 
 
-def proxy_node(namespace: str, pod: str, ip: str = "") -> base_pb2.Node:
-    """A node as `xds-server bootstrap` writes it: the server scopes by its namespace."""
+def proxy_node(namespace: str, pod: str, ip: str = "", interception: str = "explicit") -> base_pb2.Node:
+    """A node as `xds-server bootstrap` writes it: the server scopes by its namespace. The
+    loopback pods of this module use the explicit mode (Host-routed route configurations)."""
     metadata = struct_pb2.Struct()
-    metadata.update({"namespace": namespace, "service_account": "default", "pod": pod, "pod_ip": ip})
+    metadata.update({"namespace": namespace, "service_account": "default", "pod": pod, "pod_ip": ip,
+                     "interception": interception})
     return base_pb2.Node(id=f"{pod}.{namespace}", cluster=f"default.{namespace}", metadata=metadata)
 
 
@@ -176,6 +178,18 @@ async def test_server_sends_a_tenant_a_proxy_nothing_of_tenant_b(mesh: MeshHarne
 
 
 # -------------------------------------------------------------------- what Envoy holds
+
+
+async def test_a_capture_mode_proxy_of_tenant_a_gets_no_route_of_tenant_b(mesh: MeshHarness, tenants: Tenants) -> None:
+    """Capture mode's per-service route configurations (reached by ClusterIP) are scoped as
+    the clusters are: B's is never delivered to A's proxy, nor the Host-routed form."""
+    a_route, b_route = API_A, API_B  # a service port's route configuration bears its cluster's name
+    async with XdsClient(mesh.server.address) as client:
+        ads = client.ads(node=proxy_node(A, "capture-a", interception="capture"))
+        await ads.request(types.ROUTE, [a_route, b_route, names.outbound_route_name(A)])
+        rds = await ads.recv()
+        assert set(sotw_resources(rds)) == {a_route}
+        await ads.ack(rds)
 
 
 async def test_tenant_a_envoy_holds_and_reaches_only_what_it_may_see(mesh: MeshHarness, tenants: Tenants) -> None:
