@@ -175,6 +175,8 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
             tasks.append(asyncio.create_task(mesh.run(stop), name="mesh-files"))
 
     server = XdsServer(cache, config.server, view_for=view_for, release_view=release)
+    if config.admin is not None:
+        server.csds_authorize = _csds_authorizer(config.admin)
     security = None
     if config.security is not None:
         from .security import Security
@@ -318,3 +320,27 @@ async def serve(config: AppConfig, *, started: asyncio.Event | None = None) -> N
     finally:
         log.info("shutting down", extra={"grace_seconds": config.server.shutdown_grace})
         await app.close()
+
+
+def _csds_authorizer(settings: AdminSettings) -> Any:
+    """CSDS behind the admin API's authentication: a local caller, or any admin token (the
+    read role is enough: CSDS only reads) in the call's `authorization: Bearer` metadata."""
+    import grpc
+
+    from .admin.auth import TokenStore, parse_bearer
+    from .xds.server import local_caller
+
+    tokens = TokenStore.load(settings.tokens_file)
+
+    async def authorize(context: Any) -> None:
+        if local_caller(context):
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        token, problem = parse_bearer(metadata.get("authorization"))
+        principal = tokens.authenticate(token) if token is not None else None
+        if principal is None:
+            log.warning("client status refused", extra={"peer": context.peer(), "reason": problem or "unknown token"})
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "client status needs an admin token (authorization: Bearer ...) off this host")
+
+    return authorize

@@ -154,6 +154,9 @@ class XdsServer:
         # own resources.
         self._view_for: ViewProvider = view_for or _same_view(FullView(cache))
         self._release_view = release_view
+        # Who may read every proxy's config over CSDS: local callers, and (set by the
+        # composition root) whoever the admin API's tokens admit.
+        self.csds_authorize: csds.Authorize = _loopback_only
         self.connections: set[Connection] = set()
         self.stats = ServerStats()
         self._index: SubscriptionIndex[Connection] = SubscriptionIndex()
@@ -178,7 +181,7 @@ class XdsServer:
         for handler in self.extra_handlers:
             server.add_generic_rpc_handlers([handler])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        csds.add_to_server(server, lambda: self.connections, _loopback_only)
+        csds.add_to_server(server, lambda: self.connections, self.csds_authorize)
         service_names = list(SERVICES) + [
             csds.SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -567,12 +570,16 @@ class XdsServer:
                 log.exception("releasing a proxy's view failed", extra={"proxy": conn.proxy_id})
 
 
-async def _loopback_only(context: aio.ServicerContext[Any, Any]) -> None:
-    """CSDS shows every proxy's config: only callers on this host may read it (an operator
-    with kubectl port-forward, or the admin API, which has its own tokens)."""
+def local_caller(context: aio.ServicerContext[Any, Any]) -> bool:
     peer = context.peer()  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
     host = peer.split(":", 1)[1].rsplit(":", 1)[0].strip("[]") if ":" in peer else ""
-    if not (peer.startswith("unix:") or is_loopback(host)):
+    return peer.startswith("unix:") or is_loopback(host)
+
+
+async def _loopback_only(context: aio.ServicerContext[Any, Any]) -> None:
+    """CSDS shows every proxy's config: without admin tokens, only callers on this host may
+    read it (an operator with kubectl port-forward)."""
+    if not local_caller(context):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "client status is served to local callers only")
 
 
