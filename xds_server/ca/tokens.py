@@ -135,7 +135,9 @@ class TokenIssuer:
             raise ValueError(f"the token TTL {ttl} exceeds the maximum {self.max_ttl}")
         now = self.clock().replace(microsecond=0)
         expires = now + ttl
-        token_id = secrets.token_urlsafe(16)
+        # Hex: an id is typed on command lines (`token revoke ID`), where one starting with
+        # "-" (possible in base64url) would read as an option.
+        token_id = secrets.token_hex(16)
         claims = {
             "iss": self.issuer,
             "aud": self.audience,

@@ -274,7 +274,7 @@ class Authenticator:
 class GuardSettings:
     """Bounds per identity and per stream (CONFORMANCE rule 19). 0 turns a bound off."""
 
-    max_streams_per_identity: int = 4096
+    max_streams_per_identity: int = 4096  # per pod, for pod-bound credentials
     # Envoy sends one request per response (its ACK) plus subscription changes: a few per
     # second when busy, bursts of a few hundred when a large config first arrives.
     max_requests_per_second: float = 200.0
@@ -345,7 +345,9 @@ class StreamGuard(StreamHooks):
                 raise StreamRefused(code, err.reason, counter) from None
         if proof is not None:
             self.stats.authenticated[proof.method] += 1
-            slot: Hashable = str(proof.identity)
+            # A pod-bound credential (a projected Kubernetes token) has a bound of its own: a
+            # leaked one can use up only its pod's streams, not its siblings'.
+            slot: Hashable = (str(proof.identity), proof.pod) if proof.pod else str(proof.identity)
         else:
             slot = ("unproven", claim.namespace, claim.service_account)
         limit = self.settings.max_streams_per_identity
