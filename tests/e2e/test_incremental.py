@@ -355,19 +355,19 @@ def test_endpoint_change_work_does_not_grow_with_the_mesh() -> None:
         assert writes_small == writes_large == [Change(types.ENDPOINT, frozenset({cla}), frozenset())]
 
 
-def test_capture_mode_endpoint_work_grows_with_the_proxies_that_see_it_not_the_mesh() -> None:
+def test_capture_mode_endpoint_work_grows_with_the_namespaces_that_see_it_not_the_mesh() -> None:
     """Capture-mode outbound listeners match endpoints by pod IP (translate/capture.py): a
     readiness flip costs one assignment as before; a new endpoint also rebuilds the outbound
-    listener of each proxy that sees the service (12 here), whatever the mesh's size."""
+    listener each namespace's capture-mode sidecars share (10 here: svc-5 is visible
+    everywhere), once per namespace and whatever the mesh's size, never once per proxy."""
     small, large = _endpoint_change_work(10, "capture"), _endpoint_change_work(1000, "capture")
     cla = names.cluster_name(ServiceKey("ns-5", "svc-5"), 80)
     (flip_small, flip_writes_small), (join_small, join_writes_small) = small
     (flip_large, flip_writes_large), (join_large, join_writes_large) = large
     assert flip_small == flip_large == 1
     assert flip_writes_small == flip_writes_large == [Change(types.ENDPOINT, frozenset({cla}), frozenset())]
-    assert join_small == join_large == 1 + 12  # the assignment, and 12 proxies' listeners
-    listeners = {names.outbound_listener_name(f"ns-{n}", "client") for n in range(10)}
-    listeners |= {names.outbound_listener_name("ns-5", f"svc-5-{k}") for k in range(2)}
+    assert join_small == join_large == 1 + 10  # the assignment, and 10 namespaces' listeners
+    listeners = {names.capture_outbound_listener_name(f"ns-{n}") for n in range(10)}
     for writes in (join_writes_small, join_writes_large):
         assert writes == [  # in xDS order: the assignment before the listeners
             Change(types.ENDPOINT, frozenset({cla}), frozenset()),

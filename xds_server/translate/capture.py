@@ -106,7 +106,7 @@ def destination_routes(
     return out
 
 
-def _is_ip(text: str) -> bool:
+def is_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -121,7 +121,7 @@ def base_cidr(ip: str) -> address_pb2.CidrRange:
 
 def has_cluster_ip(service: Service) -> bool:
     """A ClusterIP to match on: not headless (None), and an address (sources validate it)."""
-    return bool(service.cluster_ip) and _is_ip(service.cluster_ip or "")
+    return bool(service.cluster_ip) and is_address(service.cluster_ip or "")
 
 
 def service_chains(service: Service, route_names: Mapping[int, str]) -> list[listener_components_pb2.FilterChain]:
@@ -162,26 +162,62 @@ def service_chains(service: Service, route_names: Mapping[int, str]) -> list[lis
 PodIp = tuple[str, int, bool]  # (pod IP, port, whether it accepts mTLS)
 
 
-def pod_ip_chains(entries: Iterable[PodIp]) -> list[listener_components_pb2.FilterChain]:
-    """Chains for endpoints dialled by pod IP: per port, those that accept mTLS and those
-    that do not, each passed through to the original destination."""
+def pod_ip_chains(entries: Iterable[PodIp]) -> bytes:
+    """Chains for endpoints dialled by pod IP (encoded as `Listener.filter_chains` entries):
+    per port, those that accept mTLS and those that do not, each passed through to the
+    original destination. `entries` hold addresses only (PodIpsBuilder checks them).
+
+    A namespace can see 100,000 endpoints: the address list is joined from per-address
+    encodings made once, as a second `filter_chain_match` of the chain (protobuf merges a
+    message field that appears twice: the port in one, the addresses in the other)."""
     by_address: dict[tuple[int, str], bool] = {}
     for ip, port, mtls in entries:
-        if not _is_ip(ip):  # a hostname endpoint (FQDN slices) has no address to match
-            continue
         by_address[(port, ip)] = by_address.get((port, ip), False) or mtls
     groups: dict[tuple[int, bool], list[str]] = {}
     for (port, ip), mtls in sorted(by_address.items()):
         groups.setdefault((port, mtls), []).append(ip)
-    chains = []
+    out = []
     for (port, mtls), ips in sorted(groups.items()):
         chain = listener_components_pb2.FilterChain(name=f"pod-ips_{port}" + ("_mtls" if mtls else ""))
         chain.filter_chain_match.destination_port.value = port
-        chain.filter_chain_match.prefix_ranges.extend(base_cidr(ip) for ip in ips)
         cluster = PASSTHROUGH_MTLS if mtls else PASSTHROUGH
         chain.filters.append(tcp_proxy(f"outbound|{port}|pod-ip", cluster))
-        chains.append(chain)
-    return chains
+        ranges = b"".join([_prefix_range(ip) for ip in ips])
+        body = chain.SerializeToString(deterministic=True) + _field(_CHAIN_MATCH, ranges)
+        out.append(_field(_LISTENER_CHAINS, body))
+    return b"".join(out)
+
+
+_LISTENER_CHAINS = 3  # Listener.filter_chains
+_CHAIN_MATCH = 1  # FilterChain.filter_chain_match
+_MATCH_PREFIX_RANGES = 3  # FilterChainMatch.prefix_ranges
+_prefix_ranges: dict[str, bytes] = {}  # address -> its encoded prefix_ranges entry
+
+
+def _prefix_range(ip: str) -> bytes:
+    entry = _prefix_ranges.get(ip)
+    if entry is None:
+        if len(_prefix_ranges) >= 1_000_000:  # bounded: addresses come and go
+            _prefix_ranges.clear()
+        entry = _prefix_ranges[ip] = _field(_MATCH_PREFIX_RANGES, base_cidr(ip).SerializeToString())
+    return entry
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (a message or bytes): tag, length, payload."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def encode_chains(chains: Iterable[listener_components_pb2.FilterChain]) -> bytes:

@@ -35,6 +35,11 @@ def inbound_port_route_name(port: int, namespace: str, pod: str) -> str:
     return f"inbound|http|{port}|{namespace}/{pod}"
 
 
+def capture_outbound_listener_name(namespace: str) -> str:
+    """The outbound capture listener every capture-mode sidecar of a namespace shares."""
+    return f"outbound|capture|{namespace}"
+
+
 def outbound_listener_name(namespace: str, pod: str) -> str:
     return f"outbound|{namespace}/{pod}"
 

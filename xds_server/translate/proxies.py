@@ -18,7 +18,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from ..model.identity import Proof, ProxyClaim, proves_pod
-from ..model.mesh import AppProtocol, Service, ServiceKey, ServicePort, Workload
+from ..model.mesh import OUTBOUND_PORT, AppProtocol, Service, ServiceKey, ServicePort, Workload
 from ..xds import types
 from ..xds.resource import Resource
 from . import capture, names, proxyless
@@ -155,17 +155,18 @@ class ProxyBuilder:
         proxy = self.registry.proxies.get(key)
         if proxy is None:
             self._replace(key, {}, batch)
-            batch.on_publish(lambda: self.published.capture_proxies.discard(key))
+            self._publish_mode(key, False, False, batch)
             return Built(alive=False)
         # Whatever the proxy serves, the policies that may select it decide its inbound side.
         reader.selected_by_policies(key[0])
-        captured = False
+        captured = shared = False
         if proxy.proxyless:
             built = {types.LISTENER: self._proxyless_listeners(proxy, reader)}
         else:
             workload = self.workload_of(proxy, reader)
             # Explicit if the pod or the node says so (they agree when the injector wrote both).
             captured = workload.capture and proxy.claim.capture
+            shared = captured and workload.outbound_port == OUTBOUND_PORT
             if captured:
                 built = self._capture_sidecar(proxy, workload, reader)
                 # The clusters its chains name: the same for every proxy, shared by name.
@@ -173,9 +174,22 @@ class ProxyBuilder:
             else:
                 built = self._sidecar(proxy, reader)
         self._replace(key, built, batch)
-        capture_proxies = self.published.capture_proxies
-        batch.on_publish(lambda: capture_proxies.add(key) if captured else capture_proxies.discard(key))
+        self._publish_mode(key, captured, shared, batch)
         return Built(translations=1)
+
+    def _publish_mode(self, key: ProxyKey, captured: bool, shared: bool, batch: Batch) -> None:
+        """Record whether the proxy is in capture mode and shares its namespace's outbound
+        listener, which its view reads; a change makes its streams look at that listener
+        again (no cache change announces it)."""
+        published = self.published
+        was_shared = key in published.shared_outbound
+        if captured:
+            batch.on_publish(lambda: published.capture_proxies.add(key))
+        else:
+            batch.on_publish(lambda: published.capture_proxies.discard(key))
+        if shared != was_shared:
+            batch.on_publish(lambda: (published.shared_outbound.add if shared else published.shared_outbound.discard)(key))
+            batch.touch(types.LISTENER, [names.capture_outbound_listener_name(key[0])])
 
     # What a proxy is ----------------------------------------------------------------------------
 
@@ -283,20 +297,24 @@ class ProxyBuilder:
         return {types.CLUSTER: clusters, types.ROUTE: routes, types.LISTENER: listeners}
 
     def _capture_sidecar(self, proxy: Proxy, workload: Workload, reader: Reader) -> dict[str, list[Any]]:
-        """A sidecar whose pod's traffic is captured (translate/capture.py): the outbound
-        listener is its head plus the namespace's shared chains; inbound, the destination
+        """A sidecar whose pod's traffic is captured (translate/capture.py). Outbound, on the
+        standard port, it shares its namespace's listener (scopes.py; its view admits it), so
+        an endpoint change costs one listener per namespace, not one per proxy; on another
+        port, its own copy (its head plus the namespace's chains). Inbound, the destination
         port picks the app port."""
         namespace, pod = proxy.key
         ip = workload.ip or "127.0.0.1"
-        reader.derived("capture-chains", namespace)
-        head = capture.outbound_listener_head(
-            names.outbound_listener_name(namespace, pod), workload.outbound_port,
-            self.scopes.settings.outbound_traffic_policy, self.scopes.sniffed_ports(namespace),
-        )
-        outbound = Resource.from_bytes(
-            types.LISTENER, head.name,
-            capture.outbound_listener_bytes(head, self.scopes.capture_chains(namespace)),
-        )
+        listeners: list[Any] = []
+        if workload.outbound_port != OUTBOUND_PORT:
+            reader.derived("capture-chains", namespace)
+            head = capture.outbound_listener_head(
+                names.outbound_listener_name(namespace, pod), workload.outbound_port,
+                self.scopes.settings.outbound_traffic_policy, self.scopes.sniffed_ports(namespace),
+            )
+            listeners.append(Resource.from_bytes(
+                types.LISTENER, head.name,
+                capture.outbound_listener_bytes(head, self.scopes.capture_chains(namespace)),
+            ))
         entries = self.app_ports(workload, reader)
         ports = self.distinct_ports(entries)
         clusters: list[Any] = [inbound_cluster(namespace, pod, ip, p, proto) for p, proto in ports]
@@ -324,7 +342,8 @@ class ProxyBuilder:
             names.inbound_listener_name(namespace, pod), workload.inbound_port, app_ports,
             self.trust_domain, passthrough,
         )
-        return {types.CLUSTER: clusters, types.ROUTE: routes, types.LISTENER: [outbound, inbound]}
+        listeners.append(inbound)
+        return {types.CLUSTER: clusters, types.ROUTE: routes, types.LISTENER: listeners}
 
     def _proxyless_listeners(self, proxy: Proxy, reader: Reader) -> list[Message]:
         """An xDS-enabled gRPC server's listeners: one per app port (from the services it

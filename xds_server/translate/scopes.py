@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Protocol
 
-from ..model.mesh import ServiceKey
+from ..model.mesh import OUTBOUND_PORT, ServiceKey
 from ..xds import types
 from ..xds.resource import Resource
 from . import capture, names
@@ -82,6 +82,7 @@ class _Scope:
     member_sniffed: dict[ServiceKey, frozenset[int]] = field(default_factory=dict)
     sniffed: Counter[int] = field(default_factory=Counter)  # undeclared ports of `services`
     capture_body: bytes | None = None  # the joined chains, made when a proxy asks
+    capture_listener: bool = False  # its shared outbound capture listener is in the cache
     rescan: _Rescan | None = None  # a whole recomputation part way through
 
     @property
@@ -116,7 +117,7 @@ class ScopeBuilder:
         if scope is None:
             return b""
         if scope.capture_body is None:
-            pod_ips = capture.encode_chains(capture.pod_ip_chains(scope.pod_ips))
+            pod_ips = capture.pod_ip_chains(scope.pod_ips)
             scope.capture_body = b"".join([*scope.chains, pod_ips])
         return scope.capture_body
 
@@ -141,13 +142,15 @@ class ScopeBuilder:
             del self._scopes[namespace]
             self._views.pop(namespace, None)
             batch.remove(types.ROUTE, [scope.route_name, scope.grpc_route_name])
+            batch.remove(types.LISTENER, [names.capture_outbound_listener_name(namespace)])
             batch.on_publish(lambda: self.published.scopes.pop(namespace, None))
             return Built(alive=False)
         for lookup in ("service", "vhosts", "proxyless-vhosts", "clusters", "capture", "namespace"):
             reader.read_each(lookup)
-        # Its gRPC route configuration exists while a proxyless proxy is connected (a change
-        # rebuilds the scope whole).
+        # Its gRPC route configuration exists while a proxyless proxy is connected, its capture
+        # listener while a capture-mode one is (a change rebuilds the scope whole).
         reader.derived("proxyless-connected")
+        reader.derived("capture-connected")
         if scope is None:
             scope = self._scopes[namespace] = _Scope(namespace)
             parts = None
@@ -187,9 +190,29 @@ class ScopeBuilder:
         if changed or gained_or_lost or scope.clusters != clusters_before or namespace not in self._views:
             self._publish(scope, batch, gained_or_lost, scope.clusters != clusters_before)
         emits = {("scope-services", namespace)} if gained_or_lost else set()
-        if capture_changed:
+        translations = 0
+        if capture_changed or scope.capture_listener != self.outputs.capture_connected:
             emits.add(("capture-chains", namespace))
-        return Built(frozenset(emits))
+            translations = self._publish_capture_listener(scope, batch)
+        return Built(frozenset(emits), translations=translations)
+
+    def _publish_capture_listener(self, scope: _Scope, batch: Batch) -> int:
+        """The namespace's outbound capture listener (translate/capture.py), shared by its
+        capture-mode sidecars on the standard port: built and hashed once per change, not
+        once per proxy; a proxy's view admits it (views.py)."""
+        name = names.capture_outbound_listener_name(scope.namespace)
+        if not self.outputs.capture_connected:
+            if scope.capture_listener:
+                batch.remove(types.LISTENER, [name])
+                scope.capture_listener = False
+            return 0
+        head = capture.outbound_listener_head(
+            name, OUTBOUND_PORT, self.settings.outbound_traffic_policy, self.sniffed_ports(scope.namespace)
+        )
+        body = capture.outbound_listener_bytes(head, self.capture_chains(scope.namespace))
+        batch.put([Resource.from_bytes(types.LISTENER, name, body)])
+        scope.capture_listener = True
+        return 1
 
     def _changed_services(self, parts: Parts) -> set[ServiceKey] | None:
         """The services to re-check, or None to recompute the scope from every service (a

@@ -401,6 +401,8 @@ class PodIpsBuilder:
                 if target is None:
                     continue
                 for endpoint in endpoint_slice.endpoints:
+                    if not capture.is_address(endpoint.address):  # an FQDN slice's hostname
+                        continue
                     owner = reader.workload(service.namespace, endpoint.pod, endpoint.address)
                     mtls = self.mtls and owner is not None and reader.endpoint_mtls(owner, target)
                     out.add((endpoint.address, target, mtls))

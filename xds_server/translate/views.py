@@ -49,6 +49,9 @@ class Published:
     # Route configurations of one service port reached by address (translate/capture.py).
     route_owner: dict[str, ServiceKey] = field(default_factory=dict)
     capture_proxies: set[ProxyKey] = field(default_factory=set)  # the sidecars that use them
+    # Capture-mode sidecars on the standard outbound port: they share their namespace's
+    # outbound listener (`names.capture_outbound_listener_name`).
+    shared_outbound: set[ProxyKey] = field(default_factory=set)
 
     def scope(self, namespace: str) -> ScopeView:
         scope = self.scopes.get(namespace)
@@ -89,6 +92,9 @@ class ProxyView:
             service = published.route_owner.get(name)
             if service is not None:
                 return self._proxy in published.capture_proxies and service in self._scope.services
+        elif type_url == types.LISTENER and name.startswith("outbound|capture|"):
+            return self._proxy in published.shared_outbound and \
+                name == names.capture_outbound_listener_name(self._proxy[0])
         elif type_url == types.SECRET:
             return False  # secrets are issued per identity by the CA, never shared
         return True  # raw resources (--resources) are for every proxy
