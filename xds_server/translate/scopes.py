@@ -78,7 +78,7 @@ class _Scope:
     clusters: list[str] = field(default_factory=list)  # sorted cluster names of `services`
     chains: list[bytes] = field(default_factory=list)  # their encoded capture chains, in order
     member_pod_ips: dict[ServiceKey, frozenset[capture.PodIp]] = field(default_factory=dict)
-    pod_ips: Counter[capture.PodIp] = field(default_factory=Counter)  # over `services`
+    pod_ips: capture.PodIpChains = field(default_factory=capture.PodIpChains)  # over `services`
     member_sniffed: dict[ServiceKey, frozenset[int]] = field(default_factory=dict)
     sniffed: Counter[int] = field(default_factory=Counter)  # undeclared ports of `services`
     capture_body: bytes | None = None  # the joined chains, made when a proxy asks
@@ -117,7 +117,7 @@ class ScopeBuilder:
         if scope is None:
             return b""
         if scope.capture_body is None:
-            pod_ips = capture.pod_ip_chains(scope.pod_ips)
+            pod_ips = scope.pod_ips.encode()
             scope.capture_body = b"".join([*scope.chains, pod_ips])
         return scope.capture_body
 
@@ -272,8 +272,18 @@ class ScopeBuilder:
         scope.member_clusters = {key: members[key][1] for key in scope.ordered}
         scope.clusters = sorted([name for member in members.values() for name in member[1]])
         scope.chains = [members[key][2] for key in scope.ordered]
-        scope.member_pod_ips = {key: member[3] for key, member in members.items() if member[3]}
-        scope.pod_ips = Counter(ip for ips in scope.member_pod_ips.values() for ip in ips)
+        # Pod IPs by difference: a Namespace label rescans every service, but few (if any)
+        # of their endpoints changed; the chains of 100,000 endpoints are not rebuilt for it.
+        before, after = scope.member_pod_ips, {key: member[3] for key, member in members.items() if member[3]}
+        removed: list[capture.PodIp] = []
+        added: list[capture.PodIp] = []
+        for key in before.keys() | after.keys():
+            old, new = before.get(key, frozenset()), after.get(key, frozenset())
+            if old is not new and old != new:
+                removed.extend(old - new)
+                added.extend(new - old)
+        scope.member_pod_ips = after
+        scope.pod_ips.update(removed, added)
         scope.member_sniffed = {key: member[4] for key, member in members.items() if member[4]}
         scope.sniffed = Counter(p for ports in scope.member_sniffed.values() for p in ports)
         scope.capture_body = None
@@ -315,10 +325,7 @@ class ScopeBuilder:
             new_ips = self.outputs.pod_ips.get(key, frozenset()) if now else frozenset()
             if new_ips:
                 scope.member_pod_ips[key] = new_ips
-            if old_ips != new_ips:
-                scope.pod_ips.subtract(old_ips)
-                scope.pod_ips.update(new_ips)
-                scope.pod_ips += Counter()  # drop the zero counts
+            if old_ips != new_ips and scope.pod_ips.update(old_ips - new_ips, new_ips - old_ips):
                 scope.capture_body = None
             old_ports = scope.member_sniffed.pop(key, frozenset()) if was else frozenset()
             new_ports = self.outputs.sniffed_ports.get(key, frozenset()) if now else frozenset()
