@@ -14,17 +14,16 @@ an anonymous memfd, never a file on disk). The bearer token still decides the ro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-import uvicorn
 
 from ..ca.serving import load_chain
+from ..http_task import HttpTask
 from ..config import ConfigError, is_loopback, parse_address
 from ..metrics import Metrics
 from .app import AdminContext, create_app
@@ -32,12 +31,6 @@ from .auth import TokenStore
 from .settings import AdminSettings
 
 log = logging.getLogger("xds_server.admin")
-
-class _Uvicorn(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield  # the process's signals belong to `serve`, which closes us
-
 
 def bind_admin(address: str) -> socket.socket:
     """The admin API's listening socket (bound early, so a taken port fails the start-up
@@ -63,8 +56,7 @@ class AdminServer:
         self.settings = settings
         self.app = create_app(context, docs=settings.docs)
         self._ssl_context = ssl_context
-        self._server: _Uvicorn | None = None
-        self._task: asyncio.Task | None = None
+        self._http = HttpTask(self.app, f"admin server on {self.settings.address}")
         self._renewal: asyncio.Task | None = None
         self.port = 0
         self.host = ""
@@ -90,23 +82,7 @@ class AdminServer:
                 logging.getLogger(name).setLevel(logging.WARNING)
         sock = sock or bind_admin(self.settings.address)
         self.host, self.port = sock.getsockname()[:2]
-        factory = None
-        if self._ssl_context is not None:
-            context = self._ssl_context
-            factory = lambda _config, _default: context  # noqa: E731
-        config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, lifespan="off",
-            ssl_context_factory=factory, timeout_graceful_shutdown=2, server_header=False,
-            proxy_headers=False,
-        )
-        server = _Uvicorn(config)
-        self._server = server
-        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="admin-http")
-        while not server.started:
-            if self._task.done():
-                self._task.result()  # raises what stopped it
-                raise OSError(f"admin server on {self.settings.address} did not start")
-            await asyncio.sleep(0.01)
+        await self._http.start(sock, self._ssl_context)
         log.info("admin API listening", extra={"address": self.address, "url": self.url,
                                                "mtls": self._ssl_context is not None,
                                                "tokens": len(self.context.tokens)})
@@ -115,14 +91,7 @@ class AdminServer:
         if self._renewal is not None:
             self._renewal.cancel()
             await asyncio.gather(self._renewal, return_exceptions=True)
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), 5)
-            except (TimeoutError, Exception):
-                self._server.force_exit = True
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+        await self._http.close()
         self.context.metrics.close()
 
 

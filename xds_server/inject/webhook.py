@@ -22,11 +22,10 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -36,6 +35,7 @@ from ..ca.authority import CertificateAuthority, KeyAlgorithm, fingerprint
 from ..ca.serving import SERVING_TTL, issue_serving_certificate, load_chain
 from ..ca.svid import CertificateRegistry, IssuedCertificate
 from ..config import parse_address
+from ..http_task import HttpTask
 from .review import MAX_BODY_BYTES, BadReview, admission_response
 from .settings import WebhookSettings
 
@@ -45,12 +45,6 @@ __all__ = ["INJECT_PATH", "WebhookServer", "bind_webhook", "on_ca_change"]
 
 INJECT_PATH = "/inject"
 RESULTS = ("injected", "skipped", "denied", "allowed", "bad-request")
-
-
-class _Uvicorn(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield  # the process's signals belong to `serve`
 
 
 def bind_webhook(address: str) -> socket.socket:
@@ -101,8 +95,7 @@ class WebhookServer:
         self.port = 0
         self._context: ssl.SSLContext | None = None
         self._signer = ""
-        self._server: _Uvicorn | None = None
-        self._task: asyncio.Task | None = None
+        self._http: HttpTask | None = None
         self._renewal: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self.ca_bundle: Any = None  # the ca_bundle.CaBundleSync, when a cluster is followed
@@ -197,19 +190,8 @@ class WebhookServer:
         self._context = context
         sock = sock or bind_webhook(self.settings.address)
         self.host, self.port = sock.getsockname()[:2]
-        config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, lifespan="off",
-            ssl_context_factory=lambda _config, _default: context, timeout_graceful_shutdown=2,
-            server_header=False, proxy_headers=False,
-        )
-        server = _Uvicorn(config)
-        self._server = server
-        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="webhook-https")
-        while not server.started:
-            if self._task.done():
-                self._task.result()
-                raise OSError(f"webhook server on {self.settings.address} did not start")
-            await asyncio.sleep(0.01)
+        self._http = HttpTask(self.app, f"webhook server on {self.settings.address}")
+        await self._http.start(sock, context)
         self._renewal = asyncio.create_task(self._renew(), name="webhook-cert-renewal")
         log.info("admission webhook listening", extra={
             "address": self.address, "path": INJECT_PATH,
@@ -219,14 +201,8 @@ class WebhookServer:
         if self._renewal is not None:
             self._renewal.cancel()
             await asyncio.gather(self._renewal, return_exceptions=True)
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), 5)
-            except (TimeoutError, Exception):
-                self._server.force_exit = True
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
 
 
 async def start_webhook(settings: WebhookSettings, authority: CertificateAuthority,
