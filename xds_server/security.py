@@ -13,6 +13,7 @@ One `Security` holds the pieces the other modules define and connects them to an
     RootRotation (ca/rotation.py)             started by `start_root_rotation()` (admin) or
                                               `xds-server ca rotate-root` (CA files)
     CertificateService (ca/service.py)        CSR signing on the xDS port, same authenticator
+    ServingCertificateKeeper (tls_serving.py) the xDS TLS ports' certificate and client roots
 
 The guard and SDS follow the server's streams as `StreamHooks`; the CA reaches the xDS side
 only through them (and `TokenVerifier`, which `TokenIssuer` implements). With `--auth none`
@@ -38,6 +39,7 @@ from .ca.tokens import TokenIssuer
 from .ca.workloads import WorkloadCertificates
 from .config import ConfigError
 from .sds import SdsSecrets
+from .tls_serving import ServingCertificateKeeper, serving_names
 from .xds.auth import Authenticator, AuthMode, GuardSettings, StreamGuard
 from .xds.cache import ResourceCache
 from .xds.server import XdsServer
@@ -66,6 +68,9 @@ class SecurityConfig:
     # connected before a restart must reconnect (and ACK the new bundle) first.
     rotation_startup_grace: timedelta = timedelta(seconds=30)
     watch_ca_files: bool = True
+    # Names in the xDS TLS certificate besides `localhost` and the listen hosts
+    # (`--xds-tls-san`: the Service DNS names clients dial).
+    tls_sans: tuple[str, ...] = ()
 
 
 class Security:
@@ -98,6 +103,7 @@ class Security:
         self.csr_service = csr_service
         self._kube_api = kube_api
         self._server: XdsServer | None = None
+        self.tls: ServingCertificateKeeper | None = None  # when the server serves TLS
 
     @property
     def registry(self) -> Any:
@@ -178,7 +184,8 @@ class Security:
                                                in_cluster=kubernetes.in_cluster or None))
             reviewer = TokenReviewer(kube_api, audiences=config.token_audiences)
         authenticator = Authenticator(mode, tokens=tokens, reviewer=reviewer,
-                                      listen_address=listen_address)
+                                      listen_address=listen_address,
+                                      trust_domain=config.trust_domain)
         certificates = WorkloadCertificates(
             issuer, rotation=rotation, jitter=config.renewal_jitter,
             startup_grace=config.rotation_startup_grace.total_seconds(),
@@ -205,6 +212,14 @@ class Security:
             server.hooks.add(self.sds)
         if self.csr_service is not None:
             server.extra_handlers.append(self.csr_service.handler())
+        settings = server.settings
+        if self.authority is not None and (settings.tls_address or settings.tls_token_address):
+            names = serving_names(self.config.tls_sans,
+                                  (settings.tls_address, settings.tls_token_address))
+            self.tls = ServingCertificateKeeper(
+                self.authority, names, registry=self.registry,
+                key_algorithm=self.config.key_algorithm)
+            server.tls = self.tls.credentials
 
     async def run(self, stop: asyncio.Event) -> None:
         """Renewal, root rotation, CA file changes and token revocations, until `stop`."""
@@ -212,6 +227,8 @@ class Security:
         if self.certificates is not None:
             jobs.append(asyncio.create_task(
                 self.certificates.run(stop, watch_files=self.config.watch_ca_files), name="sds"))
+        if self.tls is not None:
+            jobs.append(asyncio.create_task(self.tls.run(stop), name="xds-tls-certificate"))
         if self._server is not None:
             server = self._server
             jobs.append(asyncio.create_task(self.guard.watch_revocations(
@@ -246,6 +263,11 @@ class Security:
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = {"auth": self.guard.mode.value, "guard": self.guard.stats.to_dict()}
+        if self.tls is not None:
+            cert = self.tls.certificate
+            data["xds_tls"] = {"names": list(self.tls.names), "serial": cert.serial_hex,
+                               "not_after": cert.not_after.isoformat(),
+                               "renewals": self.tls.renewals}
         if self.sds is not None:
             data["sds"] = self.sds.status()
             data["identities"] = self.sds.identities()
