@@ -33,6 +33,7 @@ from typing import Any
 from .ca.authority import CLOCK_SKEW, CAError, CertificateAuthority, KeyAlgorithm
 from .model.identity import DEFAULT_TRUST_DOMAIN, validate_trust_domain
 from .ca.rotation import RootRotation
+from .ca.serving import SERVING_TTL
 from .ca.service import CertificateService
 from .ca.svid import DEFAULT_TTL, MAX_TTL, SvidIssuer
 from .ca.tokens import TokenIssuer
@@ -216,9 +217,12 @@ class Security:
         if self.authority is not None and (settings.tls_address or settings.tls_token_address):
             names = serving_names(self.config.tls_sans,
                                   (settings.tls_address, settings.tls_token_address))
+            # No longer-lived than workload certificates: a root rotation keeps the old root
+            # until the last certificate it signed has expired, this one included.
             self.tls = ServingCertificateKeeper(
                 self.authority, names, registry=self.registry,
-                key_algorithm=self.config.key_algorithm)
+                key_algorithm=self.config.key_algorithm,
+                ttl=min(SERVING_TTL, self.config.workload_ttl))
             server.tls = self.tls.credentials
 
     async def run(self, stop: asyncio.Event) -> None:
