@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .ca.authority import CLOCK_SKEW, CAError, CertificateAuthority, KeyAlgorithm
-from .model.identity import DEFAULT_TRUST_DOMAIN, validate_trust_domain
+from .model.identity import DEFAULT_TRUST_DOMAIN, Identity, validate_trust_domain
 from .ca.rotation import RootRotation
 from .ca.serving import SERVING_TTL
 from .ca.service import CertificateService
@@ -43,6 +43,7 @@ from .sds import SdsSecrets
 from .tls_serving import ServingCertificateKeeper, serving_names
 from .xds.auth import Authenticator, AuthMode, GuardSettings, StreamGuard
 from .xds.cache import ResourceCache
+from .xds.tls import peer_certificate
 from .xds.server import XdsServer
 
 log = logging.getLogger("xds_server.security")
@@ -72,6 +73,16 @@ class SecurityConfig:
     # Names in the xDS TLS certificate besides `localhost` and the listen hosts
     # (`--xds-tls-san`: the Service DNS names clients dial).
     tls_sans: tuple[str, ...] = ()
+
+
+def _certificate_identity(authenticator: Authenticator) -> Any:
+    """For the CSR service: the identity of a call's verified client certificate, or None."""
+
+    def identity(auth: Any) -> Identity | None:
+        cert = peer_certificate(auth)
+        return None if cert is None else authenticator.prove_certificate(cert).identity
+
+    return identity
 
 
 class Security:
@@ -193,7 +204,8 @@ class Security:
         )
         sds = SdsSecrets(cache, certificates)
         guard = StreamGuard(authenticator, config.limits)
-        csr = CertificateService(issuer, authenticator.verify_token)
+        csr = CertificateService(issuer, authenticator.verify_token,
+                                 certificate_identity=_certificate_identity(authenticator))
         log.info("authentication and SDS enabled", extra={
             "auth": mode.value, "trust_domain": config.trust_domain,
             "workload_ttl_seconds": int(config.workload_ttl.total_seconds()),

@@ -411,3 +411,36 @@ async def test_a_real_envoy_gets_its_config_over_mutual_tls(tls: TlsServer) -> N
                 envoy.wait_until, lambda: "shared" in json.dumps(envoy.config_dump()), 20)
     assert tls.security.guard.stats.authenticated["client-certificate"] >= 1
     assert tls.security.guard.stats.authenticated["workload-token"] == 0
+
+
+# The CSR service over TLS -------------------------------------------------------------------
+
+
+async def test_first_contact_with_a_token_then_renewal_with_the_certificate(tls: TlsServer) -> None:
+    """An agent's life: a key of its own and a token over server-authenticated TLS for its
+    first SVID; then that SVID alone (mutual TLS, no token) for the next one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from xds_server.ca.agent import GrpcCsrSigner, build_csr
+    from xds_server.ca.service import SIGN_METHOD, decode_json, encode_json
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    signer = GrpcCsrSigner(tls.tokens_tls, token=tls.token(), options=options,
+                           credentials=grpc.ssl_channel_credentials(tls.bundle))
+    try:
+        first = await signer.sign(build_csr(key), None)
+    finally:
+        await signer.close()
+    assert first.spiffe_id == spiffe(*WEB)
+    credentials = grpc.ssl_channel_credentials(tls.bundle, private_key=key_pem,
+                                               certificate_chain=first.chain_pem)
+    async with grpc.aio.secure_channel(tls.mtls, credentials, options=options) as channel:
+        sign = channel.unary_unary(SIGN_METHOD, request_serializer=encode_json,
+                                   response_deserializer=decode_json)
+        renewed = await sign({"csr": build_csr(key).decode()}, timeout=10)  # no token
+    assert renewed["spiffe_id"] == spiffe(*WEB)
+    assert renewed["serial"] != first.serial
