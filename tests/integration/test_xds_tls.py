@@ -409,8 +409,37 @@ async def test_a_real_envoy_gets_its_config_over_mutual_tls(tls: TlsServer) -> N
         with EnvoyProcess(bootstrap) as envoy:
             await asyncio.to_thread(
                 envoy.wait_until, lambda: "shared" in json.dumps(envoy.config_dump()), 20)
-    assert tls.security.guard.stats.authenticated["client-certificate"] >= 1
-    assert tls.security.guard.stats.authenticated["workload-token"] == 0
+            assert tls.security.guard.stats.authenticated["client-certificate"] >= 1
+            assert tls.security.guard.stats.authenticated["workload-token"] == 0
+            # The server certificate is replaced: Envoy's stream stays up and keeps being served.
+            opened = tls.server.stats.streams_opened
+            keeper = tls.security.tls
+            assert keeper is not None and await keeper.check(force=True)
+            tls.cache.set_type(types.CLUSTER, [cluster("shared"), cluster("after-swap")])
+            await asyncio.to_thread(
+                envoy.wait_until, lambda: "after-swap" in json.dumps(envoy.config_dump()), 20)
+            assert tls.server.stats.streams_opened == opened  # no reconnect
+
+
+async def test_the_server_certificate_is_renewed_at_half_life(tmp_path: Path) -> None:
+    from xds_server.tls_serving import ServingCertificateKeeper
+
+    authority = CertificateAuthority(tmp_path / "ca")
+    keeper = ServingCertificateKeeper(authority, ("localhost",), ttl=timedelta(seconds=2),
+                                      check_interval=0.1)
+    first = keeper.certificate.serial
+    stop = asyncio.Event()
+    task = asyncio.create_task(keeper.run(stop))
+    try:
+        for _ in range(50):
+            if keeper.renewals:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert keeper.renewals >= 1 and keeper.certificate.serial != first
+    assert keeper.credentials.chain_pem == keeper.certificate.chain_pem
 
 
 # The CSR service over TLS -------------------------------------------------------------------
