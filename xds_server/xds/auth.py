@@ -23,6 +23,11 @@ Authentication modes (`--auth`):
   (namespace, service account) must equal what the node claims (the node metadata written by
   `xds-server bootstrap`, or an id `<pod>.<namespace>`); a token bound to a pod must match the
   node's pod too.
+- In either mode, a stream on the mutual-TLS port (xds/tls.py) is proven by its client
+  certificate, which grpc verified in the handshake against the current trust bundle: the
+  identity is its SPIFFE ID (one `spiffe://<our trust domain>/ns/<ns>/sa/<sa>` URI SAN, proof
+  `client-certificate`), and the node must claim it. A token sent as well must prove the same.
+  A certificate of another CA, or an expired one, never gets past the handshake.
 - `insecure-node-metadata`: the node's claim is believed. Only on a loopback listener and for
   loopback peers, with a warning at start and on every stream. A token, when one is sent
   anyway, is still verified: this mode only adds trust, never skips a check.
