@@ -20,7 +20,8 @@ def test_tls_bench_smoke() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[1:]]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+            for line in table[1:]]
     assert [row["transport"] for row in rows] == ["plaintext", "mtls"]
     for row in rows:
         assert row["streams"] == row["streams_after_swap"] == "20"
