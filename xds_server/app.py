@@ -131,11 +131,7 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
     from .sources.resource_files import ResourceDirectory  # imports every Envoy proto: lazily
     from .translate.raw import RawResources
 
-    if not is_loopback(host):
-        log.warning(
-            "xDS listening beyond loopback without TLS: only do this on a trusted network",
-            extra={"address": config.server.address},
-        )
+    check_plaintext(config, host)
     cache = ResourceCache()
     tasks: list[asyncio.Task] = []
     sources: dict[str, Any] = {}
@@ -263,6 +259,35 @@ async def _start_webhook(config: AppConfig, security: Any, stop: asyncio.Event,
 
         tasks.append(asyncio.create_task(keep_ca_bundle(), name="webhook-ca-bundle"))
     return webhook
+
+
+def check_plaintext(config: AppConfig, host: str) -> None:
+    """No secret in clear off the host: with `--auth tokens`, a plaintext xDS address beyond
+    loopback would carry service-account tokens and SDS private keys across the network
+    unencrypted. Refused (ConfigError) unless the lab opt-out is given, which is logged."""
+    if is_loopback(host):
+        return
+    tokens = config.security is not None and AuthMode(config.security.auth) is AuthMode.TOKENS
+    address = config.server.address
+    if tokens and not config.server.allow_plaintext_tokens_off_host:
+        from .config import ConfigError
+
+        raise ConfigError(
+            f"--auth tokens with the plaintext --xds-address {address} (not loopback) would "
+            "send bearer tokens and SDS private keys in clear over the network. Serve proxies "
+            "over TLS instead: --xds-tls-address HOST:15012 (mutual TLS) and "
+            "--xds-tls-token-address HOST:15013 (tokens over TLS), with --xds-address on "
+            "127.0.0.1. For a lab only: --allow-plaintext-tokens-off-host.")
+    if tokens:
+        log.warning(
+            "INSECURE: --allow-plaintext-tokens-off-host: bearer tokens cross the network in "
+            "clear on the plaintext xDS address (SDS private keys are still only sent over TLS "
+            "or on this host). Lab use only.", extra={"address": address})
+    else:
+        log.warning(
+            "xDS listening beyond loopback without TLS: only do this on a trusted network",
+            extra={"address": address},
+        )
 
 
 def mesh_security(config: AppConfig) -> SecuritySettings:

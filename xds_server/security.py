@@ -13,6 +13,7 @@ One `Security` holds the pieces the other modules define and connects them to an
     RootRotation (ca/rotation.py)             started by `start_root_rotation()` (admin) or
                                               `xds-server ca rotate-root` (CA files)
     CertificateService (ca/service.py)        CSR signing on the xDS port, same authenticator
+    ServingCertificateKeeper (tls_serving.py) the xDS TLS ports' certificate and client roots
 
 The guard and SDS follow the server's streams as `StreamHooks`; the CA reaches the xDS side
 only through them (and `TokenVerifier`, which `TokenIssuer` implements). With `--auth none`
@@ -30,16 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from .ca.authority import CLOCK_SKEW, CAError, CertificateAuthority, KeyAlgorithm
-from .model.identity import DEFAULT_TRUST_DOMAIN, validate_trust_domain
+from .model.identity import DEFAULT_TRUST_DOMAIN, Identity, validate_trust_domain
 from .ca.rotation import RootRotation
+from .ca.serving import SERVING_TTL
 from .ca.service import CertificateService
 from .ca.svid import DEFAULT_TTL, MAX_TTL, SvidIssuer
 from .ca.tokens import TokenIssuer
 from .ca.workloads import WorkloadCertificates
 from .config import ConfigError
 from .sds import SdsSecrets
+from .tls_serving import ServingCertificateKeeper, serving_names
 from .xds.auth import Authenticator, AuthMode, GuardSettings, StreamGuard
 from .xds.cache import ResourceCache
+from .xds.tls import peer_certificate
 from .xds.server import XdsServer
 
 log = logging.getLogger("xds_server.security")
@@ -66,6 +70,19 @@ class SecurityConfig:
     # connected before a restart must reconnect (and ACK the new bundle) first.
     rotation_startup_grace: timedelta = timedelta(seconds=30)
     watch_ca_files: bool = True
+    # Names in the xDS TLS certificate besides `localhost` and the listen hosts
+    # (`--xds-tls-san`: the Service DNS names clients dial).
+    tls_sans: tuple[str, ...] = ()
+
+
+def _certificate_identity(authenticator: Authenticator) -> Any:
+    """For the CSR service: the identity of a call's verified client certificate, or None."""
+
+    def identity(auth: Any) -> Identity | None:
+        cert = peer_certificate(auth)
+        return None if cert is None else authenticator.prove_certificate(cert).identity
+
+    return identity
 
 
 class Security:
@@ -98,6 +115,7 @@ class Security:
         self.csr_service = csr_service
         self._kube_api = kube_api
         self._server: XdsServer | None = None
+        self.tls: ServingCertificateKeeper | None = None  # when the server serves TLS
 
     @property
     def registry(self) -> Any:
@@ -178,14 +196,16 @@ class Security:
                                                in_cluster=kubernetes.in_cluster or None))
             reviewer = TokenReviewer(kube_api, audiences=config.token_audiences)
         authenticator = Authenticator(mode, tokens=tokens, reviewer=reviewer,
-                                      listen_address=listen_address)
+                                      listen_address=listen_address,
+                                      trust_domain=config.trust_domain)
         certificates = WorkloadCertificates(
             issuer, rotation=rotation, jitter=config.renewal_jitter,
             startup_grace=config.rotation_startup_grace.total_seconds(),
         )
         sds = SdsSecrets(cache, certificates)
         guard = StreamGuard(authenticator, config.limits)
-        csr = CertificateService(issuer, authenticator.verify_token)
+        csr = CertificateService(issuer, authenticator.verify_token,
+                                 certificate_identity=_certificate_identity(authenticator))
         log.info("authentication and SDS enabled", extra={
             "auth": mode.value, "trust_domain": config.trust_domain,
             "workload_ttl_seconds": int(config.workload_ttl.total_seconds()),
@@ -205,6 +225,17 @@ class Security:
             server.hooks.add(self.sds)
         if self.csr_service is not None:
             server.extra_handlers.append(self.csr_service.handler())
+        settings = server.settings
+        if self.authority is not None and (settings.tls_address or settings.tls_token_address):
+            names = serving_names(self.config.tls_sans,
+                                  (settings.tls_address, settings.tls_token_address))
+            # No longer-lived than workload certificates: a root rotation keeps the old root
+            # until the last certificate it signed has expired, this one included.
+            self.tls = ServingCertificateKeeper(
+                self.authority, names, registry=self.registry,
+                key_algorithm=self.config.key_algorithm,
+                ttl=min(SERVING_TTL, self.config.workload_ttl))
+            server.tls = self.tls.credentials
 
     async def run(self, stop: asyncio.Event) -> None:
         """Renewal, root rotation, CA file changes and token revocations, until `stop`."""
@@ -212,6 +243,8 @@ class Security:
         if self.certificates is not None:
             jobs.append(asyncio.create_task(
                 self.certificates.run(stop, watch_files=self.config.watch_ca_files), name="sds"))
+        if self.tls is not None:
+            jobs.append(asyncio.create_task(self.tls.run(stop), name="xds-tls-certificate"))
         if self._server is not None:
             server = self._server
             jobs.append(asyncio.create_task(self.guard.watch_revocations(
@@ -246,6 +279,11 @@ class Security:
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = {"auth": self.guard.mode.value, "guard": self.guard.stats.to_dict()}
+        if self.tls is not None:
+            cert = self.tls.certificate
+            data["xds_tls"] = {"names": list(self.tls.names), "serial": cert.serial_hex,
+                               "not_after": cert.not_after.isoformat(),
+                               "renewals": self.tls.renewals}
         if self.sds is not None:
             data["sds"] = self.sds.status()
             data["identities"] = self.sds.identities()

@@ -398,7 +398,9 @@ async def test_serve_with_the_built_in_ca_lists_issued_certificates_and_rotates(
             await ads.ack(await ads.recv())
             env = {"XDS_SERVER_ADMIN_ADDRESS": served.admin_url, "XDS_SERVER_ADMIN_TOKEN": tokens.read}
             listed = json.loads((await cli("certs", "-o", "json", env=env)).stdout)["certificates"]
-            assert [(c["spiffe_id"], c["proxy"], c["kind"]) for c in listed] == [
+            # the proxy's SVID, and the xDS TLS port's own serving certificate
+            assert sorted((c["spiffe_id"], c["proxy"], c["kind"]) for c in listed) == [
+                ("dns:localhost", "xds-tls", "serving"),
                 ("spiffe://cluster.local/ns/shop/sa/web", "web-0.shop", "sds")]
             status = json.loads((await cli("status", "-o", "json", env=env)).stdout)["proxies"][0]
             assert status["identity"] == {"spiffe_id": "spiffe://cluster.local/ns/shop/sa/web",
@@ -409,7 +411,7 @@ async def test_serve_with_the_built_in_ca_lists_issued_certificates_and_rotates(
             async with httpx.AsyncClient(base_url=served.admin_url, trust_env=False,
                                          headers=tokens.auth("admin")) as http:
                 ca = (await http.get("/api/v1/ca")).json()
-                assert ca["issued_certificates"] == 1 and ca["rotation"]["phase"] == "idle"
+                assert ca["issued_certificates"] == 2 and ca["rotation"]["phase"] == "idle"
                 bundle = (await http.get("/api/v1/ca/trust-bundle")).json()
                 assert bundle["pem"].startswith("-----BEGIN CERTIFICATE-----")
                 started = await http.post("/api/v1/ca/root-rotation", json={"action": "start"})

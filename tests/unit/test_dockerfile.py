@@ -470,8 +470,10 @@ def test_entrypoint_help_runs_in_the_image_environment(image) -> None:
 def test_entrypoint_serves_xds_health_and_stops_on_sigterm(image) -> None:
     _replay, env, entrypoint = image
     port = free_port()
-    env = {**env, "XDS_SERVER_XDS_ADDRESS": f"127.0.0.1:{port}",  # the image's own is 0.0.0.0
-           "XDS_SERVER_ADMIN_ADDRESS": "127.0.0.1:0"}  # never the fixed 15014 in a test
+    env = {**env, "XDS_SERVER_XDS_ADDRESS": f"127.0.0.1:{port}",  # a free port
+           "XDS_SERVER_ADMIN_ADDRESS": "127.0.0.1:0",  # never the fixed 15014 in a test
+           "XDS_SERVER_XDS_TLS_ADDRESS": "127.0.0.1:0",  # nor 15012, 15013
+           "XDS_SERVER_XDS_TLS_TOKEN_ADDRESS": "127.0.0.1:0"}
     proc = subprocess.Popen([resolve(entrypoint[0], env), *entrypoint[1:]], env=env, cwd=env["_WORKDIR"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -33,6 +33,7 @@ from xds_server.api.v1alpha1 import API_VERSION, GROUP, parse_duration
 from xds_server.inject.ca_bundle import MUTATING_WEBHOOK_CONFIGURATION
 from xds_server.inject.settings import WebhookSettings
 from xds_server.inject.webhook import INJECT_PATH
+from xds_server.settings import ServeSettings
 from xds_server.sources import k8s_objects
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -577,8 +578,8 @@ def test_probes_use_the_grpc_health_service_of_the_xds_port() -> None:
     # the port the probes hit is the one the server binds
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["XDS_SERVER_XDS_ADDRESS"] == f"0.0.0.0:{xds_port}"
-    assert ports == {"grpc-xds": 15010, "grpc-xds-tls": 15012, "http-admin": 15014,
-                     "https-webhook": 15017}
+    assert ports == {"grpc-xds": 15010, "grpc-xds-tls": 15012, "grpc-xds-token": 15013,
+                     "http-admin": 15014, "https-webhook": 15017}
 
 
 def test_deployment_environment_is_accepted_by_xds_server_serve(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -603,12 +604,30 @@ def test_deployment_environment_is_accepted_by_xds_server_serve(monkeypatch: pyt
             assert ctx.params["xds_address"] == env["XDS_SERVER_XDS_ADDRESS"]
 
 
+def test_xds_over_tls_is_served_on_the_pod_network_for_the_service_names() -> None:
+    """15012 (mutual TLS) and 15013 (tokens over TLS) listen on the pod network, and the
+    server certificate names the Service as clients dial it."""
+    container = server_container()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["XDS_SERVER_XDS_TLS_ADDRESS"] == f"0.0.0.0:{ports['grpc-xds-tls']}"
+    assert env["XDS_SERVER_XDS_TLS_TOKEN_ADDRESS"] == f"0.0.0.0:{ports['grpc-xds-token']}"
+    service = find("Service", "xds-server", SERVER_NAMESPACE)
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    sans = env["XDS_SERVER_XDS_TLS_SAN"].split(",")
+    for dns in (f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"):
+        assert dns in sans
+    settings = ServeSettings.load(environ=env)
+    assert settings.xds.tls_sans == tuple(sans)
+
+
 def test_service_exposes_the_xds_and_admin_ports() -> None:
     service = find("Service", "xds-server", SERVER_NAMESPACE)
     container_ports = {p["name"]: p["containerPort"] for p in server_container()["ports"]}
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert {name: p["port"] for name, p in ports.items()} == {
-        "grpc-xds": 15010, "grpc-xds-tls": 15012, "http-admin": 15014, "https-webhook": 15017
+        "grpc-xds": 15010, "grpc-xds-tls": 15012, "grpc-xds-token": 15013, "http-admin": 15014,
+        "https-webhook": 15017
     }
     for name, port in ports.items():
         assert port["targetPort"] in container_ports, name

@@ -95,6 +95,8 @@ NON_DEFAULT = {
     "xds.max_receive_message_bytes": "2000000", "xds.keepalive_time": "1m",
     "xds.keepalive_timeout": "20s", "xds.min_client_ping_interval": "5s",
     "xds.shutdown_grace": "1s", "xds.first_request_timeout": "3s", "xds.control_plane_id": "cp-1",
+    "xds.tls_address": "127.0.0.1:25012", "xds.tls_token_address": "127.0.0.1:25013",
+    "xds.tls_sans": "xds.example.org", "xds.allow_plaintext_tokens_off_host": True,
     "sources.source": "{tmp}", "sources.resources": "{tmp}",
     "scope.default_export_to": ".,shared", "scope.tenant_label": "example.com/tenant",
     "scope.outbound_traffic_policy": "registry_only",
@@ -182,7 +184,12 @@ def test_tree_defaults_are_the_dataclass_defaults(monkeypatch: pytest.MonkeyPatc
     config = ServeSettings.load({"auth": {"mode": "none"},
                                  "kubernetes": {"kubeconfig": str(kubeconfig)}},
                                 environ={}).app_config()
-    assert config.server == ServerSettings()
+    # xDS over TLS is served by `serve` on loopback by default; the library's ServerSettings
+    # serves no TLS unless told (tests and embedders would otherwise all bind 15012).
+    assert (config.server.tls_address, config.server.tls_token_address) == (
+        "127.0.0.1:15012", "127.0.0.1:15013")
+    assert dataclasses.replace(config.server, tls_address=None,
+                               tls_token_address=None) == ServerSettings()
     assert config.security == SecurityConfig(auth=config.security.auth)
     assert config.admin == AdminSettings() and config.scope == ScopeSettings()
     assert config.mesh_security == SecuritySettings()

@@ -23,7 +23,8 @@ class Authenticator:
         self.proofs = proofs
         self.mode = None
 
-    async def authenticate(self, metadata: Any, claim: ProxyClaim, peer: str) -> Proof:
+    async def authenticate(self, metadata: Any, claim: ProxyClaim, peer: str,
+                           certificate: Any = None) -> Proof:
         return self.proofs[claim.pod]
 
 

@@ -8,7 +8,8 @@ Messages are JSON (no .proto to compile and ship; the method is tiny and stable)
                "trust_bundle": "<PEM roots>", "spiffe_id": "...", "serial": "<hex>",
                "not_before": ISO 8601, "not_after": ISO 8601, "issued_at": ISO 8601}
 
-The caller proves who it is with `authorization: Bearer <token>` metadata; a pluggable
+The caller proves who it is with its verified client certificate (on the mutual-TLS xDS port:
+renewing an SVID with the SVID) or with `authorization: Bearer <token>` metadata; a pluggable
 `Authenticator` turns the token into an `Identity` or raises `AuthError`
 (-> UNAUTHENTICATED). The certificate's SPIFFE ID comes from that identity only, never from
 the CSR. Bad requests (unparsable JSON or CSR, TTL above the maximum) -> INVALID_ARGUMENT.
@@ -23,7 +24,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import timedelta
 
 import grpc
@@ -40,6 +41,7 @@ SIGN_METHOD = f"/{SERVICE_NAME}/Sign"
 MAX_REQUEST_BYTES = 128 * 1024
 
 Authenticator = Callable[[str], "Identity | Awaitable[Identity]"]
+CertificateIdentity = Callable[[Mapping[str, Iterable[bytes]]], "Identity | None"]
 
 
 def encode_json(message: dict) -> bytes:
@@ -66,9 +68,14 @@ async def authenticate(authenticator: Authenticator, metadata) -> Identity:
 class CertificateService:
     """Signs CSRs for authenticated callers with an `SvidIssuer`."""
 
-    def __init__(self, issuer: SvidIssuer, authenticator: Authenticator) -> None:
+    def __init__(self, issuer: SvidIssuer, authenticator: Authenticator,
+                 certificate_identity: CertificateIdentity | None = None) -> None:
         self.issuer = issuer
         self.authenticator = authenticator
+        # On a mutual-TLS port: the identity of the client certificate grpc verified (from
+        # the call's auth context), or None without one; raises AuthError for a certificate
+        # that proves no workload identity. A renewal then needs no token.
+        self.certificate_identity = certificate_identity
         # Refused requests by reason, for the metrics (`xds_server_auth_failures{surface="ca"}`).
         self.failures: Counter[str] = Counter()
 
@@ -87,7 +94,11 @@ class CertificateService:
     async def sign(self, request: bytes, context: aio.ServicerContext) -> dict:
         peer = context.peer()
         try:
-            identity = await authenticate(self.authenticator, context.invocation_metadata())
+            identity = None
+            if self.certificate_identity is not None:
+                identity = self.certificate_identity(context.auth_context())
+            if identity is None:
+                identity = await authenticate(self.authenticator, context.invocation_metadata())
         except AuthError as err:
             log.warning("CSR rejected: not authenticated: %s", err.reason, extra={"peer": peer})
             self.failures["unauthenticated"] += 1

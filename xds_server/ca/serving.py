@@ -1,8 +1,10 @@
-"""Serving certificates: a TLS server certificate for DNS names, from the mesh CA.
+"""Serving certificates: a TLS server certificate for DNS names (and IP addresses), from
+the mesh CA: the admission webhook's, and the xDS TLS port's (tls_serving.py).
 
 Not an X.509-SVID (svid.py): the client is the Kubernetes API server calling a webhook at
-`https://<service>.<namespace>.svc`, which verifies the DNS name against the webhook
-configuration's `caBundle` (the mesh roots). So: DNS SANs only (no SPIFFE URI), CA:FALSE,
+`https://<service>.<namespace>.svc` (verifying the name against the webhook configuration's
+`caBundle`, the mesh roots), or a proxy dialing the xDS server by name or address (verifying
+it against the bundle). So: DNS (or IP) SANs only (no SPIFFE URI), CA:FALSE,
 keyUsage digitalSignature (+ keyEncipherment for RSA), EKU serverAuth only, NotBefore
 backdated for clock skew, NotAfter never past the signing certificate's. The key is generated
 here and returned in memory only; `load_chain` hands it to OpenSSL without a file. Recorded in
@@ -12,9 +14,12 @@ this certificate is gone too.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import os
 import ssl
 import tempfile
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,7 +37,8 @@ from .authority import (
 )
 from .svid import CertificateRegistry, IssuedCertificate, IssuedRecord, IssueError
 
-__all__ = ["SERVING_TTL", "issue_serving_certificate", "load_chain", "server_tls_context"]
+__all__ = ["SERVING_TTL", "issue_serving_certificate", "load_chain", "on_ca_change",
+           "server_tls_context"]
 
 SERVING_TTL = timedelta(hours=24)
 
@@ -48,9 +54,15 @@ def issue_serving_certificate(
 ) -> IssuedCertificate:
     """A new key and a server certificate for `dns_names`, signed by the CA's current signing
     certificate (chain included). Raises IssueError."""
-    names = [name.strip().lower().rstrip(".") for name in dns_names]
+    names = list(dict.fromkeys(name.strip().lower().rstrip(".").strip("[]") for name in dns_names))
     if not names or any(not name or " " in name for name in names):
         raise IssueError(f"serving certificate: bad DNS names {list(dns_names)!r}")
+    sans: list[x509.GeneralName] = []
+    for name in names:  # an IP address a client dials is an IP SAN, not a DNS one
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
     if ttl <= timedelta(0):
         raise IssueError("serving certificate: the TTL must be positive")
     state = authority.state
@@ -82,7 +94,7 @@ def issue_serving_certificate(
             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
             encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(aki, critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .sign(state.signing_key, signature_hash(state.signing_key))
@@ -99,6 +111,20 @@ def issue_serving_certificate(
             not_after=issued.not_after, issued_at=now, proxy=owner,
             root_fingerprint=issued.root_fingerprint, kind="serving"))
     return issued
+
+
+def on_ca_change(authority: CertificateAuthority, callback: Callable[[], None]) -> None:
+    """Call `callback` in the running loop whenever the CA's state changes (files reloaded,
+    root rotation steps), after the listeners already there."""
+    loop = asyncio.get_running_loop()
+    previous = authority.changed
+
+    def changed(current: CertificateAuthority) -> None:
+        if previous is not None:
+            previous(current)
+        loop.call_soon_threadsafe(callback)
+
+    authority.changed = changed
 
 
 def load_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -32,7 +31,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..ca.authority import CertificateAuthority, KeyAlgorithm, fingerprint
-from ..ca.serving import SERVING_TTL, issue_serving_certificate, load_chain
+from ..ca.serving import SERVING_TTL, issue_serving_certificate, load_chain, on_ca_change
 from ..ca.svid import CertificateRegistry, IssuedCertificate
 from ..config import parse_address
 from ..http_task import HttpTask
@@ -60,20 +59,6 @@ def bind_webhook(address: str) -> socket.socket:
     sock.listen(128)
     sock.setblocking(False)
     return sock
-
-
-def on_ca_change(authority: CertificateAuthority, callback: Callable[[], None]) -> None:
-    """Call `callback` in the running loop whenever the CA's state changes (files reloaded,
-    root rotation steps), after the listeners already there."""
-    loop = asyncio.get_running_loop()
-    previous = authority.changed
-
-    def changed(current: CertificateAuthority) -> None:
-        if previous is not None:
-            previous(current)
-        loop.call_soon_threadsafe(callback)
-
-    authority.changed = changed
 
 
 class WebhookServer:

@@ -45,6 +45,26 @@ class LoggingSection(Section):
 class XdsSection(Section):
     address: Address = setting(_SERVER.address, "--xds-address",
                                "HOST:PORT for xDS gRPC (plaintext).")
+    tls_address: OptionalAddress = setting(
+        "127.0.0.1:15012", "--xds-tls-address",
+        "HOST:PORT for xDS (all services, SDS and CSR included) over mutual TLS with a "
+        "mesh-CA certificate: clients present an X.509-SVID, verified against the current "
+        "trust bundle, and are who it says. 'off' disables it.")
+    tls_token_address: OptionalAddress = setting(
+        "127.0.0.1:15013", "--xds-tls-token-address",
+        "HOST:PORT for the same services over server-authenticated TLS: clients without a "
+        "certificate yet prove who they are with a bearer token (first contact). 'off' "
+        "disables it.")
+    tls_sans: Words = setting(
+        (), "--xds-tls-san",
+        "Name in the xDS TLS certificate (the names clients dial, e.g. the Service's DNS "
+        "names); repeatable. localhost and the listen hosts are always in.",
+        repeatable=True, default_text="localhost and the listen hosts")
+    allow_plaintext_tokens_off_host: bool = setting(
+        False, "--allow-plaintext-tokens-off-host",
+        "INSECURE, lab use only: let --auth tokens run with a plaintext --xds-address beyond "
+        "loopback (tokens cross the network in clear; SDS private keys are still never sent "
+        "on it). Without it such a start is refused.")
     unix_socket: str | None = setting(
         None, "--xds-unix-socket",
         "Also serve xDS on this Unix socket (absolute path; made 0666): sidecars and agents "

@@ -112,6 +112,8 @@ class ServeSettings(BaseSettings):
             max_names_per_request=x.max_names_per_request,
             max_names_per_stream=x.max_names_per_stream, shutdown_grace=x.shutdown_grace,
             first_request_timeout=x.first_request_timeout,
+            tls_address=x.tls_address, tls_token_address=x.tls_token_address,
+            allow_plaintext_tokens_off_host=x.allow_plaintext_tokens_off_host,
         )
         if x.control_plane_id:
             server.control_plane_id = x.control_plane_id
@@ -129,7 +131,7 @@ class ServeSettings(BaseSettings):
             token_audiences=self.auth.token_audiences or (DEFAULT_TOKEN_AUDIENCE,),
             key_algorithm=ca.key_algorithm, limits=guard, clock_skew=ca.clock_skew,
             renewal_jitter=ca.renewal_jitter, rotation_startup_grace=ca.rotation_startup_grace,
-            watch_ca_files=ca.watch_ca_files,
+            watch_ca_files=ca.watch_ca_files, tls_sans=x.tls_sans,
         )
         admin = None
         if self.admin.address is not None:

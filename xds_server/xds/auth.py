@@ -23,6 +23,11 @@ Authentication modes (`--auth`):
   (namespace, service account) must equal what the node claims (the node metadata written by
   `xds-server bootstrap`, or an id `<pod>.<namespace>`); a token bound to a pod must match the
   node's pod too.
+- In either mode, a stream on the mutual-TLS port (xds/tls.py) is proven by its client
+  certificate, which grpc verified in the handshake against the current trust bundle: the
+  identity is its SPIFFE ID (one `spiffe://<our trust domain>/ns/<ns>/sa/<sa>` URI SAN, proof
+  `client-certificate`), and the node must claim it. A token sent as well must prove the same.
+  A certificate of another CA, or an expired one, never gets past the handshake.
 - `insecure-node-metadata`: the node's claim is believed. Only on a loopback listener and for
   loopback peers, with a warning at start and on every stream. A token, when one is sent
   anyway, is still verified: this mode only adds trust, never skips a check.
@@ -35,7 +40,6 @@ Failures are counted by reason (`stats.auth_failures`) and logged without the to
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections import Counter
@@ -48,8 +52,16 @@ import grpc
 
 from ..bearer import Metadata, bearer_token
 from ..config import ConfigError, is_loopback, parse_address
-from ..model.identity import AuthError, Identity, Proof, ProxyClaim, VerifiedProxy
-from .connection import Connection
+from ..model.identity import (
+    DEFAULT_TRUST_DOMAIN,
+    AuthError,
+    Identity,
+    Proof,
+    ProxyClaim,
+    VerifiedProxy,
+)
+from .connection import Connection, peer_is_loopback
+from .tls import PeerCertificate
 from .hooks import StreamHooks, StreamRefused
 
 log = logging.getLogger("xds_server.auth")
@@ -128,6 +140,7 @@ _REASONS: tuple[tuple[str, str], ...] = (
     ("loopback", "not-loopback"),
     ("node metadata", "bad-node-metadata"),
     ("unavailable", "review-unavailable"),
+    ("client certificate refused", "bad-client-certificate"),
     ("malformed", "malformed"),
     ("algorithm", "malformed"),
 )
@@ -142,18 +155,7 @@ def failure_reason(reason: str) -> str:
     return "refused"
 
 
-def _peer_is_loopback(peer: str) -> bool:
-    """gRPC peer strings: `ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:/path`."""
-    scheme, _, rest = peer.partition(":")
-    if scheme == "unix":
-        return True  # only local processes reach a unix socket
-    if scheme not in ("ipv4", "ipv6"):
-        return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+_peer_is_loopback = peer_is_loopback  # (its old name here)
 
 
 class Authenticator:
@@ -166,10 +168,12 @@ class Authenticator:
         tokens: TokenVerifier | None = None,
         reviewer: TokenReview | None = None,
         listen_address: str | None = None,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
     ) -> None:
         self.mode = AuthMode(mode)
         self.tokens = tokens
         self.reviewer = reviewer
+        self.trust_domain = trust_domain
         if self.mode is AuthMode.TOKENS and tokens is None and reviewer is None:
             raise ConfigError("--auth tokens needs workload tokens (a CA directory) or TokenReview")
         if self.mode is AuthMode.INSECURE_NODE_METADATA:
@@ -227,14 +231,42 @@ class Authenticator:
 
     # Streams ---------------------------------------------------------------------------------
 
+    def prove_certificate(self, certificate: PeerCertificate) -> Proof:
+        """The identity of a client certificate grpc verified in the TLS handshake (chain to
+        the current bundle, validity period): its SPIFFE ID, in our trust domain."""
+        ids = certificate.spiffe_ids
+        if len(ids) != 1:
+            raise AuthError("client certificate refused: an X.509-SVID has exactly one "
+                            f"spiffe:// URI SAN, this one has {len(ids)}")
+        prefix = f"spiffe://{self.trust_domain}/ns/"
+        namespace, sep, service_account = ids[0].removeprefix(prefix).partition("/sa/")
+        if not ids[0].startswith(prefix) or not sep or "/" in service_account:
+            raise AuthError(f"client certificate refused: {ids[0]!r} is not a workload "
+                            f"identity of trust domain {self.trust_domain}")
+        try:
+            identity = Identity(namespace, service_account)
+        except ValueError as err:
+            raise AuthError(f"client certificate refused: {err}") from None
+        return Proof(identity.namespace, identity.service_account, "client-certificate")
+
     async def authenticate(
-        self, metadata: Metadata | None, claim: ProxyClaim, peer: str
+        self, metadata: Metadata | None, claim: ProxyClaim, peer: str,
+        certificate: PeerCertificate | None = None,
     ) -> Proof | None:
-        """The proof of a new stream whose node claims `claim` (None in mode `none`).
-        Raises AuthError."""
+        """The proof of a new stream whose node claims `claim` (None in mode `none`): its
+        verified client certificate (mutual TLS), else its bearer token. Raises AuthError."""
         if self.mode is AuthMode.NONE:
             return None
         token = bearer_token(metadata)
+        if certificate is not None:
+            proof = self.prove_certificate(certificate)
+            if token is not None:  # sent anyway: checked too, and must prove the same
+                other = (await self.prove(token)).identity
+                if other != proof.identity:
+                    raise AuthError(f"the token proves {other} but the client certificate "
+                                    f"proves {proof.identity}")
+            self._check_claim(proof, claim, "client certificate")
+            return proof
         if token is None:
             if self.mode is not AuthMode.INSECURE_NODE_METADATA:
                 raise AuthError("missing 'authorization: Bearer <token>' metadata")
@@ -251,15 +283,19 @@ class Authenticator:
             return Proof(identity.namespace, identity.service_account, "node-metadata",
                          pod=claim.pod)
         proof = await self.prove(token)
+        self._check_claim(proof, claim, "token")
+        return proof
+
+    @staticmethod
+    def _check_claim(proof: Proof, claim: ProxyClaim, credential: str) -> None:
         identity = proof.identity
         if (identity.namespace, identity.service_account) != (claim.namespace, claim.service_account):
             raise AuthError(
-                f"the token proves {identity} but the node claims "
+                f"the {credential} proves {identity} but the node claims "
                 f"{claim.namespace}/{claim.service_account}"
             )
         if proof.pod and claim.pod and proof.pod != claim.pod:
-            raise AuthError(f"the token is bound to pod {proof.pod}, the node claims {claim.pod}")
-        return proof
+            raise AuthError(f"the {credential} is bound to pod {proof.pod}, the node claims {claim.pod}")
 
     def still_valid(self, proof: Proof) -> str | None:
         """Why an open stream's credential no longer holds (a revoked workload token), or
@@ -332,7 +368,8 @@ class StreamGuard(StreamHooks):
         proof = None
         if self.authenticator is not None:
             try:
-                proof = await self.authenticator.authenticate(conn.metadata, claim, conn.peer)
+                proof = await self.authenticator.authenticate(conn.metadata, claim, conn.peer,
+                                                              conn.peer_certificate)
             except AuthError as err:
                 counter = failure_reason(err.reason)
                 self.stats.auth_failures[counter] += 1

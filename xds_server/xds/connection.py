@@ -4,6 +4,8 @@ proxy proved to be."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -12,6 +14,23 @@ from envoy.config.core.v3 import base_pb2
 from ..bearer import Metadata
 from ..model.identity import Identity, Proof, ProxyClaim, VerifiedProxy
 from .stream import StreamState
+
+if TYPE_CHECKING:
+    from .tls import PeerCertificate
+
+
+def peer_is_loopback(peer: str) -> bool:
+    """gRPC peer strings: `ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:/path`."""
+    scheme, _, rest = peer.partition(":")
+    if scheme in ("unix", "unix-abstract"):
+        return True  # only local processes reach a unix socket
+    if scheme not in ("ipv4", "ipv6"):
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def proxy_label(node: base_pb2.Node | None) -> str:
@@ -34,6 +53,15 @@ class Connection:
         # Who the proxy is, once admitted: its node's claim and what its credential proved.
         # The same object the view provider scoped it with and SDS issues for.
         self.verified: VerifiedProxy | None = None
+        self.transport = "plaintext"  # or "tls" (the server reads the call's auth context)
+        # The client certificate grpc verified in the TLS handshake (mutual TLS), if any.
+        self.peer_certificate: PeerCertificate | None = None
+
+    @property
+    def in_clear_off_host(self) -> bool:
+        """Plaintext from another host: nothing secret (tokens aside, which were already
+        sent) may be sent back on it."""
+        return self.transport != "tls" and not peer_is_loopback(self.peer)
 
     @property
     def proxy_id(self) -> str:

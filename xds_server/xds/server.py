@@ -35,6 +35,7 @@ from .connection import Connection, proxy_label
 from .hooks import HookChain, StreamHooks, StreamRefused
 from .node import proxy_claim
 from .push import Debouncer, Pending, SubscriptionIndex
+from .tls import TlsCredentials, peer_certificate, transport_of
 from .stream import MAX_TRACKED_CHANGES, Ack, ProtocolError, Request, Variant, new_stream
 
 __all__ = ["Connection", "ServerSettings", "XdsServer", "proxy_label"]
@@ -61,6 +62,14 @@ class ServerSettings:
     # any network namespace (as Istio's agent serves Envoy's xDS on a socket); not exposed
     # on the network. The socket file is made 0666: reaching it is what the path allows.
     unix_socket: str | None = None
+    # xDS over TLS with the mesh CA's certificate (xds/tls.py), when the server has one
+    # (`XdsServer.tls`): mutual TLS (client certificate required) on `tls_address`,
+    # server-authenticated TLS for bearer tokens on `tls_token_address`. None: not served.
+    tls_address: str | None = None
+    tls_token_address: str | None = None
+    # `--auth tokens` on a plaintext address beyond loopback is refused at start (app.py)
+    # unless this is set: tokens and SDS keys would cross the network in clear.
+    allow_plaintext_tokens_off_host: bool = False
     debounce_quiet: float = 0.1  # seconds without a change before pushing; 0 = off
     debounce_max: float = 1.0  # longest a burst of changes may delay a push
     max_concurrent_pushes: int = 1000  # responses being written at once
@@ -172,6 +181,11 @@ class XdsServer:
         self._remove_listener: Callable[[], None] | None = None
         self._closing = False
         self.port = 0
+        # The TLS listeners' certificate and roots (set by security.py from the mesh CA);
+        # without it the TLS addresses are not served.
+        self.tls: TlsCredentials | None = None
+        self.tls_port = 0  # mutual TLS, once started
+        self.tls_token_port = 0  # server-authenticated TLS (tokens), once started
 
     # Life cycle -----------------------------------------------------------------------------
 
@@ -197,6 +211,7 @@ class XdsServer:
         unix = self.settings.unix_socket
         if unix and server.add_insecure_port(f"unix:{unix}") == 0:
             raise OSError(f"cannot listen on the Unix socket {unix}")
+        self._add_tls_ports(server)
         await server.start()
         if self.settings.unix_socket:
             os.chmod(self.settings.unix_socket, 0o666)  # sidecars run as their own UID
@@ -205,12 +220,51 @@ class XdsServer:
         self._sweeper = asyncio.create_task(self._sweep_slow_writes(), name="slow-write-sweeper")
         for name in [""] + list(SERVICES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("xDS server listening", extra={"address": self.address})
+        log.info("xDS server listening", extra={
+            "address": self.address, "tls_address": self.tls_address or "",
+            "tls_token_address": self.tls_token_address or ""})
+
+    def _add_tls_ports(self, server: aio.Server) -> None:
+        wanted = [(a, mutual) for a, mutual in ((self.settings.tls_address, True),
+                                                 (self.settings.tls_token_address, False)) if a]
+        if not wanted:
+            return
+        if self.tls is None:
+            log.warning("xDS over TLS not served: no certificate (the mesh CA runs with --auth "
+                        "tokens or insecure-node-metadata)",
+                        extra={"address": ",".join(a for a, _ in wanted)})
+            return
+        for address, mutual in wanted:
+            credentials = self.tls.server_credentials(client_certificates=mutual)
+            try:
+                port = server.add_secure_port(address, credentials)
+            except RuntimeError as err:
+                raise OSError(f"cannot listen on {address}: address in use or not local") from err
+            if port == 0:
+                raise OSError(f"cannot listen on {address}")
+            if mutual:
+                self.tls_port = port
+            else:
+                self.tls_token_port = port
 
     @property
     def address(self) -> str:
         host = self.settings.address.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+    @property
+    def tls_address(self) -> str | None:
+        """The mutual-TLS address actually bound, when served."""
+        if not self.tls_port or not self.settings.tls_address:
+            return None
+        return f"{self.settings.tls_address.rsplit(':', 1)[0]}:{self.tls_port}"
+
+    @property
+    def tls_token_address(self) -> str | None:
+        """The server-authenticated TLS address actually bound, when served."""
+        if not self.tls_token_port or not self.settings.tls_token_address:
+            return None
+        return f"{self.settings.tls_token_address.rsplit(':', 1)[0]}:{self.tls_token_port}"
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: refuse new streams, finish in-flight responses, then close every
@@ -344,6 +398,7 @@ class XdsServer:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             conn = Connection(state, context.peer(), f"Fetch {types.short_name(type_url)}")
             conn.metadata = tuple(context.invocation_metadata() or ())
+            _read_transport(conn, context)
             hooks = self.hooks
             try:
                 verified = await self._admit(conn)
@@ -398,6 +453,7 @@ class XdsServer:
         )
         conn = Connection(state, context.peer(), method)
         conn.metadata = tuple(context.invocation_metadata() or ())
+        _read_transport(conn, context)
         self.connections.add(conn)
         self.stats.streams_opened += 1
         reader = asyncio.create_task(self._read(conn, requests))
@@ -568,6 +624,13 @@ class XdsServer:
                 self._release_view(conn.verified)
             except Exception:
                 log.exception("releasing a proxy's view failed", extra={"proxy": conn.proxy_id})
+
+
+def _read_transport(conn: Connection, context: XdsContext) -> None:
+    """What the call's transport proved: TLS or not, and the verified client certificate."""
+    auth = context.auth_context()
+    conn.transport = transport_of(auth)
+    conn.peer_certificate = peer_certificate(auth)
 
 
 def local_caller(context: aio.ServicerContext[Any, Any]) -> bool:
