@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import pytest
 
+from tests.support.hooks import OnPush
 from tests.support.xds_client import (
     XdsClient,
     cluster,
     endpoints,
+    eventually,
     listener,
     route,
     sotw_names,
@@ -168,3 +171,137 @@ async def test_cluster_removal_arrives_within_bound_under_constant_churn(
         assert acker.acked[route_updates[0][1].nonce] <= removed_at
         # ... and the churned type kept flowing meanwhile (nothing waited for the removal).
         assert churn_during or removed_at - changed_at < 0.05
+
+
+# Admission ---------------------------------------------------------------------------------------
+
+
+async def test_stream_opens_beyond_the_rate_are_refused_promptly_with_unavailable(cache):
+    """Twenty streams opened at once against a rate of 2/s with a burst of 5: five are
+    admitted and get their full config; the others are refused at once (well before any
+    client would give up) with UNAVAILABLE, which clients back off and retry on, and every
+    refusal is counted in the metrics and the admin API's overload state."""
+    from xds_server.metrics import Metrics, counter_value
+
+    cache.set_type(CDS, [cluster("a"), cluster("b")])
+    server = await start_server(cache, max_stream_opens_per_second=2, stream_open_burst=5)
+    metrics = Metrics()
+    metrics.attach_server(server)
+    try:
+        async with XdsClient(server.address) as client:
+            streams = [client.ads() for _ in range(20)]
+            started = time.monotonic()
+            for stream in streams:
+                await stream.request(CDS)
+
+            async def outcome(stream):
+                try:
+                    response = await stream.recv(timeout=5)
+                    return "config", sorted(sotw_names(response))
+                except Exception:
+                    code, details = await stream.closed_with(timeout=5)
+                    return code, details
+
+            results = await asyncio.gather(*(outcome(s) for s in streams))
+            elapsed = time.monotonic() - started
+        admitted = [r for r in results if r[0] == "config"]
+        refused = [r for r in results if r[0] != "config"]
+        assert len(admitted) == 5, results
+        assert all(names == ["a", "b"] for _, names in admitted)
+        assert len(refused) == 15
+        assert all(code == grpc.StatusCode.UNAVAILABLE and "retry" in details
+                   for code, details in refused), refused
+        assert elapsed < 2.0  # refused promptly, not left waiting
+        assert server.stats.refused_open_rate == 15
+        assert server.overload()["refused_open_rate"] == 15
+        assert counter_value(metrics.registry, "xds_server_stream_admission_refusals_total",
+                             {"reason": "rate"}) == 15
+        assert counter_value(metrics.registry, "xds_server_first_config_seconds_count") == 0
+    finally:
+        metrics.close()
+        await server.stop(0)
+
+
+async def test_streams_beyond_the_initializing_cap_are_refused_until_one_holds_its_config(cache):
+    """With at most two streams being brought to their first config, a third open is refused
+    (UNAVAILABLE) while both still wait for their ACK; once one ACKs it holds its config, the
+    time it took is recorded, and a new stream is admitted."""
+    from xds_server.metrics import Metrics, counter_value
+
+    cache.set_type(CDS, [cluster("a")])
+    server = await start_server(cache, max_initializing_streams=2)
+    metrics = Metrics()
+    metrics.attach_server(server)
+    try:
+        async with XdsClient(server.address) as client:
+            first, second = client.ads(), client.ads()
+            for stream in (first, second):
+                await stream.request(CDS)
+            responses = [await first.recv(), await second.recv()]
+            assert len(server.initializing) == 2
+            assert counter_value(metrics.registry, "xds_server_initializing_streams") == 2
+
+            third = client.ads()
+            await third.request(CDS)
+            code, details = await third.closed_with(timeout=2)
+            assert code == grpc.StatusCode.UNAVAILABLE and "first config" in details
+            assert counter_value(metrics.registry, "xds_server_stream_admission_refusals_total",
+                                 {"reason": "initializing"}) == 1
+
+            await first.ack(responses[0])
+            await eventually(lambda: len(server.initializing) == 1, what="first stream synced")
+            assert server.stats.first_configs == 1
+            assert counter_value(metrics.registry, "xds_server_first_config_seconds_count") == 1
+
+            fourth = client.ads()
+            await fourth.request(CDS)
+            assert sotw_names(await fourth.recv()) == ["a"]
+            assert server.overload()["refused_initializing"] == 1
+    finally:
+        metrics.close()
+        await server.stop(0)
+
+
+async def test_first_config_is_served_before_incremental_pushes(cache):
+    """One push slot, held by a write to a client that stopped reading (it gives the slot
+    back after slow_write_seconds). Meanwhile ten synced streams wait to be sent a change
+    and then a new stream asks for its first config: when the slot frees, the new stream
+    is served first, ahead of all ten incremental pushes that were queued before it."""
+    cache.set_type(CDS, [cluster(f"big-{i}", stat_name="x" * 1_000_000) for i in range(32)])
+    cache.set_type(LDS, [listener("l", 15000)])
+    server = await start_server(cache, max_concurrent_pushes=1, slow_write_seconds=2.0)
+    order: list[tuple[str, str]] = []
+    server.hooks.add(OnPush(lambda conn, push: order.append((conn.proxy_id, push.type_url))))
+    try:
+        clients = [XdsClient(server.address, node_id=f"synced-{i}") for i in range(10)]
+        stuck_client = XdsClient(server.address, node_id="stuck")
+        new_client = XdsClient(server.address, node_id="new")
+        try:
+            synced = [c.ads() for c in clients]
+            for stream in synced:
+                await stream.request(LDS)
+                await stream.ack(await stream.recv())
+            stuck = stuck_client.ads(read=False)
+            await stuck.request(CDS)  # ~32 MB: its write blocks, holding the only slot
+            await eventually(lambda: server.writes_in_flight == 1, what="stuck write")
+            cache.set_type(LDS, [listener("l", 15001)])
+            await eventually(lambda: server.overload()["pushes_waiting_incremental"] == 10,
+                             what="incremental pushes queued")
+            new = new_client.ads()
+            await new.request(LDS)
+            await eventually(lambda: server.overload()["pushes_waiting_first_config"] == 1,
+                             what="first config queued")
+            assert server.writes_in_flight == 1  # the slot is still held by the stuck write
+            assert sotw_names(await new.recv(timeout=5)) == ["l"]
+            for stream in synced:
+                got = await stream.recv(timeout=5)
+                assert sotw_resources(got)["l"].address.socket_address.port_value == 15001
+        finally:
+            for c in (*clients, stuck_client, new_client):
+                await c.close()
+        after = [proxy for proxy, type_url in order if type_url == LDS][10:]  # initial ten
+        assert after[0] == "new", after
+        assert sorted(after[1:]) == sorted(f"synced-{i}" for i in range(10))
+        assert server._push_slots.granted_first >= 1
+    finally:
+        await server.stop(0)

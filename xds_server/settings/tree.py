@@ -112,6 +112,10 @@ class ServeSettings(BaseSettings):
             max_names_per_request=x.max_names_per_request,
             max_names_per_stream=x.max_names_per_stream, shutdown_grace=x.shutdown_grace,
             first_request_timeout=x.first_request_timeout,
+            max_stream_opens_per_second=x.max_stream_opens_per_second,
+            stream_open_burst=x.stream_open_burst,
+            max_initializing_streams=x.max_initializing_streams,
+            first_config_timeout=x.first_config_timeout,
         )
         if x.control_plane_id:
             server.control_plane_id = x.control_plane_id

@@ -254,6 +254,10 @@ class StreamState(ABC):
     def ordered_types(self) -> list[TypeState]:
         return self._ordered
 
+    def settled(self) -> bool:
+        """Nothing this stream should be sent is waiting, and nothing sent is unanswered."""
+        return all(t.pending_nonce is None and not t.dirty for t in self.types.values())
+
     def wants_push(self) -> bool:
         return any(
             (s.dirty or s.removal_pending) and s.pending_nonce is None for s in self.types.values()
