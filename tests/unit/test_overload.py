@@ -370,3 +370,79 @@ async def test_delta_resume_costs_what_changed_measured(server, cache):
         gone = [(r.type_url, n) for r in resumed for n in r.removed_resources]
         assert gone == [(CDS, "svc-099"), (EDS, "svc-099")]  # make-before-break order
         assert resumed_bytes < full_bytes * 0.05, (resumed_bytes, full_bytes)
+
+
+# The pieces -------------------------------------------------------------------------------------
+
+
+async def test_push_slots_serve_first_config_waiters_before_incremental_ones():
+    from xds_server.xds.push import PushSlots
+
+    slots = PushSlots(1)
+    await slots.acquire(first=False)  # held
+    order: list[str] = []
+
+    async def take(name: str, first: bool) -> None:
+        await slots.acquire(first)
+        order.append(name)
+        slots.release()
+
+    tasks = [asyncio.create_task(take("inc-1", False)), asyncio.create_task(take("inc-2", False))]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(take("first", True)))
+    cancelled = asyncio.create_task(take("gone", True))
+    await asyncio.sleep(0)
+    assert (slots.waiting_first, slots.waiting_incremental) == (2, 2)
+    cancelled.cancel()  # a stream that ends while waiting leaves the queue
+    await asyncio.sleep(0)
+    assert slots.waiting_first == 1
+    slots.release()
+    await asyncio.gather(*tasks)
+    assert order == ["first", "inc-1", "inc-2"]
+    # Every slot came back: the full capacity is free again.
+    await asyncio.wait_for(slots.acquire(first=False), 0.1)
+
+
+def test_token_bucket_admits_the_burst_then_the_rate():
+    from xds_server.xds.push import TokenBucket
+
+    now = [0.0]
+    bucket = TokenBucket(2.0, 3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    now[0] += 0.5  # one token a half second
+    assert [bucket.take(), bucket.take()] == [True, False]
+    now[0] += 100  # never more than the burst saved up
+    assert sum(bucket.take() for _ in range(10)) == 3
+    assert all(TokenBucket(0, 1).take() for _ in range(1000))  # 0: no limit
+
+
+async def test_admin_api_shows_the_overload_state(cache):
+    """/api/v1/server carries the admission and queue state next to the counters."""
+    import httpx
+
+    from xds_server.admin.app import AdminContext, create_app
+    from xds_server.admin.auth import TokenStore
+
+    server = await start_server(cache, max_initializing_streams=1)
+    try:
+        async with XdsClient(server.address) as client:
+            held = client.ads()
+            await held.request(CDS)
+            await eventually(lambda: len(server.initializing) == 1, what="one initializing")
+            refused = client.ads()
+            await refused.request(CDS)
+            assert (await refused.closed_with())[0] == grpc.StatusCode.UNAVAILABLE
+            app = create_app(AdminContext(server=server, cache=cache, tokens=TokenStore.from_tokens(
+                {"reader": ("t0k3n-reader", "read")})))
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://admin") as http:
+                body = (await http.get("/api/v1/server",
+                                       headers={"Authorization": "Bearer t0k3n-reader"})).json()
+        overload = body["overload"]
+        assert overload["initializing_streams"] == 1
+        assert overload["max_initializing_streams"] == 1
+        assert overload["refused_initializing"] == 1
+        assert overload["pushes_waiting_first_config"] == 0
+        assert body["stats"]["refused_initializing"] == 1
+    finally:
+        await server.stop(0)
