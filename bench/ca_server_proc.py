@@ -67,7 +67,9 @@ async def main() -> None:
         limits=GuardSettings(),
         watch_ca_files=False,
     )
-    settings = ServerSettings(address=args.address, debounce_quiet=0.0, debounce_max=0.0)
+    # Admission control off: this measures issuing, with every stream admitted (issue 15).
+    settings = ServerSettings(address=args.address, debounce_quiet=0.0, debounce_max=0.0,
+                              max_stream_opens_per_second=0.0, max_initializing_streams=0)
     security = Security.build(config, cache, settings.address)
     server = XdsServer(cache, settings)
     security.attach(server)

@@ -49,6 +49,9 @@ NAMESPACE = "xds_server"
 PUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # Seconds: debounce (100 ms quiet by default) plus pushes and ACKs of every concerned stream.
 CONVERGENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Seconds from a stream's admission to its first full config (ACKed): milliseconds when idle,
+# seconds in a reconnect storm.
+FIRST_CONFIG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 DEBOUNCE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 SIZE_BUCKETS = tuple(float(4 ** k) * 256 for k in range(10))  # 256 B .. 64 MiB
 
@@ -225,6 +228,10 @@ class Metrics:
         self.convergence_abandoned = Counter(
             "convergence_abandoned", "Changes never acknowledged by every concerned stream "
             f"within {int(CONVERGENCE_GIVE_UP)} s (stuck clients).", namespace=ns, registry=r)
+        self.first_config = Histogram(
+            "first_config_seconds",
+            "From a stream's admission to its first full config (everything it asked for sent "
+            "and answered).", namespace=ns, registry=r, buckets=FIRST_CONFIG_BUCKETS)
         self.debounce = Histogram(
             "debounce_seconds", "How long changes waited in the debouncer before a push.",
             namespace=ns, registry=r, buckets=DEBOUNCE_BUCKETS)
@@ -333,6 +340,9 @@ class _ServerHooks(StreamHooks):
         (m.acks if ack.nack is None else m.nacks).labels(label).inc()
         m.convergence_tracker.answered(conn)
 
+    def initialized(self, conn: Connection, seconds: float) -> None:
+        self.metrics.first_config.observe(seconds)
+
     def flushed(self, pending: Mapping[str, set[str]], waited: float,
                 touched: set[Connection]) -> None:
         self.metrics.debounce.observe(waited)
@@ -392,6 +402,26 @@ class _LiveCollector(Collector):
             in_flight.add_metric([], getattr(server, "writes_in_flight", 0))
             pending.add_metric([], getattr(server, "pending_changes", 0))
         yield from (proxies, streams, queue, in_flight, pending)
+        overload = server.overload() if server is not None and hasattr(server, "overload") else None
+        if overload is not None:
+            initializing = GaugeMetricFamily(
+                f"{ns}_initializing_streams", "Streams admitted and not yet holding their first "
+                "full config (new streams are refused at --max-initializing-streams).")
+            initializing.add_metric([], overload["initializing_streams"])
+            waiters = GaugeMetricFamily(
+                f"{ns}_push_slot_waiters", "Streams waiting for a push slot, by queue (first: "
+                "bringing a stream to its first config, served first; incremental).",
+                labels=["queue"])
+            waiters.add_metric(["first"], overload["pushes_waiting_first_config"])
+            waiters.add_metric(["incremental"], overload["pushes_waiting_incremental"])
+            refused = CounterMetricFamily(
+                f"{ns}_stream_admission_refusals", "Stream opens refused with UNAVAILABLE "
+                "because the server is overloaded, by reason (rate: over "
+                "--max-stream-opens-per-second; initializing: --max-initializing-streams "
+                "reached).", labels=["reason"])
+            refused.add_metric(["rate"], overload["refused_open_rate"])
+            refused.add_metric(["initializing"], overload["refused_initializing"])
+            yield from (initializing, waiters, refused)
 
         failures = CounterMetricFamily(
             f"{ns}_auth_failures", "Requests refused for authentication or authorization, by "

@@ -97,6 +97,8 @@ NON_DEFAULT = {
     "xds.shutdown_grace": "1s", "xds.first_request_timeout": "3s", "xds.control_plane_id": "cp-1",
     "xds.tls_address": "127.0.0.1:25012", "xds.tls_token_address": "127.0.0.1:25013",
     "xds.tls_sans": "xds.example.org", "xds.allow_plaintext_tokens_off_host": True,
+    "xds.max_stream_opens_per_second": "25", "xds.stream_open_burst": "50",
+    "xds.max_initializing_streams": "200", "xds.first_config_timeout": "45s",
     "sources.source": "{tmp}", "sources.resources": "{tmp}",
     "scope.default_export_to": ".,shared", "scope.tenant_label": "example.com/tenant",
     "scope.outbound_traffic_policy": "registry_only",

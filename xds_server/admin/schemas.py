@@ -116,6 +116,9 @@ class ServerInfo(BaseModel):
     streams: int
     proxies: int
     stats: dict[str, int]
+    # Admission and push queues: initializing streams, push-slot waiters by queue (first
+    # config, incremental), writes in flight, refusals by reason, and their limits.
+    overload: dict[str, int] = Field(default_factory=dict)
 
 
 class Model(BaseModel):

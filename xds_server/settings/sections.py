@@ -110,6 +110,21 @@ class XdsSection(Section):
         _SERVER.first_request_timeout, "--first-request-timeout",
         "A stream that sends no request this long after opening is ended (DEADLINE_EXCEEDED).",
         gt=0)
+    max_stream_opens_per_second: float = setting(
+        _SERVER.max_stream_opens_per_second, "--max-stream-opens-per-second",
+        "Stream opens admitted a second (a token bucket); more are refused with UNAVAILABLE so "
+        "clients back off. 0: no limit.", ge=0)
+    stream_open_burst: int = setting(
+        _SERVER.stream_open_burst, "--stream-open-burst",
+        "Stream opens admitted at once above the rate (the bucket's size).", ge=1)
+    max_initializing_streams: int = setting(
+        _SERVER.max_initializing_streams, "--max-initializing-streams",
+        "Streams being brought to their first full config at once; more opens are refused with "
+        "UNAVAILABLE. 0: no cap.", ge=0)
+    first_config_timeout: Seconds = setting(
+        _SERVER.first_config_timeout, "--first-config-timeout",
+        "A stream not settled this long after opening stops counting against "
+        "--max-initializing-streams.", gt=0)
     control_plane_id: str | None = setting(
         None, "--control-plane-id",
         "Identifier in every response's control_plane field.",

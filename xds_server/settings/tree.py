@@ -114,6 +114,10 @@ class ServeSettings(BaseSettings):
             first_request_timeout=x.first_request_timeout,
             tls_address=x.tls_address, tls_token_address=x.tls_token_address,
             allow_plaintext_tokens_off_host=x.allow_plaintext_tokens_off_host,
+            max_stream_opens_per_second=x.max_stream_opens_per_second,
+            stream_open_burst=x.stream_open_burst,
+            max_initializing_streams=x.max_initializing_streams,
+            first_config_timeout=x.first_config_timeout,
         )
         if x.control_plane_id:
             server.control_plane_id = x.control_plane_id

@@ -48,6 +48,8 @@ class Connection:
         self.closing = False
         self.holds_slot = False  # a push slot is held for the write in flight
         self.write_started = 0.0
+        self.opened_at = 0.0  # loop time the stream was admitted
+        self.first_config_timer: asyncio.TimerHandle | None = None
         self.error: tuple[grpc.StatusCode, str] | None = None
         self.metadata: Metadata = ()  # the call's invocation metadata (credentials)
         # Who the proxy is, once admitted: its node's claim and what its credential proved.

@@ -16,6 +16,8 @@ Every method has a no-op default: override only what you follow. In the order of
 - `acked(conn, ack)`: a request ACKed or NACKed (`ack.nack`) the previous response.
 - `flushed(pending, waited, touched)`: a debounced burst of cache changes was applied: the
   changed names by type, how long the burst waited, the streams it marked.
+- `initialized(conn, seconds)`: the stream holds its first full config (everything it asked
+  for was sent and answered), `seconds` after it opened.
 - `closed(conn)`: the stream ended (also after a refused admission).
 """
 
@@ -71,11 +73,15 @@ class StreamHooks:
                 touched: set[Connection]) -> None:
         pass
 
+    def initialized(self, conn: Connection, seconds: float) -> None:
+        pass
+
     def closed(self, conn: Connection) -> None:
         pass
 
 
-_METHODS = ("admit", "viewing", "requested", "subscribed", "pushed", "acked", "flushed", "closed")
+_METHODS = ("admit", "viewing", "requested", "subscribed", "pushed", "acked", "flushed",
+            "initialized", "closed")
 
 
 class HookChain(StreamHooks):
@@ -143,6 +149,10 @@ class HookChain(StreamHooks):
                 touched: set[Connection]) -> None:
         for hook in self._by_method["flushed"]:
             hook.flushed(pending, waited, touched)
+
+    def initialized(self, conn: Connection, seconds: float) -> None:
+        for hook in self._by_method["initialized"]:
+            hook.initialized(conn, seconds)
 
     def closed(self, conn: Connection) -> None:
         # Every hook hears of the close, even when an earlier one fails: a leaked identity

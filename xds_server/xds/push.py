@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable
@@ -112,3 +113,80 @@ class SubscriptionIndex(Generic[S]):
                     if name in names:
                         streams |= holders
         return streams
+
+
+class PushSlots:
+    """The cap on responses being written at once, with two queues: a stream being brought to
+    its first full config is served before incremental pushes to streams that already hold a
+    good config (istiod's order under load: a new or reconnecting proxy has nothing to route
+    with; a synced one only misses the latest change). FIFO within each queue.
+
+    `release` may be called by whoever holds a slot (or gave it up for a stuck write), once
+    per `acquire`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._free = self.capacity
+        self._first: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._incremental: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.granted_first = 0  # slots given to first-config pushes after a wait
+        self.granted_incremental = 0
+
+    @property
+    def waiting_first(self) -> int:
+        return len(self._first)
+
+    @property
+    def waiting_incremental(self) -> int:
+        return len(self._incremental)
+
+    async def acquire(self, first: bool) -> None:
+        if self._free > 0 and not self._first and not (self._incremental and not first):
+            self._free -= 1
+            return
+        queue = self._first if first else self._incremental
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # granted as we were cancelled: pass it on
+            else:
+                queue.remove(future)
+            raise
+        if first:
+            self.granted_first += 1
+        else:
+            self.granted_incremental += 1
+
+    def release(self) -> None:
+        for queue in (self._first, self._incremental):
+            while queue:
+                future = queue.popleft()
+                if not future.done():
+                    future.set_result(None)  # the slot passes straight to the waiter
+                    return
+        self._free = min(self.capacity, self._free + 1)
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; `rate <= 0` means unlimited."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = max(1.0, float(burst))
+        self._clock = clock
+        self._tokens = self.burst
+        self._at = clock()
+
+    def take(self) -> bool:
+        if self.rate <= 0:
+            return True
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False

@@ -34,7 +34,7 @@ from .cache import Change, FullView, ResourceCache, View
 from .connection import Connection, proxy_label
 from .hooks import HookChain, StreamHooks, StreamRefused
 from .node import proxy_claim
-from .push import Debouncer, Pending, SubscriptionIndex
+from .push import Debouncer, Pending, PushSlots, SubscriptionIndex, TokenBucket
 from .tls import TlsCredentials, peer_certificate, transport_of
 from .stream import MAX_TRACKED_CHANGES, Ack, ProtocolError, Request, Variant, new_stream
 
@@ -86,6 +86,19 @@ class ServerSettings:
     # A stream that sends no request this long after opening is ended (DEADLINE_EXCEEDED):
     # an unauthenticated peer cannot hold streams open forever without saying who it is.
     first_request_timeout: float = 10.0
+    # Overload control (issue 15), as istiod has it. A stream open is admitted while the open
+    # rate allows (a token bucket: this many a second, `stream_open_burst` saved up; 0 = no
+    # limit) and while fewer than `max_initializing_streams` streams are still being brought
+    # to their first full config (0 = no cap); beyond either it is refused at once with
+    # UNAVAILABLE, so its client backs off and retries, or another replica takes it. Pushes
+    # that bring a stream to its first config are served before incremental pushes. A stream
+    # that is not settled `first_config_timeout` after opening stops counting as initializing
+    # (a client that never ACKs cannot hold an admission slot). The defaults let ordinary
+    # meshes and restarts through untouched and stop a reconnect storm from starving streams.
+    max_stream_opens_per_second: float = 500.0
+    stream_open_burst: int = 1000
+    max_initializing_streams: int = 1000
+    first_config_timeout: float = 30.0
     shutdown_grace: float = 5.0
     control_plane_id: str = field(default_factory=lambda: f"xds-server@{socket.gethostname()}")
 
@@ -139,6 +152,10 @@ class ServerStats:
     flushes: int = 0
     slow_writes: int = 0  # writes that outlived slow_write_seconds
     first_request_timeouts: int = 0  # streams ended for sending no request in time
+    refused_open_rate: int = 0  # stream opens refused: over max_stream_opens_per_second
+    refused_initializing: int = 0  # stream opens refused: max_initializing_streams reached
+    first_configs: int = 0  # streams brought to their first full config
+    first_config_timeouts: int = 0  # streams not settled within first_config_timeout
 
 
 class XdsServer:
@@ -173,7 +190,11 @@ class XdsServer:
         self._debouncer = Debouncer(
             self.settings.debounce_quiet, self.settings.debounce_max, self._on_flush
         )
-        self._push_slots = asyncio.Semaphore(max(1, self.settings.max_concurrent_pushes))
+        self._push_slots = PushSlots(self.settings.max_concurrent_pushes)
+        self._opens = TokenBucket(self.settings.max_stream_opens_per_second,
+                                  self.settings.stream_open_burst)
+        # Streams admitted and not yet holding their first full config.
+        self.initializing: set[Connection] = set()
         self._writing: set[Connection] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._server: aio.Server | None = None
@@ -341,6 +362,19 @@ class XdsServer:
     def writes_in_flight(self) -> int:
         return len(self._writing)
 
+    def overload(self) -> dict[str, int]:
+        """Queue depths and admission state (metrics and the admin API read this)."""
+        return {
+            "initializing_streams": len(self.initializing),
+            "max_initializing_streams": self.settings.max_initializing_streams,
+            "pushes_waiting_first_config": self._push_slots.waiting_first,
+            "pushes_waiting_incremental": self._push_slots.waiting_incremental,
+            "pushes_in_flight": len(self._writing),
+            "max_concurrent_pushes": self._push_slots.capacity,
+            "refused_open_rate": self.stats.refused_open_rate,
+            "refused_initializing": self.stats.refused_initializing,
+        }
+
     def close_connection(self, conn: Connection, code: grpc.StatusCode, reason: str) -> None:
         """End one stream with a status (a revoked credential, an operator's request)."""
         if conn.error is None:
@@ -443,6 +477,16 @@ class XdsServer:
     ) -> None:
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down")
+        refusal = self._admission_refusal()
+        if refusal is not None:
+            # UNAVAILABLE, not RESOURCE_EXHAUSTED: gRPC documents UNAVAILABLE as "transient,
+            # retry with a backoff", which is what a server-wide overload is (the client did
+            # nothing wrong; RESOURCE_EXHAUSTED is kept for a client's own quotas, e.g. its
+            # identity's stream budget). Envoy's xDS mux and gRPC's xDS client re-open a
+            # failed stream with jittered exponential backoff whatever the status, and
+            # UNAVAILABLE is also the status gRPC retry policies and L7 balancers in front of
+            # several replicas retry on, so the retry may land on another replica.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
         state = new_stream(
             variant,
             next(self._ids),
@@ -456,8 +500,14 @@ class XdsServer:
         _read_transport(conn, context)
         self.connections.add(conn)
         self.stats.streams_opened += 1
+        loop = asyncio.get_running_loop()
+        conn.opened_at = loop.time()
+        self.initializing.add(conn)
+        conn.first_config_timer = loop.call_later(
+            self.settings.first_config_timeout, self._first_config_overdue, conn
+        )
         reader = asyncio.create_task(self._read(conn, requests))
-        overdue = asyncio.get_running_loop().call_later(
+        overdue = loop.call_later(
             self.settings.first_request_timeout, self._first_request_overdue, conn
         )
         try:
@@ -476,6 +526,41 @@ class XdsServer:
             await context.abort(*conn.error)
         if conn.closing and self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down; reconnect")
+
+    def _admission_refusal(self) -> str | None:
+        """Why a new stream cannot be admitted now (counted), or None. Checked before the
+        stream costs anything: no task, no state, no request read."""
+        cap = self.settings.max_initializing_streams
+        if cap > 0 and len(self.initializing) >= cap:
+            self.stats.refused_initializing += 1
+            return (f"overloaded: {cap} streams are still being brought to their first "
+                    "config; retry with backoff")
+        if not self._opens.take():
+            self.stats.refused_open_rate += 1
+            return (f"overloaded: more than {self.settings.max_stream_opens_per_second:g} "
+                    "stream opens a second; retry with backoff")
+        return None
+
+    def _initialized(self, conn: Connection) -> None:
+        """The stream holds its first full config: it leaves the first-config queue."""
+        self.initializing.discard(conn)
+        if conn.first_config_timer is not None:
+            conn.first_config_timer.cancel()
+            conn.first_config_timer = None
+        self.stats.first_configs += 1
+        elapsed = asyncio.get_running_loop().time() - conn.opened_at
+        self.hooks.initialized(conn, max(0.0, elapsed))
+
+    def _check_initialized(self, conn: Connection) -> None:
+        state = conn.state
+        if conn in self.initializing and state.view is not None and state.types and state.settled():
+            self._initialized(conn)
+
+    def _first_config_overdue(self, conn: Connection) -> None:
+        conn.first_config_timer = None
+        if conn in self.initializing:
+            self.initializing.discard(conn)
+            self.stats.first_config_timeouts += 1
 
     def _first_request_overdue(self, conn: Connection) -> None:
         if conn.state.node is not None or conn.closing:
@@ -564,6 +649,8 @@ class XdsServer:
                        "version": ack.nack.version},
             )
         self.hooks.acked(conn, ack)
+        if conn in self.initializing:
+            self._check_initialized(conn)
 
     async def _write_loop(self, conn: Connection, context: XdsContext) -> None:
         state = conn.state
@@ -574,15 +661,25 @@ class XdsServer:
             conn.wake.clear()
             if conn.closing:
                 return
-            while state.view is not None:
-                push = state.next_push()
-                if push is None:
-                    break
-                # The cap is on writes in flight. A write stuck behind a client that does not
-                # read gives its slot back after `slow_write_seconds` (see _sweep_slow_writes),
-                # so a stuck client holds up only itself.
-                await slots.acquire()
+            while state.view is not None and state.wants_push():
+                # The cap is on writes in flight, and a stream still being brought to its
+                # first config is served first. A write stuck behind a client that does not
+                # read gives its slot back after `slow_write_seconds` (see
+                # _sweep_slow_writes), so a stuck client holds up only itself. The response is
+                # computed once the slot is ours: from the latest state, so changes made while
+                # waiting coalesce into it.
+                await slots.acquire(conn in self.initializing)
                 conn.holds_slot = True
+                try:
+                    push = state.next_push()
+                except BaseException:
+                    conn.holds_slot = False
+                    slots.release()
+                    raise
+                if push is None:
+                    conn.holds_slot = False
+                    slots.release()
+                    break
                 conn.write_started = loop.time()
                 self._writing.add(conn)
                 try:
@@ -597,6 +694,8 @@ class XdsServer:
                 self.hooks.pushed(conn, push)
                 if conn.closing:
                     return
+            if conn in self.initializing:
+                self._check_initialized(conn)
 
     async def _sweep_slow_writes(self) -> None:
         slow = self.settings.slow_write_seconds
@@ -612,6 +711,10 @@ class XdsServer:
 
     def _forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self.initializing.discard(conn)
+        if conn.first_config_timer is not None:
+            conn.first_config_timer.cancel()
+            conn.first_config_timer = None
         view = conn.state.view
         for type_state in conn.state.types.values():
             names = type_state.names

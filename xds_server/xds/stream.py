@@ -90,6 +90,14 @@ class TypeState:
     pending: set[str] | None = None
     request_star: bool = False  # the last SotW request named "*" (besides `names`)
     removal_pending: bool = False  # a removal waits for make-before-break (rule 6)
+    # Make-before-break bookkeeping, in passes of `next_push` (a pass reads one cache state):
+    # the pass that first deferred a removal of this type, the pass whose response is
+    # outstanding, and the latest pass whose outcome the client holds (it ACKed that
+    # response, or the pass had nothing to send). A removal is due once every referring type
+    # holds a pass at or after the removal's.
+    removal_since: int = 0
+    inflight_pass: int = 0
+    applied_pass: int = 0
     must_reply: bool = False  # answer even an empty set (rule 12)
     sent_at: float = 0.0
     acked_at: float = 0.0
@@ -164,6 +172,7 @@ class StreamState(ABC):
         self._ordered: list[TypeState] = []
         self.connected_at = time.time()
         self._nonce = 0
+        self._pass = 0  # passes of next_push (see TypeState.removal_since)
         # Encoded once per stream and appended to every response (protobuf merges fields).
         self._plane = self._encode_plane(base_pb2.ControlPlane(identifier=control_plane))
         self._max_names = max_names
@@ -234,6 +243,7 @@ class StreamState(ABC):
             state.nack = nack
             return Ack(state.type_url, nonce, nack)
         state.acked_version = state.pending_version
+        state.applied_pass = state.inflight_pass
         state.acked_at = time.time()
         state.nack = None
         state.last_changes = ()
@@ -244,6 +254,10 @@ class StreamState(ABC):
     def ordered_types(self) -> list[TypeState]:
         return self._ordered
 
+    def settled(self) -> bool:
+        """Nothing this stream should be sent is waiting, and nothing sent is unanswered."""
+        return all(t.pending_nonce is None and not t.dirty for t in self.types.values())
+
     def wants_push(self) -> bool:
         return any(
             (s.dirty or s.removal_pending) and s.pending_nonce is None for s in self.types.values()
@@ -252,39 +266,55 @@ class StreamState(ABC):
     def next_push(self) -> Push | None:
         """The next response to write, in make-before-break order, or None."""
         states = self.ordered_types()
-        # Whether a removal may go depends on the other types being settled, and a pass
-        # settles types as it goes (a dirty type with nothing to send is just cleaned). So a
-        # pass that cleaned something and sent nothing is followed by one more, or a deferred
-        # removal would wait for some unrelated later event. A second pass cleans nothing, so
-        # a third could not decide differently.
+        # Whether a removal may go depends on its referrers, and a pass settles types as it
+        # goes (a dirty type with nothing to send is just cleaned). So a pass that cleaned
+        # something and sent nothing is followed by one more, or a deferred removal would
+        # wait for some unrelated later event. A second pass cleans nothing, so a third could
+        # not decide differently.
         for _ in range(2):
+            self._pass += 1
             cleaned = False
             for state in states:
                 if state.pending_nonce is not None or not (state.dirty or state.removal_pending):
                     continue
-                others_settled = all(
-                    o.pending_nonce is None and not o.dirty for o in states if o is not state
-                )
-                # Removals go referrers first (listeners, routes, clusters, endpoints,
-                # secrets), one type at a time, once everything else has been applied (rule
-                # 6). A type whose last update was rejected may still refer to what we would
-                # remove, so its NACK holds back removals of the types it can refer to until
-                # an update of it is accepted.
-                rank = _removal_rank(state.type_url)
-                referrers_pending = any(
-                    (o.removal_pending or o.nack is not None) and _removal_rank(o.type_url) < rank
-                    for o in states
-                    if o is not state
-                )
-                allow_removals = others_settled and not referrers_pending
+                allow_removals = self._removal_due(state, states)
                 cleaned = cleaned or state.dirty
                 state.dirty = False
+                was_pending = state.removal_pending
                 push = self._push(state, allow_removals)
+                if state.removal_pending and not was_pending:
+                    state.removal_since = self._pass
                 if push is not None:
+                    state.inflight_pass = self._pass
                     return push
+                if not state.removal_pending:
+                    state.applied_pass = self._pass  # nothing to send: the client is current
             if not cleaned:
                 break
         return None
+
+    def _removal_due(self, state: TypeState, states: list[TypeState]) -> bool:
+        """Rule 6 (make-before-break), and never starved: removals go referrers first
+        (listeners, routes, clusters, endpoints, secrets), and a removal of a type waits only
+        for the types that may refer to it, never for the others (constant EDS churn must not
+        hold back a cluster removal). A referring type is current for the removal when it has
+        nothing in flight or waiting, or when the client has accepted a response computed at
+        or after the pass that found the removal (that response already reflects the cache
+        without the removed resource, so later churn of the referrer does not matter). A type
+        whose last update was rejected may still refer to what we would remove, so its NACK
+        holds back removals of the types it can refer to until an update of it is accepted,
+        and a type with a removal of its own waiting goes first."""
+        rank = _removal_rank(state.type_url)
+        since = state.removal_since if state.removal_pending else self._pass
+        for other in states:
+            if other is state or _removal_rank(other.type_url) >= rank:
+                continue
+            if other.removal_pending or other.nack is not None:
+                return False
+            settled = other.pending_nonce is None and not other.dirty
+            if not settled and other.applied_pass < since:
+                return False
+        return True
 
     def _nonce_for(self, state: TypeState) -> str:
         self._nonce += 1

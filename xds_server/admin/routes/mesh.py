@@ -27,6 +27,7 @@ async def server_info(request: Request) -> dict:
         "streams": len(server.connections),
         "proxies": len(views.group_connections(server.connections)),
         "stats": dataclasses.asdict(server.stats),
+        "overload": server.overload() if hasattr(server, "overload") else {},
     }
 
 
