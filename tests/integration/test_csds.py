@@ -177,8 +177,13 @@ async def test_csds_reports_real_envoy_status_versions_and_nack(mode: str) -> No
 
         entry = await eventually_csds(server.address, by_id(node_id), fixed)
         assert not entry.HasField("error_state")
-        dumped = await asyncio.to_thread(envoy.dynamic_versions)
-        assert entry.version_info == dumped["clusters"][scenario.cluster_name(0)]
+        # Envoy ACKs a changed EDS cluster at once but shows it as active only once it has
+        # warmed (its endpoints arrived): under load that can come a moment later.
+        await asyncio.to_thread(
+            envoy.wait_until,
+            lambda: envoy.dynamic_versions()["clusters"][scenario.cluster_name(0)] == entry.version_info,
+            10.0, 0.05, "the accepted cluster active in Envoy's config_dump at the version CSDS reports",
+        )
 
         # Node matchers pick the proxy out of others (a scripted one here).
         async with XdsClient(server.address, node_id="other-proxy") as other:
