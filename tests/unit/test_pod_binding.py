@@ -79,3 +79,21 @@ def test_what_proves_a_pod() -> None:
     assert proves_pod(Proof(NS, "sa-b", "workload-token"), claim, None)  # not known yet
     assert proves_pod(Proof(NS, "sa-b", "kubernetes-token", pod="p"), claim, "sa-b")
     assert not proves_pod(Proof(NS, "sa-b", "kubernetes-token", pod="q"), claim, "sa-b")
+
+
+def test_a_strangers_stream_releases_its_own_key_even_after_the_model_changed() -> None:
+    store, controller = mesh()
+    stranger = stream("sa-a")
+    controller.view_for(stranger)
+    held = [k for k in controller.registry.proxies if k != (NS, "payments-0")]
+    assert held and controller.registry.proxies[held[0]].streams == 1
+    # The pod now belongs to sa-a: a new sa-a stream proves it and takes the pod's own key...
+    store.put("test", Workload(NS, "payments-0", "10.0.0.9", service_account="sa-a", meshed=True))
+    proven = stream("sa-a")
+    controller.view_for(proven)
+    assert (NS, "payments-0") in controller.registry.proxies
+    # ...and each stream's end releases the key it was given, whichever ends first.
+    controller.release(proven)
+    assert (NS, "payments-0") not in controller.registry.proxies and held[0] in controller.registry.proxies
+    controller.release(stranger)
+    assert held[0] not in controller.registry.proxies

@@ -64,7 +64,6 @@ PASSTHROUGH = "PassthroughCluster"
 PASSTHROUGH_MTLS = "PassthroughCluster|mtls"
 BLACKHOLE = "BlackHoleCluster"
 INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
-STATIC_CLUSTERS = (PASSTHROUGH, PASSTHROUGH_MTLS, BLACKHOLE, INBOUND_PASSTHROUGH)
 ANY_ADDRESS = "0.0.0.0"
 
 
@@ -272,13 +271,6 @@ def _pod_ip_chain(port: int, mtls: bool, ranges: list[bytes]) -> bytes:
     chain.filters.append(tcp_proxy(f"outbound|{port}|pod-ip", cluster))
     body = chain.SerializeToString(deterministic=True) + _field(_CHAIN_MATCH, b"".join(ranges))
     return _field(_LISTENER_CHAINS, body)
-
-
-def pod_ip_chains(entries: Iterable[PodIp]) -> bytes:
-    """The chains of a set of entries at once (see PodIpChains)."""
-    chains = PodIpChains()
-    chains.update((), entries)
-    return chains.encode()
 
 
 _LISTENER_CHAINS = 3  # Listener.filter_chains

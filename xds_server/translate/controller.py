@@ -73,8 +73,10 @@ class MeshController:
         self.published = Published()
         outputs = ServiceOutputs()
         self.registry = ProxyRegistry(outputs)
-        # (claimed key, proven identity) -> (the key its streams hold instead, how many)
-        self._stranger_streams: dict[tuple[ProxyKey, tuple[str, ...]], tuple[ProxyKey, int]] = {}
+        # id(stream's VerifiedProxy) -> (that object, the key it holds instead of its claim's).
+        # The object is held, so its id cannot be reused before release() pops it; the key
+        # is remembered because the model may have changed by then.
+        self._stranger_streams: dict[int, tuple[VerifiedProxy, ProxyKey]] = {}
         mtls = self.index.security.settings.mtls
         self.scopes = ScopeBuilder(self.index, outputs, self.registry, self.published, self.settings)
         self.proxy_builder = ProxyBuilder(
@@ -115,10 +117,8 @@ class MeshController:
         identity differs from the streams already holding that key."""
         key = self._key_of(verified)
         claim = verified.claim
-        if key != claim.key:  # remembered for release(): the model may change meanwhile
-            slot = (claim.key, identity_key(verified.proof))
-            held = self._stranger_streams.get(slot)
-            self._stranger_streams[slot] = (key, (held[1] if held else 0) + 1)
+        if key != claim.key:
+            self._stranger_streams[id(verified)] = (verified, key)
             claim = dataclasses.replace(claim, pod=key[1])
         proxy, deps = self.registry.connect(claim, verified.proof)
         if deps:
@@ -140,15 +140,8 @@ class MeshController:
 
     def release(self, verified: VerifiedProxy) -> None:
         """A stream ended; the last stream of a proxy takes its own resources with it."""
-        key = verified.key
-        slot = (key, identity_key(verified.proof))
-        held = self._stranger_streams.get(slot)
-        if held is not None:
-            key = held[0]
-            if held[1] <= 1:
-                del self._stranger_streams[slot]
-            else:
-                self._stranger_streams[slot] = (held[0], held[1] - 1)
+        held = self._stranger_streams.pop(id(verified), None)
+        key = held[1] if held is not None and held[0] is verified else verified.key
         deps = self.registry.disconnect(key)
         if deps:
             self.orchestrator.emit(deps)
