@@ -39,6 +39,9 @@ class SidecarSpec:
     # `/ready` (200 once the first config is in place, 503 before), for the kubelet's probes,
     # without exposing the admin interface. Istio's sidecars use 15021 for the same.
     readiness_port: int = 0
+    # Send load reports (LRS) to the server over the same cluster and credential as ADS:
+    # requests, errors and in-flight per upstream cluster, at the interval the server sets.
+    load_reports: bool = True
 
 
 def _socket(address: str, setting: str) -> dict[str, Any]:
@@ -185,6 +188,11 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
             ]
         },
     }
+    if spec.load_reports:
+        bootstrap["cluster_manager"] = {"load_stats_config": {
+            "api_type": "GRPC", "transport_api_version": "V3",
+            "grpc_services": [copy.deepcopy(grpc_service)],
+        }}
     if spec.readiness_port:
         listener, cluster = _readiness(spec)
         bootstrap["static_resources"]["listeners"] = [listener]

@@ -21,7 +21,9 @@ import yaml
 from tests.support.envoy import EnvoyProcess
 from tests.support.net import free_port, next_loopback_ip
 from tests.support.upstreams import HttpResponse, HttpUpstream, TcpEchoUpstream, http_request
+from xds_server.app import attach_load_reports
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
+from xds_server.load_reports import LoadAggregator
 from xds_server.model.security import SecuritySettings
 from xds_server.model.store import MeshStore
 from xds_server.sources.mesh_files import MeshDirectory
@@ -29,6 +31,7 @@ from xds_server.translate.controller import MeshController
 from xds_server.translate.scope import ScopeSettings
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.hooks import StreamHooks
+from xds_server.xds.lrs import LrsSettings
 from xds_server.xds.server import ServerSettings, XdsServer
 
 T = TypeVar("T")
@@ -88,7 +91,7 @@ class MeshHarness:
     def __init__(
         self, directory: Path, *, scope: ScopeSettings | None = None,
         security: SecuritySettings | None = None, hooks: Iterable[StreamHooks] = (),
-        cache: ResourceCache | None = None,
+        cache: ResourceCache | None = None, load_reports: LrsSettings | None = None,
     ) -> None:
         """`security`: mTLS/authorization settings of the controller; `hooks`: the server's
         stream hooks (authentication, SDS: xds/auth.py, sds.py) built on `cache`."""
@@ -106,6 +109,10 @@ class MeshHarness:
             hooks=hooks,
         )
         self.pods: list[Pod] = []
+        # LRS served as `serve` serves it (app.py), when asked: `self.load` aggregates.
+        self.load: LoadAggregator | None = None
+        if load_reports is not None:
+            self.load = attach_load_reports(self.server, self.store, load_reports)
 
     async def start(self) -> MeshHarness:
         # Writes load synchronously (see write()); the directory watcher is not started, so a

@@ -53,6 +53,7 @@ class AdminContext:
     # goes through it so SDS publishes each step; None for a bare CA (tests, tools).
     security: Any = None
     trust_domain: str = "cluster.local"
+    load: Any = None  # load_reports.LoadAggregator (LRS), when the server runs one
     started_at: float = field(default_factory=time.time)
 
 
