@@ -166,7 +166,7 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
 
 
 def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
-    from .routes import ca, debug, health, mesh, proxies
+    from .routes import ca, debug, health, mesh, proxies, ui
 
     app = FastAPI(
         title="xds-server admin API",
@@ -250,4 +250,6 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
     app.include_router(mesh.router)
     app.include_router(ca.router)
     app.include_router(debug.router)
+    app.include_router(ui.router)
+    app.include_router(ui.api)
     return app
