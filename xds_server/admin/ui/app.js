@@ -5,7 +5,7 @@
 
 const POLL_MS = 2000;
 const SVG = "http://www.w3.org/2000/svg";
-const NODE_W = 178, NODE_H = 40, COL_GAP = 200, ROW_GAP = 22, PAD = 24;
+const NODE_W = 170, NODE_H = 38, COL_GAP = 160, ROW_GAP = 12, PAD = 16;
 const TOKEN_KEY = "xds-server-ui-token";
 
 let token = null;
@@ -47,45 +47,71 @@ function errorClass(ratio) {
 
 const COLORS = { ok: "#2e9d62", warn: "#d89b16", bad: "#d64545" };
 
-// Layout: columns by longest path from the callers (cycle-safe: bounded relaxation), a
-// column wrapped into several when it is taller than a screen; rows sorted by namespace and
-// name, so positions stay put while rates change.
+// Layout: one lane per namespace, stacked; inside a lane, columns by longest path over the
+// lane's own edges (cycles broken where a depth-first walk meets them), rows ordered by their
+// callers' rows (fewer crossings), then by name, so positions stay put while rates change.
+const LANE_HEAD = 26, LANE_GAP = 16, LANE_LEFT = 100;
+
+function layers(members, links) {
+  const out = new Map(members.map(n => [n.id, []]));
+  for (const e of links) if (out.has(e.source) && out.has(e.target)) out.get(e.source).push(e.target);
+  const state = new Map(), order = [], back = new Set();
+  const visit = id => {  // iterative-enough: lanes are small; recursion depth <= lane size
+    state.set(id, 1);
+    for (const t of out.get(id)) {
+      if (state.get(t) === 1) back.add(id + "\u0000" + t);
+      else if (!state.has(t)) visit(t);
+    }
+    state.set(id, 2);
+    order.push(id);
+  };
+  for (const n of members) if (!state.has(n.id)) visit(n.id);
+  const layer = new Map(members.map(n => [n.id, 0]));
+  for (const id of order.reverse()) {
+    for (const t of out.get(id)) {
+      if (!back.has(id + "\u0000" + t)) layer.set(t, Math.max(layer.get(t), layer.get(id) + 1));
+    }
+  }
+  return layer;
+}
+
 function layout(nodes, edges) {
   const ids = new Set(nodes.map(n => n.id));
-  const layer = new Map(nodes.map(n => [n.id, 0]));
   const links = edges.filter(e => ids.has(e.source) && ids.has(e.target) && e.source !== e.target);
-  const limit = Math.min(nodes.length, 12);
-  for (let i = 0; i < limit; i++) {
-    let changed = false;
-    for (const e of links) {
-      const next = layer.get(e.source) + 1;
-      if (next > layer.get(e.target) && next <= limit) { layer.set(e.target, next); changed = true; }
-    }
-    if (!changed) break;
-  }
-  const linked = new Set(links.flatMap(e => [e.source, e.target]));
-  const idleLayer = Math.max(0, ...[...layer.values()]) + 1;
-  const columns = new Map();
+  const byId = new Map(nodes.map(n => [n.id, n]));
+  const lanes = new Map();
   for (const n of nodes) {
-    const c = linked.has(n.id) || links.length === 0 ? layer.get(n.id) : idleLayer;
-    if (!columns.has(c)) columns.set(c, []);
-    columns.get(c).push(n);
+    if (!lanes.has(n.namespace)) lanes.set(n.namespace, []);
+    lanes.get(n.namespace).push(n);
   }
-  const maxRows = Math.max(8, Math.ceil(Math.sqrt(nodes.length) * 1.6));
-  const pos = new Map();
-  let x = PAD, height = 0;
-  for (const c of [...columns.keys()].sort((a, b) => a - b)) {
-    const members = columns.get(c).sort((a, b) =>
-      (a.namespace + "/" + a.name).localeCompare(b.namespace + "/" + b.name));
-    for (let start = 0; start < members.length; start += maxRows) {
-      members.slice(start, start + maxRows).forEach((n, row) => {
-        pos.set(n.id, { x, y: PAD + 18 + row * (NODE_H + ROW_GAP) });
-      });
-      height = Math.max(height, Math.min(members.length, maxRows));
-      x += NODE_W + COL_GAP;
-    }
+  const callers = new Map(nodes.map(n => [n.id, []]));
+  for (const e of links) callers.get(e.target).push(e.source);
+  const pos = new Map(), bands = [];
+  let y = PAD, width = 0;
+  for (const ns of [...lanes.keys()].sort()) {
+    const members = lanes.get(ns);
+    const inner = links.filter(e => byId.get(e.source).namespace === ns && byId.get(e.target).namespace === ns);
+    const layer = layers(members, inner);
+    const columns = [];
+    for (const n of members) (columns[layer.get(n.id)] ||= []).push(n);
+    let rows = 0;
+    columns.forEach((column, c) => {
+      if (!column) return;
+      const key = n => {
+        const ys = callers.get(n.id).map(id => pos.get(id)).filter(p => p).map(p => p.y);
+        return ys.length ? ys.reduce((a, b) => a + b, 0) / ys.length : Infinity;
+      };
+      column.sort((a, b) => (key(a) - key(b)) || a.name.localeCompare(b.name));
+      column.forEach((n, row) => pos.set(n.id, { x: LANE_LEFT + c * (NODE_W + COL_GAP),
+                                                 y: y + LANE_HEAD + row * (NODE_H + ROW_GAP) }));
+      rows = Math.max(rows, column.length);
+      width = Math.max(width, LANE_LEFT + c * (NODE_W + COL_GAP) + NODE_W + PAD);
+    });
+    const height = LANE_HEAD + rows * (NODE_H + ROW_GAP);
+    bands.push({ ns, y, height });
+    y += height + LANE_GAP;
   }
-  return { pos, width: x - COL_GAP + PAD, height: PAD * 2 + 18 + height * (NODE_H + ROW_GAP) };
+  return { pos, bands, width, height: y + PAD };
 }
 
 // A point of a cubic Bezier curve at t.
@@ -98,12 +124,16 @@ function bezier(p0, p1, p2, p3, t) {
 // leaving one node spread along their curves instead of piling up at the source.
 function edgePath(a, b, bend, at) {
   let x = [], y = [];
-  if (b.x > a.x + NODE_W) {
+  if (b.x > a.x + NODE_W) {  // forward: right side to left side
     const x1 = a.x + NODE_W, y1 = a.y + NODE_H / 2 + bend, x2 = b.x - 2, y2 = b.y + NODE_H / 2 + bend;
     const dx = Math.max(40, (x2 - x1) / 2);
     x = [x1, x1 + dx, x2 - dx, x2]; y = [y1, y1, y2, y2];
-  } else {  // back or same-column edge: around below the boxes
-    const low = Math.max(a.y, b.y) + NODE_H + 30;
+  } else if (Math.abs(b.x - a.x) < NODE_W) {  // same column (another lane, or a cycle): out left
+    const y1 = a.y + NODE_H / 2 + bend, y2 = b.y + NODE_H / 2 + bend;
+    const out = 30 + Math.min(30, Math.abs(y2 - y1) / 12);
+    x = [a.x, a.x - out, b.x - out, b.x - 2]; y = [y1, y1, y2, y2];
+  } else {  // backward: around below the boxes
+    const low = Math.max(a.y, b.y) + NODE_H + 24;
     const sx = a.x + NODE_W / 2 + bend, tx = b.x + NODE_W / 2 + bend;
     x = [sx, sx, tx, tx]; y = [a.y + NODE_H, low, low, b.y + NODE_H + 2];
   }
@@ -115,7 +145,7 @@ function drawGraph(data) {
   const graph = document.getElementById("graph");
   const nodes = data.nodes;
   document.getElementById("graph-empty").hidden = nodes.length > 0;
-  const { pos, width, height } = layout(nodes, data.edges);
+  const { pos, bands, width, height } = layout(nodes, data.edges);
   graph.setAttribute("width", Math.max(width, 300));
   graph.setAttribute("height", Math.max(height, 120));
   graph.replaceChildren();
@@ -128,16 +158,28 @@ function drawGraph(data) {
     defs.append(marker);
   }
   graph.append(defs);
+  const laneLayer = svg("g", { class: "lanes" });
+  for (const band of bands) {
+    const lane = svg("g", { class: "lane", "data-namespace": band.ns });
+    lane.append(svg("rect", { x: 8, y: band.y, width: Math.max(width, 300) - 16, height: band.height,
+                              rx: 10, fill: `hsla(${hue(band.ns)},55%,55%,0.06)` }));
+    lane.append(svg("text", { x: 20, y: band.y + 17, class: "lane-name",
+                              fill: `hsl(${hue(band.ns)},40%,38%)` }, band.ns));
+    laneLayer.append(lane);
+  }
+  graph.append(laneLayer);
   const edgeLayer = svg("g", { class: "edges" });
   const labelLayer = svg("g", { class: "labels" });
   const hot = new Set();
+  const shares = new Map();  // backend id -> "parent NN %" of the route sending to it
+  const byId = new Map(nodes.map(n => [n.id, n]));
   for (const e of data.edges) {
     const a = pos.get(e.source), b = pos.get(e.target);
     if (!a || !b) continue;
     const traffic = e.kind === "traffic";
     const g = svg("g", { class: `edge ${e.kind}`, "data-source": e.source, "data-target": e.target });
-    const { d, mx, my } = edgePath(a, b, traffic ? 0 : 6, traffic ? 0.68 : 0.3);
-    let label, title;
+    const { d, mx, my } = edgePath(a, b, traffic ? 0 : 6, 0.68);
+    let label = "", title;
     if (traffic) {
       const cls = errorClass(e.error_ratio);
       const widthPx = 1.5 + Math.min(6, Math.log2(1 + e.rps));
@@ -150,12 +192,16 @@ function drawGraph(data) {
               `${e.in_flight} in flight`;
       if (e.rps > 0) { hot.add(e.source); hot.add(e.target); }
     } else {
+      // Unlabelled: the share is written on the backend's box (labels of crossing route and
+      // traffic edges would collide).
       g.append(svg("path", { d, "marker-end": "url(#arrow-route)" }));
-      label = `${e.weight_percent} %`;
       title = `route ${e.route}: ${e.weight_percent} % of ${e.source} to ${e.target}`;
+      const parent = byId.get(e.source);
+      if (!shares.has(e.target)) shares.set(e.target, `${parent ? parent.name : e.source} ${e.weight_percent} %`);
     }
     g.append(svg("title", {}, title));
     edgeLayer.append(g);
+    if (!label) continue;
     const text = svg("text", { x: mx, y: my - 4, "text-anchor": "middle", class: "edge-label" }, label);
     const lg = svg("g", { class: `edge ${e.kind}` });
     lg.append(text);
@@ -170,9 +216,12 @@ function drawGraph(data) {
     g.append(svg("rect", { class: "stripe", width: 5, height: NODE_H, rx: 2,
                            fill: `hsl(${hue(n.namespace)},55%,55%)` }));
     g.append(svg("text", { class: "ns", x: 12, y: 13 }, n.kind === "workload" ? `${n.namespace} · workload` : n.namespace));
-    g.append(svg("text", { class: "name", x: 12, y: 28 }, n.name.length > 20 ? n.name.slice(0, 19) + "…" : n.name));
+    g.append(svg("text", { class: "name", x: 12, y: 27 }, n.name.length > 20 ? n.name.slice(0, 19) + "…" : n.name));
     const meta = n.kind === "service" ? `${n.endpoints} ep` + (n.rps > 0 ? ` · ${rate(n.rps)}/s` : "") : "";
-    g.append(svg("text", { class: "meta", x: NODE_W - 8, y: 28, "text-anchor": "end" }, meta));
+    g.append(svg("text", { class: "meta", x: NODE_W - 8, y: 27, "text-anchor": "end" }, meta));
+    if (shares.has(n.id)) {
+      g.append(svg("text", { class: "share", x: NODE_W - 8, y: 13, "text-anchor": "end" }, `◂ ${shares.get(n.id)}`));
+    }
     g.append(svg("title", {}, `${n.id}: ${n.endpoints} ready endpoints, ${rate(n.rps)} requests/s in, ` +
                               `${pct(n.error_ratio)} errors, ${n.in_flight} in flight`));
     nodeLayer.append(g);
