@@ -79,24 +79,23 @@ async def test_fifty_services_are_drawn_without_overlap(tmp_path):
         claim = ProxyClaim(node_id=f"{caller.name}-0.{caller.namespace}", namespace=caller.namespace,
                            service_account=caller.name, pod=f"{caller.name}-0")
         load.report(claim, [ClusterLoad(cluster_name(callee, 80), 10.0, ok, errors, ok + errors, 2)])
-    async with AdminStack(store=store, load=load) as stack:
-        async with browser_page(height=1900) as page:
-            await page.goto(f"{stack.url}/ui#token={stack.tokens.read}")
-            await page.wait_for_function("document.querySelectorAll('#graph g.node').length == 50",
-                                         timeout=15_000)
-            edges = await page.locator("#graph .edges g.edge.traffic").count()
-            assert edges == len(_calls())
-            boxes = await page.evaluate("""() => [...document.querySelectorAll('#graph g.node rect.box')]
+    async with AdminStack(store=store, load=load) as stack, browser_page(height=1900) as page:
+        await page.goto(f"{stack.url}/ui#token={stack.tokens.read}")
+        await page.wait_for_function("document.querySelectorAll('#graph g.node').length == 50",
+                                     timeout=15_000)
+        edges = await page.locator("#graph .edges g.edge.traffic").count()
+        assert edges == len(_calls())
+        boxes = await page.evaluate("""() => [...document.querySelectorAll('#graph g.node rect.box')]
                 .map(r => { const b = r.getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; })""")
-            for i, (x, y, w, h) in enumerate(boxes):
-                for (x2, y2, w2, h2) in boxes[i + 1:]:
-                    assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y, "boxes overlap"
-            # The busiest edge's label is readable text with its rate.
-            label = await page.evaluate("""() => [...document.querySelectorAll('#graph .labels text')]
+        for i, (x, y, w, h) in enumerate(boxes):
+            for (x2, y2, w2, h2) in boxes[i + 1:]:
+                assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y, "boxes overlap"
+        # The busiest edge's label is readable text with its rate.
+        label = await page.evaluate("""() => [...document.querySelectorAll('#graph .labels text')]
                 .map(t => t.textContent)""")
-            assert "120/s · 0.2 %" in label  # gateway -> orders: 1,203 per 10 s, 3 errors
-            if os.environ.get("UPDATE_SCREENSHOTS"):
-                await page.screenshot(path=str(ROOT / "docs" / "mesh-ui-50.png"), full_page=True)
+        assert "120/s · 0.2 %" in label  # gateway -> orders: 1,203 per 10 s, 3 errors
+        if os.environ.get("UPDATE_SCREENSHOTS"):
+            await page.screenshot(path=str(ROOT / "docs" / "mesh-ui-50.png"), full_page=True)
 
 
 async def test_the_data_needs_a_read_token_and_the_page_loads_only_from_here(tmp_path):
