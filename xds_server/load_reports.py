@@ -20,6 +20,7 @@ dropped when the Service is. Nothing a proxy sends can grow it beyond that.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,16 +36,6 @@ from .xds.lrs import IGNORE_REASONS, ClusterLoad, LrsStats
 
 STALE_INTERVALS = 3.0  # a window older than this many intervals no longer counts
 NAMESPACE = "xds_server"
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """One proxy's latest report for one cluster, as rates."""
-
-    at: float  # monotonic time it arrived
-    requests_per_second: float  # completed (successful + errors)
-    errors_per_second: float
-    in_flight: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,99 +59,118 @@ class ServiceLoad:
         return self.errors_per_second / self.requests_per_second if self.requests_per_second else 0.0
 
 
+@functools.lru_cache(maxsize=65536)
+def _service_of(cluster: str) -> tuple[str, str] | None:
+    """(namespace, name) of an outbound cluster. Cached: only clusters a proxy was asked to
+    report get here (xds/lrs.py refuses others), so the cache holds the mesh's clusters."""
+    parsed = service_of_cluster(cluster)
+    return None if parsed is None else (parsed[0].namespace, parsed[0].name)
+
+
+# One proxy's latest report: (when, who, {(namespace, service): (rps, eps, in flight)}), only
+# Services with traffic (every proxy reports every cluster it has, mostly idle). Plain tuples:
+# this is the hot path of every report and of every page update.
+_ProxyLoad = tuple[float, Source, dict[tuple[str, str], tuple[float, float, int]]]
+
+
 class LoadAggregator:
-    """The `LoadSink` of xds/lrs.py: windows per (proxy, cluster), counters per Service."""
+    """The `LoadSink` of xds/lrs.py: each proxy's latest report as rates, counters per Service."""
 
     def __init__(self, store: MeshStore | None, interval: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.interval = interval
         self._clock = clock
-        self._windows: dict[str, dict[ServiceKey, Window]] = {}  # proxy id -> service -> window
-        self._sources: dict[str, Source] = {}
-        self.totals: dict[ServiceKey, list[int]] = {}  # service -> [completed, errors]
+        self._proxies: dict[str, _ProxyLoad] = {}
+        self._totals: dict[tuple[str, str], list[int]] = {}  # service -> [completed, errors]
         self.lrs_stats: LrsStats | None = None  # the service's counters, for metrics
 
     @staticmethod
     def reportable(cluster: str) -> bool:
         """The clusters proxies are asked to report: outbound clusters of mesh Services."""
-        return service_of_cluster(cluster) is not None
+        return _service_of(cluster) is not None
+
+    @property
+    def totals(self) -> dict[ServiceKey, list[int]]:
+        """Completed and failed requests per Service, summed over every accepted report."""
+        return {ServiceKey(*key): list(total) for key, total in self._totals.items()}
 
     # LoadSink ------------------------------------------------------------------------------
 
     def report(self, proxy: ProxyClaim, loads: Sequence[ClusterLoad]) -> None:
-        now = self._clock()
-        windows = self._windows.setdefault(proxy.node_id, {})
-        self._sources[proxy.node_id] = Source(proxy.namespace, proxy.pod, proxy.service_account)
-        summed: dict[ServiceKey, list[float]] = {}
+        windows: dict[tuple[str, str], tuple[float, float, int]] = {}
+        totals = self._totals
         for load in loads:
-            parsed = service_of_cluster(load.cluster)
-            if parsed is None:
+            key = _service_of(load.cluster)
+            if key is None:
                 continue
-            key = parsed[0]
-            acc = summed.setdefault(key, [0.0, 0.0, 0.0, 0.0, 0.0])  # rps, eps, in flight, done, errs
             completed = load.successful + load.errors
-            acc[0] += completed / load.interval
-            acc[1] += load.errors / load.interval
-            acc[2] += load.in_flight
-            acc[3] += completed
-            acc[4] += load.errors
-        for key, (rps, eps, in_flight, done, failed) in summed.items():
-            windows[key] = Window(now, rps, eps, int(in_flight))  # a service's ports summed
-            total = self.totals.get(key)
-            if total is None:
-                total = self.totals[key] = [0, 0]
-            total[0] += int(done)
-            total[1] += int(failed)
+            if completed or load.in_flight:
+                rps, eps, in_flight = windows.get(key, (0.0, 0.0, 0))  # a service's ports add up
+                windows[key] = (rps + completed / load.interval, eps + load.errors / load.interval,
+                                in_flight + load.in_flight)
+                total = totals.get(key)
+                if total is None:
+                    total = totals[key] = [0, 0]
+                total[0] += completed
+                total[1] += load.errors
+        self._proxies[proxy.node_id] = (
+            self._clock(), Source(proxy.namespace, proxy.pod, proxy.service_account), windows)
 
     def forget(self, proxy_id: str) -> None:
-        self._windows.pop(proxy_id, None)
-        self._sources.pop(proxy_id, None)
+        self._proxies.pop(proxy_id, None)
+
+    def forget_all(self) -> None:
+        """Drop every window and counter (a benchmark's fresh start)."""
+        self._proxies.clear()
+        self._totals.clear()
 
     # Reading --------------------------------------------------------------------------------
 
-    def _live(self) -> Iterable[tuple[str, ServiceKey, Window]]:
+    def _live(self) -> Iterable[_ProxyLoad]:
         oldest = self._clock() - self.interval * STALE_INTERVALS
-        for proxy_id, windows in self._windows.items():
-            for key, window in windows.items():
-                if window.at >= oldest:
-                    yield proxy_id, key, window
+        return [entry for entry in self._proxies.values() if entry[0] >= oldest]
 
     def services(self) -> dict[ServiceKey, ServiceLoad]:
-        out: dict[ServiceKey, ServiceLoad] = {}
-        for _proxy, key, window in self._live():
-            load = out.get(key)
-            if load is None:
-                load = out[key] = ServiceLoad()
-            load.requests_per_second += window.requests_per_second
-            load.errors_per_second += window.errors_per_second
-            load.in_flight += window.in_flight
-            load.reporters += 1
-        return out
+        sums: dict[tuple[str, str], list[float]] = {}
+        for _at, _source, windows in self._live():
+            for key, (rps, eps, in_flight) in windows.items():
+                acc = sums.get(key)
+                if acc is None:
+                    sums[key] = [rps, eps, in_flight, 1]
+                else:
+                    acc[0] += rps
+                    acc[1] += eps
+                    acc[2] += in_flight
+                    acc[3] += 1
+        return {ServiceKey(*key): ServiceLoad(a[0], a[1], int(a[2]), int(a[3]))
+                for key, a in sums.items()}
 
-    def edges(self) -> dict[tuple[Source, ServiceKey], ServiceLoad]:
-        """Load per (reporting workload, destination Service)."""
-        out: dict[tuple[Source, ServiceKey], ServiceLoad] = {}
-        for proxy_id, key, window in self._live():
-            source = self._sources.get(proxy_id)
-            if source is None:
-                continue
-            load = out.get((source, key))
-            if load is None:
-                load = out[(source, key)] = ServiceLoad()
-            load.requests_per_second += window.requests_per_second
-            load.errors_per_second += window.errors_per_second
-            load.in_flight += window.in_flight
-            load.reporters += 1
-        return out
+    def edges(self, callers_of: Callable[[Source], Sequence[str]]
+              ) -> dict[tuple[str, tuple[str, str]], list[float]]:
+        """Load per (caller, destination (namespace, service)): [rps, eps, in flight], each
+        reporting proxy's windows added to the callers `callers_of` names for it (the page:
+        the Services its pod backs)."""
+        sums: dict[tuple[str, tuple[str, str]], list[float]] = {}
+        for _at, source, windows in self._live():
+            for caller in callers_of(source):
+                for key, (rps, eps, in_flight) in windows.items():
+                    acc = sums.get((caller, key))
+                    if acc is None:
+                        sums[(caller, key)] = [rps, eps, in_flight]
+                    else:
+                        acc[0] += rps
+                        acc[1] += eps
+                        acc[2] += in_flight
+        return sums
 
     def reporting_proxies(self) -> int:
-        return len(self._windows)
+        return len(self._proxies)
 
     def prune(self, services: Mapping[tuple[str, str], Any]) -> None:
         """Drop counters of Services that left the mesh (bounded by the mesh, not by time)."""
-        for key in [k for k in self.totals if (k.namespace, k.name) not in services]:
-            del self.totals[key]
+        for key in [k for k in self._totals if k not in services]:
+            del self._totals[key]
 
     # Metrics --------------------------------------------------------------------------------
 
@@ -199,7 +209,8 @@ class LoadAggregator:
         ready = self.ready_endpoints()
         if self.store is not None:
             self.prune(self.store.all(SERVICE))
-        for key in sorted(set(loads) | set(self.totals)):
+        totals = self.totals
+        for key in sorted(set(loads) | set(totals)):
             label = [key.namespace, key.name]
             load = loads.get(key, ServiceLoad())
             count = ready.get(key, 0)
@@ -209,7 +220,7 @@ class LoadAggregator:
             in_flight.add_metric(label, load.in_flight)
             per_endpoint.add_metric(label, load.in_flight / count if count else float(load.in_flight))
             endpoints.add_metric(label, count)
-            completed, failed = self.totals.get(key, (0, 0))
+            completed, failed = totals.get(key, (0, 0))
             requests.add_metric(label, completed)
             errors.add_metric(label, failed)
         yield from (rps, eps, ratio, in_flight, per_endpoint, endpoints, requests, errors)

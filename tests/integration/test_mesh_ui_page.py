@@ -75,14 +75,19 @@ def _calls() -> list[tuple[ServiceKey, ServiceKey, int, int]]:
 async def test_fifty_services_are_drawn_without_overlap(tmp_path):
     store = _mesh(tmp_path / "mesh")
     load = LoadAggregator(store, 10.0)
-    for caller, callee, ok, errors in _calls():  # what the callers' sidecars would report
+    reports: dict[ServiceKey, list[ClusterLoad]] = {}
+    for caller, callee, ok, errors in _calls():  # one report per caller's sidecar, as Envoy sends
+        reports.setdefault(caller, []).append(
+            ClusterLoad(cluster_name(callee, 80), 10.0, ok, errors, ok + errors, 2))
+    for caller, loads in reports.items():
         claim = ProxyClaim(node_id=f"{caller.name}-0.{caller.namespace}", namespace=caller.namespace,
                            service_account=caller.name, pod=f"{caller.name}-0")
-        load.report(claim, [ClusterLoad(cluster_name(callee, 80), 10.0, ok, errors, ok + errors, 2)])
+        load.report(claim, loads)
     async with AdminStack(store=store, load=load) as stack, browser_page(height=1900) as page:
         await page.goto(f"{stack.url}/ui#token={stack.tokens.read}")
-        await page.wait_for_function("document.querySelectorAll('#graph g.node').length == 50",
-                                     timeout=15_000)
+        # (Not wait_for_function: the page's CSP forbids the eval it polls with.)
+        await page.locator("#graph g.node").nth(49).wait_for(timeout=15_000)
+        assert await page.locator("#graph g.node").count() == 50
         edges = await page.locator("#graph .edges g.edge.traffic").count()
         assert edges == len(_calls())
         boxes = await page.evaluate("""() => [...document.querySelectorAll('#graph g.node rect.box')]

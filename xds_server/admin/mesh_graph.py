@@ -21,6 +21,7 @@ from . import views
 EXPIRY_FRACTION = 0.25
 MAX_CERTIFICATES = 50  # the soonest ones: the page lists them, the API has them all
 MAX_ERRORS = 50
+MAX_PROXY_ROWS = 200
 
 
 def _service_id(namespace: str, name: str) -> str:
@@ -70,31 +71,28 @@ def build(ctx: Any, now: datetime | None = None) -> dict[str, Any]:
     edges: list[dict[str, Any]] = []
     loads = load.services() if load is not None else {}
     if load is not None:
-        traffic: dict[tuple[str, str], dict[str, float]] = {}
-        for (source, key), window in load.edges().items():
-            target = _service_id(key.namespace, key.name)
+        def callers_of(source: Any) -> list[str]:
             callers = pod_services.get((source.namespace, source.pod))
-            if not callers:  # a workload behind no Service: shown as its service account
-                caller = _workload_id(source.namespace, source.service_account)
-                nodes.setdefault(caller, {"id": caller, "kind": "workload",
-                                          "namespace": source.namespace,
-                                          "name": source.service_account, "endpoints": 0})
-                callers = [caller]
-            for caller in callers:
-                acc = traffic.setdefault((caller, target), {"rps": 0.0, "eps": 0.0, "in_flight": 0})
-                acc["rps"] += window.requests_per_second
-                acc["eps"] += window.errors_per_second
-                acc["in_flight"] += window.in_flight
-            if target not in nodes:  # reported before the store has it (or raw): still shown
-                nodes[target] = {"id": target, "kind": "service", "namespace": key.namespace,
-                                 "name": key.name, "endpoints": 0}
-        for (source_id, target), acc in sorted(traffic.items()):
-            if acc["rps"] <= 0 and acc["in_flight"] <= 0:
-                continue  # every proxy reports every cluster it has: draw only real traffic
+            if callers:
+                return callers
+            # A workload behind no Service: shown as its service account.
+            caller = _workload_id(source.namespace, source.service_account)
+            nodes.setdefault(caller, {"id": caller, "kind": "workload",
+                                      "namespace": source.namespace,
+                                      "name": source.service_account, "endpoints": 0})
+            return [caller]
+
+        for (source_id, (namespace, name)), (rps, eps, in_flight) in sorted(load.edges(callers_of).items()):
+            if rps <= 0 and in_flight <= 0:
+                continue
+            target = _service_id(namespace, name)
+            if target not in nodes:  # reported before the store has it: still shown
+                nodes[target] = {"id": target, "kind": "service", "namespace": namespace,
+                                 "name": name, "endpoints": 0}
             edges.append({
                 "source": source_id, "target": target, "kind": "traffic",
-                "rps": _round(acc["rps"]), "error_ratio": _round(acc["eps"] / acc["rps"]) if acc["rps"] else 0.0,
-                "in_flight": int(acc["in_flight"]),
+                "rps": _round(rps), "error_ratio": _round(eps / rps) if rps else 0.0,
+                "in_flight": int(in_flight),
             })
     for node in nodes.values():
         key_load = _load_of(loads, node)
@@ -103,13 +101,14 @@ def build(ctx: Any, now: datetime | None = None) -> dict[str, Any]:
         node["in_flight"] = key_load.in_flight if key_load else 0
     edges.extend(route_edges)
 
-    proxies = views.proxies(ctx.server.connections, getattr(ctx, "trust_domain", "cluster.local"))
+    proxies, counts = _proxies(ctx.server.connections, getattr(ctx, "trust_domain", "cluster.local"))
     return {
         "generated_at": now.isoformat(),
         "load_report_interval": getattr(load, "interval", None),
         "nodes": sorted(nodes.values(), key=lambda n: (n["namespace"], n["name"], n["kind"])),
         "edges": edges,
-        "proxies": [_proxy_row(p) for p in proxies],
+        "proxies": proxies,
+        "proxy_counts": counts,
         "certificates": _certificates(getattr(ctx, "registry", None), now),
         "source_errors": _source_errors(getattr(ctx, "sources", {}) or {}),
     }
@@ -143,17 +142,39 @@ def _route_edges(routes: Iterable[Any], nodes: Mapping[str, Any]) -> list[dict[s
     return [out[k] for k in sorted(out)]
 
 
-def _proxy_row(proxy: Mapping[str, Any]) -> dict[str, Any]:
-    errors = [{"type": name, **t["error"]} for name, t in proxy["types"].items()
-              if t["status"] == "NACKED" and t.get("error")]
-    return {
-        "id": proxy["id"],
-        "identity": proxy["identity"]["spiffe_id"],
-        "status": proxy["status"],
-        "types": {name: t["status"] for name, t in proxy["types"].items()},
-        "errors": errors,
-        "connected_since": proxy["connected_since"],
-    }
+def _proxies(connections: Iterable[Any], trust_domain: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every proxy's overall status counted; rows for the worst first, at most MAX_PROXY_ROWS
+    (the page is for seeing what is wrong; `/api/v1/proxies` lists them all)."""
+    from ..redaction import redact_text
+    from ..xds import types
+
+    counts = {status: 0 for status in views.STATUS_RANK}
+    rows = []
+    for proxy_id, conns in views.group_connections(list(connections)).items():
+        by_type: dict[str, Any] = {}
+        for conn in conns:  # newest last: its state wins for a type
+            for type_url, state in conn.state.types.items():
+                by_type[types.short_name(type_url)] = state
+        statuses = {name: state.status() for name, state in by_type.items()}
+        overall = max(statuses.values(), key=views.STATUS_RANK.__getitem__, default="NOT SENT")
+        counts[overall] += 1
+        rows.append((-views.STATUS_RANK[overall], proxy_id, conns[-1], statuses, by_type, overall))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    out = []
+    for _rank, proxy_id, newest, statuses, by_type, overall in rows[:MAX_PROXY_ROWS]:
+        identity = newest.identity
+        out.append({
+            "id": proxy_id,
+            "identity": identity.spiffe_id(trust_domain) if identity is not None else None,
+            "status": overall,
+            "types": statuses,
+            "errors": [{"type": name, "message": redact_text(state.nack.message),
+                        "version": state.nack.version, "at": views.iso(state.nack.at)}
+                       for name, state in by_type.items()
+                       if statuses[name] == "NACKED" and state.nack is not None],
+            "connected_since": views.iso(newest.state.connected_at),
+        })
+    return out, counts
 
 
 def _certificates(registry: Any, now: datetime) -> dict[str, Any]:

@@ -255,7 +255,9 @@ class MeshGraph(BaseModel):
     load_report_interval: float | None
     nodes: list[MeshNode]
     edges: list[MeshEdge]
-    proxies: list[MeshProxy]
+    proxies: list[MeshProxy] = Field(description="The worst first, at most 200 (all of them: "
+                                                 "/api/v1/proxies).")
+    proxy_counts: dict[str, int] = Field(description="Proxies by overall status.")
     certificates: dict[str, Any] = Field(description="`issued`, and `expiring`: certificates "
                                                      "with under a quarter of their lifetime left.")
     source_errors: list[dict[str, Any]]

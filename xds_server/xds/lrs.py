@@ -100,6 +100,27 @@ class LrsStats:
     refused: collections.Counter[str] = field(default_factory=collections.Counter)  # streams
 
 
+def _same_proxy(conn: Connection, proof: Proof | None) -> bool:
+    """Whether an xDS stream proved what the LRS stream proved (anything, when nothing is
+    proven: `--auth none`, where the node is believed on both)."""
+    if proof is None:
+        return True
+    if conn.identity != proof.identity:
+        return False
+    return not (proof.pod and conn.claim is not None and conn.claim.pod != proof.pod)
+
+
+@dataclass(slots=True)
+class _Reporter:
+    """One LRS stream: who it proved to be and what it was asked to report."""
+
+    claim: ProxyClaim
+    proof: Proof | None
+    entry: list[float]  # the proxy's [open streams, time of its last accepted report]
+    asked: frozenset[str] | None = None
+    clusters_key: tuple[int, str, int] | None = None
+
+
 class LoadReportingService:
     def __init__(
         self,
@@ -123,6 +144,7 @@ class LoadReportingService:
         # node id -> (open streams, loop time of its last accepted report): the rate bound
         # is per proxy, so opening more streams does not buy more reports.
         self._proxies: dict[str, list[float]] = {}
+        self._conns: dict[str, Connection] = {}  # node id -> its xDS stream last found
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
@@ -158,18 +180,19 @@ class LoadReportingService:
         entry = self._proxies.setdefault(node_id, [0, float("-inf")])
         entry[0] += 1
         self.stats.streams += 1
-        asked: frozenset[str] | None = None
+        reporter = _Reporter(claim, proof, entry)
         try:
-            asked = await self._ask(context, claim, proof, asked)
+            await self._ask(context, reporter)
             if first.cluster_stats:  # a report in the first message counts like any other
-                asked = await self._take(context, claim, proof, first, entry, asked)
+                await self.take(context, reporter, first)
             async for request in requests:
-                asked = await self._take(context, claim, proof, request, entry, asked)
+                await self.take(context, reporter, request)
         finally:
             self.stats.streams -= 1
             entry[0] -= 1
             if entry[0] <= 0:
                 del self._proxies[node_id]
+                self._conns.pop(node_id, None)
                 self.sink.forget(node_id)
 
     async def _prove(self, context: aio.ServicerContext[Any, Any], claim: ProxyClaim,
@@ -186,65 +209,75 @@ class LoadReportingService:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, err.reason)
             raise  # abort raises; for the type checker
 
-    def _connection(self, claim: ProxyClaim, proof: Proof | None) -> Connection | None:
-        """The proxy's newest xDS stream holding clusters, proven as the same identity."""
+    def _connection(self, reporter: _Reporter) -> Connection | None:
+        """The proxy's newest xDS stream holding clusters, proven as the same identity. The
+        last one found is kept while it stays open: a lookup per report costs no scan."""
+        node_id = reporter.claim.node_id
+        live = self._connections()
+        proof = reporter.proof
+        known = self._conns.get(node_id)
+        if known is not None and not known.closing and known in live and _same_proxy(known, proof):
+            return known
         found = None
-        for conn in self._connections():
-            if conn.proxy_id != claim.node_id or types.CLUSTER not in conn.state.types:
-                continue
-            if proof is not None and (conn.identity != proof.identity or (
-                    proof.pod and conn.claim is not None and conn.claim.pod != proof.pod)):
+        for conn in live:
+            if conn.proxy_id != node_id or types.CLUSTER not in conn.state.types \
+                    or not _same_proxy(conn, proof):
                 continue
             if found is None or conn.state.connected_at >= found.state.connected_at:
                 found = conn
+        if found is not None:
+            self._conns[node_id] = found
         return found
 
-    def _clusters_of(self, conn: Connection) -> frozenset[str]:
+    def _clusters_of(self, conn: Connection, reporter: _Reporter) -> frozenset[str]:
+        """The proxy's reportable clusters, recomputed only when it was sent other clusters."""
         state = conn.state
         type_state = state.types.get(types.CLUSTER)
         view = state.view
         if type_state is None or view is None:
             return frozenset()
+        key = (state.id, type_state.sent_version, len(type_state.names))
+        if key == reporter.clusters_key and reporter.asked is not None:
+            return reporter.asked
         names = set(type_state.names)
         if type_state.wildcard:
             names.update(r.name for r in view.visible(types.CLUSTER))
         reportable = self._reportable
+        reporter.clusters_key = key
         return frozenset(n for n in names if reportable(n) and view.get(types.CLUSTER, n) is not None)
 
-    async def _ask(self, context: aio.ServicerContext[Any, Any], claim: ProxyClaim,
-                   proof: Proof | None, asked: frozenset[str] | None) -> frozenset[str]:
+    async def _ask(self, context: aio.ServicerContext[Any, Any], reporter: _Reporter) -> None:
         """Tell the proxy which clusters to report, when that changed (or first)."""
-        conn = self._connection(claim, proof)
-        clusters = self._clusters_of(conn) if conn is not None else frozenset()
-        if clusters == asked:
-            return clusters
+        conn = self._connection(reporter)
+        clusters = self._clusters_of(conn, reporter) if conn is not None else frozenset()
+        if clusters == reporter.asked:
+            return
+        reporter.asked = clusters
         response = lrs_pb2.LoadStatsResponse(clusters=sorted(clusters))
         response.load_reporting_interval.FromNanoseconds(int(self.settings.interval * 1e9))
         await context.write(response)
-        return clusters
 
-    async def _take(self, context: aio.ServicerContext[Any, Any], claim: ProxyClaim,
-                    proof: Proof | None, request: lrs_pb2.LoadStatsRequest, entry: list[float],
-                    asked: frozenset[str] | None) -> frozenset[str] | None:
-        if not request.cluster_stats:  # nothing to report (no cluster asked yet): re-ask
-            return await self._ask(context, claim, proof, asked)
-        now = self._now()
-        reason = None
-        loads: list[ClusterLoad] = []
-        if now - entry[1] < self.settings.interval / 2:
-            reason = "too_frequent"
-        elif self._connection(claim, proof) is None:
-            reason = "unknown_proxy"
-        else:
-            reason = self._check(request.cluster_stats, asked or frozenset(), loads)
-        if reason is not None:
-            self.stats.ignored[reason] += 1
-            log.debug("load report ignored", extra={"proxy": claim.node_id, "reason": reason})
-        else:
-            entry[1] = now
-            self.stats.reports += 1
-            self.sink.report(claim, loads)
-        return await self._ask(context, claim, proof, asked)
+    async def take(self, context: aio.ServicerContext[Any, Any], reporter: _Reporter,
+                   request: lrs_pb2.LoadStatsRequest) -> None:
+        """One request of an open stream: a report checked and handed on, or ignored."""
+        if request.cluster_stats:
+            now = self._now()
+            loads: list[ClusterLoad] = []
+            if now - reporter.entry[1] < self.settings.interval / 2:
+                reason: str | None = "too_frequent"
+            elif self._connection(reporter) is None:
+                reason = "unknown_proxy"
+            else:
+                reason = self._check(request.cluster_stats, reporter.asked or frozenset(), loads)
+            if reason is not None:
+                self.stats.ignored[reason] += 1
+                log.debug("load report ignored",
+                          extra={"proxy": reporter.claim.node_id, "reason": reason})
+            else:
+                reporter.entry[1] = now
+                self.stats.reports += 1
+                self.sink.report(reporter.claim, loads)
+        await self._ask(context, reporter)
 
     def _check(self, stats: Sequence[load_report_pb2.ClusterStats], asked: frozenset[str],
                out: list[ClusterLoad]) -> str | None:

@@ -229,7 +229,7 @@ function drawGraph(data) {
   graph.append(edgeLayer, nodeLayer, labelLayer);
 }
 
-function drawProxies(proxies) {
+function drawProxies(proxies, counts) {
   const body = document.querySelector("#proxies tbody");
   body.replaceChildren();
   const order = { NACKED: 0, STALE: 1, "NOT SENT": 2, SYNCED: 3 };
@@ -246,7 +246,9 @@ function drawProxies(proxies) {
     tr.append(id, status, dots);
     body.append(tr);
   }
-  document.getElementById("proxy-count").textContent = String(proxies.length);
+  const total = Object.values(counts).reduce((a, b) => a + b, 0);
+  document.getElementById("proxy-count").textContent =
+    total > proxies.length ? `${total} (the ${proxies.length} worst shown)` : String(total);
   const nacks = document.getElementById("nacks");
   nacks.replaceChildren();
   for (const p of sorted) {
@@ -276,9 +278,11 @@ function drawSummary(data) {
   const summary = document.getElementById("summary");
   const services = data.nodes.filter(n => n.kind === "service").length;
   const rps = data.edges.filter(e => e.kind === "traffic").reduce((s, e) => s + e.rps, 0);
-  const bad = data.proxies.filter(p => p.status === "NACKED").length;
-  const pills = [["services", services], ["proxies", data.proxies.length], ["req/s", rate(rps)],
-                 ["NACKED", bad], ["source errors", data.source_errors.length]];
+  const counts = data.proxy_counts;
+  const proxies = Object.values(counts).reduce((a, b) => a + b, 0);
+  const pills = [["services", services], ["proxies", proxies], ["req/s", rate(rps)],
+                 ["NACKED", counts.NACKED || 0], ["STALE", counts.STALE || 0],
+                 ["source errors", data.source_errors.length]];
   summary.replaceChildren(...pills.map(([k, v]) => {
     const pill = el("span", { class: "pill" });
     pill.append(el("b", {}, String(v)), document.createTextNode(` ${k}`));
@@ -289,7 +293,7 @@ function drawSummary(data) {
 function render(data) {
   drawSummary(data);
   drawGraph(data);
-  drawProxies(data.proxies);
+  drawProxies(data.proxies, data.proxy_counts);
   const certs = data.certificates.expiring;
   document.getElementById("cert-count").textContent = `${certs.length} of ${data.certificates.issued}`;
   drawList("certificates", certs, c => {
