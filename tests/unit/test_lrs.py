@@ -289,3 +289,31 @@ def test_aggregation_is_bounded_by_proxies_and_services():
     assert aggregator.reporting_proxies() == 1
     aggregator.prune({})
     assert aggregator.totals == {}
+
+
+def test_replicas_add_up_in_prometheus():
+    """Two replicas, each with its own proxies: what Prometheus would scrape from both, summed
+    by (namespace, service), is the mesh's total; the error ratio across replicas is summed
+    errors over summed requests (as manifests/autoscaling's adapter rule computes it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    replicas = [LoadAggregator(None, 10.0), LoadAggregator(None, 10.0)]
+    traffic = [(0, "web-0", 100, 0, 3), (0, "web-1", 300, 30, 1), (1, "web-2", 600, 6, 2)]
+    for replica, pod, ok, errors, in_flight in traffic:
+        claim = ProxyClaim(node_id=f"{pod}.shop", namespace="shop", service_account="web", pod=pod)
+        replicas[replica].report(claim, [ClusterLoad(API_CLUSTER, 10.0, ok, errors, ok + errors, in_flight)])
+    sums: dict[str, float] = {}
+    for aggregator in replicas:
+        registry = CollectorRegistry()
+        registry.register(type("C", (), {"collect": aggregator.collect})())
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            for sample in family.samples:
+                if sample.labels.get("service") == "api":
+                    sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    assert sums["xds_server_service_requests_per_second"] == pytest.approx((100 + 330 + 606) / 10)
+    assert sums["xds_server_service_errors_per_second"] == pytest.approx(3.6)
+    assert sums["xds_server_service_requests_in_flight"] == 6
+    assert sums["xds_server_service_requests_total"] == 1036
+    ratio = sums["xds_server_service_errors_per_second"] / sums["xds_server_service_requests_per_second"]
+    assert ratio == pytest.approx(36 / 1036)
