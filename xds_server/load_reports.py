@@ -1,9 +1,10 @@
 """Load reports (LRS, xds/lrs.py) aggregated per destination Service, for autoscaling and the
 live mesh page.
 
-Each accepted report replaces that proxy's window for each cluster it names: requests
-completed and errors per second over the proxy's interval, and requests in flight at its end.
-A Service's rate is the sum of the latest windows of every proxy that reported it within
+Each accepted report (it covers every cluster the proxy was asked for) replaces that proxy's
+windows: per destination Service with traffic, requests completed and errors per second over
+the proxy's interval, and requests in flight at its end. A Service's rate is the sum of the
+latest windows of every proxy that reported it within
 `STALE_INTERVALS` intervals (a proxy that stops reporting drops out instead of freezing the
 rate). Counters (`..._requests_total`) add every accepted report's counts, so a window of
 time can be compared with the traffic sent, whatever the reporting phase.
@@ -13,8 +14,8 @@ sum over proxies and adds up across replicas (`sum by (namespace, service)`), ex
 error ratio, a convenience per replica: across replicas divide the summed errors-per-second
 by the summed requests-per-second.
 
-Memory: per connected proxy, one window per cluster it was sent (xds/lrs.py refuses the
-rest), forgotten when its last LRS stream closes; per Service of the mesh, two counters,
+Memory: per connected proxy, one window per Service it sends traffic to, among the clusters it
+was sent (xds/lrs.py refuses the rest), forgotten when its last LRS stream closes; per Service of the mesh, two counters,
 dropped when the Service is. Nothing a proxy sends can grow it beyond that.
 """
 
