@@ -128,3 +128,33 @@ async def test_the_data_needs_a_read_token_and_the_page_loads_only_from_here(tmp
             await page.click("#login button")
             await page.wait_for_selector("#main:not([hidden])", timeout=10_000)
             await page.wait_for_selector("#updated:has-text('updated')", timeout=10_000)
+
+
+async def test_certificates_close_to_expiry_and_source_errors_show(tmp_path):
+    """A certificate with under a quarter of its lifetime left and a source's error are on the
+    page (a 24 h certificate is not)."""
+    from datetime import timedelta
+
+    from tests.support.admin import CA
+    from xds_server.model.identity import Identity
+
+    ca = CA(tmp_path / "ca")
+    ca.issuer.issue_for_identity(Identity("shop", "web"), ttl=timedelta(minutes=1), proxy="web-0.shop")
+    ca.issuer.issue_for_identity(Identity("shop", "api"), ttl=timedelta(hours=24), proxy="api-0.shop")
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "bad.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: { name: broken, namespace: shop }\n"
+        "spec: { ports: [{ port: 99999 }] }\n")
+    store = MeshStore()
+    source = MeshDirectory(tmp_path / "mesh", store)
+    source.load()
+    assert source.errors
+    async with AdminStack(store=store, ca=ca, sources={"files": source}) as stack, browser_page() as page:
+        await page.goto(f"{stack.url}/ui#token={stack.tokens.read}")
+        expiring = page.locator('#certificates li[data-spiffe-id="spiffe://cluster.local/ns/shop/sa/web"]')
+        await expiring.wait_for(timeout=15_000)
+        assert "min" in await expiring.text_content()
+        assert await page.locator('#certificates li[data-spiffe-id$="/sa/api"]').count() == 0
+        assert "1 of 2" in await page.locator("#cert-count").text_content()
+        errors = await page.locator("#source-errors li").all_text_contents()
+        assert any("files" in e and "99999" in e for e in errors), errors
