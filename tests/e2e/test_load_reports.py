@@ -102,3 +102,32 @@ async def test_reported_counts_match_traffic_and_errors_show(tmp_path):
     finally:
         metrics.close()
         await mesh.stop()
+
+
+async def test_sidecars_with_tokens_report_under_their_proven_identity(tmp_path):
+    """With `--auth tokens` the sidecar's LRS stream carries its bootstrap's token, proves the
+    identity its xDS stream proved, and its reports count; nothing is refused."""
+    from datetime import timedelta
+
+    from xds_server.ca.tokens import TokenIssuer
+    from xds_server.xds.auth import Authenticator, AuthMode, GuardSettings, StreamGuard
+
+    issuer = TokenIssuer(tmp_path / "ca")
+    guard = StreamGuard(Authenticator(AuthMode.TOKENS, tokens=issuer), GuardSettings())
+    mesh = MeshHarness(tmp_path / "mesh", load_reports=LrsSettings(interval=INTERVAL), hooks=[guard])
+    await mesh.start()
+    try:
+        frontend = mesh.pod("shop", "frontend", service_account="frontend")
+        api, _backend = programmable_pod(mesh, "shop", "api-0", service_account="api")
+        mesh.service("shop", "api", 80, pods=[api])
+        await asyncio.gather(*(
+            mesh.sidecar(p, token=issuer.create("shop", p.service_account, timedelta(hours=1)))
+            for p in (frontend, api)))
+        await until(lambda: frontend.request("api").status == 200, 20, "api reachable")
+        statuses = await asyncio.to_thread(_send, frontend, 50)
+        assert statuses == [200] * 50
+        await until(lambda: mesh.load.totals.get(API, [0])[0] >= 50, 20, "reports of the traffic")
+        service = mesh.load.lrs_stats
+        assert service is not None and service.refused == {} and service.ignored == {}
+    finally:
+        await mesh.stop()
