@@ -23,7 +23,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import yaml
 from cryptography import x509
@@ -36,7 +35,6 @@ from tests.support.upstreams import http_request
 from xds_server.ca.certdir import CA_FILE, CERT_FILE, KEY_FILE, SDS_CA_FILE, SDS_CERT_FILE
 from xds_server.model.security import SecuritySettings
 from xds_server.security import Security, SecurityConfig
-from xds_server.xds import types
 from xds_server.xds.auth import AuthMode
 from xds_server.xds.cache import ResourceCache
 from xds_server.xds.server import ServerSettings, XdsServer
@@ -292,3 +290,186 @@ async def test_the_agent_is_not_ready_without_a_certificate(mesh: AgentMesh, tmp
     # The kubelet replaces the token: the next retry succeeds.
     mesh.write_token(token, "web", timedelta(hours=1))
     await mesh.until(lambda: readiness(port) == 200, 30, "agent ready with the new token")
+
+
+# ---------------------------------------------------------------- rotation and expiry
+
+
+class Traffic:
+    """web -> api through web's sidecar, as fast as it answers, in a thread: every request
+    counted as a success (200) or a failure (anything else, or no answer)."""
+
+    def __init__(self, pod: Pod) -> None:
+        self.pod = pod
+        self.ok = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="traffic")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status = self.pod.request(API_HOST, timeout=5).status
+            except OSError as err:
+                self.failed.append(f"{time.monotonic():.1f} {err!r}")
+                continue
+            if status == 200:
+                self.ok += 1
+            else:
+                self.failed.append(f"{time.monotonic():.1f} status {status}")
+            time.sleep(0.02)
+
+    def start(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("agent-rotation")  # a minute of wall time: its own group
+async def test_rotation_every_few_seconds_token_expiry_and_a_server_restart(tmp_path: Path) -> None:
+    """A 20 s workload TTL: the agents' certificates (Envoy's xDS client certificate) and the
+    data plane's SDS certificates are renewed every ~10 s for a minute, under traffic. The
+    agents' tokens live 10 s and the files are refreshed as the kubelet does; after the first
+    token has long expired, the server restarts and Envoy reconnects with its current
+    certificate. Not one request fails."""
+    mesh = await AgentMesh(tmp_path / "mesh", tmp_path / "ca", workload_ttl=timedelta(seconds=20),
+                           mtls=True).start()
+    traffic: Traffic | None = None
+    refresher: asyncio.Task | None = None
+    try:
+        api = mesh.pod(NS, "api-1", service_account="api")
+        web = mesh.pod(NS, "web-1", service_account="web")
+        mesh.service(NS, "api", pods=[api])
+        short = timedelta(seconds=10)
+        (web_certs, _, _), (api_certs, _, _) = await asyncio.gather(
+            mesh.agent("web", "web-1", "--ttl", "20s", token_ttl=short),
+            mesh.agent("api", "api-1", "--ttl", "20s", token_ttl=short))
+        first_token_expires = time.monotonic() + short.total_seconds()
+
+        async def refresh_tokens() -> None:  # the kubelet: a fresh token well before expiry
+            while True:
+                await asyncio.sleep(3)
+                for name, account in (("web-1", "web"), ("api-1", "api")):
+                    mesh.write_token(mesh.work / f"agent-{name}" / "token", account, short)
+
+        refresher = asyncio.create_task(refresh_tokens())
+        await asyncio.gather(mesh.tls_sidecar(web, web_certs), mesh.tls_sidecar(api, api_certs))
+        await mesh.until(lambda: web.request(API_HOST).status == 200, 30, "web -> api over mTLS")
+        assert web.envoy is not None
+        traffic = Traffic(web).start()
+
+        written: set[str] = set()  # serials the web agent wrote
+        presented: set[str] = set()  # serials Envoy's /certs showed
+
+        async def observe(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                written.add(format(leaf(web_certs / CERT_FILE).serial_number, "x"))
+                presented.update(await asyncio.to_thread(client_certificate_serials, web.envoy))
+                await asyncio.sleep(0.5)
+
+        await observe(35)
+        assert time.monotonic() > first_token_expires + 20, "the first token is long expired"
+        opened = mesh.security.guard.stats.authenticated["client-certificate"]
+        await mesh.restart_server()
+        # Envoy reconnects (its backoff) with the certificate it holds now, and is served.
+        await mesh.until(lambda: any(c.proxy_id == f"web-1.{NS}" for c in mesh.server.connections),
+                         40, "web's sidecar reconnected")
+        await observe(15)
+        (conn,) = [c for c in mesh.server.connections if c.proxy_id == f"web-1.{NS}"]
+        assert conn.proof is not None and conn.proof.method == "client-certificate"
+        assert mesh.security.guard.stats.authenticated["client-certificate"] > opened
+        # ... and a change made after the restart reaches it.
+        mesh.service(NS, "api", pods=[api], annotations={"restarted": "yes"},
+                     extra_ports=[{"name": "extra", "port": 81, "targetPort": api.app_port,
+                                   "appProtocol": "http"}])
+        await mesh.until(lambda: any(":81" in json.dumps(n) or "|81|" in n
+                                     for n in web.envoy.cluster_hosts()), 20,
+                         "a cluster added after the restart")
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        if refresher is not None:
+            refresher.cancel()
+        await mesh.stop()
+    rotated = written & presented
+    assert len(rotated) >= 3, f"Envoy presented {len(rotated)} of the agent's certificates ({len(written)} written)"
+    assert traffic.ok > 100
+    assert traffic.failed == [], traffic.failed[:10]
+    assert mesh.security.guard.stats.auth_failures.total() == 0, mesh.security.guard.stats.auth_failures
+    assert mesh.security.csr_service is not None
+    assert mesh.security.csr_service.failures.total() == 0, mesh.security.csr_service.failures
+
+
+# ------------------------------------------------------------------------ proxyless gRPC
+
+
+def grpc_bootstrap_from_cli(mesh: AgentMesh, pod: str, service_account: str, ip: str,
+                            cert_dir: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        cli("bootstrap", "--grpc", "--namespace", NS, "--service-account", service_account,
+            "--pod", pod, "--pod-ip", ip, "--cert-dir", str(cert_dir),
+            "--xds-address", mesh.mtls_address),
+        cwd=ROOT, capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(out.stdout)
+
+
+@pytest.mark.slow
+async def test_proxyless_grpc_in_tokens_mode_with_the_agents_files(tmp_path: Path) -> None:
+    """Stock grpcio xDS server and client, each with an agent: their xDS connection is mutual
+    TLS from the agent's files (A65 `channel_creds` of type tls: no token), and they call each
+    other over mTLS with the same files (the `default` file_watcher provider)."""
+    mesh = await AgentMesh(tmp_path / "mesh", tmp_path / "ca", mtls=True).start()
+    processes: list[ProxylessProcess] = []
+    try:
+        ip = next_loopback_ip()
+        port = free_port(ip)
+        mesh.write(f"pod-{NS}-greeter-1.yaml", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "greeter-1", "namespace": NS, "labels": {"app": "greeter"},
+                         "annotations": {"xds-server.io/proxyless": "true"}},
+            "spec": {"serviceAccountName": "greeter",
+                     "containers": [{"name": "app", "ports": [{"containerPort": port}]}]},
+            "status": {"podIP": ip},
+        })
+        mesh.write(f"svc-{NS}-greeter.yaml", {
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "greeter", "namespace": NS},
+            "spec": {"ports": [{"name": "grpc", "port": 50051, "targetPort": port, "appProtocol": "grpc"}]},
+        }, {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "greeter-1", "namespace": NS,
+                         "labels": {"kubernetes.io/service-name": "greeter"}},
+            "addressType": "IPv4", "ports": [{"name": "grpc", "port": port, "appProtocol": "grpc"}],
+            "endpoints": [{"addresses": [ip], "targetRef": {"kind": "Pod", "name": "greeter-1"}}],
+        })
+        (greeter_certs, _, _), (caller_certs, _, _) = await asyncio.gather(
+            mesh.agent("greeter", "greeter-1"), mesh.agent("caller", "caller-1"))
+        greeter_boot = grpc_bootstrap_from_cli(mesh, "greeter-1", "greeter", ip, greeter_certs)
+        assert greeter_boot["xds_servers"][0]["channel_creds"][0]["type"] == "tls"
+        server = ProxylessProcess("server", "greeter-1", ip, str(port), bootstrap=greeter_boot)
+        processes.append(await server.start())
+        await server.until(lambda e: e.get("serving"), 30, "greeter serving")
+        client = ProxylessProcess(
+            "client", "xds:///greeter.shop:50051", "60", "0.1",
+            bootstrap=grpc_bootstrap_from_cli(mesh, "caller-1", "caller", next_loopback_ip(),
+                                              caller_certs))
+        processes.append(await client.start())
+        answer = await client.until(lambda e: e.get("ok"), 40, "a successful call")
+        # The server saw the client's SPIFFE ID from the agent's certificate (mTLS data plane).
+        assert answer["answer"] == {"name": "greeter-1",
+                                    "peer": f"spiffe://cluster.local/ns/{NS}/sa/caller"}
+        # Both xDS streams were proven by client certificate, none by token.
+        proofs = {c.proxy_id: c.proof.method for c in mesh.server.connections if c.proof is not None}
+        assert proofs.get(f"caller-1.{NS}") == "client-certificate", proofs
+        assert proofs.get(f"greeter-1.{NS}") == "client-certificate", proofs
+        assert mesh.security.guard.stats.authenticated["workload-token"] == 0
+        assert mesh.server.stats.nacks == 0
+    finally:
+        for process in processes:
+            await process.stop()
+        await mesh.stop()
