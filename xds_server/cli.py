@@ -390,14 +390,27 @@ def iptables_command(dry_run: bool, cleanup: bool, **options: Any) -> None:
               "[default: xds-server-proxy:<version>]")
 @click.option("--init-image", default="", help="The capture init container's image.  [default: --proxy-image]")
 @click.option("--xds-address", default=None, callback=lambda c, p, v: v if v is None else _address(c, p, v),
-              help="Where sidecars reach the server.  [default: xds-server.xds-system.svc:15010]")
+              help="Plaintext xDS, for pods injected without a token (--token-audience '').  "
+                   "[default: xds-server.xds-system.svc:15010]")
+@click.option("--xds-tls-address", default=None, callback=lambda c, p, v: v if v is None else _address(c, p, v),
+              help="The server's mutual-TLS xDS port, for sidecars with the agent.  "
+                   "[default: xds-server.xds-system.svc:15012]")
+@click.option("--ca-address", default=None, callback=lambda c, p, v: v if v is None else _address(c, p, v),
+              help="The server's certificate service (tokens over TLS), for the agent.  "
+                   "[default: xds-server.xds-system.svc:15013]")
+@click.option("--server-name", default=None,
+              help="A name in the server's certificate.  [default: xds-server.xds-system.svc]")
+@click.option("--ca-bundle", type=click.File("r", encoding="utf-8"), default=None,
+              help="The mesh roots (PEM) the workload agent trusts at first contact; required "
+                   "with a token (the webhook's caBundle holds them).")
 @click.option("--token-audience", default=None,
-              help="Audience of the service-account token the sidecar sends ('' for none).  "
-                   "[default: xds-server]")
+              help="Audience of the service-account token the workload agent presents ('' for "
+                   "none: no agent, plaintext xDS).  [default: xds-server]")
 @click.option("--image-pull-policy", type=click.Choice(["Always", "IfNotPresent", "Never"]),
               default="IfNotPresent")
 def inject_command(source: Any, output: Any, proxy_image: str | None, init_image: str,
-                   xds_address: str | None, token_audience: str | None,
+                   xds_address: str | None, xds_tls_address: str | None, ca_address: str | None,
+                   server_name: str | None, ca_bundle: Any, token_audience: str | None,
                    image_pull_policy: str) -> None:
     """Add the Envoy sidecar and its capture init container to workloads (as istioctl kube-inject).
 
@@ -416,9 +429,13 @@ def inject_command(source: Any, output: Any, proxy_image: str | None, init_image
         settings = InjectorSettings(
             proxy_image=proxy_image or defaults.proxy_image, init_image=init_image,
             xds_address=xds_address or defaults.xds_address,
+            xds_tls_address=xds_tls_address or defaults.xds_tls_address,
+            ca_address=ca_address or defaults.ca_address,
+            server_name=server_name or defaults.server_name,
+            ca_bundle_pem=ca_bundle.read() if ca_bundle is not None else "",
             token_audience=defaults.token_audience if token_audience is None else token_audience,
             image_pull_policy=image_pull_policy,
-        ).check()
+        ).check(require_bundle=True)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
     name = getattr(source, "name", "input")
