@@ -186,7 +186,7 @@ def agent(cert_dir: Path, server: str, token_value: str | None, token_file: Path
 
 @click.group("ca")
 def ca() -> None:
-    """The built-in CA: root rotation and its status."""
+    """The built-in CA: root rotation, its status, identity revocation."""
 
 
 @ca.command("rotate-root")
@@ -213,6 +213,27 @@ def ca_rotate_root(ca_dir: Path) -> None:
     click.echo(f"root rotation started: new root {info['fingerprint']} ({info['subject']}) is in "
                f"the trust bundle; a running server switches signing once every proxy has it",
                err=True)
+
+
+@ca.command("revoke-identity")
+@click.option("--namespace", "-n", required=True)
+@click.option("--service-account", "--sa", required=True)
+@_ca_dir
+def ca_revoke_identity(namespace: str, service_account: str, ca_dir: Path) -> None:
+    """Void every credential of an identity issued until now: its workload tokens and its
+    certificates (client certificates on the mutual-TLS port, the CSR service). A running
+    server with the same --ca-dir refuses them at once and closes their open streams within
+    seconds. Credentials issued afterwards are good: the workload's agent gets new ones."""
+    from ..model.identity import Identity
+    from .tokens import TokenIssuer
+
+    try:
+        identity = Identity(namespace, service_account)
+        when = TokenIssuer(ca_dir).revoke_identity(identity)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"identity {identity} revoked: credentials issued up to {when.isoformat()} "
+               "are refused", err=True)
 
 
 @ca.command("status")
