@@ -292,6 +292,26 @@ async def test_the_agent_is_not_ready_without_a_certificate(mesh: AgentMesh, tmp
     await mesh.until(lambda: readiness(port) == 200, 30, "agent ready with the new token")
 
 
+async def test_the_agent_renews_with_its_certificate_without_the_token(mesh: AgentMesh) -> None:
+    """With --mtls-server the agent renews on the mutual-TLS port with the certificate it
+    holds: once it has one, its token file may go stale (here: replaced by garbage, as a
+    token nobody refreshes becomes useless) and renewals go on without a token."""
+    cert_dir, _, port = await mesh.agent("web", "web-1", "--ttl", "4s", "--mtls-server",
+                                         mesh.mtls_address)
+    (mesh.work / "agent-web-1" / "token").write_text("not-a-token")
+    first = leaf(cert_dir / CERT_FILE).serial_number
+    seen: set[int] = set()
+
+    def renewed() -> bool:
+        seen.add(leaf(cert_dir / CERT_FILE).serial_number)
+        return len(seen - {first}) >= 3
+
+    await mesh.until(renewed, 30, "three renewals without a usable token")
+    assert readiness(port) == 200
+    assert mesh.security.csr_service is not None
+    assert mesh.security.csr_service.failures.total() == 0, "the token was never needed"
+
+
 # ---------------------------------------------------------------- rotation and expiry
 
 

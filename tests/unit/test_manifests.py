@@ -774,6 +774,8 @@ def test_xds_server_inject_on_the_example() -> None:
         assert args[args.index("--cert-dir") + 1] == agent["args"][agent["args"].index("--cert-dir") + 1]
         assert agent["args"][agent["args"].index("--server") + 1] == \
             f"{host}:{service_ports['grpc-xds-token']}"
+        assert agent["args"][agent["args"].index("--mtls-server") + 1] == \
+            f"{host}:{service_ports['grpc-xds-tls']}"
         (token,) = [v for v in after["spec"]["volumes"] if v["name"] == "xds-token"]
         projected = token["projected"]["sources"][0]["serviceAccountToken"]
         assert projected["audience"] == "xds-server"  # the server's --token-audience default

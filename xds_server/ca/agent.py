@@ -90,6 +90,8 @@ class SignedCertificate:
 class CsrSigner(Protocol):
     async def sign(self, csr_pem: bytes, ttl: timedelta | None) -> SignedCertificate: ...
 
+    async def close(self) -> None: ...
+
 
 class GrpcCsrSigner:
     """Calls `/xds_server.ca.v1.CertificateService/Sign` on the xDS server.
@@ -168,6 +170,65 @@ class GrpcCsrSigner:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class CertificateRenewalSigner:
+    """Renews over the server's mutual-TLS port with the certificate the agent holds (the
+    CSR service takes the verified client certificate as the identity: no token), and falls
+    back to `fallback` (the token signer) when there is no valid certificate yet or the
+    server refuses it (a revoked identity, a new root the server does not trust).
+
+    The key and certificate are read from `cert_dir` at each renewal, so the channel always
+    presents the current pair."""
+
+    def __init__(self, target: str, cert_dir: Path, roots: Callable[[], bytes],
+                 fallback: CsrSigner, *, options: list[tuple[str, object]] | None = None,
+                 timeout: float = 10.0, clock: Clock = utcnow) -> None:
+        self.target = target
+        self.cert_dir = Path(cert_dir)
+        self.roots = roots
+        self.fallback = fallback
+        self.options = options
+        self.timeout = timeout
+        self.clock = clock
+        self.by_certificate = 0  # renewals done with the certificate
+        self.fallbacks = 0
+
+    def _current(self) -> tuple[bytes, bytes] | None:
+        try:
+            chain = (self.cert_dir / CERT_FILE).read_bytes()
+            key = (self.cert_dir / KEY_FILE).read_bytes()
+            leaf = x509.load_pem_x509_certificates(chain)[0]
+        except (OSError, ValueError, IndexError):
+            return None
+        now = self.clock()
+        if not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+            return None
+        return chain, key
+
+    async def sign(self, csr_pem: bytes, ttl: timedelta | None) -> SignedCertificate:
+        current = self._current()
+        if current is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self.roots(), private_key=current[1], certificate_chain=current[0])
+            request: dict[str, object] = {"csr": csr_pem.decode()}
+            if ttl is not None:
+                request["ttl_seconds"] = ttl.total_seconds()
+            try:
+                async with aio.secure_channel(self.target, credentials, options=self.options) as channel:
+                    call = channel.unary_unary(SIGN_METHOD, request_serializer=encode_json,
+                                               response_deserializer=decode_json)
+                    response = await call(request, timeout=self.timeout)
+                self.by_certificate += 1
+                return SignedCertificate.from_json(response)
+            except aio.AioRpcError as err:
+                log.warning("renewal with the current certificate failed, using the token: %s: %s",
+                            err.code().name, err.details())
+        self.fallbacks += 1
+        return await self.fallback.sign(csr_pem, ttl)
+
+    async def close(self) -> None:
+        await self.fallback.close()
 
 
 def build_csr(key) -> bytes:

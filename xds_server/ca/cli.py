@@ -107,6 +107,9 @@ def _is_loopback_target(target: str) -> bool:
 @click.option("--server-ca-pem", envvar="XDS_SERVER_CA_PEM",
               help="The same roots as PEM text (what the injector puts in the pod).")
 @click.option("--server-name", help="TLS name to expect from the server (default: its host).")
+@click.option("--mtls-server", default=None,
+              help="HOST:PORT of the server's mutual-TLS port (--xds-tls-address): renew there with "
+                   "the certificate held, falling back to the token when it is refused or expired.")
 @click.option("--plaintext", is_flag=True,
               help="No TLS to the server: loopback only (the token would travel in clear).")
 @click.option("--ttl", type=DURATION, help="Certificate lifetime to request (server default if unset).")
@@ -118,11 +121,11 @@ def _is_loopback_target(target: str) -> bool:
 @click.option("--once", is_flag=True, help="Obtain one certificate and exit (init containers).")
 def agent(cert_dir: Path, server: str, token_value: str | None, token_file: Path | None,
           server_ca: Path | None, server_ca_pem: str | None, server_name: str | None,
-          plaintext: bool, ttl: timedelta | None, key_algorithm: str, ready_address: str | None,
+          mtls_server: str | None, plaintext: bool, ttl: timedelta | None, key_algorithm: str, ready_address: str | None,
           once: bool) -> None:
     """The workload agent: obtain an X.509-SVID with a locally generated key over TLS, keep
     it on disk for Envoy (file-based SDS) or proxyless gRPC, and renew it at half-life."""
-    from .agent import CertAgent, GrpcCsrSigner
+    from .agent import CertAgent, CertificateRenewalSigner, CsrSigner, GrpcCsrSigner
     from .certdir import CA_FILE
 
     if not token_value and not token_file:
@@ -137,11 +140,14 @@ def agent(cert_dir: Path, server: str, token_value: str | None, token_file: Path
         raise click.UsageError(f"--plaintext: {server} is not loopback, and the bearer token would "
                                "cross the network in clear; give --server-ca and use the "
                                "server's TLS port (--xds-tls-token-address)")
-    if ready_address is not None:
-        try:
-            parse_address(ready_address, "--ready-address")
-        except ConfigError as err:
-            raise click.BadParameter(str(err), param_hint="--ready-address") from None
+    for value, option in ((ready_address, "--ready-address"), (mtls_server, "--mtls-server")):
+        if value is not None:
+            try:
+                parse_address(value, option)
+            except ConfigError as err:
+                raise click.BadParameter(str(err), param_hint=option) from None
+    if mtls_server is not None and plaintext:
+        raise click.UsageError("--mtls-server is TLS: it does not go with --plaintext")
     options: list[tuple[str, object]] = []
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
@@ -154,8 +160,10 @@ def agent(cert_dir: Path, server: str, token_value: str | None, token_file: Path
         return found
 
     async def run() -> None:
-        signer = GrpcCsrSigner(server, token=token_value, token_file=token_file,
-                               roots=None if plaintext else roots, options=options)
+        signer: CsrSigner = GrpcCsrSigner(server, token=token_value, token_file=token_file,
+                                          roots=None if plaintext else roots, options=options)
+        if mtls_server is not None:
+            signer = CertificateRenewalSigner(mtls_server, cert_dir, roots, signer, options=options)
         workload_agent = CertAgent(signer, cert_dir, ttl=ttl, key_algorithm=key_algorithm)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

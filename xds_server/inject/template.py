@@ -272,7 +272,10 @@ def _agent(settings: InjectorSettings) -> dict[str, Any]:
         "imagePullPolicy": settings.image_pull_policy,
         "restartPolicy": "Always",
         "command": ["xds-server", "agent"],
+        # First contact with the token on the tokens-over-TLS port; renewals with the
+        # certificate on the mutual-TLS port (the token again if that is refused).
         "args": ["--cert-dir", CERT_DIR, "--server", settings.ca_address,
+                 "--mtls-server", settings.xds_tls_address,
                  "--server-name", settings.server_name, "--token-file", TOKEN_FILE,
                  "--ready-address", f"0.0.0.0:{settings.agent_ready_port}"],
         # The mesh roots for first contact (public; the agent then also trusts its ca.pem).
