@@ -1,5 +1,13 @@
 """The Envoy bootstrap for a sidecar: ADS to the server, node identity, admin on loopback.
 
+With `cert_dir` (`xds-server bootstrap --tls --cert-dir DIR`), the xDS cluster is mutual TLS
+with the X.509-SVID the workload agent (`xds-server agent --cert-dir DIR`) keeps in DIR: the
+client certificate and the roots that verify the server are file-based SDS resources
+(`path_config_source` with DIR as `watched_directory`), so each renewal applies to new
+connections without a restart, and a reconnect after the pod's token expired still
+authenticates (the certificate is the credential; the bootstrap holds no secret). The server's
+certificate must name `server_name` (SNI and SAN check). This is the way off the host.
+
 With a token, the ADS gRPC service sends `authorization: Bearer <token>` as initial metadata
 on every stream: the credential the server checks before it sends anything (xds/auth.py).
 Envoy sends the literal value it was given, so the bootstrap must be written again when the
@@ -42,6 +50,10 @@ class SidecarSpec:
     # Send load reports (LRS) to the server over the same cluster and credential as ADS:
     # requests, errors and in-flight per upstream cluster, at the interval the server sets.
     load_reports: bool = True
+    # Mutual TLS to the server with the agent's files in this directory (see module doc),
+    # the server's certificate checked for `server_name` (default: the xDS address's host).
+    cert_dir: str | None = None
+    server_name: str | None = None
 
 
 def _socket(address: str, setting: str) -> dict[str, Any]:
@@ -98,6 +110,55 @@ def _readiness(spec: SidecarSpec) -> tuple[dict[str, Any], dict[str, Any]]:
             {"lb_endpoints": [{"endpoint": {"address": _socket(spec.admin_address, "--admin-address")}}]}]},
     }
     return listener, cluster
+
+
+TLS_SOCKET = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def _file_sds(name: str, cert_dir: str, file_name: str) -> dict[str, Any]:
+    return {"name": name, "sds_config": {
+        "path_config_source": {"path": f"{cert_dir}/{file_name}",
+                               "watched_directory": {"path": cert_dir}},
+        "resource_api_version": "V3"}}
+
+
+def xds_tls_socket(cert_dir: str, server_name: str) -> dict[str, Any]:
+    """The xDS cluster's transport socket: the agent's certificate and roots through
+    file-based SDS (ca/certdir.py names the files), the server checked for `server_name`."""
+    from .ca.certdir import SDS_CA_FILE, SDS_CA_NAME, SDS_CERT_FILE, SDS_CERT_NAME
+
+    if not cert_dir.startswith("/"):
+        raise ValueError(f"--cert-dir: Envoy needs an absolute path, got {cert_dir!r}")
+    cert_dir = cert_dir.rstrip("/") or "/"
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"type.googleapis.com/{TLS_SOCKET}",
+            "sni": server_name,
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "alpn_protocols": ["h2"],
+                "tls_certificate_sds_secret_configs": [
+                    _file_sds(SDS_CERT_NAME, cert_dir, SDS_CERT_FILE)],
+                "combined_validation_context": {
+                    "default_validation_context": {"match_typed_subject_alt_names": [
+                        {"san_type": "IP_ADDRESS" if _is_ip(server_name) else "DNS",
+                         "matcher": {"exact": server_name}}]},
+                    "validation_context_sds_secret_config": _file_sds(SDS_CA_NAME, cert_dir, SDS_CA_FILE),
+                },
+            },
+        },
+    }
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
@@ -193,6 +254,12 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
             "api_type": "GRPC", "transport_api_version": "V3",
             "grpc_services": [copy.deepcopy(grpc_service)],
         }}
+    if spec.cert_dir is not None:
+        if spec.xds_address.startswith("unix:"):
+            raise ValueError("--tls: a Unix socket xDS address stays on the host; TLS is for HOST:PORT")
+        host = parse_address(spec.xds_address, "--xds-address")[0].strip("[]")
+        xds_cluster = bootstrap["static_resources"]["clusters"][0]
+        xds_cluster["transport_socket"] = xds_tls_socket(spec.cert_dir, spec.server_name or host)
     if spec.readiness_port:
         listener, cluster = _readiness(spec)
         bootstrap["static_resources"]["listeners"] = [listener]

@@ -235,16 +235,31 @@ def _message_class(type_url: str) -> Any:
 @click.option("--service-account", default="default")
 @click.option("--pod", required=True)
 @click.option("--pod-ip", required=True)
-@click.option("--xds-address", default="127.0.0.1:15010", callback=_address)
+@click.option("--xds-address", default=None, callback=lambda c, p, v: v if v is None else _address(c, p, v),
+              help="Where the server is.  [default: 127.0.0.1:15010; with --tls or --grpc "
+                   "127.0.0.1:15012, the mutual-TLS port]")
 @click.option("--admin-address", default="127.0.0.1:15000", callback=_address,
               help="Envoy admin: keep it on loopback.")
 @click.option("--inbound-port", type=int, default=15006)
 @click.option("--outbound-port", type=int, default=15001)
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--sotw", is_flag=True, help="State-of-the-world ADS instead of delta.")
+@click.option("--tls", is_flag=True,
+              help="Mutual TLS to the server's --xds-tls-address with the certificate `xds-server "
+                   "agent` keeps in --cert-dir (file-based SDS: renewals apply without a restart; "
+                   "no token in the bootstrap).")
+@click.option("--grpc", "grpc_client", is_flag=True,
+              help="Write a proxyless gRPC xDS bootstrap (JSON) instead: mutual TLS to the server "
+                   "(gRFC A65 channel_creds) and the file_watcher provider, from --cert-dir.")
+@click.option("--cert-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The workload agent's directory (`xds-server agent --cert-dir`), absolute.")
+@click.option("--server-name", default=None,
+              help="The name the server's certificate must carry (SNI and SAN check).  "
+                   "[default: the host of --xds-address]")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A bearer token (`xds-server token create`, or a projected service-account "
-                   "token) Envoy sends on its xDS streams. The bootstrap then holds a secret.")
+                   "token) Envoy sends on its xDS streams. The bootstrap then holds a secret; "
+                   "prefer --tls, whose certificate the agent renews.")
 @click.option("--readiness-port", type=click.IntRange(0, 65535), default=0,
               help="Serve GET /healthz/ready (Envoy's readiness) on this port of every address "
                    "of the pod, for the kubelet's probes; 0: none.")
@@ -252,15 +267,42 @@ def _message_class(type_url: str) -> Any:
               help="How the pod's traffic reaches the sidecar: iptables capture, or the app "
                    "sending to the outbound port (the pod's sidecar.xds-server.io/interception).")
 def bootstrap_command(
-    namespace: str, service_account: str, pod: str, pod_ip: str, xds_address: str,
+    namespace: str, service_account: str, pod: str, pod_ip: str, xds_address: str | None,
     admin_address: str, inbound_port: int, outbound_port: int, labels: tuple[str, ...], sotw: bool,
+    tls: bool, grpc_client: bool, cert_dir: Path | None, server_name: str | None,
     token_file: Path | None, readiness_port: int, interception: str,
 ) -> None:
-    """Print an Envoy bootstrap (YAML) for one workload's sidecar."""
+    """Print an Envoy bootstrap (YAML) for one workload's sidecar, or with --grpc a proxyless
+    gRPC xDS bootstrap (JSON)."""
+    import json
+
     import yaml
 
     from .bootstrap import SidecarSpec, sidecar_bootstrap
 
+    secure = tls or grpc_client
+    if secure and cert_dir is None:
+        raise click.UsageError("--tls and --grpc need --cert-dir (where `xds-server agent` writes)")
+    if cert_dir is not None and not secure:
+        raise click.UsageError("--cert-dir goes with --tls (Envoy) or --grpc (proxyless gRPC)")
+    if secure and token_file is not None:
+        raise click.UsageError("--token-file: with --tls/--grpc the agent's certificate is the "
+                               "credential; the token stays with the agent")
+    if server_name is not None and not tls:
+        raise click.UsageError("--server-name goes with --tls (gRPC checks the host of --xds-address)")
+    xds_address = xds_address or ("127.0.0.1:15012" if secure else "127.0.0.1:15010")
+    if grpc_client:
+        from .grpc_bootstrap import grpc_bootstrap
+
+        assert cert_dir is not None
+        try:
+            config = grpc_bootstrap(namespace=namespace, service_account=service_account, pod=pod,
+                                    pod_ip=pod_ip, xds_address=xds_address,
+                                    cert_dir=str(cert_dir.absolute()))
+        except (ValueError, ConfigError) as err:
+            raise click.UsageError(str(err)) from None
+        click.echo(json.dumps(config, indent=2))
+        return
     label_map = {}
     for item in labels:
         key, sep, value = item.partition("=")
@@ -273,12 +315,16 @@ def bootstrap_command(
         outbound_port=outbound_port, labels=label_map, delta=not sotw,
         token=token_file.read_text().strip() if token_file is not None else None,
         readiness_port=readiness_port, interception=interception,
+        cert_dir=str(cert_dir.absolute()) if cert_dir is not None else None, server_name=server_name,
     )
     try:
         bootstrap = sidecar_bootstrap(spec)
-    except ValueError as err:
-        hint = "--readiness-port" if str(err).startswith("--readiness-port") else "--token-file"
-        raise click.BadParameter(str(err).removeprefix("--readiness-port: "), param_hint=hint) from None
+    except (ValueError, ConfigError) as err:
+        text = str(err)
+        for hint in ("--readiness-port", "--cert-dir", "--xds-address", "--tls"):
+            if text.startswith(hint):
+                raise click.BadParameter(text.removeprefix(f"{hint}: "), param_hint=hint) from None
+        raise click.BadParameter(text, param_hint="--token-file") from None
     click.echo(yaml.safe_dump(bootstrap, sort_keys=False))
 
 
@@ -344,14 +390,27 @@ def iptables_command(dry_run: bool, cleanup: bool, **options: Any) -> None:
               "[default: xds-server-proxy:<version>]")
 @click.option("--init-image", default="", help="The capture init container's image.  [default: --proxy-image]")
 @click.option("--xds-address", default=None, callback=lambda c, p, v: v if v is None else _address(c, p, v),
-              help="Where sidecars reach the server.  [default: xds-server.xds-system.svc:15010]")
+              help="Plaintext xDS, for pods injected without a token (--token-audience '').  "
+                   "[default: xds-server.xds-system.svc:15010]")
+@click.option("--xds-tls-address", default=None, callback=lambda c, p, v: v if v is None else _address(c, p, v),
+              help="The server's mutual-TLS xDS port, for sidecars with the agent.  "
+                   "[default: xds-server.xds-system.svc:15012]")
+@click.option("--ca-address", default=None, callback=lambda c, p, v: v if v is None else _address(c, p, v),
+              help="The server's certificate service (tokens over TLS), for the agent.  "
+                   "[default: xds-server.xds-system.svc:15013]")
+@click.option("--server-name", default=None,
+              help="A name in the server's certificate.  [default: xds-server.xds-system.svc]")
+@click.option("--ca-bundle", type=click.File("r", encoding="utf-8"), default=None,
+              help="The mesh roots (PEM) the workload agent trusts at first contact; required "
+                   "with a token (the webhook's caBundle holds them).")
 @click.option("--token-audience", default=None,
-              help="Audience of the service-account token the sidecar sends ('' for none).  "
-                   "[default: xds-server]")
+              help="Audience of the service-account token the workload agent presents ('' for "
+                   "none: no agent, plaintext xDS).  [default: xds-server]")
 @click.option("--image-pull-policy", type=click.Choice(["Always", "IfNotPresent", "Never"]),
               default="IfNotPresent")
 def inject_command(source: Any, output: Any, proxy_image: str | None, init_image: str,
-                   xds_address: str | None, token_audience: str | None,
+                   xds_address: str | None, xds_tls_address: str | None, ca_address: str | None,
+                   server_name: str | None, ca_bundle: Any, token_audience: str | None,
                    image_pull_policy: str) -> None:
     """Add the Envoy sidecar and its capture init container to workloads (as istioctl kube-inject).
 
@@ -370,9 +429,13 @@ def inject_command(source: Any, output: Any, proxy_image: str | None, init_image
         settings = InjectorSettings(
             proxy_image=proxy_image or defaults.proxy_image, init_image=init_image,
             xds_address=xds_address or defaults.xds_address,
+            xds_tls_address=xds_tls_address or defaults.xds_tls_address,
+            ca_address=ca_address or defaults.ca_address,
+            server_name=server_name or defaults.server_name,
+            ca_bundle_pem=ca_bundle.read() if ca_bundle is not None else "",
             token_audience=defaults.token_audience if token_audience is None else token_audience,
             image_pull_policy=image_pull_policy,
-        ).check()
+        ).check(require_bundle=True)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
     name = getattr(source, "name", "input")
@@ -439,10 +502,12 @@ def demo_command(
 
 
 def _register_ca_commands() -> None:
-    from .ca.cli import ca, cert_agent, token
+    from .ca.cli import agent, ca, token
 
     main.add_command(token)
-    main.add_command(cert_agent)
+    main.add_command(agent)
+    # Its earlier name: same command, kept so existing scripts and pods keep working.
+    main.add_command(agent, name="cert-agent")
     main.add_command(ca)
 
 

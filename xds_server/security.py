@@ -197,7 +197,8 @@ class Security:
             reviewer = TokenReviewer(kube_api, audiences=config.token_audiences)
         authenticator = Authenticator(mode, tokens=tokens, reviewer=reviewer,
                                       listen_address=listen_address,
-                                      trust_domain=config.trust_domain)
+                                      trust_domain=config.trust_domain,
+                                      certificate_backdate=CLOCK_SKEW)
         certificates = WorkloadCertificates(
             issuer, rotation=rotation, jitter=config.renewal_jitter,
             startup_grace=config.rotation_startup_grace.total_seconds(),

@@ -53,7 +53,9 @@ class ServingCertificateKeeper:
         self.registry = registry
         self.key_algorithm = key_algorithm
         self.ttl = ttl
-        self.check_interval = check_interval
+        # Checked often enough to renew at half-life even with short lifetimes (a 20 s
+        # --workload-ttl in a lab), and the CA's changes wake it at once anyway.
+        self.check_interval = min(check_interval, max(ttl.total_seconds() / 4, 0.5))
         self.renewals = 0
         self.certificate = self._issue()
         self._signer = fingerprint(authority.state.signing_cert)

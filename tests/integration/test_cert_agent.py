@@ -25,6 +25,7 @@ from spiffe import X509Svid
 
 from xds_server.ca.agent import CA_FILE, CERT_FILE, KEY_FILE, CertAgent, GrpcCsrSigner, SignError
 from xds_server.ca.authority import CertificateAuthority
+from xds_server.ca.certdir import SDS_CA_FILE, SDS_CERT_FILE
 from xds_server.ca.service import CertificateService
 from xds_server.ca.svid import SvidIssuer
 from xds_server.ca.tokens import TokenIssuer
@@ -55,6 +56,14 @@ async def server(tmp_path: Path):
     await running.server.stop(None)
 
 
+# The stable paths (symlinks into the current generation) and Envoy's two SDS files.
+EXPECTED_FILES = sorted([CA_FILE, CERT_FILE, KEY_FILE, SDS_CA_FILE, SDS_CERT_FILE])
+
+
+def visible_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+
 def leaf_of(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificates(path.read_bytes())[0]
 
@@ -78,7 +87,7 @@ async def obtain(server: SigningServer, out_dir: Path, *, token: str | None = No
 async def test_agent_writes_cert_key_and_bundle(server: SigningServer, tmp_path: Path) -> None:
     out = tmp_path / "out"
     agent = await obtain(server, out)
-    assert sorted(p.name for p in out.iterdir()) == [CA_FILE, CERT_FILE, KEY_FILE], "no temp files left"
+    assert visible_files(out) == EXPECTED_FILES, "no temp files left"
     assert stat.S_IMODE(os.stat(out / KEY_FILE).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(out / CERT_FILE).st_mode) == 0o644
     svid = X509Svid.load(out / CERT_FILE, out / KEY_FILE, serialization.Encoding.PEM)
@@ -159,7 +168,9 @@ async def test_agent_renews_before_expiry_and_files_are_always_whole(server: Sig
     # The files left match each other and nothing temporary is left behind.
     key = serialization.load_pem_private_key((out / KEY_FILE).read_bytes(), None)
     assert key.public_key() == leaf_of(out / CERT_FILE).public_key()
-    assert sorted(p.name for p in out.iterdir()) == [CA_FILE, CERT_FILE, KEY_FILE]
+    assert visible_files(out) == EXPECTED_FILES
+    generations = [p for p in out.iterdir() if p.name.startswith("..gen-")]
+    assert len(generations) <= 2, "old generations are removed"
     assert agent.renewals >= 3
 
 
@@ -275,10 +286,10 @@ async def test_cli_cert_agent_once_with_a_token_file(server: SigningServer, tmp_
     token_file = tmp_path / "token"
     token_file.write_text(server.token("billing", "worker") + "\n")
     out = tmp_path / "out"
-    code = "from xds_server.ca.cli import cert_agent; cert_agent()"
+    code = "from xds_server.cli import main; main()"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, "--out-dir", str(out), "--server", server.address,
-        "--token-file", str(token_file), "--ttl", "1h", "--once",
+        sys.executable, "-c", code, "cert-agent", "--out-dir", str(out), "--server", server.address,
+        "--token-file", str(token_file), "--ttl", "1h", "--once", "--plaintext",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     _stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
@@ -288,8 +299,8 @@ async def test_cli_cert_agent_once_with_a_token_file(server: SigningServer, tmp_
     assert cert.not_valid_after_utc - datetime.now(UTC) < timedelta(hours=1)
     token_file.write_text("not-a-token")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, "--out-dir", str(out), "--server", server.address,
-        "--token-file", str(token_file), "--once",
+        sys.executable, "-c", code, "agent", "--cert-dir", str(out), "--server", server.address,
+        "--token-file", str(token_file), "--once", "--plaintext",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)

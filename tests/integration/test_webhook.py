@@ -10,6 +10,7 @@ caBundle on the mesh roots, through the official client against the fake API ser
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import base64
 import copy
 import json
@@ -166,9 +167,14 @@ async def test_pods_of_every_workload_kind_are_injected(webhook: WebhookServer, 
     assert response["allowed"] is True
     patched = apply(pod, response)
     kubernetes_validate.validate(patched, KUBERNETES_VERSION, strict=True)
-    expected, _ = inject_pod(pod, webhook.settings.injector)
+    # The injector's settings with the CA's current roots, which the agent trusts at first
+    # contact (the webhook fills them in at every admission).
+    roots = webhook.authority.trust_bundle_pem.decode()
+    expected, _ = inject_pod(pod, dataclasses.replace(webhook.settings.injector, ca_bundle_pem=roots))
     assert patched == expected
-    assert [c["name"] for c in patched["spec"]["initContainers"]] == ["xds-init", "envoy"]
+    assert [c["name"] for c in patched["spec"]["initContainers"]] == ["xds-init", "xds-agent", "envoy"]
+    (agent,) = [c for c in patched["spec"]["initContainers"] if c["name"] == "xds-agent"]
+    assert agent["env"] == [{"name": "XDS_SERVER_CA_PEM", "value": roots}]
     assert patched["spec"]["containers"] == pod["spec"]["containers"]
     assert patched["metadata"].get("generateName") == pod["metadata"].get("generateName")
     assert STATUS_ANNOTATION in patched["metadata"]["annotations"]

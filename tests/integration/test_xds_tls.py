@@ -473,3 +473,57 @@ async def test_first_contact_with_a_token_then_renewal_with_the_certificate(tls:
         renewed = await sign({"csr": build_csr(key).decode()}, timeout=10)  # no token
     assert renewed["spiffe_id"] == spiffe(*WEB)
     assert renewed["serial"] != first.serial
+
+
+# A revoked identity -------------------------------------------------------------------------
+
+
+async def test_a_revoked_identitys_certificates_are_refused_and_counted(tmp_path: Path) -> None:
+    """`xds-server ca revoke-identity` voids every credential the identity holds: a client
+    certificate issued before is refused (counted as identity-revoked, for the metrics), a
+    stream it opened is closed, its old token is refused by the CSR service; a certificate
+    issued afterwards is good."""
+    running = TlsServer(tmp_path)
+    running.security.guard.settings.revocation_check_seconds = 0.2
+    await running.start()
+    try:
+        old = running.svid()
+        old_token = running.token()
+        async with running.client(running.mtls, old) as client:
+            stream = client.ads(node=node(*WEB))
+            await stream.request(types.CLUSTER)
+            await stream.ack(await stream.recv())
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "xds_server.cli", "ca", "revoke-identity", "--namespace", WEB[0],
+                "--service-account", WEB[1], "--ca-dir", str(tmp_path / "ca"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)})
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, out
+            assert b"revoked" in out
+            code, details = await asyncio.wait_for(stream.closed_with(), 20)
+        assert code is grpc.StatusCode.UNAUTHENTICATED and "revoked identity shop/web" in details
+        assert running.security.guard.stats.revoked_streams == 1
+
+        async with running.client(running.mtls, old) as client:
+            stream = client.ads(node=node(*WEB))
+            await stream.request(types.CLUSTER)
+            code, details = await stream.closed_with()
+        assert code is grpc.StatusCode.UNAUTHENTICATED and "revoked identity" in details
+        assert running.security.guard.stats.auth_failures["identity-revoked"] == 1
+        async with running.client(running.tokens_tls, metadata=bearer(old_token)) as client:
+            stream = client.ads(node=node(*WEB))
+            await stream.request(types.CLUSTER)
+            code, _ = await stream.closed_with()
+        assert code is grpc.StatusCode.UNAUTHENTICATED
+        assert running.security.guard.stats.auth_failures["identity-revoked"] == 2
+
+        await asyncio.sleep(1.1)  # revocation is to the second: the next second is "after"
+        async with running.client(running.mtls, running.svid()) as client:
+            clusters, _ = await config_and_secret(client)
+        assert clusters == {"shared"}
+        async with running.client(running.tokens_tls, metadata=bearer(running.token())) as client:
+            clusters, _ = await config_and_secret(client)
+        assert clusters == {"shared"}
+    finally:
+        await running.close()

@@ -173,7 +173,7 @@ def translate_case(case: str) -> tuple[GoldenProxy, dict[str, list[Message]]]:
     view: View = controller.view_for(verified(_node(proxy)))
     with tempfile.TemporaryDirectory(prefix="golden-ca-") as ca_dir:
         # With the CA and SDS on, secrets come from the real provider; a proxyless gRPC
-        # client never asks for them (its certificates come from files, cert-agent's).
+        # client never asks for them (its certificates come from files, the workload agent's).
         if proxy.security.mtls and not proxy.proxyless:
             issuer = SvidIssuer(CertificateAuthority(Path(ca_dir) / "ca"), default_ttl=timedelta(hours=1))
             provider = SdsSecrets(controller.cache, WorkloadCertificates(issuer))

@@ -43,7 +43,7 @@ def bootstrap(
     cert_dir: Path | None = None,
 ) -> dict[str, Any]:
     """A gRPC xDS bootstrap: the server, the node the mesh knows (as `xds-server bootstrap`
-    writes for sidecars), and the `default` file_watcher provider over cert-agent's files."""
+    writes for sidecars), and the `default` file_watcher provider over the workload agent's files."""
     config: dict[str, Any] = {
         "xds_servers": [{
             "server_uri": xds_address,

@@ -9,6 +9,7 @@ import copy
 import json
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from xds_server.capture.rules import CaptureSettings, nat_rules
 from xds_server.cli import main
 from xds_server.inject.settings import InjectorSettings
 from xds_server.inject.template import (
+    AGENT_CONTAINER,
     INIT_CONTAINER,
     SIDECAR_CONTAINER,
     STATUS_ANNOTATION,
@@ -32,7 +34,20 @@ from xds_server.inject.workloads import DocumentError, inject_documents, templat
 from xds_server.sources import k8s_objects
 
 KUBERNETES_VERSION = "1.31.0"  # as tests/unit/test_manifests.py: native sidecars are on
-SETTINGS = InjectorSettings()
+
+
+def _mesh_roots() -> str:
+    """A real root certificate (the mesh roots the agent trusts at first contact)."""
+    import tempfile
+
+    from xds_server.ca.authority import CertificateAuthority
+
+    with tempfile.TemporaryDirectory() as directory:
+        return CertificateAuthority(Path(directory)).trust_bundle_pem.decode()
+
+
+BUNDLE = _mesh_roots()
+SETTINGS = InjectorSettings(ca_bundle_pem=BUNDLE)
 
 APP = {
     "metadata": {"labels": {"app": "api", "version": "v1"}},
@@ -81,8 +96,17 @@ def pod_template(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def run_inject(text: str, *args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, ["inject", "-f", "-", *args], input=text)
+def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [c for c in pod["spec"]["initContainers"] if c["name"] == name]
+    return found
+
+
+def run_inject(text: str, *args: str, bundle: bool = True) -> tuple[int, str, str]:
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as roots:
+        roots.write(BUNDLE)
+        roots.flush()
+        extra = ["--ca-bundle", roots.name] if bundle else []
+        result = CliRunner().invoke(main, ["inject", "-f", "-", *extra, *args], input=text)
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -98,13 +122,14 @@ def test_every_workload_kind_is_injected_and_stays_valid(kind: str) -> None:
     kubernetes_validate.validate(injected, KUBERNETES_VERSION, strict=True)
     before, after = pod_template(original), pod_template(injected)
     names = [c["name"] for c in after["spec"]["initContainers"]]
-    # capture first, then the sidecar, then the pod's own init containers (already meshed)
-    assert names == [INIT_CONTAINER, SIDECAR_CONTAINER, "migrate"]
+    # capture first, then the agent and the sidecar, then the pod's own init containers
+    # (already meshed)
+    assert names == [INIT_CONTAINER, AGENT_CONTAINER, SIDECAR_CONTAINER, "migrate"]
     assert after["spec"]["containers"] == before["spec"]["containers"]  # the app untouched
-    assert after["spec"]["initContainers"][2:] == before["spec"]["initContainers"]
+    assert after["spec"]["initContainers"][3:] == before["spec"]["initContainers"]
     assert after["spec"]["volumes"][0] == before["spec"]["volumes"][0]
     status = json.loads(after["metadata"]["annotations"][STATUS_ANNOTATION])
-    assert status["initContainers"] == [INIT_CONTAINER, SIDECAR_CONTAINER]
+    assert status["initContainers"] == [INIT_CONTAINER, AGENT_CONTAINER, SIDECAR_CONTAINER]
     assert status["volumes"] == ["xds-proxy", "xds-token"]
     # everything outside the pod template is as it was
     for key in ("apiVersion", "kind", "metadata"):
@@ -115,13 +140,22 @@ def test_every_workload_kind_is_injected_and_stays_valid(kind: str) -> None:
 def test_the_sidecar_is_a_locked_down_native_sidecar() -> None:
     pod, outcome = inject_pod(APP, SETTINGS)
     assert outcome.injected
-    init, sidecar = pod["spec"]["initContainers"][:2]
-    assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["securityContext"] == {
+    init, agent, sidecar = pod["spec"]["initContainers"][:3]
+    locked_down = {
         "runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": True,
         "allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["securityContext"] == locked_down
+    # The agent: a native sidecar too, as the proxy UID (its traffic is not captured), the
+    # only container with the token; its startup probe holds Envoy back until the files exist.
+    assert agent["restartPolicy"] == "Always"
+    assert agent["securityContext"] == locked_down
+    assert agent["startupProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15020}
+    assert {m["name"] for m in agent["volumeMounts"]} == {"xds-proxy", "xds-token"}
+    assert {m["name"] for m in sidecar["volumeMounts"]} == {"xds-proxy"}
+    assert {e["name"]: e["value"] for e in agent["env"]} == {"XDS_SERVER_CA_PEM": BUNDLE}
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
     assert set(sidecar["resources"]["requests"]) == {"cpu", "memory"}
@@ -187,7 +221,8 @@ def test_the_init_container_runs_exactly_the_capture_command_the_cli_accepts(
     settings = CaptureSettings.from_options(**options)
     assert (settings.outbound_port, settings.inbound_port) == (15001, 15006)
     assert (settings.proxy_uid, settings.proxy_gid) == (1337, 1337)
-    assert 15021 in settings.exclude_inbound_ports  # the kubelet's probes reach Envoy directly
+    # the kubelet's probes reach Envoy and the agent directly
+    assert {15021, 15020} <= set(settings.exclude_inbound_ports)
     # and the command itself, with --dry-run, prints the rules capture/rules.py makes
     result = CliRunner().invoke(main, [*command[1:], "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -196,7 +231,7 @@ def test_the_init_container_runs_exactly_the_capture_command_the_cli_accepts(
         assert [str(n) for n in settings.exclude_outbound_cidrs] == ["169.254.169.254/32",
                                                                      "10.96.0.0/12"]
         assert settings.exclude_outbound_ports == (5432,)
-        assert settings.exclude_inbound_ports == (15021, 9090)
+        assert settings.exclude_inbound_ports == (15021, 15020, 9090)
         assert "-A XDS_OUTPUT -d 169.254.169.254/32 -j RETURN" in result.output
 
 
@@ -208,7 +243,7 @@ def test_pod_port_annotations_move_the_sidecar_ports_everywhere() -> None:
     command = _init_command(pod)
     assert command[command.index("--inbound-port") + 1] == "16006"
     assert command[command.index("--outbound-port") + 1] == "16001"
-    args = pod["spec"]["initContainers"][1]["args"]
+    args = container(pod, SIDECAR_CONTAINER)["args"]
     assert args[args.index("--inbound-port") + 1] == "16006"
     assert args[args.index("--outbound-port") + 1] == "16001"
 
@@ -217,8 +252,9 @@ def test_explicit_interception_gets_the_sidecar_without_capture() -> None:
     template = copy.deepcopy(APP)
     template["metadata"]["annotations"] = {"sidecar.xds-server.io/interception": "explicit"}
     pod, _ = inject_pod(template, SETTINGS)
-    assert [c["name"] for c in pod["spec"]["initContainers"]] == [SIDECAR_CONTAINER, "migrate"]
-    args = pod["spec"]["initContainers"][0]["args"]
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == [AGENT_CONTAINER, SIDECAR_CONTAINER,
+                                                                  "migrate"]
+    args = container(pod, SIDECAR_CONTAINER)["args"]
     assert args[args.index("--interception") + 1] == "explicit"
 
 
@@ -229,12 +265,25 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 @pytest.mark.envoy
 def test_the_sidecar_writes_a_bootstrap_envoy_accepts(tmp_path: Path) -> None:
-    """The sidecar's own args, expanded as the kubelet would, through the real `xds-server
-    bootstrap`: the pod's identity, the token, the readiness listener, and Envoy validates it."""
+    """The agent's and the sidecar's own args, expanded as the kubelet would, through the real
+    `xds-server agent` parser and `xds-server bootstrap`: the pod's identity, mutual TLS from
+    the agent's directory (no token in the bootstrap), the readiness listener, and Envoy
+    validates it with the agent's files in place."""
     from tests.support.envoy import envoy_binary
+    from xds_server.ca.certdir import write_generation, write_sds_files
 
     pod, _ = inject_pod(APP, SETTINGS)
-    sidecar = pod["spec"]["initContainers"][1]
+    agent = container(pod, AGENT_CONTAINER)
+    context = main.make_context("xds-server", list(agent["command"][1:]) + list(agent["args"]))
+    with context:
+        sub = main.get_command(context, "agent")
+        assert sub is not None
+        params = sub.make_context("agent", list(agent["args"]), parent=context).params
+    assert str(params["cert_dir"]) == "/etc/xds-proxy/certs"
+    assert params["server"] == "xds-server.xds-system.svc:15013"
+    assert str(params["token_file"]) == "/var/run/secrets/xds-server/tokens/token"
+
+    sidecar = container(pod, SIDECAR_CONTAINER)
     command = sidecar["command"]
     assert command[:2] == ["/bin/sh", "-c"]
     script = command[2]
@@ -243,9 +292,19 @@ def test_the_sidecar_writes_a_bootstrap_envoy_accepts(tmp_path: Path) -> None:
     env = {"POD_NAME": "api-7d9f8-abcde", "POD_NAMESPACE": "shop", "POD_IP": "10.244.0.12",
            "SERVICE_ACCOUNT": "api"}
     args = [expand(a, env) for a in sidecar["args"]]
-    token = tmp_path / "token"
-    token.write_text("eyJhbGciOiJSUzI1NiJ9.e30.c2ln\n")
-    args[args.index("--token-file") + 1] = str(token)
+    assert "--token-file" not in args
+    assert args[args.index("--xds-address") + 1] == "xds-server.xds-system.svc:15012"
+    cert_dir = tmp_path / "certs"  # where the agent writes, here with real files
+    cert_dir.mkdir()
+    from xds_server.ca.authority import CertificateAuthority
+    from xds_server.ca.svid import SvidIssuer
+    from xds_server.model.identity import Identity
+
+    authority = CertificateAuthority(tmp_path / "ca")
+    svid = SvidIssuer(authority).issue_for_identity(Identity("shop", "api"))
+    write_generation(cert_dir, svid.chain_pem, svid.key_pem or b"", authority.trust_bundle_pem)
+    write_sds_files(cert_dir)
+    args[args.index("--cert-dir") + 1] = str(cert_dir)
     result = CliRunner().invoke(main, ["bootstrap", *args])
     assert result.exit_code == 0, result.output
     bootstrap = yaml.safe_load(result.output)
@@ -255,8 +314,10 @@ def test_the_sidecar_writes_a_bootstrap_envoy_accepts(tmp_path: Path) -> None:
     assert node["metadata"]["service_account"] == "api"
     assert node["metadata"]["labels"] == {"app": "api", "version": "v1"}
     grpc = bootstrap["dynamic_resources"]["ads_config"]["grpc_services"][0]
-    assert grpc["initial_metadata"] == [{"key": "authorization",
-                                         "value": "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln"}]
+    assert "initial_metadata" not in grpc
+    (xds_cluster, _) = bootstrap["static_resources"]["clusters"]
+    tls = xds_cluster["transport_socket"]["typed_config"]
+    assert tls["sni"] == "xds-server.xds-system.svc"
     (listener,) = bootstrap["static_resources"]["listeners"]
     assert listener["address"]["socket_address"]["port_value"] == 15021
     path = tmp_path / "envoy.yaml"
@@ -264,6 +325,20 @@ def test_the_sidecar_writes_a_bootstrap_envoy_accepts(tmp_path: Path) -> None:
     done = subprocess.run([envoy_binary(), "--mode", "validate", "--config-path", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_without_a_token_there_is_no_agent_and_envoy_uses_the_plaintext_address() -> None:
+    pod, _ = inject_pod(APP, InjectorSettings(token_audience=""))
+    names = [c["name"] for c in pod["spec"]["initContainers"]]
+    assert names == [INIT_CONTAINER, SIDECAR_CONTAINER, "migrate"]
+    args = container(pod, SIDECAR_CONTAINER)["args"]
+    assert "--tls" not in args and args[args.index("--xds-address") + 1].endswith(":15010")
+    assert [v["name"] for v in pod["spec"]["volumes"]][-1] == "xds-proxy"
+
+
+def test_inject_without_the_mesh_roots_names_the_option() -> None:
+    code, _, err = run_inject(yaml.safe_dump(workload("Pod")), bundle=False)
+    assert code == 2 and "--ca-bundle" in err and "caBundle" in err
 
 
 # Idempotence and opting out -------------------------------------------------------------------
@@ -278,14 +353,14 @@ def test_injecting_twice_gives_the_same_object(kind: str) -> None:
 
 def test_injecting_again_with_new_settings_replaces_what_was_added() -> None:
     first, _ = inject_pod(APP, SETTINGS)
-    second, _ = inject_pod(first, InjectorSettings(proxy_image="mirror.example/proxy:2"))
-    fresh, _ = inject_pod(APP, InjectorSettings(proxy_image="mirror.example/proxy:2"))
+    second, _ = inject_pod(first, InjectorSettings(ca_bundle_pem=BUNDLE, proxy_image="mirror.example/proxy:2"))
+    fresh, _ = inject_pod(APP, InjectorSettings(ca_bundle_pem=BUNDLE, proxy_image="mirror.example/proxy:2"))
     assert second == fresh
 
 
 def test_the_webhook_form_leaves_an_injected_pod_alone() -> None:
     first, _ = inject_pod(APP, SETTINGS)
-    again, outcome = inject_pod(first, InjectorSettings(proxy_image="other:1"), reinject=False)
+    again, outcome = inject_pod(first, InjectorSettings(ca_bundle_pem=BUNDLE, proxy_image="other:1"), reinject=False)
     assert again == first and not outcome.injected and "already injected" in outcome.reason
 
 
@@ -339,7 +414,9 @@ def test_other_kinds_pass_through_unchanged_and_lists_are_walked() -> None:
 def test_file_in_file_out(tmp_path: Path) -> None:
     source, target = tmp_path / "in.yaml", tmp_path / "out.yaml"
     source.write_text(yaml.safe_dump_all([workload("Deployment"), workload("Job")]))
-    result = CliRunner().invoke(main, ["inject", "-f", str(source), "-o", str(target)])
+    (tmp_path / "roots.pem").write_text(BUNDLE)
+    result = CliRunner().invoke(main, ["inject", "-f", str(source), "-o", str(target),
+                                       "--ca-bundle", str(tmp_path / "roots.pem")])
     assert result.exit_code == 0, result.output
     assert [d["kind"] for d in yaml.safe_load_all(target.read_text())] == ["Deployment", "Job"]
 

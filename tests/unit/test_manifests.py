@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -30,6 +31,7 @@ from click.testing import CliRunner
 from xds_server import crds
 from xds_server.cli import main
 from xds_server.api.v1alpha1 import API_VERSION, GROUP, parse_duration
+from xds_server.ca.authority import CertificateAuthority
 from xds_server.inject.ca_bundle import MUTATING_WEBHOOK_CONFIGURATION
 from xds_server.inject.settings import WebhookSettings
 from xds_server.inject.webhook import INJECT_PATH
@@ -572,20 +574,30 @@ def test_deployment_image_is_this_version() -> None:
     assert server_container()["image"] == f"xds-server:{version}"
 
 
-def test_probes_use_the_grpc_health_service_of_the_xds_port() -> None:
-    """The server serves grpc.health.v1 on its xDS port (tests/integration/test_serve_process.py
-    and test_dockerfile.py check it answers SERVING). The admin API's /healthz and /readyz on
-    15014 are a later issue: the probes move there when it lands (see deployment.yaml)."""
+def test_probes_use_the_admin_apis_health_endpoints() -> None:
+    """The kubelet cannot probe over TLS with gRPC, and plaintext xDS stays on loopback: the
+    probes use the admin API's open /healthz and /readyz (tests/integration/test_admin_api.py
+    checks what they answer), on the port the admin API binds on the pod network."""
     container = server_container()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    xds_port = ports["grpc-xds"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": xds_port}, probe
-    # the port the probes hit is the one the server binds
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-admin"}
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/readyz", "port": "http-admin"}, probe
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["XDS_SERVER_XDS_ADDRESS"] == f"0.0.0.0:{xds_port}"
-    assert ports == {"grpc-xds": 15010, "grpc-xds-tls": 15012, "grpc-xds-token": 15013,
+    assert env["XDS_SERVER_ADMIN_ADDRESS"] == f"0.0.0.0:{ports['http-admin']}"
+    assert ports == {"grpc-xds-tls": 15012, "grpc-xds-token": 15013,
                      "http-admin": 15014, "https-webhook": 15017}
+
+
+def test_no_plaintext_xds_off_the_pod_and_no_opt_out() -> None:
+    """Tokens and keys never cross the pod network in clear: plaintext xDS keeps its loopback
+    default, and the loud opt-out is not used."""
+    env = {e["name"]: e["value"] for e in server_container()["env"]}
+    assert "XDS_SERVER_XDS_ADDRESS" not in env
+    assert "XDS_SERVER_ALLOW_PLAINTEXT_TOKENS_OFF_HOST" not in env
+    assert env["XDS_SERVER_AUTH"] == "tokens"
+    settings = ServeSettings.load(environ=env)
+    assert settings.app_config().server.address.startswith("127.0.0.1:")
 
 
 def test_deployment_environment_is_accepted_by_xds_server_serve(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -607,7 +619,7 @@ def test_deployment_environment_is_accepted_by_xds_server_serve(monkeypatch: pyt
         assert group_ctx.params["log_format"] == env["XDS_SERVER_LOG_FORMAT"]
         with serve.make_context("serve", entrypoint[2:] + list(container.get("args", [])),
                                 parent=group_ctx) as ctx:
-            assert ctx.params["xds_address"] == env["XDS_SERVER_XDS_ADDRESS"]
+            assert ctx.params["xds_tls_address"] == env["XDS_SERVER_XDS_TLS_ADDRESS"]
 
 
 def test_xds_over_tls_is_served_on_the_pod_network_for_the_service_names() -> None:
@@ -632,7 +644,7 @@ def test_service_exposes_the_xds_and_admin_ports() -> None:
     container_ports = {p["name"]: p["containerPort"] for p in server_container()["ports"]}
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert {name: p["port"] for name, p in ports.items()} == {
-        "grpc-xds": 15010, "grpc-xds-tls": 15012, "grpc-xds-token": 15013, "http-admin": 15014,
+        "grpc-xds-tls": 15012, "grpc-xds-token": 15013, "http-admin": 15014,
         "https-webhook": 15017
     }
     for name, port in ports.items():
@@ -713,7 +725,10 @@ def example_injected() -> list[dict[str, Any]]:
     would run it (kustomize's order: the kustomization's list)."""
     kustomization = yaml.safe_load((MANIFESTS / "example" / "kustomization.yaml").read_text())
     text = "---\n".join((MANIFESTS / "example" / name).read_text() for name in kustomization["resources"])
-    result = CliRunner().invoke(main, ["inject", "-f", "-"], input=text)
+    with tempfile.TemporaryDirectory() as directory:  # the mesh roots, as the webhook knows them
+        roots = Path(directory) / "roots.pem"
+        roots.write_bytes(CertificateAuthority(Path(directory) / "ca").trust_bundle_pem)
+        result = CliRunner().invoke(main, ["inject", "-f", "-", "--ca-bundle", str(roots)], input=text)
     assert result.exit_code == 0, result.output
     assert result.stderr == ""  # nothing skipped
     return [d for d in yaml.safe_load_all(result.stdout) if d]
@@ -735,14 +750,17 @@ def test_example_namespace_opts_in_and_its_deployments_are_plain_apps() -> None:
 
 
 def test_xds_server_inject_on_the_example() -> None:
-    """Every Deployment gets the capture init container and the sidecar; everything else is
-    unchanged; the result is valid Kubernetes; the sidecar talks to the Service's xDS port
-    with a token for the server's audience."""
+    """Every Deployment gets the capture init container, the workload agent and the sidecar;
+    everything else is unchanged; the result is valid Kubernetes; the agent gets its SVID on
+    the Service's tokens-over-TLS port with a projected token for the server's audience, and
+    the sidecar talks mutual TLS to the Service's xDS TLS port with the agent's files."""
     originals = [doc for path, doc in DOCUMENTS if path.startswith("example/")]
     injected = example_injected()
     assert len(injected) == len(originals)
     service = find("Service", "xds-server", SERVER_NAMESPACE)
-    xds_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc-xds"]
+    service_ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    host = f"{service['metadata']['name']}.{SERVER_NAMESPACE}.svc"
+    sans = {e["name"]: e["value"] for e in server_container()["env"]}["XDS_SERVER_XDS_TLS_SAN"]
     for doc in injected:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True) \
             if doc["apiVersion"].rpartition("/")[0] != GROUP else validate_custom_object(doc)
@@ -752,16 +770,23 @@ def test_xds_server_inject_on_the_example() -> None:
         (original,) = [d for d in example_deployments() if d["metadata"] == doc["metadata"]]
         before, after = original["spec"]["template"], doc["spec"]["template"]
         assert after["spec"]["containers"] == before["spec"]["containers"]
-        init, sidecar = after["spec"]["initContainers"]
-        assert (init["name"], sidecar["name"]) == ("xds-init", "envoy")
+        init, agent, sidecar = after["spec"]["initContainers"]
+        assert (init["name"], agent["name"], sidecar["name"]) == ("xds-init", "xds-agent", "envoy")
         assert init["command"][:2] == ["xds-server", "iptables"]
-        assert sidecar["restartPolicy"] == "Always"
+        assert sidecar["restartPolicy"] == agent["restartPolicy"] == "Always"
         args = sidecar["args"]
-        assert args[args.index("--xds-address") + 1] == \
-            f"{service['metadata']['name']}.{SERVER_NAMESPACE}.svc:{xds_port}"
+        assert "--tls" in args and "--token-file" not in args
+        assert args[args.index("--xds-address") + 1] == f"{host}:{service_ports['grpc-xds-tls']}"
+        assert args[args.index("--server-name") + 1] in sans.split(",")
+        assert args[args.index("--cert-dir") + 1] == agent["args"][agent["args"].index("--cert-dir") + 1]
+        assert agent["args"][agent["args"].index("--server") + 1] == \
+            f"{host}:{service_ports['grpc-xds-token']}"
+        assert agent["args"][agent["args"].index("--mtls-server") + 1] == \
+            f"{host}:{service_ports['grpc-xds-tls']}"
         (token,) = [v for v in after["spec"]["volumes"] if v["name"] == "xds-token"]
-        audience = token["projected"]["sources"][0]["serviceAccountToken"]["audience"]
-        assert audience == "xds-server"  # the server's --token-audience default
+        projected = token["projected"]["sources"][0]["serviceAccountToken"]
+        assert projected["audience"] == "xds-server"  # the server's --token-audience default
+        assert projected["expirationSeconds"] >= 600
 
 
 def test_example_pods_are_meshed_workloads_for_the_server() -> None:
@@ -802,13 +827,22 @@ def test_example_sidecar_bootstrap_gets_the_pods_identity(tmp_path: Path) -> Non
 
     (echo,) = [d for d in example_injected() if d["kind"] == "Deployment"
                and d["metadata"]["name"] == "echo"]
-    sidecar = echo["spec"]["template"]["spec"]["initContainers"][1]
+    from xds_server.ca.certdir import write_generation, write_sds_files
+    from xds_server.ca.svid import SvidIssuer
+    from xds_server.model.identity import Identity
+
+    (sidecar,) = [c for c in echo["spec"]["template"]["spec"]["initContainers"] if c["name"] == "envoy"]
     pod_env = {"POD_NAME": "echo-6d5f7c9b8-x2x7q", "POD_NAMESPACE": EXAMPLE_NAMESPACE,
                "POD_IP": "10.244.1.17", "SERVICE_ACCOUNT": "echo"}
     args = [expand_kubernetes_vars(a, pod_env) for a in sidecar["args"]]
-    token = tmp_path / "token"
-    token.write_text("a.b.c")
-    args[args.index("--token-file") + 1] = str(token)
+    # The agent's files, as it writes them before its startup probe lets Envoy start.
+    authority = CertificateAuthority(tmp_path / "ca")
+    svid = SvidIssuer(authority).issue_for_identity(Identity(EXAMPLE_NAMESPACE, "echo"))
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    write_generation(cert_dir, svid.chain_pem, svid.key_pem or b"", authority.trust_bundle_pem)
+    write_sds_files(cert_dir)
+    args[args.index("--cert-dir") + 1] = str(cert_dir)
     admin_port, ready_port = free_port(), free_port()  # the pod's may be taken here
     args[args.index("--admin-address") + 1] = f"127.0.0.1:{admin_port}"
     args[args.index("--readiness-port") + 1] = str(ready_port)

@@ -215,3 +215,28 @@ def test_cli_create_and_revoke(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "invalid namespace" in bad.output
     bad_ttl = runner.invoke(token, ["create", "-n", "shop", "--sa", "web", "--ttl", "soon"], env=env)
     assert bad_ttl.exit_code != 0 and "invalid duration" in bad_ttl.output
+
+
+def test_a_revoked_identity_voids_what_was_issued_until_then(tmp_path: Path, issuer: TokenIssuer,
+                                                             clock: Clock) -> None:
+    web, api = Identity("shop", "web"), Identity("shop", "api")
+    before = issuer.create("shop", "web", timedelta(hours=1))
+    other = issuer.create("shop", "api", timedelta(hours=1))
+    revoked_at = issuer.revoke_identity(web)
+    with pytest.raises(AuthError, match="revoked identity shop/web"):
+        issuer.verify(before)
+    assert issuer.verify(other) == api  # another identity is untouched
+    # Certificates: the same rule on their issuance time, to the second.
+    with pytest.raises(AuthError, match="revoked identity"):
+        issuer.check_identity(web, revoked_at)
+    issuer.check_identity(web, revoked_at + timedelta(seconds=1))
+    # Issued afterwards: good. Seen by another process (the server) through the file, and a
+    # token revocation written later keeps the identity's entry.
+    clock.now = revoked_at + timedelta(seconds=2)
+    after = issuer.create("shop", "web", timedelta(hours=1))
+    server_side = TokenIssuer(tmp_path / "certs", clock=clock)
+    assert server_side.verify(after) == web
+    issuer.revoke(issuer.issue("shop", "api", timedelta(hours=1)).token_id)
+    assert server_side.identity_revoked_at(web) == revoked_at
+    with pytest.raises(AuthError, match="revoked identity"):
+        server_side.verify(before)

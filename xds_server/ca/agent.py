@@ -1,25 +1,24 @@
-"""`xds-server cert-agent`: keeps an X.509-SVID on disk for a workload that holds its own key.
+"""`xds-server agent`: keeps an X.509-SVID on disk for a workload that holds its own key.
 
-The files are the ones the stock grpcio xDS client's `file_watcher` certificate provider
-reads (and most TLS servers too):
+The files are the ones Envoy's file-based SDS and the stock grpcio xDS client's
+`file_watcher` certificate provider read (and most TLS servers too):
 
     cert.pem  leaf + intermediates      (0644)
     key.pem   the private key, PKCS#8    (0600)
     ca.pem    the trust bundle (roots)   (0644)
 
+plus the two SDS resource files Envoy's bootstrap points at (`xds-server bootstrap --tls`).
 Each renewal generates a fresh key locally (it never leaves the machine), sends a CSR to the
-server, checks that the answer certifies that key and chains to the bundle, and writes the
-three files, each atomically (temporary file + rename). Order: `ca.pem` first (a new root must
-be trusted before a leaf from it is presented), then `key.pem`, then `cert.pem`. A reader
-between the last two renames could pair the new key with the old certificate; gRPC's file
-watcher re-reads when a file changed during its read and rejects a mismatched pair, keeping
-the previous one until the next refresh.
+server, checks that the answer certifies that key and chains to the bundle, and switches all
+three files at once (certdir.py: a new generation directory, then one symlink rename), so no
+reader ever pairs a new key with an old certificate.
 
 Renewal at half-life with jitter (rotation.renewal_time); on failure, retries with
 exponential backoff (capped, jittered) and keeps the old files while they are valid.
 
 The transport is a `CsrSigner`; `GrpcCsrSigner` calls the server's
-`/xds_server.ca.v1.CertificateService/Sign` with `authorization: Bearer <token>`.
+`/xds_server.ca.v1.CertificateService/Sign` with `authorization: Bearer <token>`, the token
+read from its file on every call (the kubelet replaces projected tokens before they expire).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import asyncio
 import itertools
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -46,15 +46,15 @@ from .authority import (
     signature_hash,
     utcnow,
 )
-from .files import KEY_MODE, PUBLIC_MODE, ensure_private_dir, write_atomic
+from .certdir import CA_FILE, CERT_FILE, KEY_FILE, write_generation, write_sds_files
+from .files import ensure_private_dir
 from .rotation import DEFAULT_JITTER, renewal_time
 from .service import SIGN_METHOD, decode_json, encode_json
 
 log = logging.getLogger("xds_server.ca.agent")
 
-CERT_FILE = "cert.pem"
-KEY_FILE = "key.pem"
-CA_FILE = "ca.pem"
+__all__ = ["CA_FILE", "CERT_FILE", "KEY_FILE", "CertAgent", "GrpcCsrSigner", "SignError",
+           "SignedCertificate"]
 
 
 class SignError(Exception):
@@ -90,13 +90,18 @@ class SignedCertificate:
 class CsrSigner(Protocol):
     async def sign(self, csr_pem: bytes, ttl: timedelta | None) -> SignedCertificate: ...
 
+    async def close(self) -> None: ...
+
 
 class GrpcCsrSigner:
     """Calls `/xds_server.ca.v1.CertificateService/Sign` on the xDS server.
 
     The token is read on every call from `token_file` when given (projected service-account
     tokens rotate), else `token`. `credentials`: TLS channel credentials; None means
-    plaintext, for loopback only (the token travels in the clear otherwise).
+    plaintext, for loopback only (the token travels in the clear otherwise). `roots`: instead
+    of `credentials`, a function returning the PEM roots that verify the server, asked before
+    every call; the channel is rebuilt when they change (the agent adds its own trust bundle,
+    so a root rotation's new server certificate is trusted).
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class GrpcCsrSigner:
         token: str | None = None,
         token_file: str | Path | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        roots: Callable[[], bytes] | None = None,
         options: list[tuple[str, object]] | None = None,
         timeout: float = 10.0,
     ) -> None:
@@ -115,13 +121,29 @@ class GrpcCsrSigner:
         self._token = token
         self._token_file = Path(token_file) if token_file else None
         self.timeout = timeout
+        self._options = options
+        self._roots = roots
+        self._roots_pem: bytes | None = None
+        self._channel = self._open(credentials)
+
+    def _open(self, credentials: grpc.ChannelCredentials | None) -> aio.Channel:
+        if credentials is None and self._roots is not None:
+            self._roots_pem = self._roots()
+            credentials = grpc.ssl_channel_credentials(root_certificates=self._roots_pem)
         if credentials is None:
-            self._channel = aio.insecure_channel(target, options=options)
+            channel = aio.insecure_channel(self.target, options=self._options)
         else:
-            self._channel = aio.secure_channel(target, credentials, options=options)
-        self._call = self._channel.unary_unary(
+            channel = aio.secure_channel(self.target, credentials, options=self._options)
+        self._call = channel.unary_unary(
             SIGN_METHOD, request_serializer=encode_json, response_deserializer=decode_json,
         )
+        return channel
+
+    async def _follow_roots(self) -> None:
+        if self._roots is None or self._roots() == self._roots_pem:
+            return
+        old, self._channel = self._channel, self._open(None)
+        await old.close()
 
     def _bearer(self) -> str:
         if self._token_file is not None:
@@ -134,6 +156,7 @@ class GrpcCsrSigner:
 
     async def sign(self, csr_pem: bytes, ttl: timedelta | None) -> SignedCertificate:
         request: dict[str, object] = {"csr": csr_pem.decode()}
+        await self._follow_roots()
         if ttl is not None:
             request["ttl_seconds"] = ttl.total_seconds()
         try:
@@ -147,6 +170,65 @@ class GrpcCsrSigner:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class CertificateRenewalSigner:
+    """Renews over the server's mutual-TLS port with the certificate the agent holds (the
+    CSR service takes the verified client certificate as the identity: no token), and falls
+    back to `fallback` (the token signer) when there is no valid certificate yet or the
+    server refuses it (a revoked identity, a new root the server does not trust).
+
+    The key and certificate are read from `cert_dir` at each renewal, so the channel always
+    presents the current pair."""
+
+    def __init__(self, target: str, cert_dir: Path, roots: Callable[[], bytes],
+                 fallback: CsrSigner, *, options: list[tuple[str, object]] | None = None,
+                 timeout: float = 10.0, clock: Clock = utcnow) -> None:
+        self.target = target
+        self.cert_dir = Path(cert_dir)
+        self.roots = roots
+        self.fallback = fallback
+        self.options = options
+        self.timeout = timeout
+        self.clock = clock
+        self.by_certificate = 0  # renewals done with the certificate
+        self.fallbacks = 0
+
+    def _current(self) -> tuple[bytes, bytes] | None:
+        try:
+            chain = (self.cert_dir / CERT_FILE).read_bytes()
+            key = (self.cert_dir / KEY_FILE).read_bytes()
+            leaf = x509.load_pem_x509_certificates(chain)[0]
+        except (OSError, ValueError, IndexError):
+            return None
+        now = self.clock()
+        if not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+            return None
+        return chain, key
+
+    async def sign(self, csr_pem: bytes, ttl: timedelta | None) -> SignedCertificate:
+        current = self._current()
+        if current is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self.roots(), private_key=current[1], certificate_chain=current[0])
+            request: dict[str, object] = {"csr": csr_pem.decode()}
+            if ttl is not None:
+                request["ttl_seconds"] = ttl.total_seconds()
+            try:
+                async with aio.secure_channel(self.target, credentials, options=self.options) as channel:
+                    call = channel.unary_unary(SIGN_METHOD, request_serializer=encode_json,
+                                               response_deserializer=decode_json)
+                    response = await call(request, timeout=self.timeout)
+                self.by_certificate += 1
+                return SignedCertificate.from_json(response)
+            except aio.AioRpcError as err:
+                log.warning("renewal with the current certificate failed, using the token: %s: %s",
+                            err.code().name, err.details())
+        self.fallbacks += 1
+        return await self.fallback.sign(csr_pem, ttl)
+
+    async def close(self) -> None:
+        await self.fallback.close()
 
 
 def build_csr(key) -> bytes:
@@ -198,8 +280,10 @@ class CertAgent:
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
         clock: Clock = utcnow,
+        envoy_sds: bool = True,
     ) -> None:
         self.signer = signer
+        self.envoy_sds = envoy_sds  # also write the SDS resource files Envoy reads
         self.out_dir = Path(out_dir)
         self.ttl = ttl
         self.key_algorithm = KeyAlgorithm(key_algorithm)
@@ -223,6 +307,11 @@ class CertAgent:
     def ca_path(self) -> Path:
         return self.out_dir / CA_FILE
 
+    def ready(self) -> bool:
+        """Holds a certificate that is valid now (what the readiness endpoint reports)."""
+        current = self.current
+        return current is not None and current.not_before <= self.clock() < current.not_after
+
     async def renew(self) -> SignedCertificate:
         """One round: new key, CSR, signed certificate, files written."""
         if self.key_algorithm is KeyAlgorithm.RSA_2048:
@@ -232,9 +321,10 @@ class CertAgent:
         signed = await self.signer.sign(build_csr(key), self.ttl)
         check_response(signed, key)
         ensure_private_dir(self.out_dir)
-        write_atomic(self.ca_path, signed.trust_bundle_pem, PUBLIC_MODE)
-        write_atomic(self.key_path, private_key_pem(key), KEY_MODE)
-        write_atomic(self.cert_path, signed.chain_pem, PUBLIC_MODE)
+        write_generation(self.out_dir, signed.chain_pem, private_key_pem(key),
+                         signed.trust_bundle_pem)
+        if self.envoy_sds:
+            write_sds_files(self.out_dir)
         self.current = signed
         self.renewals += 1
         self.next_renewal = renewal_time(signed.issued_at, signed.not_after, jitter=self.jitter)

@@ -1,4 +1,4 @@
-"""CLI commands of the CA: `xds-server token create|revoke`, `xds-server cert-agent` and
+"""CLI commands of the CA: `xds-server token create|revoke`, `xds-server agent` and
 `xds-server ca rotate-root|status`, registered on the main group in xds_server/cli.py.
 (`serve`'s CA options are leaves of the settings tree, xds_server/settings/.)"""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ..config import ConfigError, is_loopback, parse_duration
+from ..config import ConfigError, is_loopback, parse_address, parse_duration
 
 
 class Duration(click.ParamType):
@@ -86,63 +86,106 @@ def _is_loopback_target(target: str) -> bool:
     return is_loopback(target.rsplit(":", 1)[0].strip("[]") if ":" in target else target)
 
 
-@click.command("cert-agent")
-@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where cert.pem, key.pem (0600) and ca.pem are written.")
-@click.option("--server", envvar="XDS_SERVER_CA_ADDRESS", default="127.0.0.1:15010", show_default=True,
-              help="HOST:PORT of the xDS server's certificate service.")
+@click.command("agent")
+@click.option("--cert-dir", "--out-dir", "cert_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where cert.pem, key.pem (0600), ca.pem and Envoy's SDS files are written "
+                   "(`xds-server bootstrap --tls --cert-dir` points Envoy here).")
+@click.option("--server", envvar="XDS_SERVER_CA_ADDRESS", default="127.0.0.1:15013", show_default=True,
+              help="HOST:PORT of the server's certificate service: its tokens-over-TLS port "
+                   "(--xds-tls-token-address).")
 @click.option("--token", "token_value", envvar="XDS_SERVER_TOKEN",
               help="Bearer token (prefer --token-file: environment variables leak into ps).")
 @click.option("--token-file", envvar="XDS_SERVER_TOKEN_FILE",
               type=click.Path(dir_okay=False, path_type=Path),
-              help="File holding the bearer token, re-read on every renewal.")
+              help="File holding the bearer token, re-read on every renewal (the kubelet "
+                   "replaces projected tokens before they expire).")
 @click.option("--server-ca", envvar="XDS_SERVER_CA_FILE",
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="PEM roots to verify the server's TLS certificate; without it the connection "
-                   "is plaintext (loopback only).")
+              help="PEM roots that verify the server's TLS certificate at first contact (the "
+                   "mesh roots); the agent's own ca.pem is trusted too once written.")
+@click.option("--server-ca-pem", envvar="XDS_SERVER_CA_PEM",
+              help="The same roots as PEM text (what the injector puts in the pod).")
 @click.option("--server-name", help="TLS name to expect from the server (default: its host).")
+@click.option("--mtls-server", default=None,
+              help="HOST:PORT of the server's mutual-TLS port (--xds-tls-address): renew there with "
+                   "the certificate held, falling back to the token when it is refused or expired.")
+@click.option("--plaintext", is_flag=True,
+              help="No TLS to the server: loopback only (the token would travel in clear).")
 @click.option("--ttl", type=DURATION, help="Certificate lifetime to request (server default if unset).")
 @click.option("--key-algorithm", type=click.Choice(["ec-p256", "rsa-2048"]), default="ec-p256",
               show_default=True)
+@click.option("--ready-address", default=None,
+              help="HOST:PORT answering GET /healthz/ready: 200 while a valid certificate is on "
+                   "disk, 503 before (the kubelet's probes; the injector uses 0.0.0.0:15020).")
 @click.option("--once", is_flag=True, help="Obtain one certificate and exit (init containers).")
-def cert_agent(out_dir: Path, server: str, token_value: str | None, token_file: Path | None,
-               server_ca: Path | None, server_name: str | None, ttl: timedelta | None,
-               key_algorithm: str, once: bool) -> None:
-    """Obtain a workload certificate with a locally generated key and renew it at half-life."""
-    import grpc
-
-    from .agent import CertAgent, GrpcCsrSigner
+def agent(cert_dir: Path, server: str, token_value: str | None, token_file: Path | None,
+          server_ca: Path | None, server_ca_pem: str | None, server_name: str | None,
+          mtls_server: str | None, plaintext: bool, ttl: timedelta | None, key_algorithm: str, ready_address: str | None,
+          once: bool) -> None:
+    """The workload agent: obtain an X.509-SVID with a locally generated key over TLS, keep
+    it on disk for Envoy (file-based SDS) or proxyless gRPC, and renew it at half-life."""
+    from .agent import CertAgent, CertificateRenewalSigner, CsrSigner, GrpcCsrSigner
+    from .certdir import CA_FILE
 
     if not token_value and not token_file:
         raise click.UsageError("give --token-file (or --token / XDS_SERVER_TOKEN)")
-    credentials = None
+    given_roots = server_ca is not None or bool(server_ca_pem)
+    if plaintext and given_roots:
+        raise click.UsageError("--plaintext and --server-ca/--server-ca-pem exclude each other")
+    if not plaintext and not given_roots:
+        raise click.UsageError("--server-ca FILE (or --server-ca-pem): the mesh roots that verify "
+                               "the server's TLS certificate; --plaintext only for a loopback server")
+    if plaintext and not _is_loopback_target(server):
+        raise click.UsageError(f"--plaintext: {server} is not loopback, and the bearer token would "
+                               "cross the network in clear; give --server-ca and use the "
+                               "server's TLS port (--xds-tls-token-address)")
+    for value, option in ((ready_address, "--ready-address"), (mtls_server, "--mtls-server")):
+        if value is not None:
+            try:
+                parse_address(value, option)
+            except ConfigError as err:
+                raise click.BadParameter(str(err), param_hint=option) from None
+    if mtls_server is not None and plaintext:
+        raise click.UsageError("--mtls-server is TLS: it does not go with --plaintext")
     options: list[tuple[str, object]] = []
-    if server_ca is not None:
-        credentials = grpc.ssl_channel_credentials(root_certificates=server_ca.read_bytes())
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-    elif not _is_loopback_target(server):
-        click.echo(f"WARNING: plaintext connection to {server}: the bearer token travels "
-                   "unencrypted. Use --server-ca on anything but loopback.", err=True)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+
+    def roots() -> bytes:
+        # Re-read: a mounted ConfigMap changes under us; plus our bundle (a rotated root).
+        found = server_ca.read_bytes() if server_ca is not None else (server_ca_pem or "").encode()
+        with contextlib.suppress(OSError):
+            found = found.rstrip(b"\n") + b"\n" + (cert_dir / CA_FILE).read_bytes()
+        return found
 
     async def run() -> None:
-        signer = GrpcCsrSigner(server, token=token_value, token_file=token_file,
-                               credentials=credentials, options=options)
-        agent = CertAgent(signer, out_dir, ttl=ttl, key_algorithm=key_algorithm)
+        signer: CsrSigner = GrpcCsrSigner(server, token=token_value, token_file=token_file,
+                                          roots=None if plaintext else roots, options=options)
+        if mtls_server is not None:
+            signer = CertificateRenewalSigner(mtls_server, cert_dir, roots, signer, options=options)
+        workload_agent = CertAgent(signer, cert_dir, ttl=ttl, key_algorithm=key_algorithm)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
+        readiness = None
+        if ready_address is not None:
+            from .agent_health import serve_readiness
+
+            readiness = await serve_readiness(ready_address, workload_agent.ready)
         try:
-            await agent.run(stop, once=once)
+            await workload_agent.run(stop, once=once)
         finally:
+            if readiness is not None:
+                readiness.close()
             await signer.close()
 
     try:
         asyncio.run(run())
     except Exception as err:
-        click.echo(f"cert-agent: {err}", err=True)
+        click.echo(f"agent: {err}", err=True)
         sys.exit(1)
 
 
@@ -151,7 +194,7 @@ def cert_agent(out_dir: Path, server: str, token_value: str | None, token_file: 
 
 @click.group("ca")
 def ca() -> None:
-    """The built-in CA: root rotation and its status."""
+    """The built-in CA: root rotation, its status, identity revocation."""
 
 
 @ca.command("rotate-root")
@@ -178,6 +221,27 @@ def ca_rotate_root(ca_dir: Path) -> None:
     click.echo(f"root rotation started: new root {info['fingerprint']} ({info['subject']}) is in "
                f"the trust bundle; a running server switches signing once every proxy has it",
                err=True)
+
+
+@ca.command("revoke-identity")
+@click.option("--namespace", "-n", required=True)
+@click.option("--service-account", "--sa", required=True)
+@_ca_dir
+def ca_revoke_identity(namespace: str, service_account: str, ca_dir: Path) -> None:
+    """Void every credential of an identity issued until now: its workload tokens and its
+    certificates (client certificates on the mutual-TLS port, the CSR service). A running
+    server with the same --ca-dir refuses them at once and closes their open streams within
+    seconds. Credentials issued afterwards are good: the workload's agent gets new ones."""
+    from ..model.identity import Identity
+    from .tokens import TokenIssuer
+
+    try:
+        identity = Identity(namespace, service_account)
+        when = TokenIssuer(ca_dir).revoke_identity(identity)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"identity {identity} revoked: credentials issued up to {when.isoformat()} "
+               "are refused", err=True)
 
 
 @ca.command("status")

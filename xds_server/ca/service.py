@@ -1,6 +1,6 @@
 """The CSR signing endpoint: gRPC unary `/xds_server.ca.v1.CertificateService/Sign`.
 
-For workloads that keep their own key (proxyless gRPC, scripts; `xds-server cert-agent`).
+For workloads that keep their own key (proxyless gRPC, scripts; `xds-server agent`).
 Messages are JSON (no .proto to compile and ship; the method is tiny and stable):
 
     request   {"csr": "<PEM CSR>", "ttl_seconds": 86400}          (ttl optional)

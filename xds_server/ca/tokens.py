@@ -101,6 +101,7 @@ class TokenIssuer:
         self.key_id = _key_id(self._public_key)
         self._lock = threading.Lock()
         self._revoked: dict[str, str] = {}
+        self._revoked_identities: dict[str, str] = {}  # "ns/sa" -> when (ISO 8601)
         self._revoked_stat: tuple[int, int, int] | None = None
 
     # -- key -----------------------------------------------------------------------------
@@ -223,6 +224,11 @@ class TokenIssuer:
             raise AuthError("token not valid yet")
         if self.is_revoked(token_id):
             raise AuthError(f"token {token_id} was revoked")
+        try:
+            issued = datetime.fromtimestamp(int(claims["iat"]), UTC)
+        except (ValueError, TypeError, OverflowError, OSError):
+            raise AuthError("malformed token: invalid claims") from None
+        self.check_identity(identity, issued)
         return identity, claims
 
     # -- revocation ----------------------------------------------------------------------
@@ -235,7 +241,7 @@ class TokenIssuer:
         try:
             st = os.stat(self.revocation_file)
         except FileNotFoundError:
-            self._revoked, self._revoked_stat = {}, None
+            self._revoked, self._revoked_identities, self._revoked_stat = {}, {}, None
             return
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp == self._revoked_stat:
@@ -243,12 +249,15 @@ class TokenIssuer:
         try:
             data = json.loads(self.revocation_file.read_text())
             revoked = {str(k): str(v) for k, v in data.get("revoked", {}).items()}
+            identities = {str(k): str(v) for k, v in data.get("identities", {}).items()}
+            for when in identities.values():
+                datetime.fromisoformat(when)
         except (OSError, ValueError, AttributeError) as err:
             # Keep the revocations we knew: an unreadable file must not un-revoke anything.
             log.error("unreadable revocation file, keeping the previous list: %s", err,
                       extra={"file": str(self.revocation_file)})
             return
-        self._revoked, self._revoked_stat = revoked, stamp
+        self._revoked, self._revoked_identities, self._revoked_stat = revoked, identities, stamp
 
     def is_revoked(self, token_id: str) -> bool:
         with self._lock:
@@ -285,8 +294,45 @@ class TokenIssuer:
                         continue
                 revoked[tid] = when
             revoked[token_id] = now.isoformat()
-            write_atomic(self.revocation_file,
-                         json.dumps({"revoked": revoked}, indent=2, sort_keys=True).encode())
-            self._revoked, self._revoked_stat = revoked, None
+            self._write_revocations(revoked, self._revoked_identities)
         log.info("workload token revoked", extra={"token_id": token_id})
         return True
+
+    def _write_revocations(self, revoked: dict[str, str], identities: dict[str, str]) -> None:
+        write_atomic(self.revocation_file, json.dumps(
+            {"revoked": revoked, "identities": identities}, indent=2, sort_keys=True).encode())
+        self._revoked, self._revoked_identities, self._revoked_stat = revoked, identities, None
+
+    # -- identities ------------------------------------------------------------------------
+
+    def revoke_identity(self, identity: Identity) -> datetime:
+        """Void every credential of `identity` issued up to now (to the second): its workload
+        tokens and its certificates. Credentials issued afterwards are good (a compromised
+        workload gets new ones once fixed). Returns the revocation time (persisted; a later
+        call moves it forward)."""
+        ensure_private_dir(self.directory)
+        lock_path = self.directory / f".{REVOKED_FILE}.lock"
+        with self._lock, open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._revoked_stat = None
+            self._refresh_revoked()
+            now = self.clock().replace(microsecond=0)
+            identities = {**self._revoked_identities, str(identity): now.isoformat()}
+            self._write_revocations(dict(self._revoked), identities)
+        log.warning("identity revoked: credentials issued until now are refused",
+                    extra={"identity": str(identity), "revoked_at": now.isoformat()})
+        return now
+
+    def identity_revoked_at(self, identity: Identity) -> datetime | None:
+        with self._lock:
+            self._refresh_revoked()
+            when = self._revoked_identities.get(str(identity))
+        return datetime.fromisoformat(when) if when else None
+
+    def check_identity(self, identity: Identity, issued_at: datetime) -> None:
+        """Raises AuthError when `identity` was revoked at or after `issued_at` (compared to
+        the second: a credential issued in the revocation's second is refused too)."""
+        revoked_at = self.identity_revoked_at(identity)
+        if revoked_at is not None and issued_at.replace(microsecond=0) <= revoked_at:
+            raise AuthError(f"revoked identity {identity}: credentials issued up to "
+                            f"{revoked_at.isoformat()} are refused")

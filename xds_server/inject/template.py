@@ -8,15 +8,26 @@ already run inside the mesh, as with Istio's native sidecars):
    ports, proxy UID/GID and the exclusions its annotations ask for. Root with NET_ADMIN and
    NET_RAW only; it exits, and a rule the kernel refuses fails it (the pod never runs
    uncaptured). Left out for pods in the explicit interception mode.
-2. `envoy`: the sidecar, a native sidecar (an init container with `restartPolicy: Always`,
+2. `xds-agent` (pods injected with a token, the default): the workload agent, a native
+   sidecar as the proxy UID (`xds-server agent`). With the pod's projected service-account
+   token (audience `xds-server`, re-read at every renewal) it obtains the pod's X.509-SVID
+   over TLS from the server's certificate service, with a key generated in the pod, writes it
+   into the memory-backed `xds-proxy` volume and renews it at half-life. Its startup probe
+   (`/healthz/ready`, a valid certificate on disk) holds Envoy back until the files exist.
+3. `envoy`: the sidecar, a native sidecar (an init container with `restartPolicy: Always`,
    Kubernetes >= 1.29), running as the proxy UID with no capabilities. It writes its own
    bootstrap with `xds-server bootstrap` (pod name, IP, namespace and service account from the
    downward API) into a memory-backed emptyDir and execs Envoy on it. Its startup probe holds
    the app containers back until Envoy has its first config (Envoy's `/ready` through the
    bootstrap's readiness listener, `--readiness-port`).
 
+With the agent, Envoy's bootstrap (`bootstrap --tls`) connects to the server's mutual-TLS
+port with the agent's certificate (file-based SDS: renewals apply without a restart); Envoy
+never sees the token. Without a token (`token_audience` empty: a lab server trusting node
+metadata) there is no agent and Envoy uses the plaintext address.
+
 Plus the volumes they use (`xds-proxy`, and `xds-token`: a projected service-account token for
-the server's audience, which `--token-file` puts into the bootstrap) and the annotation
+the server's audience, mounted into the agent only) and the annotation
 `sidecar.xds-server.io/status` recording the names added, so that injecting again first takes
 exactly those out: injection is idempotent, and a re-run with new settings updates the pod.
 
@@ -46,6 +57,7 @@ from ..sources.k8s_objects import (
 from .settings import VERSION, InjectorSettings
 
 __all__ = [
+    "AGENT_CONTAINER",
     "CAPTURE_ANNOTATIONS",
     "INIT_CONTAINER",
     "SIDECAR_CONTAINER",
@@ -59,13 +71,15 @@ __all__ = [
 STATUS_ANNOTATION = "sidecar.xds-server.io/status"
 INIT_CONTAINER = "xds-init"
 SIDECAR_CONTAINER = "envoy"  # one of k8s_objects.SIDECAR_CONTAINERS: the server knows it
+AGENT_CONTAINER = "xds-agent"
 PROXY_VOLUME = "xds-proxy"
 TOKEN_VOLUME = "xds-token"
 PROXY_DIR = "/etc/xds-proxy"
 TOKEN_DIR = "/var/run/secrets/xds-server/tokens"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
+CERT_DIR = f"{PROXY_DIR}/certs"  # the agent writes, Envoy reads (file-based SDS)
 READINESS_PATH = "/healthz/ready"
-_OURS = frozenset({INIT_CONTAINER, SIDECAR_CONTAINER, PROXY_VOLUME, TOKEN_VOLUME})
+_OURS = frozenset({INIT_CONTAINER, AGENT_CONTAINER, SIDECAR_CONTAINER, PROXY_VOLUME, TOKEN_VOLUME})
 
 _TRAFFIC = "traffic.sidecar.xds-server.io/"
 # Pod annotations -> `xds-server iptables` options (Istio's traffic.sidecar.istio.io/* names).
@@ -162,8 +176,10 @@ def _capture_options(annotations: Mapping[str, str], settings: InjectorSettings,
             raise InjectionError(_annotation_field(key), str(err).removeprefix(f"{key}: ")) from None
     # The kubelet's probes of the sidecar reach its readiness port directly.
     excluded = [p for p in (options.get("--exclude-inbound-ports") or "").split(",") if p]
-    if str(settings.readiness_port) not in excluded:
-        excluded.insert(0, str(settings.readiness_port))
+    probed = [settings.readiness_port] + ([settings.agent_ready_port] if settings.token_audience else [])
+    for port in reversed(probed):
+        if str(port) not in excluded:
+            excluded.insert(0, str(port))
     options["--exclude-inbound-ports"] = ",".join(excluded)
     argv = ["--outbound-port", str(outbound), "--inbound-port", str(inbound),
             "--proxy-uid", str(settings.proxy_uid), "--proxy-gid", str(settings.proxy_gid)]
@@ -209,18 +225,19 @@ def _probe(settings: InjectorSettings, *, period: int, failures: int) -> dict[st
 def _sidecar(settings: InjectorSettings, labels: Mapping[str, str], inbound: int, outbound: int,
              interception: str) -> dict[str, Any]:
     args = ["--namespace", "$(POD_NAMESPACE)", "--service-account", "$(SERVICE_ACCOUNT)",
-            "--pod", "$(POD_NAME)", "--pod-ip", "$(POD_IP)", "--xds-address", settings.xds_address,
-            "--admin-address", f"127.0.0.1:{ENVOY_ADMIN_PORT}",
-            "--inbound-port", str(inbound), "--outbound-port", str(outbound),
-            "--readiness-port", str(settings.readiness_port), "--interception", interception]
-    if settings.token_audience:
-        args += ["--token-file", TOKEN_FILE]
+            "--pod", "$(POD_NAME)", "--pod-ip", "$(POD_IP)"]
+    if settings.token_audience:  # mutual TLS with the agent's certificate
+        args += ["--tls", "--cert-dir", CERT_DIR, "--xds-address", settings.xds_tls_address,
+                 "--server-name", settings.server_name]
+    else:
+        args += ["--xds-address", settings.xds_address]
+    args += ["--admin-address", f"127.0.0.1:{ENVOY_ADMIN_PORT}",
+             "--inbound-port", str(inbound), "--outbound-port", str(outbound),
+             "--readiness-port", str(settings.readiness_port), "--interception", interception]
     for key in sorted(labels):
         # $ cannot occur in a label; the kubelet would expand $(...) in args otherwise.
         args += ["--label", f"{key}={labels[key]}"]
     mounts: list[dict[str, Any]] = [{"name": PROXY_VOLUME, "mountPath": PROXY_DIR}]
-    if settings.token_audience:
-        mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
     script = _SIDECAR_SCRIPT.format(dir=PROXY_DIR, concurrency=settings.concurrency,
                                     log_level=settings.log_level)
     return {
@@ -246,6 +263,39 @@ def _sidecar(settings: InjectorSettings, labels: Mapping[str, str], inbound: int
     }
 
 
+def _agent(settings: InjectorSettings) -> dict[str, Any]:
+    probe = {"httpGet": {"path": READINESS_PATH, "port": settings.agent_ready_port},
+             "timeoutSeconds": 3}
+    return {
+        "name": AGENT_CONTAINER,
+        "image": settings.proxy_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "restartPolicy": "Always",
+        "command": ["xds-server", "agent"],
+        # First contact with the token on the tokens-over-TLS port; renewals with the
+        # certificate on the mutual-TLS port (the token again if that is refused).
+        "args": ["--cert-dir", CERT_DIR, "--server", settings.ca_address,
+                 "--mtls-server", settings.xds_tls_address,
+                 "--server-name", settings.server_name, "--token-file", TOKEN_FILE,
+                 "--ready-address", f"0.0.0.0:{settings.agent_ready_port}"],
+        # The mesh roots for first contact (public; the agent then also trusts its ca.pem).
+        "env": [{"name": "XDS_SERVER_CA_PEM", "value": settings.ca_bundle_pem}],
+        "startupProbe": {**probe, "periodSeconds": 1, "failureThreshold": 600},
+        "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
+        "resources": {"requests": {"cpu": "10m", "memory": "48Mi"},
+                      "limits": {"cpu": "500m", "memory": "128Mi"}},
+        # The proxy UID: its connections to the server are not captured, and Envoy (same
+        # UID) reads the key it writes with mode 0600.
+        "securityContext": {
+            "runAsUser": settings.proxy_uid, "runAsGroup": settings.proxy_gid,
+            "runAsNonRoot": True, "allowPrivilegeEscalation": False, "privileged": False,
+            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": PROXY_VOLUME, "mountPath": PROXY_DIR},
+                         {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}],
+    }
+
+
 def _capture_init(settings: InjectorSettings, command: list[str]) -> dict[str, Any]:
     return {
         "name": INIT_CONTAINER,
@@ -267,7 +317,7 @@ def _capture_init(settings: InjectorSettings, command: list[str]) -> dict[str, A
 
 def _volumes(settings: InjectorSettings) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
-        # In memory: the bootstrap holds the token.
+        # In memory: the workload's private key lives here.
         {"name": PROXY_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}},
     ]
     if settings.token_audience:
@@ -331,7 +381,7 @@ def inject_pod(pod: Mapping[str, Any], settings: InjectorSettings, *,
         annotations = metadata["annotations"]
     for section in ("initContainers", "containers"):
         for item in spec.get(section) or ():
-            if item["name"] in SIDECAR_CONTAINERS or item["name"] == INIT_CONTAINER:
+            if item["name"] in SIDECAR_CONTAINERS or item["name"] in (INIT_CONTAINER, AGENT_CONTAINER):
                 return out, Outcome(False, f"the pod already has a container {item['name']!r}")
     for volume in spec.get("volumes") or ():
         if volume["name"] in (PROXY_VOLUME, TOKEN_VOLUME):
@@ -343,6 +393,11 @@ def inject_pod(pod: Mapping[str, Any], settings: InjectorSettings, *,
     if interception not in ("capture", "explicit"):
         raise InjectionError(_annotation_field(INTERCEPTION_ANNOTATION),
                              f'expected "capture" or "explicit", got {interception!r}')
+    if settings.token_audience and settings.agent_ready_port in (inbound, outbound, ENVOY_ADMIN_PORT):
+        raise InjectionError(_annotation_field(INBOUND_PORT_ANNOTATION if
+                                               settings.agent_ready_port == inbound else
+                                               OUTBOUND_PORT_ANNOTATION),
+                             f"the workload agent's readiness port is {settings.agent_ready_port}")
     if settings.readiness_port in (inbound, outbound, ENVOY_ADMIN_PORT):
         raise InjectionError(_annotation_field(INBOUND_PORT_ANNOTATION if
                                                settings.readiness_port == inbound else
@@ -356,6 +411,8 @@ def inject_pod(pod: Mapping[str, Any], settings: InjectorSettings, *,
     elif inbound == outbound:
         raise InjectionError(_annotation_field(OUTBOUND_PORT_ANNOTATION),
                              f"the same port as the inbound port ({inbound})")
+    if settings.token_audience:
+        added_init.append(_agent(settings))
     added_init.append(_sidecar(settings, {str(k): str(v) for k, v in labels.items()},
                                inbound, outbound, interception))
     added_volumes = _volumes(settings)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -114,7 +115,11 @@ class WebhookServer:
             if len(body) > MAX_BODY_BYTES:
                 return self._bad(f"the body is larger than {MAX_BODY_BYTES} bytes")
         try:
-            review = admission_response(bytes(body), self.settings.injector)
+            # The agent trusts the current mesh roots at first contact (a root rotation
+            # publishes the new root here before the server's certificate uses it).
+            injector = dataclasses.replace(
+                self.settings.injector, ca_bundle_pem=self.authority.trust_bundle_pem.decode())
+            review = admission_response(bytes(body), injector)
         except BadReview as err:
             return self._bad(str(err))
         except Exception:  # a bug of ours: the API server applies failurePolicy

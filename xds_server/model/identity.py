@@ -11,6 +11,7 @@ No Envoy and no Kubernetes types here: this is the model layer.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -146,6 +147,9 @@ class Proof:
     method: str  # "workload-token" | "kubernetes-token" | "node-metadata" | "client-certificate"
     token_id: str = ""  # a workload token's id (jti), to notice its revocation
     pod: str = ""  # the pod a pod-bound token names ("" when the token is not pod-bound)
+    # When the credential was issued (a workload token's iat, a certificate's issuance), to
+    # notice a revocation of the identity; None when unknown (Kubernetes tokens).
+    issued_at: datetime | None = None
 
     @property
     def identity(self) -> Identity:

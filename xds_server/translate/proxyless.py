@@ -21,7 +21,7 @@ What differs from a sidecar (see FIELD-NOTES "The stock grpcio xDS client"):
   detection as gRPC implements it (`grpc_outlier_detection`), and gRPC supports
   neither `transport_socket_matches` nor SDS in TLS contexts, so mTLS is a plain
   `transport_socket` whose certificates come from certificate provider instances of gRPC's
-  bootstrap (`file_watcher` over the files `xds-server cert-agent` writes, instance
+  bootstrap (`file_watcher` over the files `xds-server agent` writes, instance
   `default`). mTLS is used when every mTLS-capable endpoint of the service accepts it (the
   cluster carries that decision in its metadata, computed with the endpoints' modes).
 - Server LDS: `grpc.server(..., xds=True)` asks for

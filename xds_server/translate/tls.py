@@ -16,7 +16,7 @@ never the listener or cluster, so it never drains a connection.
   another service even with a valid mesh certificate. SNI is the service's FQDN.
 - Proxyless gRPC (`CertificateSource.provider`): gRPC rejects SDS in TLS contexts (see
   FIELD-NOTES); it reads certificate files through certificate provider instances named in
-  its bootstrap (`file_watcher`, written by `xds-server cert-agent`). The same contexts are
+  its bootstrap (`file_watcher`, written by `xds-server agent`). The same contexts are
   built with `CertificateProviderPluginInstance` references instead of SDS.
 
 Pure functions: no I/O, no globals, no clock.
@@ -47,7 +47,7 @@ TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
 TLS_MODE_KEY = "tlsMode"
 TLS_MODE_MTLS = "mtls"
 MTLS_MATCH_NAME = "mtls"
-# Proxyless gRPC: the certificate provider instance its bootstrap defines (cert-agent's files).
+# Proxyless gRPC: the certificate provider instance its bootstrap defines (the workload agent's files).
 DEFAULT_PROVIDER_INSTANCE = "default"
 # ALPN of the inbound TLS chains (clients offer what their cluster speaks).
 HTTP_ALPN = ("h2", "http/1.1")

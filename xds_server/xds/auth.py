@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -104,6 +105,11 @@ class TokenVerifier(Protocol):
 
     def is_revoked(self, token_id: str) -> bool: ...
 
+    def check_identity(self, identity: Identity, issued_at: datetime) -> None:
+        """Raises AuthError when the identity was revoked after `issued_at` (every credential
+        issued to it until then is void: `xds-server ca revoke-identity`)."""
+        ...
+
 
 class ReviewResult(Protocol):
     """What a TokenReview answered (`sources.tokenreview.TokenReviewResult`)."""
@@ -128,6 +134,7 @@ class TokenReview(Protocol):
 # Reasons, as counters: what an operator needs to tell apart.
 _REASONS: tuple[tuple[str, str], ...] = (
     ("missing 'authorization", "missing-token"),
+    ("revoked identity", "identity-revoked"),
     ("expired", "expired"),
     ("revoked", "revoked"),
     ("not valid yet", "not-yet-valid"),
@@ -169,8 +176,11 @@ class Authenticator:
         reviewer: TokenReview | None = None,
         listen_address: str | None = None,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        certificate_backdate: timedelta = timedelta(minutes=5),
     ) -> None:
         self.mode = AuthMode(mode)
+        # The CA backdates NotBefore by this much (clock skew): issuance = NotBefore + it.
+        self.certificate_backdate = certificate_backdate
         self.tokens = tokens
         self.reviewer = reviewer
         self.trust_domain = trust_domain
@@ -205,8 +215,11 @@ class Authenticator:
         if self._is_workload_token(token):
             assert self.tokens is not None
             identity, claims = self.tokens.verify_claims(token)
+            issued = claims.get("iat")
             return Proof(identity.namespace, identity.service_account, "workload-token",
-                         token_id=str(claims.get("jti", "")))
+                         token_id=str(claims.get("jti", "")),
+                         issued_at=datetime.fromtimestamp(issued, UTC)
+                         if isinstance(issued, int) else None)
         if self.reviewer is None:
             raise AuthError("malformed token: not a token of this server (and TokenReview is off)")
         result = await self.reviewer.review(token)
@@ -247,7 +260,13 @@ class Authenticator:
             identity = Identity(namespace, service_account)
         except ValueError as err:
             raise AuthError(f"client certificate refused: {err}") from None
-        return Proof(identity.namespace, identity.service_account, "client-certificate")
+        issued = certificate.not_before
+        if issued is not None:
+            issued += self.certificate_backdate
+            if self.tokens is not None:
+                self.tokens.check_identity(identity, issued)  # raises for a revoked identity
+        return Proof(identity.namespace, identity.service_account, "client-certificate",
+                     issued_at=issued)
 
     async def authenticate(
         self, metadata: Metadata | None, claim: ProxyClaim, peer: str,
@@ -298,11 +317,19 @@ class Authenticator:
             raise AuthError(f"the {credential} is bound to pod {proof.pod}, the node claims {claim.pod}")
 
     def still_valid(self, proof: Proof) -> str | None:
-        """Why an open stream's credential no longer holds (a revoked workload token), or
-        None. Expiry is not checked here: a proxy keeps its stream past its token's expiry, as
-        a TLS session outlives its certificate; the next connection needs a valid token."""
-        if proof.token_id and self.tokens is not None and self.tokens.is_revoked(proof.token_id):
+        """Why an open stream's credential no longer holds (a revoked workload token, a
+        revoked identity), or None. Expiry is not checked here: a proxy keeps its stream past
+        its token's expiry, as a TLS session outlives its certificate; the next connection
+        needs a valid credential."""
+        if self.tokens is None:
+            return None
+        if proof.token_id and self.tokens.is_revoked(proof.token_id):
             return f"token {proof.token_id} was revoked"
+        if proof.issued_at is not None:
+            try:
+                self.tokens.check_identity(proof.identity, proof.issued_at)
+            except AuthError as err:
+                return err.reason
         return None
 
 
@@ -444,7 +471,7 @@ class StreamGuard(StreamHooks):
                 pass
             for conn in list(connections()):
                 proof = conn.proof
-                if proof is None or not proof.token_id:
+                if proof is None or not (proof.token_id or proof.issued_at):
                     continue
                 why = self.authenticator.still_valid(proof)
                 if why is not None:

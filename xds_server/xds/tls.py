@@ -22,13 +22,16 @@ client authenticates over TLS are two listeners sharing one certificate:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 __all__ = ["PeerCertificate", "TlsCredentials", "peer_certificate", "transport_of"]
 
@@ -43,6 +46,15 @@ class PeerCertificate:
     @property
     def spiffe_ids(self) -> tuple[str, ...]:
         return tuple(u for u in self.uris if u.startswith("spiffe://"))
+
+    @functools.cached_property
+    def not_before(self) -> datetime | None:
+        """The leaf's NotBefore (None when the PEM does not parse: grpc verified it, so
+        only a test's hand-made value)."""
+        try:
+            return x509.load_pem_x509_certificates(self.pem)[0].not_valid_before_utc
+        except (ValueError, IndexError):
+            return None
 
 
 def _values(auth: Mapping[str, Iterable[bytes]], key: str) -> tuple[str, ...]:
