@@ -21,6 +21,7 @@ from .translate.controller import MeshController
 from .translate.scope import ScopeSettings
 from .xds.auth import AuthMode
 from .xds.cache import ResourceCache
+from .xds.lrs import LoadReportingService, LrsSettings
 from .xds.server import ServerSettings, XdsServer
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class AppConfig:
     mesh_security: SecuritySettings | None = None
     # The sidecar-injection admission webhook (HTTPS, a mesh-CA certificate), when set.
     webhook: WebhookSettings | None = None
+    # LRS: sidecars' load reports, aggregated per Service (load_reports.py).
+    load_reports: LrsSettings = field(default_factory=LrsSettings)
 
 
 def tune_gc() -> None:
@@ -90,6 +93,7 @@ class RunningApp:
     # SDS; `status()` and `start_root_rotation()` for the admin API.
     ca: Any = None
     webhook: Any = None  # the inject.webhook.WebhookServer, when the webhook runs
+    load: Any = None  # load_reports.LoadAggregator: what the sidecars' load reports say
 
     @property
     def address(self) -> str:
@@ -189,6 +193,7 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
             raise
         security.attach(server)
         tasks.append(asyncio.create_task(security.run(stop), name="security"))
+    load = attach_load_reports(server, store, config.load_reports, security)
     kube = None
     try:
         if config.kubernetes is not None:
@@ -204,7 +209,8 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-    running = RunningApp(server, cache, store, stop, tasks, kube, sources, ca=security)
+    running = RunningApp(server, cache, store, stop, tasks, kube, sources, ca=security,
+                         load=load)
     if config.webhook is not None:
         try:
             running.webhook = await _start_webhook(config, security, stop, tasks)
@@ -259,6 +265,23 @@ async def _start_webhook(config: AppConfig, security: Any, stop: asyncio.Event,
 
         tasks.append(asyncio.create_task(keep_ca_bundle(), name="webhook-ca-bundle"))
     return webhook
+
+
+def attach_load_reports(server: XdsServer, store: MeshStore | None, settings: LrsSettings,
+                        security: Any = None) -> Any:
+    """Serve LRS on the xDS ports (before `server.start()`): reports from proxies proven as
+    their xDS streams are, aggregated per destination Service."""
+    from .load_reports import LoadAggregator
+
+    aggregator = LoadAggregator(store, settings.interval)
+    authenticator = getattr(getattr(security, "guard", None), "authenticator", None)
+    service = LoadReportingService(
+        lambda: server.connections, aggregator, settings,
+        authenticate=authenticator.authenticate if authenticator is not None else None,
+        reportable=aggregator.reportable)
+    aggregator.lrs_stats = service.stats
+    server.extra_handlers.append(service.handler())
+    return aggregator
 
 
 def check_plaintext(config: AppConfig, host: str) -> None:

@@ -47,6 +47,9 @@ class SidecarSpec:
     # `/ready` (200 once the first config is in place, 503 before), for the kubelet's probes,
     # without exposing the admin interface. Istio's sidecars use 15021 for the same.
     readiness_port: int = 0
+    # Send load reports (LRS) to the server over the same cluster and credential as ADS:
+    # requests, errors and in-flight per upstream cluster, at the interval the server sets.
+    load_reports: bool = True
     # Mutual TLS to the server with the agent's files in this directory (see module doc),
     # the server's certificate checked for `server_name` (default: the xDS address's host).
     cert_dir: str | None = None
@@ -246,6 +249,11 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
             ]
         },
     }
+    if spec.load_reports:
+        bootstrap["cluster_manager"] = {"load_stats_config": {
+            "api_type": "GRPC", "transport_api_version": "V3",
+            "grpc_services": [copy.deepcopy(grpc_service)],
+        }}
     if spec.cert_dir is not None:
         if spec.xds_address.startswith("unix:"):
             raise ValueError("--tls: a Unix socket xDS address stays on the host; TLS is for HOST:PORT")

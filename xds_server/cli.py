@@ -468,10 +468,13 @@ def inject_command(source: Any, output: Any, proxy_image: str | None, init_image
               help="Pods as network namespaces with captured traffic (capture: needs root, "
                    "iproute2, iptables, setpriv), or on loopback addresses (explicit); auto "
                    "captures when it can and says why not otherwise.  [env: XDS_SERVER_DEMO_MODE]")
+@click.option("--admin-address", default="127.0.0.1:15014", show_default=True,
+              help="The admin API with the live mesh page (/ui; its address and a read token "
+                   "are printed); a busy port: any free one; 'off': none.")
 @click.pass_context
 def demo_command(
     ctx: click.Context, source: Path | None, once: bool, rounds: int | None, requests: int,
-    concurrency: int, interval: float, xds_address: str, mode: str,
+    concurrency: int, interval: float, xds_address: str, mode: str, admin_address: str,
 ) -> None:
     """Run a mesh here: the server, real Envoy sidecars, small apps, traffic, a table per round.
 
@@ -490,6 +493,7 @@ def demo_command(
     options = demo.DemoOptions(
         source=source or demo.default_source(), xds_address=xds_address, rounds=rounds,
         requests=requests, concurrency=concurrency, interval=interval, mode=mode,
+        admin_address=None if admin_address == "off" else admin_address,
     )
     if not options.source.is_dir():
         raise click.BadParameter(f"{options.source} is not a directory (run from the repository "

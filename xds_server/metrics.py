@@ -305,6 +305,10 @@ class Metrics:
         """Read the admission webhook's answers by result (inject/webhook.py `stats`)."""
         self._live.webhook = results
 
+    def attach_load(self, load: Any) -> None:
+        """Read the load-report aggregation (load_reports.py `LoadAggregator.collect`)."""
+        self._live.load = load
+
     def auth_failure(self, surface: str, reason: str) -> None:
         """Count a refused request (`surface`: admin, xds, ca; `reason`: a short fixed word)."""
         self._auth_failures[(surface, reason)] += 1
@@ -362,6 +366,7 @@ class _LiveCollector(Collector):
         self.authority: Any = None
         self.registry: Any = None
         self.webhook: Mapping[str, int] | None = None
+        self.load: Any = None
 
     def describe(self) -> list:
         return []  # dynamic: describing would mean collecting at registration
@@ -481,6 +486,8 @@ class _LiveCollector(Collector):
                                      "Unix time the CA certificate that signs expires.")
             root.add_metric([], self.authority.state.not_after.timestamp())
             yield root
+        if self.load is not None:
+            yield from self.load.collect()
 
 
 def counter_value(registry: CollectorRegistry, name: str, labels: Mapping[str, str] | None = None) -> float:

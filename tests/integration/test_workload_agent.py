@@ -32,11 +32,14 @@ from tests.support.mesh import MeshHarness, Pod
 from tests.support.net import free_port, next_loopback_ip
 from tests.support.proxyless import ProxylessProcess
 from tests.support.upstreams import http_request
+from xds_server.app import attach_load_reports
 from xds_server.ca.certdir import CA_FILE, CERT_FILE, KEY_FILE, SDS_CA_FILE, SDS_CERT_FILE
+from xds_server.model.mesh import ServiceKey
 from xds_server.model.security import SecuritySettings
 from xds_server.security import Security, SecurityConfig
 from xds_server.xds.auth import AuthMode
 from xds_server.xds.cache import ResourceCache
+from xds_server.xds.lrs import LrsSettings
 from xds_server.xds.server import ServerSettings, XdsServer
 
 pytestmark = [pytest.mark.envoy]
@@ -78,6 +81,8 @@ class AgentMesh(MeshHarness):
                            debounce_quiet=0.02, debounce_max=0.2),
             view_for=self.controller.view_for, release_view=self.controller.release)
         self.security.attach(server)
+        # Load reports as `serve` composes them: the LRS stream proves itself like ADS.
+        self.load = attach_load_reports(server, self.store, LrsSettings(interval=1.0), self.security)
         return server
 
     async def start(self) -> AgentMesh:
@@ -233,6 +238,12 @@ async def test_a_real_envoy_from_the_agents_files_gets_its_config_over_mtls(mesh
     await asyncio.gather(mesh.tls_sidecar(web, cert_dir), mesh.tls_sidecar(api, api_certs))
     # Its whole config came over mutual TLS on the TLS port: routing to api works.
     await mesh.until(lambda: web.request(API_HOST).status == 200, 20, "web -> api")
+    # Its load reports go over the same mutual TLS and prove the same identity.
+    for _ in range(20):
+        await asyncio.to_thread(web.request, API_HOST)
+    api_key = ServiceKey(NS, "api")
+    await mesh.until(lambda: mesh.load.totals.get(api_key, [0])[0] >= 20, 20, "web's load reports")
+    assert mesh.load.lrs_stats.refused == {}
     stats = mesh.security.guard.stats
     assert stats.authenticated["client-certificate"] >= 1
     assert stats.authenticated["workload-token"] == 0, "Envoy sent no token"

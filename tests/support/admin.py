@@ -59,7 +59,7 @@ class AdminStack:
     def __init__(self, *, cache: ResourceCache | None = None, server: XdsServer | None = None,
                  store: Any = None, sources: dict | None = None, ca: CA | None = None,
                  settings: ServerSettings | None = None, tokens: Tokens | None = None,
-                 mtls: bool = False, docs: bool = False) -> None:
+                 mtls: bool = False, docs: bool = False, load: Any = None) -> None:
         self.cache = cache if cache is not None else ResourceCache()
         self.server = server or XdsServer(
             self.cache, settings or ServerSettings(address="127.0.0.1:0", debounce_quiet=0))
@@ -69,6 +69,7 @@ class AdminStack:
         self.tokens = tokens or Tokens()
         self.mtls = mtls
         self.docs = docs
+        self.load = load  # load_reports.LoadAggregator, for the metrics and /ui
         self.admin: AdminServer | None = None
 
     async def start(self) -> AdminStack:
@@ -77,7 +78,7 @@ class AdminStack:
         if self.server._server is None:
             await self.server.start()
         running = types.SimpleNamespace(server=self.server, cache=self.cache, store=self.store,
-                                        sources=self.sources, ca=self.ca)
+                                        sources=self.sources, ca=self.ca, load=self.load)
         ctx = context_from(running, self.tokens.store())
         settings = AdminSettings(address="127.0.0.1:0", mtls=self.mtls, docs=self.docs)
         ssl_context = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from types import SimpleNamespace
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,18 @@ import yaml
 from tests.support.envoy import EnvoyProcess
 from tests.support.net import free_port, next_loopback_ip
 from tests.support.upstreams import HttpResponse, HttpUpstream, TcpEchoUpstream, http_request
+from xds_server.app import attach_load_reports
 from xds_server.bootstrap import SidecarSpec, sidecar_bootstrap
+from xds_server.load_reports import LoadAggregator
 from xds_server.model.security import SecuritySettings
 from xds_server.model.store import MeshStore
 from xds_server.sources.mesh_files import MeshDirectory
 from xds_server.translate.controller import MeshController
 from xds_server.translate.scope import ScopeSettings
 from xds_server.xds.cache import ResourceCache
+from xds_server.xds.auth import StreamGuard
 from xds_server.xds.hooks import StreamHooks
+from xds_server.xds.lrs import LrsSettings
 from xds_server.xds.server import ServerSettings, XdsServer
 
 T = TypeVar("T")
@@ -88,7 +93,7 @@ class MeshHarness:
     def __init__(
         self, directory: Path, *, scope: ScopeSettings | None = None,
         security: SecuritySettings | None = None, hooks: Iterable[StreamHooks] = (),
-        cache: ResourceCache | None = None,
+        cache: ResourceCache | None = None, load_reports: LrsSettings | None = None,
     ) -> None:
         """`security`: mTLS/authorization settings of the controller; `hooks`: the server's
         stream hooks (authentication, SDS: xds/auth.py, sds.py) built on `cache`."""
@@ -106,6 +111,13 @@ class MeshHarness:
             hooks=hooks,
         )
         self.pods: list[Pod] = []
+        # LRS served as `serve` serves it (app.py), when asked: `self.load` aggregates.
+        self.load: LoadAggregator | None = None
+        if load_reports is not None:
+            # LRS streams authenticate as the xDS streams do: the hooks' stream guard, if any.
+            guard = next((h for h in self.server.hooks if isinstance(h, StreamGuard)), None)
+            self.load = attach_load_reports(self.server, self.store, load_reports,
+                                            SimpleNamespace(guard=guard))
 
     async def start(self) -> MeshHarness:
         # Writes load synchronously (see write()); the directory watcher is not started, so a
@@ -183,13 +195,13 @@ class MeshHarness:
         self.write(f"pod-{namespace}-{name}.yaml", pod.manifest())
         return pod
 
-    async def sidecar(self, pod: Pod, *, delta: bool = True) -> Pod:
+    async def sidecar(self, pod: Pod, *, delta: bool = True, token: str | None = None) -> Pod:
         """Start the pod's Envoy from the generated bootstrap and wait until it is LIVE."""
         spec = SidecarSpec(
             namespace=pod.namespace, service_account=pod.service_account, pod=pod.name,
             pod_ip=pod.ip, xds_address=self.server.address,
             admin_address=f"{pod.ip}:{free_port(pod.ip)}", labels=pod.labels, delta=delta,
-            interception="explicit",
+            interception="explicit", token=token,
         )
         pod.envoy = EnvoyProcess(sidecar_bootstrap(spec), name=f"{pod.namespace}-{pod.name}")
         await asyncio.to_thread(pod.envoy.start)

@@ -197,6 +197,9 @@ def test_every_object_is_valid_for_the_pinned_kubernetes(item: tuple[str, dict[s
     if api_group == GROUP:
         validate_custom_object(doc)  # our kinds: against our own generated CRD
         return
+    if api_group == "keda.sh":  # no bundled schema: the fields KEDA documents, checked here
+        jsonschema.Draft7Validator(KEDA_SCALED_OBJECT).validate(doc)
+        return
     problem = None
     try:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -217,12 +220,15 @@ def test_objects_are_namespaced_explicitly(item: tuple[str, dict[str, Any]]) -> 
         assert namespace is None
     else:
         expected = EXAMPLE_NAMESPACE if path.startswith("example/") else SERVER_NAMESPACE
+        if path.startswith("autoscaling/"):  # the adapter's namespace, or the scaled app's
+            expected = "monitoring" if doc["kind"] == "ConfigMap" else EXAMPLE_NAMESPACE
         assert namespace == expected, f"{path}: apply -k must not depend on the current namespace"
 
 
 def test_kustomizations_list_every_file() -> None:
     kustomizations = sorted(MANIFESTS.rglob("kustomization.yaml"))
-    assert {k.parent.relative_to(MANIFESTS).as_posix() for k in kustomizations} == {".", "example", "redis"}
+    assert {k.parent.relative_to(MANIFESTS).as_posix() for k in kustomizations} == {
+        ".", "example", "redis", "autoscaling", "autoscaling/keda"}
     listed: set[Path] = set()
     for path in kustomizations:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -739,7 +745,8 @@ def test_example_namespace_opts_in_and_its_deployments_are_plain_apps() -> None:
         spec = deployment["spec"]["template"]["spec"]
         assert "initContainers" not in spec and "volumes" not in spec, "no hand-written sidecar"
         assert not {c["name"] for c in spec["containers"]} & k8s_objects.SIDECAR_CONTAINERS
-    assert not of_kind("ConfigMap"), "no bootstrap ConfigMaps: sidecars write their own"
+    assert not [d for p, d in of_kind("ConfigMap") if not p.startswith("autoscaling/")], \
+        "no bootstrap ConfigMaps: sidecars write their own"
 
 
 def test_xds_server_inject_on_the_example() -> None:
@@ -868,3 +875,87 @@ def test_example_sidecar_bootstrap_gets_the_pods_identity(tmp_path: Path) -> Non
     assert node["metadata"]["service_account"] == "echo"
     assert node["metadata"]["inbound_port"] == "15006"
     assert node["metadata"]["interception"] == "capture"
+
+
+# Autoscaling on load reports (manifests/autoscaling) -------------------------------------------
+
+# KEDA's ScaledObject (keda.sh/v1alpha1), the fields its documentation gives for the
+# Prometheus scaler: https://keda.sh/docs/latest/reference/scaledobject-spec/
+KEDA_SCALED_OBJECT = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                   "properties": {"name": {"type": "string"}, "kind": {"type": "string"},
+                                                  "apiVersion": {"type": "string"}}},
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer"}, "pollingInterval": {"type": "integer"},
+                "triggers": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["type", "metadata"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "metadata": {"type": "object", "additionalProperties": {"type": "string"},
+                                     "required": ["serverAddress", "query", "threshold"]},
+                    }}},
+            },
+        },
+    },
+}
+
+
+def _exported_load_metrics() -> dict[str, set[str]]:
+    """Sample name -> label names, as the server exports them for a reported Service."""
+    from xds_server.load_reports import LoadAggregator
+    from xds_server.model.identity import ProxyClaim
+    from xds_server.model.mesh import ServiceKey
+    from xds_server.translate.names import cluster_name
+    from xds_server.xds.lrs import ClusterLoad
+
+    load = LoadAggregator(None, 10.0)
+    claim = ProxyClaim(node_id="c-0.mesh-demo", namespace="mesh-demo", service_account="c", pod="c-0")
+    load.report(claim, [ClusterLoad(cluster_name(ServiceKey("mesh-demo", "echo"), 80), 10.0, 5, 1, 6, 1)])
+    return {sample.name: set(sample.labels) for family in load.collect() for sample in family.samples}
+
+
+def _autoscaling(name: str) -> dict[str, Any]:
+    return yaml.safe_load((MANIFESTS / "autoscaling" / name).read_text())
+
+
+def test_autoscaling_reads_metrics_the_server_exports() -> None:
+    """The adapter rules, the HPA and the KEDA queries name series the server really exports,
+    by the labels it puts on them, and target the example's echo Service and Deployment."""
+    exported = _exported_load_metrics()
+    rules = yaml.safe_load(_autoscaling("prometheus-adapter-rules.yaml")["data"]["config.yaml"])["rules"]
+    served: set[str] = set()
+    for rule in rules:
+        pattern = re.search(r"__name__=~\"([^\"]+)\"", rule["seriesQuery"])
+        names = ({n for n in exported if re.fullmatch(pattern.group(1), n)} if pattern
+                 else {rule["seriesQuery"].split("{", 1)[0]})
+        assert names and names <= set(exported), rule["seriesQuery"]
+        for name in names:
+            assert set(rule["resources"]["overrides"]) <= exported[name]
+            served.add(re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), name))
+        for metric in re.findall(r"xds_server_\w+", rule["metricsQuery"]):
+            assert metric in exported, metric
+    assert {"requests_per_second", "requests_in_flight_per_endpoint", "error_ratio"} <= served
+    hpa = _autoscaling("hpa.yaml")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "echo"
+    for metric in hpa["spec"]["metrics"]:
+        assert metric["object"]["metric"]["name"] in served
+        assert metric["object"]["describedObject"] == {"apiVersion": "v1", "kind": "Service", "name": "echo"}
+    keda = _autoscaling("keda/scaledobject.yaml")
+    for trigger in keda["spec"]["triggers"]:
+        query = trigger["metadata"]["query"]
+        for metric in re.findall(r"xds_server_\w+", query):
+            assert metric in exported and {"namespace", "service"} <= exported[metric]
+        assert 'namespace="mesh-demo"' in query and 'service="echo"' in query
+    example = [doc for path, doc in DOCUMENTS if path.startswith("example/")]
+    assert any(d["kind"] == "Service" and d["metadata"]["name"] == "echo" for d in example)
+    assert any(d["kind"] == "Deployment" and d["metadata"]["name"] == "echo" for d in example)

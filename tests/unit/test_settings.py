@@ -95,6 +95,7 @@ NON_DEFAULT = {
     "xds.max_receive_message_bytes": "2000000", "xds.keepalive_time": "1m",
     "xds.keepalive_timeout": "20s", "xds.min_client_ping_interval": "5s",
     "xds.shutdown_grace": "1s", "xds.first_request_timeout": "3s", "xds.control_plane_id": "cp-1",
+    "xds.load_report_interval": "20s",
     "xds.tls_address": "127.0.0.1:25012", "xds.tls_token_address": "127.0.0.1:25013",
     "xds.tls_sans": "xds.example.org", "xds.allow_plaintext_tokens_off_host": True,
     "xds.max_stream_opens_per_second": "25", "xds.stream_open_burst": "50",
@@ -159,6 +160,7 @@ def test_every_dataclass_field_is_reachable_from_a_setting(tmp_path: Path) -> No
     assert (injector.proxy_image, injector.init_image, injector.xds_address) == (
         "mirror.example/proxy:1", "mirror.example/init:1", "xds.ops.svc:25010")
     assert injector.token_audience == "a"  # the first --token-audience
+    assert config.load_reports.interval == 20.0  # LRS's other bounds are fixed, documented
     built = [
         (config.webhook, WebhookSettings()),
         (config.server, ServerSettings()), (config.security.limits, GuardSettings()),

@@ -53,6 +53,7 @@ class AdminContext:
     # goes through it so SDS publishes each step; None for a bare CA (tests, tools).
     security: Any = None
     trust_domain: str = "cluster.local"
+    load: Any = None  # load_reports.LoadAggregator (LRS), when the server runs one
     started_at: float = field(default_factory=time.time)
 
 
@@ -165,7 +166,7 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
 
 
 def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
-    from .routes import ca, debug, health, mesh, proxies
+    from .routes import ca, debug, health, mesh, proxies, ui
 
     app = FastAPI(
         title="xds-server admin API",
@@ -249,4 +250,6 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
     app.include_router(mesh.router)
     app.include_router(ca.router)
     app.include_router(debug.router)
+    app.include_router(ui.router)
+    app.include_router(ui.api)
     return app

@@ -211,3 +211,53 @@ class PushRequest(_Strict):
 class PushResult(BaseModel):
     streams: int
     proxies: list[str]
+
+
+# The live mesh page ---------------------------------------------------------------------------
+
+
+class MeshNode(BaseModel):
+    id: str = Field(description="`namespace/name` for a Service, `namespace/sa:NAME` for a "
+                                "calling workload behind no Service (its service account).")
+    kind: Literal["service", "workload"]
+    namespace: str
+    name: str
+    endpoints: int = Field(description="Ready endpoints.")
+    rps: float = Field(description="Requests per second to it, from load reports.")
+    error_ratio: float
+    in_flight: int
+
+
+class MeshEdge(BaseModel):
+    source: str
+    target: str
+    kind: Literal["traffic", "route"] = Field(
+        description="traffic: what the source's sidecars reported sending to the target; "
+                    "route: an HTTPRoute/GRPCRoute on the source sends to the target.")
+    rps: float | None = None
+    error_ratio: float | None = None
+    in_flight: int | None = None
+    route: str | None = None
+    weight_percent: float | None = None
+
+
+class MeshProxy(BaseModel):
+    id: str
+    identity: str | None
+    status: Status
+    types: dict[str, Status]
+    errors: list[dict[str, Any]] = Field(description="NACKs: type, message, version, at.")
+    connected_since: str | None
+
+
+class MeshGraph(BaseModel):
+    generated_at: str
+    load_report_interval: float | None
+    nodes: list[MeshNode]
+    edges: list[MeshEdge]
+    proxies: list[MeshProxy] = Field(description="The worst first, at most 200 (all of them: "
+                                                 "/api/v1/proxies).")
+    proxy_counts: dict[str, int] = Field(description="Proxies by overall status.")
+    certificates: dict[str, Any] = Field(description="`issued`, and `expiring`: certificates "
+                                                     "with under a quarter of their lifetime left.")
+    source_errors: list[dict[str, Any]]

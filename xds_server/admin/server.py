@@ -176,12 +176,15 @@ def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = Non
     if running.store is not None:
         metrics.attach_store(running.store)
     metrics.attach_sources(sources)
+    load = getattr(running, "load", None)
+    if load is not None:
+        metrics.attach_load(load)
     if authority is not None or registry is not None:
         metrics.attach_ca(authority, registry)
     return AdminContext(
         server=running.server, cache=running.cache, tokens=tokens, metrics=metrics,
         store=running.store, sources=sources, authority=authority, registry=registry,
-        rotation=rotation, trust_domain=trust_domain,
+        rotation=rotation, trust_domain=trust_domain, load=load,
         security=ca if callable(getattr(ca, "start_root_rotation", None)) else None,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
+from ..admin.auth import document_for
+from ..admin.settings import AdminSettings
 from ..app import AppConfig, RunningApp, start_app
 from ..config import parse_address
 from ..envoy_process import find_envoy
@@ -61,6 +64,9 @@ class DemoOptions:
     interval: float = 1.0
     ready_timeout: float = 30.0
     mode: str = "auto"  # auto: capture when this machine can (netns.choose_mode); capture; explicit
+    # The admin API with the live mesh page (/ui), a read token made for this run; None: off.
+    # A busy port falls back to any free one (the page's address is printed).
+    admin_address: str | None = "127.0.0.1:15014"
 
 
 class Demo:
@@ -142,8 +148,10 @@ class Demo:
             served = self.copy.target
             server = ServerSettings(address=self.options.xds_address,
                                     unix_socket=str(self.workdir / "xds.sock"))
+        admin, page_token = self._admin()
         try:
-            self.app = await start_app(AppConfig(server=server, source=served, security=security))
+            self.app = await start_app(AppConfig(server=server, source=served, security=security,
+                                                 admin=admin))
         except RuntimeError as err:  # grpc's "Failed to bind to address"
             raise DemoError(f"cannot start the xDS server on {self.options.xds_address}: {err}") from None
         assert self.app.store is not None
@@ -162,6 +170,8 @@ class Demo:
             check_bindable(self.plans)
 
         self.say(f"xds-server demo: mesh from {source}, xDS server on {self.app.address}")
+        if self.app.admin is not None:
+            self.say(f"live mesh page: {self.app.admin.url}/ui#token={page_token}")
         if capture:
             self.say(f"pods: network namespaces, traffic captured by iptables (xds-server iptables "
                      f"in each pod), sidecars as UID {PROXY_UID}; the app calls "
@@ -211,6 +221,24 @@ class Demo:
         self.say("")
         await self._warm_up()
         return None if self.stop.is_set() else client
+
+    def _admin(self) -> tuple[AdminSettings | None, str]:
+        """The admin API's settings with a read token of this run (its hash in the run's
+        directory, 0600), or None when turned off."""
+        address = self.options.admin_address
+        if address is None:
+            return None, ""
+        assert self.workdir is not None
+        host, port = parse_address(address, "--admin-address")
+        try:
+            check_free(host, port, "the admin API", "")
+        except DemoError:
+            address = f"{host}:0"  # another server (or demo) has it: any free port
+        token = secrets.token_urlsafe(24)
+        tokens = self.workdir / "admin-tokens.yaml"
+        tokens.touch(mode=0o600)
+        tokens.write_text(document_for({"demo-page": (token, "read")}))
+        return AdminSettings(address=address, tokens_file=tokens), token
 
     @staticmethod
     def _calls(client: PodPlan) -> str:

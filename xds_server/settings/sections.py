@@ -19,6 +19,7 @@ from ..security import SecurityConfig
 from ..translate.capture import OutboundTrafficPolicy
 from ..translate.scope import ScopeSettings
 from ..xds.auth import AuthMode, GuardSettings
+from ..xds.lrs import LrsSettings
 from ..xds.server import ServerSettings
 from .leaf import Address, Lifetime, OptionalAddress, Seconds, Section, Words, setting, upper_case
 
@@ -26,6 +27,7 @@ from .leaf import Address, Lifetime, OptionalAddress, Seconds, Section, Words, s
 # admin/auth.py, never a flag (command lines are visible to every user of the machine).
 
 _SERVER = ServerSettings()
+_LRS = LrsSettings()
 _GUARD = GuardSettings()
 _SECURITY = SecurityConfig()
 _ADMIN = AdminSettings()
@@ -125,6 +127,11 @@ class XdsSection(Section):
         _SERVER.first_config_timeout, "--first-config-timeout",
         "A stream not settled this long after opening stops counting against "
         "--max-initializing-streams.", gt=0)
+    load_report_interval: Seconds = setting(
+        _LRS.interval, "--load-report-interval",
+        "How often sidecars send their load reports (LRS: requests, errors and in-flight per "
+        "destination Service, for the metrics autoscalers read and the /ui page). At least 1s.",
+        ge=1)
     control_plane_id: str | None = setting(
         None, "--control-plane-id",
         "Identifier in every response's control_plane field.",

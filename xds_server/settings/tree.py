@@ -21,6 +21,7 @@ from ..model.security import SecuritySettings
 from ..security import DEFAULT_TOKEN_AUDIENCE, SecurityConfig
 from ..translate.scope import ScopeSettings
 from ..xds.auth import AuthMode, GuardSettings
+from ..xds.lrs import LrsSettings
 from ..xds.server import ServerSettings
 from .leaf import Leaf, Section
 from .sections import (
@@ -155,7 +156,7 @@ class ServeSettings(BaseSettings):
                                 tenant_label=self.scope.tenant_label,
                                 outbound_traffic_policy=self.scope.outbound_traffic_policy),
             kubernetes=self._kubernetes_config(), admin=admin, security=security,
-            mesh_security=mesh,
+            mesh_security=mesh, load_reports=LrsSettings(interval=x.load_report_interval),
         )
 
     def _webhook_config(self, security: SecurityConfig) -> WebhookSettings | None:

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-from ..model.mesh import ServiceKey
+from ..model.mesh import CLUSTER_DOMAIN, ServiceKey
 
 
 def cluster_name(service: ServiceKey, port: int) -> str:
     """The outbound cluster for one service port, e.g. `outbound|8080||api.shop.svc.cluster.local`."""
     return f"outbound|{port}||{service.fqdn}"
+
+
+def service_of_cluster(name: str) -> tuple[ServiceKey, int] | None:
+    """The service and port of an outbound cluster name (`cluster_name`'s inverse), or None
+    for any other cluster (inbound, passthrough, raw resources)."""
+    kind, _, rest = name.partition("|")
+    port, _, rest = rest.partition("|")
+    _subset, _, fqdn = rest.partition("|")
+    suffix = f".svc.{CLUSTER_DOMAIN}"
+    if kind != "outbound" or not port.isdigit() or not fqdn.endswith(suffix):
+        return None
+    service, _, namespace = fqdn.removesuffix(suffix).partition(".")
+    if not service or not namespace or "." in namespace:
+        return None
+    return ServiceKey(namespace, service), int(port)
 
 
 def inbound_cluster_name(port: int, namespace: str = "", pod: str = "") -> str:
