@@ -165,7 +165,7 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
 
 
 def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
-    from .routes import ca, debug, health, mesh, proxies
+    from .routes import ca, debug, health, mesh, netpol, proxies
 
     app = FastAPI(
         title="xds-server admin API",
@@ -247,6 +247,7 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
     app.include_router(health.router)
     app.include_router(proxies.router)
     app.include_router(mesh.router)
+    app.include_router(netpol.router)
     app.include_router(ca.router)
     app.include_router(debug.router)
     return app

@@ -29,12 +29,11 @@ Pure functions over model values: no I/O, no Envoy types.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .mesh import Namespace, Service, Workload
+from .mesh import EndpointSlice, Namespace, Service, Workload, slice_port
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every Namespace by Kubernetes
 Operator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
@@ -174,6 +173,19 @@ class Allowed:
 
 
 @dataclass(frozen=True, slots=True)
+class Note:
+    """Where a policy's rule could not be expressed by identity, and what was done instead:
+    `policy` (namespace/name), `field` (its path in the policy) and the message."""
+
+    policy: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.policy} {self.field}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
 class Enforcement:
     """A pod's NetworkPolicy for one direction: `isolated` when some policy selects it for
     that direction; then only `allowed` passes. `policies` names the selecting policies;
@@ -182,7 +194,7 @@ class Enforcement:
     isolated: bool = False
     policies: tuple[str, ...] = ()
     allowed: tuple[Allowed, ...] = ()
-    notes: tuple[str, ...] = ()
+    notes: tuple[Note, ...] = ()
 
 
 Backing = tuple[Service, tuple[tuple[int, int], ...], tuple[Workload, ...]]
@@ -265,10 +277,11 @@ def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view:
             accounts.setdefault((pod.namespace, pod.service_account), []).append(pod)
     named = _named_ports(workload)
     allowed: list[Allowed] = []
-    notes: list[str] = []
+    notes: list[Note] = []
     for policy in selecting:
+        key = f"{policy.namespace}/{policy.name}"
         for index, rule in enumerate(policy.ingress):
-            name = f"{policy.namespace}/{policy.name} ingress[{index}]"
+            name = f"{key} ingress[{index}]"
             ports = _port_ranges(rule.ports, named)
             if not rule.peers:
                 allowed.append(Allowed(name, any_peer=True, ports=ports))
@@ -277,7 +290,7 @@ def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view:
             guarded: set[tuple[str, str]] = set()
             cidrs: list[Cidr] = []
             for peer_index, peer in enumerate(rule.peers):
-                where = f"{name}.from[{peer_index}]"
+                where = f"spec.ingress[{index}].from[{peer_index}]"
                 if peer.ip_block is not None:
                     cidrs.append(_cidr(peer.ip_block))
                     continue
@@ -287,8 +300,8 @@ def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view:
                     if not pod.mtls_capable:
                         if pod.ip:
                             cidrs.append(Cidr(_host(pod.ip)))
-                            notes.append(f"{where}: pod {pod.namespace}/{pod.name} has no sidecar "
-                                         f"(no identity): matched by its source IP {pod.ip}")
+                            notes.append(Note(key, where, f"pod {pod.namespace}/{pod.name} has no sidecar "
+                                              f"(no identity): matched by its source IP {pod.ip}"))
                         continue
                     by_account.setdefault((pod.namespace, pod.service_account), []).append(pod)
                 for (namespace, account), members in sorted(by_account.items()):
@@ -298,11 +311,12 @@ def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view:
                         continue
                     ips = sorted(m.ip for m in members if m.ip)
                     guarded.update((spiffe, _host(ip)) for ip in ips)
-                    notes.append(
-                        f"{where}: selects {len(members)} of the {len(accounts[(namespace, account)])} "
-                        f"pods of service account {namespace}/{account}; identity cannot tell them "
-                        f"apart: matched by principal and source IP ({', '.join(ips) or 'none'})"
-                    )
+                    notes.append(Note(
+                        key, where,
+                        f"selects {len(members)} of the {len(accounts[(namespace, account)])} pods of "
+                        f"service account {namespace}/{account}; identity cannot tell them apart: "
+                        f"matched by principal and source IP ({', '.join(ips) or 'none'})",
+                    ))
             allowed.append(Allowed(name, principals=tuple(sorted(principals)), guarded=tuple(sorted(guarded)),
                                    cidrs=tuple(cidrs), ports=ports))
     return Enforcement(True, tuple(f"{p.namespace}/{p.name}" for p in selecting), tuple(allowed), tuple(notes))
@@ -315,15 +329,17 @@ def resolve_egress(workload: Workload, policies: Iterable[NetworkPolicy], view: 
         return Enforcement()
     pods = [w for w in view.workloads if w.ip]
     allowed: list[Allowed] = []
-    notes: list[str] = []
+    notes: list[Note] = []
     for policy in selecting:
+        key = f"{policy.namespace}/{policy.name}"
         for index, rule in enumerate(policy.egress):
-            name = f"{policy.namespace}/{policy.name} egress[{index}]"
+            name = f"{key} egress[{index}]"
             if not rule.peers:
                 allowed.append(Allowed(name, any_peer=True, ports=_port_ranges(rule.ports, {})))
                 if any(isinstance(p.port, str) for p in rule.ports):
-                    notes.append(f"{name}: a named port with no peers allows only numbered ports "
-                                 f"(destination pods unknown)")
+                    notes.append(Note(key, f"spec.egress[{index}].ports",
+                                      "a named port with no peers (any destination) allows nothing: "
+                                      "the destination's container ports are unknown"))
                 continue
             blocks = [p.ip_block for p in rule.peers if p.ip_block is not None]
             for block in blocks:
@@ -350,9 +366,10 @@ def resolve_egress(workload: Workload, policies: Iterable[NetworkPolicy], view: 
                 if not inside:
                     continue
                 if inside != keys:
-                    notes.append(f"{name}: only some endpoints of service {service.namespace}/"
-                                 f"{service.name} are allowed: its ClusterIP is not (its allowed "
-                                 f"pods stay reachable by pod IP)")
+                    notes.append(Note(key, f"spec.egress[{index}].to",
+                                      f"only some endpoints of service {service.namespace}/{service.name} "
+                                      f"are allowed: its ClusterIP is not (the allowed pods stay "
+                                      f"reachable by pod IP)"))
                     continue
                 open_ports = []
                 for service_port, target in port_map:
@@ -378,13 +395,87 @@ def selected_by(workload: Workload, policies: Iterable[NetworkPolicy]) -> dict[s
     return out
 
 
-def cidr_contains(outer: str, inner: str) -> bool:
-    a, b = ipaddress.ip_network(outer, strict=False), ipaddress.ip_network(inner, strict=False)
-    return a.version == b.version and b.subnet_of(a)  # type: ignore[arg-type]
+# What operators see (the admin API, `xds-server validate`) ------------------------------------
+
+
+def view_of(
+    workloads: Iterable[Workload],
+    namespaces: Mapping[str, Namespace],
+    services: Iterable[Service],
+    slices: Iterable[EndpointSlice],
+    trust_domain: str = "cluster.local",
+) -> PodView:
+    """A PodView over plain collections (the translator keeps an index instead)."""
+    pods = {(w.namespace, w.name): w for w in workloads}
+    by_service: dict[tuple[str, str], list[EndpointSlice]] = {}
+    for endpoint_slice in slices:
+        by_service.setdefault((endpoint_slice.namespace, endpoint_slice.service), []).append(endpoint_slice)
+    known = {(s.namespace, s.name): s for s in services}
+
+    def backing(wanted: Iterable[tuple[str, str]]) -> list[Backing]:
+        wanted = set(wanted)
+        out: list[Backing] = []
+        for key in sorted(known):
+            members = by_service.get(key, [])
+            backends = sorted({(m.namespace, e.pod) for m in members for e in m.endpoints
+                               if e.pod and (m.namespace, e.pod) in pods})
+            if not wanted & set(backends):
+                continue
+            ports = {(p.port, t) for p in known[key].ports for m in members
+                     if (t := slice_port(p, m)) is not None}
+            out.append((known[key], tuple(sorted(ports)), tuple(pods[b] for b in backends)))
+        return out
+
+    return PodView(list(pods.values()), namespaces, trust_domain, backing)
+
+
+def enforced_by_sidecar(workload: Workload) -> str | None:
+    """Why the pod's NetworkPolicy is not enforced, or None when its sidecar enforces it."""
+    if workload.proxyless:
+        return "a proxyless gRPC workload has no sidecar to enforce NetworkPolicy"
+    if not workload.meshed:
+        return "the pod has no sidecar: nothing enforces NetworkPolicy for it"
+    if not workload.capture:
+        return "an explicit-mode sidecar does not enforce NetworkPolicy (capture mode does)"
+    return None
+
+
+def _allowed_json(allowed: Allowed) -> dict[str, object]:
+    peers: list[str] = ["any peer"] if allowed.any_peer else []
+    peers += [f"principal {p}" for p in allowed.principals]
+    peers += [f"principal {p} from {ip}" for p, ip in allowed.guarded]
+    peers += [f"address {c.cidr}" + (f" except {','.join(c.except_)}" if c.except_ else "") for c in allowed.cidrs]
+    ports = "all" if allowed.ports is None else [
+        str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in allowed.ports
+    ]
+    return {"rule": allowed.name, "peers": peers, "tcp_ports": ports}
+
+
+def describe(workload: Workload, policies: Iterable[NetworkPolicy], view: PodView) -> dict[str, object]:
+    """Which NetworkPolicies select a pod, and what they allow, per direction."""
+    policies = list(policies)
+    out: dict[str, object] = {
+        "pod": f"{workload.namespace}/{workload.name}",
+        "selected_by": selected_by(workload, policies),
+        "enforced": enforced_by_sidecar(workload) is None,
+    }
+    why = enforced_by_sidecar(workload)
+    if why is not None:
+        out["not_enforced_because"] = why
+    for direction, enforcement in (("ingress", resolve_ingress(workload, policies, view)),
+                                   ("egress", resolve_egress(workload, policies, view))):
+        out[direction] = {
+            "isolated": enforcement.isolated,
+            "policies": list(enforcement.policies),
+            "allows": [_allowed_json(a) for a in enforcement.allowed if not a.empty]
+            if enforcement.isolated else "everything (no policy selects the pod for this direction)",
+            "notes": sorted({str(n) for n in enforcement.notes}),
+        }
+    return out
 
 
 __all__ = [
-    "Allowed", "Cidr", "Enforcement", "IpBlock", "LabelSelector", "NetworkPolicy", "Peer",
-    "PodView", "PolicyPort", "PolicyRule", "Requirement", "peer_matches",
-    "resolve_egress", "resolve_ingress", "selected_by",
+    "Allowed", "Cidr", "Enforcement", "IpBlock", "LabelSelector", "NetworkPolicy", "Note", "Peer",
+    "PodView", "PolicyPort", "PolicyRule", "Requirement", "describe", "enforced_by_sidecar",
+    "peer_matches", "resolve_egress", "resolve_ingress", "selected_by", "view_of",
 ]
