@@ -29,6 +29,7 @@ Pure functions over model values: no I/O, no Envoy types.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -265,12 +266,21 @@ def _host(ip: str) -> str:
     return f"{ip}/{128 if ':' in ip else 32}"
 
 
+def _address(ip: str) -> bool:
+    """A usable address (sources check them; model values built by hand may not be)."""
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view: PodView) -> Enforcement:
     """What the sidecar of `workload` lets in (see the module's docstring)."""
     selecting = [p for p in _sorted_policies(policies) if p.selects(workload, "Ingress")]
     if not selecting:
         return Enforcement()
-    pods = [w for w in view.workloads if w.ip or w.mtls_capable]
+    pods = [w for w in view.workloads if _address(w.ip) or (w.mtls_capable and not w.ip)]
     accounts: dict[tuple[str, str], list[Workload]] = {}
     for pod in pods:
         if pod.mtls_capable:
@@ -327,7 +337,7 @@ def resolve_egress(workload: Workload, policies: Iterable[NetworkPolicy], view: 
     selecting = [p for p in _sorted_policies(policies) if p.selects(workload, "Egress")]
     if not selecting:
         return Enforcement()
-    pods = [w for w in view.workloads if w.ip]
+    pods = [w for w in view.workloads if _address(w.ip)]
     allowed: list[Allowed] = []
     notes: list[Note] = []
     for policy in selecting:
@@ -359,7 +369,7 @@ def resolve_egress(workload: Workload, policies: Iterable[NetworkPolicy], view: 
             # ClusterIPs: a Service whose endpoints are all allowed, per service port whose
             # target port is allowed on every one of them (Kubernetes judges after DNAT).
             for service, port_map, backends in view.backing(matched.keys()):
-                if not service.cluster_ip or not backends:
+                if not service.cluster_ip or not _address(service.cluster_ip) or not backends:
                     continue
                 keys = {(b.namespace, b.name) for b in backends}
                 inside = keys & matched.keys()
