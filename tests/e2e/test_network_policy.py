@@ -141,6 +141,67 @@ async def test_ingress_allows_only_frontend_by_identity_even_from_its_old_ip(mes
     assert (await asyncio.to_thread(frontend2.http, "http://api/")).status == 200
 
 
+async def test_a_selector_finer_than_a_service_account_falls_back_to_source_ip_and_ports_hold(
+    mesh: CaptureMesh,
+) -> None:
+    """`teller` and `auditor` pods share the service account `bank`; the policy allows only
+    `app=teller`, on port 8080. Identity cannot tell them apart, so the ledger's sidecar
+    matches the principal AND teller's address: the auditor, same certificate, is refused.
+    The teller is refused on another port of the ledger (a port no Service names)."""
+    ledger = mesh.pod(NS, "ledger-1", service_account="ledger", labels={"app": "ledger"})
+    side = ledger.http_echo(9090, "ledger-9090")
+    teller = mesh.pod(NS, "teller-1", app=None, service_account="bank", labels={"app": "teller"})
+    auditor = mesh.pod(NS, "auditor-1", app=None, service_account="bank", labels={"app": "auditor"})
+    mesh.service(NS, "ledger", PORT, pods=[ledger])
+    await asyncio.gather(*(mesh.sidecar(p) for p in (ledger, teller, auditor)))
+    for client in (teller, auditor):
+        await until_status(mesh, client, "http://ledger/", ok=True)
+    await until_status(mesh, teller, f"http://{ledger.ip}:9090/", ok=True)
+
+    network_policy(mesh, NS, "ledger-from-tellers", {
+        "podSelector": {"matchLabels": {"app": "ledger"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "teller"}}}],
+                     "ports": [{"protocol": "TCP", "port": 8080}]}],
+    })
+    await refused(mesh, auditor, "http://ledger/", ledger)
+    before = side.requests_total
+    await until_status(mesh, teller, f"http://{ledger.ip}:9090/", ok=False)
+    assert side.requests_total == before, "a refused request reached the app on 9090"
+    reply = await asyncio.to_thread(teller.http, "http://ledger/")
+    assert reply.status == 200 and reply.json["name"] == "ledger-1"
+
+
+async def test_authorization_policy_and_network_policy_must_both_allow(mesh: CaptureMesh) -> None:
+    """The NetworkPolicy lets `app=clerk` in; an AuthorizationPolicy on the same pod allows
+    only GET /public. A clerk's GET / passes the NetworkPolicy and gets the
+    AuthorizationPolicy's 403; GET /public passes both; a pod the NetworkPolicy does not
+    allow is refused on its connection, before any HTTP authorization."""
+    archive = mesh.pod(NS, "archive-1", service_account="archive", labels={"app": "archive"})
+    clerk = mesh.pod(NS, "clerk-1", app=None, service_account="clerk", labels={"app": "clerk"})
+    guest = mesh.pod(NS, "guest-1", app=None, service_account="guest", labels={"app": "guest"})
+    mesh.service(NS, "archive", PORT, pods=[archive])
+    await asyncio.gather(*(mesh.sidecar(p) for p in (archive, clerk, guest)))
+    for client in (clerk, guest):
+        await until_status(mesh, client, "http://archive/", ok=True)
+    network_policy(mesh, NS, "archive-from-clerks", {
+        "podSelector": {"matchLabels": {"app": "archive"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "clerk"}}}]}],
+    })
+    mesh.write(f"authz-{NS}-archive.yaml", {
+        "apiVersion": "mesh.xds-server.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "archive-public", "namespace": NS},
+        "spec": {"selector": {"matchLabels": {"app": "archive"}},
+                 "rules": [{"to": [{"operation": {"methods": ["GET"], "paths": ["/public"]}}]}]},
+    })
+    await mesh.until(lambda: status(clerk, "http://archive/") == 403, timeout=20, message="403 from authz")
+    await refused(mesh, guest, "http://archive/public", archive)
+    assert status(guest, "http://archive/public") != 403  # refused by the NetworkPolicy, not authz
+    denied = await asyncio.to_thread(clerk.http, "http://archive/")
+    assert denied.status == 403 and denied.body == b"RBAC: access denied"
+    public = await asyncio.to_thread(clerk.http, "http://archive/public")
+    assert public.status == 200 and public.json["name"] == "archive-1"
+
+
 async def test_egress_to_an_ip_block_only(mesh: CaptureMesh) -> None:
     """An egress policy on `crawler`: TCP 8080 to 10.77.0.0/16 except one address. Outside
     servers (pods without a sidecar, dialled by IP: the passthrough chain) inside the block
