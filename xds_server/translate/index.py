@@ -87,6 +87,18 @@ class ModelIndex:
         policy = self.policy_by_target.get(key)
         return policy.spec if policy is not None else None
 
+    def _beside_a_peer(self, pod: Workload) -> bool:
+        """Whether a pod backs a service that another pod a NetworkPolicy peer matches backs."""
+        for key in self.services_by_pod.get((pod.namespace, pod.name), ()):
+            for endpoint_slice in self.slices.get(key, {}).values():
+                for endpoint in endpoint_slice.endpoints:
+                    if not endpoint.pod or endpoint.pod == pod.name:
+                        continue
+                    other = self.workloads.get((endpoint_slice.namespace, endpoint.pod))
+                    if other is not None and self.netpols.matched(other, self.namespaces):
+                        return True
+        return False
+
     def netpol_view(self) -> PodView:
         """What NetworkPolicy peers resolve against (model/netpol.py)."""
         return self.netpols.view(
@@ -112,7 +124,7 @@ class ModelIndex:
             return deps
         if kind == POD:
             deps = self._apply_workload(change)
-            if self.netpols.pod_changed(change, self.workloads.values(), self.namespaces):
+            if self.netpols.pod_changed(change, self.workloads.values(), self.namespaces, self._beside_a_peer):
                 deps.add(PEERS)
             return deps
         if kind == NETWORK_POLICY:
