@@ -120,7 +120,8 @@ def measure(pods: int, isolated: int, changes: int, policies: bool) -> dict[str,
             samples["peer-label"].append(timed(lambda: store.put(SOURCE, peer)))
             samples["unrelated"].append(timed(lambda: store.put(SOURCE, other)))
         eps = tuple(dataclasses.replace(e, ready=(k % 2 == 1)) if i == 0 else e for i, e in enumerate(slice_.endpoints))
-        samples["endpoint"].append(timed(lambda: store.put(SOURCE, dataclasses.replace(slice_, endpoints=eps))))
+        changed = dataclasses.replace(slice_, endpoints=eps)
+        samples["endpoint"].append(timed(lambda c=changed: store.put(SOURCE, c)))
     for kind, values in samples.items():
         out[kind] = {"p50": statistics.median(values), "p99": pct(values, 99)}
     return out
