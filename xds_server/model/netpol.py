@@ -235,6 +235,30 @@ def peer_matches(peer: Peer, policy_namespace: str, workload: Workload, view: Po
     return peer.pod_selector is None or peer.pod_selector.matches(workload.label_map)
 
 
+class _Matcher:
+    """peer_matches over many pods: each namespace selector judged once per namespace."""
+
+    def __init__(self, view: PodView) -> None:
+        self.view = view
+        self._namespaces: dict[tuple[LabelSelector, str], bool] = {}
+
+    def __call__(self, peer: Peer, policy_namespace: str, workload: Workload) -> bool:
+        if peer.ip_block is not None:
+            return False
+        selector = peer.namespace_selector
+        if selector is None:
+            if workload.namespace != policy_namespace:
+                return False
+        else:
+            key = (selector, workload.namespace)
+            found = self._namespaces.get(key)
+            if found is None:
+                found = self._namespaces[key] = selector.matches(self.view.namespace_labels(workload.namespace))
+            if not found:
+                return False
+        return peer.pod_selector is None or peer.pod_selector.matches(workload.label_map)
+
+
 def _port_ranges(ports: tuple[PolicyPort, ...], named: Mapping[str, int]) -> tuple[PortRange, ...] | None:
     """The TCP port ranges of a rule on a pod whose container ports are `named` (None: all)."""
     if not ports:
@@ -280,7 +304,8 @@ def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view:
     selecting = [p for p in _sorted_policies(policies) if p.selects(workload, "Ingress")]
     if not selecting:
         return Enforcement()
-    pods = [w for w in view.workloads if _address(w.ip) or (w.mtls_capable and not w.ip)]
+    pods = list(view.workloads)
+    matches = _Matcher(view)
     accounts: dict[tuple[str, str], list[Workload]] = {}
     for pod in pods:
         if pod.mtls_capable:
@@ -304,11 +329,11 @@ def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view:
                 if peer.ip_block is not None:
                     cidrs.append(_cidr(peer.ip_block))
                     continue
-                matched = [w for w in pods if peer_matches(peer, policy.namespace, w, view)]
+                matched = [w for w in pods if matches(peer, policy.namespace, w)]
                 by_account: dict[tuple[str, str], list[Workload]] = {}
                 for pod in matched:
                     if not pod.mtls_capable:
-                        if pod.ip:
+                        if _address(pod.ip):
                             cidrs.append(Cidr(_host(pod.ip)))
                             notes.append(Note(key, where, f"pod {pod.namespace}/{pod.name} has no sidecar "
                                               f"(no identity): matched by its source IP {pod.ip}"))
@@ -319,7 +344,7 @@ def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view:
                     if len(members) == len(accounts.get((namespace, account), ())):
                         principals.add(spiffe)
                         continue
-                    ips = sorted(m.ip for m in members if m.ip)
+                    ips = sorted(m.ip for m in members if _address(m.ip))
                     guarded.update((spiffe, _host(ip)) for ip in ips)
                     notes.append(Note(
                         key, where,
@@ -337,7 +362,8 @@ def resolve_egress(workload: Workload, policies: Iterable[NetworkPolicy], view: 
     selecting = [p for p in _sorted_policies(policies) if p.selects(workload, "Egress")]
     if not selecting:
         return Enforcement()
-    pods = [w for w in view.workloads if _address(w.ip)]
+    pods = list(view.workloads)
+    matches = _Matcher(view)
     allowed: list[Allowed] = []
     notes: list[Note] = []
     for policy in selecting:
@@ -359,7 +385,7 @@ def resolve_egress(workload: Workload, policies: Iterable[NetworkPolicy], view: 
             if not pod_peers:
                 continue
             matched = {(w.namespace, w.name): w for w in pods
-                       if any(peer_matches(p, policy.namespace, w, view) for p in pod_peers)}
+                       if any(matches(p, policy.namespace, w) for p in pod_peers) and _address(w.ip)}
             # Pod IPs, grouped by their ports (named ports resolve per destination pod).
             by_ports: dict[tuple[PortRange, ...] | None, list[str]] = {}
             for pod in sorted(matched.values(), key=lambda w: w.ip):

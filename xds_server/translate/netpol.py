@@ -157,17 +157,17 @@ def guard_listener(listener: listener_pb2.Listener, head: listener_components_pb
 
 # A pod's own outbound listener is its head plus its namespace's chains, as bytes (capture.py):
 # the guarded copy of one (chains, guard) pair is made once and shared by the pods that have it.
-_guarded: dict[bytes, bytes] = {}  # digest of (listener, guard) -> guarded listener
+_guarded: dict[bytes, bytes] = {}  # digest of (chains, guard) -> guarded chains
 
 
-def guarded_bytes(listener: bytes, head: listener_components_pb2.Filter) -> bytes:
-    """`listener` (encoded) with `head` first in every chain."""
-    key = hashlib.blake2b(listener + head.SerializeToString(deterministic=True), digest_size=16).digest()
+def guarded_chains(chains: bytes, head: listener_components_pb2.Filter) -> bytes:
+    """Encoded `Listener.filter_chains` entries with `head` first in every chain."""
+    key = hashlib.blake2b(chains + head.SerializeToString(deterministic=True), digest_size=16).digest()
     found = _guarded.get(key)
     if found is None:
-        if len(_guarded) >= 64:  # bounded: one entry per distinct (scope, egress policy)
+        if len(_guarded) >= 64:  # bounded: one entry per distinct (scope, egress rules)
             _guarded.clear()
-        parsed = listener_pb2.Listener.FromString(listener)
+        parsed = listener_pb2.Listener.FromString(chains)
         guard_listener(parsed, head)
         found = _guarded[key] = parsed.SerializeToString(deterministic=True)
     return found

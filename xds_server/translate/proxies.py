@@ -319,13 +319,13 @@ class ProxyBuilder:
                 names.outbound_listener_name(namespace, pod), workload.outbound_port,
                 self.scopes.settings.outbound_traffic_policy, self.scopes.sniffed_ports(namespace),
             )
-            encoded = capture.outbound_listener_bytes(head, self.scopes.capture_chains(namespace))
-            if egress_guard is None:
-                listeners.append(Resource.from_bytes(types.LISTENER, head.name, encoded))
-            else:
-                listeners.append(Resource.from_bytes(
-                    types.LISTENER, head.name, netpol.guarded_bytes(encoded, egress_guard)
-                ))
+            chains = self.scopes.capture_chains(namespace)
+            if egress_guard is not None:
+                netpol.guard_listener(head, egress_guard)  # its default (passthrough) chain
+                chains = netpol.guarded_chains(chains, egress_guard)
+            listeners.append(Resource.from_bytes(
+                types.LISTENER, head.name, capture.outbound_listener_bytes(head, chains)
+            ))
         entries = self.app_ports(workload, reader)
         ports = self.distinct_ports(entries)
         clusters: list[Any] = [inbound_cluster(namespace, pod, ip, p, proto) for p, proto in ports]
