@@ -128,3 +128,23 @@ def test_an_isolating_policy_without_rules_allows_nothing() -> None:
     # A pod in another namespace is not selected.
     other = dataclasses.replace(workloads[0], namespace="other")
     assert not resolve_ingress(other, [deny], view).isolated
+
+
+def test_namespace_selectors_see_the_implicit_name_label_and_the_namespaces_own() -> None:
+    """Kubernetes labels every Namespace `kubernetes.io/metadata.name`; a namespace the mesh
+    has no object for still has that one."""
+    api = pod("api-1", "10.0.0.5", "api", "api")
+    jobs = Workload("data", "jobs-0", ip="10.0.1.10", service_account="jobs", meshed=True)
+    web = Workload("web", "web-0", ip="10.0.2.10", service_account="web", meshed=True)
+    by_name = NetworkPolicy(NS, "from-data", LabelSelector((("app", "api"),)), frozenset({"Ingress"}), ingress=(
+        PolicyRule(peers=(Peer(namespace_selector=LabelSelector((("kubernetes.io/metadata.name", "data"),))),)),
+    ))
+    by_team = dataclasses.replace(by_name, ingress=(
+        PolicyRule(peers=(Peer(namespace_selector=LabelSelector((("team", "blue"),))),)),
+    ))
+    namespaces = {"web": Namespace("web", (("team", "blue"),))}
+    view = view_of([api, jobs, web], namespaces, [], [])
+    [allowed] = resolve_ingress(api, [by_name], view).allowed
+    assert allowed.principals == ("spiffe://cluster.local/ns/data/sa/jobs",)
+    [allowed] = resolve_ingress(api, [by_team], view).allowed
+    assert allowed.principals == ("spiffe://cluster.local/ns/web/sa/web",)

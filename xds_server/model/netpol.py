@@ -30,6 +30,7 @@ Pure functions over model values: no I/O, no Envoy types.
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -211,6 +212,17 @@ class PodView:
     # For egress by ClusterIP: the services some of these pods back, each with its
     # ((service port, target port), ...) and its endpoints' pods.
     backing: Callable[[Iterable[tuple[str, str]]], list[Backing]] = lambda pods: []
+    # The pods of one namespace (a peer without a namespaceSelector looks only there); None:
+    # filter `workloads`.
+    in_namespace: Callable[[str], Iterable[Workload]] | None = None
+
+    def candidates(self, peer: Peer, policy_namespace: str) -> Iterable[Workload]:
+        """The pods a pod peer can match."""
+        if peer.namespace_selector is None:
+            if self.in_namespace is not None:
+                return self.in_namespace(policy_namespace)
+            return [w for w in self.workloads if w.namespace == policy_namespace]
+        return self.workloads
 
     def namespace_labels(self, name: str) -> dict[str, str]:
         found = self.namespaces.get(name)
@@ -304,12 +316,16 @@ def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view:
     selecting = [p for p in _sorted_policies(policies) if p.selects(workload, "Ingress")]
     if not selecting:
         return Enforcement()
-    pods = list(view.workloads)
     matches = _Matcher(view)
-    accounts: dict[tuple[str, str], list[Workload]] = {}
-    for pod in pods:
-        if pod.mtls_capable:
-            accounts.setdefault((pod.namespace, pod.service_account), []).append(pod)
+    sizes: dict[str, Counter[str]] = {}  # namespace -> service account -> sidecar pods
+
+    def account_size(namespace: str, account: str) -> int:
+        """The sidecar pods of a service account (identity is per account)."""
+        if namespace not in sizes:
+            sizes[namespace] = Counter(p.service_account for p in view.candidates(Peer(), namespace)
+                                       if p.mtls_capable)
+        return sizes[namespace][account]
+
     named = _named_ports(workload)
     allowed: list[Allowed] = []
     notes: list[Note] = []
@@ -329,7 +345,7 @@ def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view:
                 if peer.ip_block is not None:
                     cidrs.append(_cidr(peer.ip_block))
                     continue
-                matched = [w for w in pods if matches(peer, policy.namespace, w)]
+                matched = [w for w in view.candidates(peer, policy.namespace) if matches(peer, policy.namespace, w)]
                 by_account: dict[tuple[str, str], list[Workload]] = {}
                 for pod in matched:
                     if not pod.mtls_capable:
@@ -341,14 +357,14 @@ def resolve_ingress(workload: Workload, policies: Iterable[NetworkPolicy], view:
                     by_account.setdefault((pod.namespace, pod.service_account), []).append(pod)
                 for (namespace, account), members in sorted(by_account.items()):
                     spiffe = f"spiffe://{view.trust_domain}/ns/{namespace}/sa/{account}"
-                    if len(members) == len(accounts.get((namespace, account), ())):
+                    if len(members) == account_size(namespace, account):
                         principals.add(spiffe)
                         continue
                     ips = sorted(m.ip for m in members if _address(m.ip))
                     guarded.update((spiffe, _host(ip)) for ip in ips)
                     notes.append(Note(
                         key, where,
-                        f"selects {len(members)} of the {len(accounts[(namespace, account)])} pods of "
+                        f"selects {len(members)} of the {account_size(namespace, account)} pods of "
                         f"service account {namespace}/{account}; identity cannot tell them apart: "
                         f"matched by principal and source IP ({', '.join(ips) or 'none'})",
                     ))
@@ -362,7 +378,6 @@ def resolve_egress(workload: Workload, policies: Iterable[NetworkPolicy], view: 
     selecting = [p for p in _sorted_policies(policies) if p.selects(workload, "Egress")]
     if not selecting:
         return Enforcement()
-    pods = list(view.workloads)
     matches = _Matcher(view)
     allowed: list[Allowed] = []
     notes: list[Note] = []
@@ -384,8 +399,8 @@ def resolve_egress(workload: Workload, policies: Iterable[NetworkPolicy], view: 
             pod_peers = [p for p in rule.peers if p.ip_block is None]
             if not pod_peers:
                 continue
-            matched = {(w.namespace, w.name): w for w in pods
-                       if any(matches(p, policy.namespace, w) for p in pod_peers) and _address(w.ip)}
+            matched = {(w.namespace, w.name): w for p in pod_peers for w in view.candidates(p, policy.namespace)
+                       if matches(p, policy.namespace, w) and _address(w.ip)}
             # Pod IPs, grouped by their ports (named ports resolve per destination pod).
             by_ports: dict[tuple[PortRange, ...] | None, list[str]] = {}
             for pod in sorted(matched.values(), key=lambda w: w.ip):

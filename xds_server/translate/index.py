@@ -65,6 +65,7 @@ class ModelIndex:
         self.slices: dict[ServiceKey, dict[str, EndpointSlice]] = defaultdict(dict)
         self.workloads: dict[PodKey, Workload] = {}
         self.workload_by_ip: dict[str, Workload] = {}
+        self.workloads_in: dict[str, dict[str, Workload]] = {}  # namespace -> pod name -> Pod
         self.routes: dict[RouteKey, Route] = {}
         self.routes_by_parent: dict[ServiceKey, set[RouteKey]] = defaultdict(set)
         self.policies_by_target: dict[ServiceKey, dict[tuple[str, str], TrafficPolicy]] = defaultdict(dict)
@@ -103,7 +104,7 @@ class ModelIndex:
         """What NetworkPolicy peers resolve against (model/netpol.py)."""
         return self.netpols.view(
             self.workloads, self.namespaces, self.security.settings.trust_domain,
-            self.services, self.slices, self.services_by_pod,
+            self.services, self.slices, self.services_by_pod, self.workloads_in,
         )
 
     def routes_of(self, key: ServiceKey) -> list[Route]:
@@ -203,11 +204,17 @@ class ModelIndex:
         if old is not None:
             deps |= {("workload", old.namespace, old.name), ("workload-ip", old.ip)}
             self.workloads.pop((old.namespace, old.name), None)
+            in_namespace = self.workloads_in.get(old.namespace)
+            if in_namespace is not None:
+                in_namespace.pop(old.name, None)
+                if not in_namespace:
+                    del self.workloads_in[old.namespace]
             if self.workload_by_ip.get(old.ip) is old:
                 del self.workload_by_ip[old.ip]
         if new is not None:
             deps |= {("workload", new.namespace, new.name), ("workload-ip", new.ip)}
             self.workloads[(new.namespace, new.name)] = new
+            self.workloads_in.setdefault(new.namespace, {})[new.name] = new
             if new.ip:
                 self.workload_by_ip[new.ip] = new
         return deps

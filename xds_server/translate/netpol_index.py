@@ -165,6 +165,7 @@ class NetworkPolicyIndex:
         services: Mapping[ServiceKey, Service],
         slices: Mapping[ServiceKey, Mapping[str, EndpointSlice]],
         services_by_pod: Mapping[PodKey, set[ServiceKey]],
+        workloads_in: Mapping[str, Mapping[str, Workload]],
     ) -> PodView:
         def backing(pods: Iterable[PodKey]) -> list[Backing]:
             keys: set[ServiceKey] = set()
@@ -190,7 +191,10 @@ class NetworkPolicyIndex:
                 out.append((service, tuple(sorted(ports)), tuple(backends[k] for k in sorted(backends))))
             return out
 
-        return PodView(workloads.values(), namespaces, trust_domain, backing)
+        def in_namespace(namespace: str) -> Iterable[Workload]:
+            return workloads_in.get(namespace, {}).values()
+
+        return PodView(workloads.values(), namespaces, trust_domain, backing, in_namespace)
 
     def enforcement(self, workload: Workload, view_of: Callable[[], PodView]) -> tuple[Enforcement, Enforcement]:
         """(ingress, egress) of a pod. A resolution depends on the pod only through which
