@@ -148,3 +148,27 @@ def test_namespace_selectors_see_the_implicit_name_label_and_the_namespaces_own(
     assert allowed.principals == ("spiffe://cluster.local/ns/data/sa/jobs",)
     [allowed] = resolve_ingress(api, [by_team], view).allowed
     assert allowed.principals == ("spiffe://cluster.local/ns/web/sa/web",)
+
+
+def test_an_egress_isolated_pod_leaves_the_shared_outbound_listener_and_returns_to_it() -> None:
+    """Isolated for egress, a pod gets its own guarded outbound listener instead of its
+    namespace's shared one; when the policy goes, it shares again (and its own is gone)."""
+    from xds_server.translate.controller import proxy_resources
+
+    mesh = Mesh()
+    view = mesh.controller.view_for(verified(node("api-1", "10.0.0.5")))
+
+    def outbound() -> list[str]:
+        return [r.name for r in proxy_resources(view)[types.LISTENER] if r.name.startswith("outbound|")]
+
+    assert outbound() == [f"outbound|capture|{NS}"]
+    egress = NetworkPolicy(NS, "api-egress", LabelSelector((("app", "api"),)), frozenset({"Egress"}),
+                           egress=(PolicyRule(peers=(Peer(pod_selector=LabelSelector((("app", "frontend"),))),)),))
+    mesh.store.put(SOURCE, egress)
+    assert outbound() == [f"outbound|{NS}/api-1"]
+    own = mesh.cache.get(types.LISTENER, f"outbound|{NS}/api-1").unpack(listener_pb2.Listener)
+    assert own.default_filter_chain.filters[0].name == "envoy.filters.network.rbac"
+    assert own.default_filter_chain.filters[0].typed_config.value.find(b"netpol_egress.") >= 0
+    mesh.store.remove(SOURCE, ("NetworkPolicy", NS, "api-egress"))
+    assert outbound() == [f"outbound|capture|{NS}"]
+    assert mesh.cache.get(types.LISTENER, f"outbound|{NS}/api-1") is None
