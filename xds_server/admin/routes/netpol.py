@@ -24,8 +24,8 @@ def _snapshot(request: Request) -> tuple[list[Any], list[netpol.NetworkPolicy], 
     """The store's objects, copied on the loop (the work then runs in a thread)."""
     ctx = context(request)
     store = ctx.store
-    if store is None:
-        raise ApiError(404, "this server has no mesh model (no --source or Kubernetes source)")
+    if store is None:  # no mesh source (raw resources only): no pods, no policies
+        return [], [], netpol.view_of([], {}, [], [], ctx.trust_domain)
     workloads = list(store.all(POD).values())
     view = netpol.view_of(
         workloads, {n.name: n for n in store.all(NAMESPACE).values()},
