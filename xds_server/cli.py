@@ -143,13 +143,46 @@ def _export_list(value: str) -> tuple[str, ...]:
 
 @main.command("validate")
 @click.argument("directory", type=click.Path(exists=True, path_type=Path))
-def validate_command(directory: Path) -> None:
+@click.option("--pod", "pods", multiple=True, metavar="NAMESPACE/NAME",
+              help="Also show which NetworkPolicies select this pod and what they allow (repeatable).")
+def validate_command(directory: Path, pods: tuple[str, ...]) -> None:
     """Check a mesh directory: every error, with file:line, object and field."""
-    from .sources.validate import format_errors, has_errors, validate_directory
+    from .sources.validate import describe_pod, format_errors, has_errors, validate_directory
 
     errors = validate_directory(directory)
     click.echo(format_errors(errors))
-    sys.exit(1 if has_errors(errors) else 0)
+    missing = False
+    for pod in pods:
+        namespace, _, name = pod.partition("/")
+        described = describe_pod(directory, namespace, name) if name else None
+        if described is None:
+            click.echo(f"pod {pod}: not found (write NAMESPACE/NAME)", err=True)
+            missing = True
+            continue
+        click.echo(_network_policy_text(described))
+    sys.exit(1 if has_errors(errors) or missing else 0)
+
+
+def _network_policy_text(described: dict) -> str:
+    """A pod's NetworkPolicy (model/netpol.describe) for a terminal."""
+    lines = [f"\npod {described['pod']}: NetworkPolicy"]
+    selected = described["selected_by"] or {}
+    lines.append("  selected by: " + (", ".join(f"{p} ({', '.join(d)})" for p, d in selected.items()) or "none"))
+    if not described["enforced"]:
+        lines.append(f"  NOT ENFORCED: {described['not_enforced_because']}")
+    for direction in ("ingress", "egress"):
+        section = described[direction]
+        allows = section["allows"]
+        if isinstance(allows, str):
+            lines.append(f"  {direction}: {allows}")
+            continue
+        lines.append(f"  {direction}: isolated; allowed:" + ("" if allows else " nothing (default deny)"))
+        for entry in allows:
+            ports = entry["tcp_ports"] if isinstance(entry["tcp_ports"], str) else ",".join(entry["tcp_ports"])
+            lines.append(f"    {entry['rule']}: TCP ports {ports}; " + "; ".join(entry["peers"]))
+        for note in section["notes"]:
+            lines.append(f"    note: {note}")
+    return "\n".join(lines)
 
 
 @main.command("translate")

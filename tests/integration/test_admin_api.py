@@ -298,7 +298,8 @@ async def test_serve_enforces_tokens_and_never_logs_them(tmp_path: Path) -> None
                 reads = [p for p, item in spec["paths"].items() if "get" in item and p.startswith("/api/")]
                 writes = [p for p, item in spec["paths"].items() if "post" in item]
                 assert set(writes) == {"/api/v1/push", "/api/v1/ca/root-rotation"}
-                concrete = [p.replace("{proxy_id}", "cli-proxy.shop") for p in reads]
+                concrete = [p.replace("{proxy_id}", "cli-proxy.shop").replace("{namespace}/{pod}", "shop/web-0")
+                            for p in reads]
                 for path in concrete:  # no token, a wrong token, a malformed header: 401
                     for headers in ({}, {"Authorization": f"Bearer {wrong}"},
                                     {"Authorization": f"Basic {tokens.read}"}):
@@ -314,7 +315,8 @@ async def test_serve_enforces_tokens_and_never_logs_them(tmp_path: Path) -> None
                 # The read token reads.
                 for path in concrete:
                     r = await http.get(path, headers=tokens.auth("read"))
-                    expected = 404 if path.startswith("/api/v1/ca") else 200
+                    # No CA; no mesh source, so no pod to show the NetworkPolicy of.
+                    expected = 404 if path.startswith(("/api/v1/ca", "/api/v1/network-policy/")) else 200
                     assert r.status_code == expected, (path, r.text)
                 no_ca = await http.get("/api/v1/ca", headers=tokens.auth("read"))
                 assert "no CA is configured" in no_ca.json()["error"]

@@ -437,6 +437,47 @@ async def test_security_policies_are_watched_and_get_accepted_conditions(
         assert store.get("AuthorizationPolicy", "shop", "bad") is None
 
 
+def network_policy(ns: str, name: str, spec: dict[str, Any]) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+async def test_network_policies_are_watched_and_an_invalid_one_keeps_its_last_good_version(
+    fake: FakeApiServer, kubeconfig: Path
+) -> None:
+    """networking.k8s.io/v1 NetworkPolicy from the API: created, changed, made invalid (the
+    error names the field, the last good version stays), deleted. No status is written: the
+    kind has none."""
+    fake.create(namespace("shop"))
+    allow = {"podSelector": {"matchLabels": {"app": "api"}},
+             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "frontend"}}}],
+                          "ports": [{"port": 8080}]}]}
+    fake.create(network_policy("shop", "api", allow))
+    fake.create(network_policy("shop", "deny-all", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}))
+    store = MeshStore()
+    async with running(KubernetesSource(store, kubeconfig, settings=fast_settings())) as source:
+        policy = await eventually(lambda: store.get("NetworkPolicy", "shop", "api"), message="the policy")
+        assert policy.policy_types == {"Ingress"}
+        assert policy.ingress[0].ports[0].port == 8080
+        assert str(policy.ingress[0].peers[0]) == "pods app=frontend in this namespace"
+        deny = store.get("NetworkPolicy", "shop", "deny-all")
+        assert deny.policy_types == {"Ingress", "Egress"} and deny.ingress == () and deny.egress == ()
+
+        broken = network_policy("shop", "api", {**allow, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8",
+                                                                      "except": ["11.0.0.0/16"]}}]}]})
+        fake.update(broken)
+        await eventually(lambda: source.errors, message="the error")
+        error = source.errors[0]
+        assert (error.kind, error.namespace, error.name) == ("NetworkPolicy", "shop", "api")
+        assert error.field_path == "spec.ingress[0].from[0].ipBlock.except[0]"
+        assert "strict subset" in error.message
+        assert store.get("NetworkPolicy", "shop", "api") == policy  # the last good version
+
+        fake.delete("NetworkPolicy", "shop", "deny-all")
+        await eventually(lambda: store.get("NetworkPolicy", "shop", "deny-all") is None, message="deleted")
+        assert "status" not in (fake.get("NetworkPolicy", "shop", "api") or {})
+
+
 async def test_status_is_not_rewritten_when_nothing_changed(
     fake: FakeApiServer, kubeconfig: Path
 ) -> None:

@@ -109,6 +109,8 @@ RESOURCE_TYPES: tuple[ResourceType, ...] = (
     ResourceType("mesh.xds-server.io", "v1alpha1", "mtlspolicies", "MTLSPolicy", crd=True),
     ResourceType("mesh.xds-server.io", "v1alpha1", "authorizationpolicies", "AuthorizationPolicy",
                  crd=True),
+    # Built in, without a status subresource (NetworkPolicyStatus left in Kubernetes 1.27).
+    ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", status=False),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease", status=False),
     ResourceType("authentication.k8s.io", "v1", "tokenreviews", "TokenReview",
                  namespaced=False, status=False, create_only=True),

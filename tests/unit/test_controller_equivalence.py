@@ -8,7 +8,8 @@ its cache must equal, byte for byte, what a fresh controller builds from the sam
 the same proxies connected, and each proxy's view must admit the same resources.
 
 The batched variant applies several random changes at once (one `MeshStore.sync`), including
-mTLS and authorization policies (some in the root namespace, which select every proxy),
+NetworkPolicies and the pod labels and service accounts their peers match, mTLS and
+authorization policies (some in the root namespace, which select every proxy),
 namespaces deleted and re-created, and proxies (sidecars and proxyless gRPC) connecting and
 leaving; it runs synchronously and through the time-sliced drain task with a tiny budget
 (hundreds of slices per batch), where a checker looks at the cache at every event-loop turn:
@@ -38,6 +39,7 @@ from xds_server.model.mesh import (
     ServicePort,
     Workload,
 )
+from xds_server.model.netpol import IpBlock, LabelSelector, NetworkPolicy, Peer, PolicyPort, PolicyRule
 from xds_server.model.policy import TrafficPolicy
 from xds_server.model.routes import BackendRef, Mirror, ParentRef, Route, RouteRule
 from xds_server.model.security import (
@@ -195,9 +197,24 @@ class World:
         and proxies."""
         rng = self.rng
         action = rng.choice(["step", "step", "step", "mtls", "authz", "unpolicy", "namespace",
-                             "connect", "connect", "leave"])
+                             "connect", "connect", "leave", "netpol", "netpol", "unnetpol", "label"])
         if action == "step":
             return self.step(i)
+        if action == "netpol":
+            self.model.put(SOURCE, random_network_policy(rng))
+        elif action == "unnetpol":
+            keys = sorted(self.model.all("NetworkPolicy"))
+            if keys:
+                self.model.remove(SOURCE, ("NetworkPolicy", *rng.choice(keys)))
+        elif action == "label":
+            # A pod's labels and service account: what NetworkPolicy peers resolve to.
+            pods = sorted(self.model.all("Pod"))
+            if pods:
+                pod = self.model.get("Pod", *rng.choice(pods))
+                self.model.put(SOURCE, dataclasses.replace(
+                    pod, labels=rng.choice([(), (("app", "x"),), (("app", "y"),)]),
+                    service_account=rng.choice(["default", "sa1"]),
+                ))
         if action == "mtls":
             spec = parse_mtls_policy_spec({"mode": rng.choice(["STRICT", "PERMISSIVE", "DISABLE"])})
             ns = rng.choice((*NAMESPACES, ROOT))
@@ -236,6 +253,33 @@ class World:
             n = self.extra.pop(rng.choice(sorted(self.extra)))
             self.controller.release(verified(n))
         return action
+
+
+def random_network_policy(rng: random.Random) -> NetworkPolicy:
+    """A NetworkPolicy by pod labels, namespace labels (tenant) or addresses, for either or
+    both directions, with or without rules (default deny)."""
+    def selector() -> LabelSelector:
+        return rng.choice([LabelSelector(), LabelSelector((("app", "x"),)), LabelSelector((("app", "y"),))])
+
+    def peer() -> Peer:
+        return rng.choice([
+            Peer(pod_selector=selector()),
+            Peer(namespace_selector=LabelSelector(((TENANT_LABEL, "t1"),)), pod_selector=selector()),
+            Peer(ip_block=IpBlock("10.1.0.0/16", ("10.1.3.0/24",))),
+        ])
+
+    def rules() -> tuple[PolicyRule, ...]:
+        return tuple(
+            PolicyRule(peers=tuple(peer() for _ in range(rng.randint(0, 2))),
+                       ports=rng.choice([(), (PolicyPort(port=8080),), (PolicyPort(port="grpc"),)]))
+            for _ in range(rng.randint(0, 2))
+        )
+
+    return NetworkPolicy(
+        namespace=rng.choice(NAMESPACES), name=f"np{rng.randint(0, 1)}", pod_selector=selector(),
+        policy_types=rng.choice([frozenset({"Ingress"}), frozenset({"Egress"}), frozenset({"Ingress", "Egress"})]),
+        ingress=rules(), egress=rules(),
+    )
 
 
 def snapshot(controller: MeshController, cache: ResourceCache, nodes: list[base_pb2.Node]) -> tuple:

@@ -463,6 +463,7 @@ def test_cluster_role_is_least_privilege() -> None:
         ("mesh.xds-server.io", "mtlspolicies/status", STATUS),
         ("mesh.xds-server.io", "authorizationpolicies", READ),
         ("mesh.xds-server.io", "authorizationpolicies/status", STATUS),
+        ("networking.k8s.io", "networkpolicies", READ),
         ("authentication.k8s.io", "tokenreviews", ("create",)),
         WEBHOOK_RULE,
     }

@@ -444,7 +444,7 @@ async def test_run_can_be_cancelled(tmp_path: Path) -> None:
 def test_every_kind_is_known_to_the_store() -> None:
     # The files source relies on the store's kinds being the kinds users write.
     assert {"Namespace", "Service", "EndpointSlice", "Pod", "HTTPRoute", "GRPCRoute",
-            "TrafficPolicy", "MTLSPolicy", "AuthorizationPolicy"} == set(KINDS)
+            "TrafficPolicy", "MTLSPolicy", "AuthorizationPolicy", "NetworkPolicy"} == set(KINDS)
 
 
 def test_links_out_of_the_directory_and_oversized_files_are_reported_not_read(tmp_path: Path) -> None:

@@ -166,7 +166,7 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
 
 
 def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
-    from .routes import ca, debug, health, mesh, proxies, ui
+    from .routes import ca, debug, health, mesh, netpol, proxies, ui
 
     app = FastAPI(
         title="xds-server admin API",
@@ -248,6 +248,7 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
     app.include_router(health.router)
     app.include_router(proxies.router)
     app.include_router(mesh.router)
+    app.include_router(netpol.router)
     app.include_router(ca.router)
     app.include_router(debug.router)
     app.include_router(ui.router)

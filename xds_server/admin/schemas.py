@@ -130,6 +130,35 @@ class Model(BaseModel):
     policies: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class NetworkPolicyDirection(BaseModel):
+    isolated: bool
+    policies: list[str]
+    allows: list[dict[str, Any]] | str  # a string: everything (the pod is not isolated)
+    notes: list[str]
+
+
+class PodNetworkPolicy(BaseModel):
+    pod: str
+    selected_by: dict[str, list[str]]
+    enforced: bool
+    not_enforced_because: str | None = None
+    ingress: NetworkPolicyDirection
+    egress: NetworkPolicyDirection
+
+
+class NetworkPolicyEntry(BaseModel):
+    namespace: str
+    name: str
+    policy_types: list[str]
+    selects: list[str]
+    not_enforced: list[str]
+    notes: list[str]
+
+
+class NetworkPolicyList(BaseModel):
+    policies: list[NetworkPolicyEntry]
+
+
 class Source(BaseModel):
     name: str
     synced: bool

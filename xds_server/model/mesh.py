@@ -158,6 +158,16 @@ class EndpointSlice:
         return ServiceKey(self.namespace, self.service)
 
 
+def slice_port(service_port: ServicePort, endpoint_slice: EndpointSlice) -> int | None:
+    """The endpoint port a service port maps to: matched by name, as kube-proxy does."""
+    for port in endpoint_slice.ports:
+        if port.name == service_port.name:
+            return port.port
+    if len(endpoint_slice.ports) == 1 and not service_port.name:
+        return endpoint_slice.ports[0].port
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class TcpUpstream:
     """An explicit local TCP binding: the sidecar listens on `local_port` and proxies to the

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .mesh import EndpointSlice, Namespace, Service, Workload
+from .netpol import NetworkPolicy
 from .policy import TrafficPolicy
 from .routes import Route
 from .security import AuthorizationPolicy, MTLSPolicy
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MeshObject = (
     Namespace | Service | EndpointSlice | Workload | Route | TrafficPolicy | MTLSPolicy | AuthorizationPolicy
+    | NetworkPolicy
 )
 
 # Kinds as users write them.
@@ -35,9 +37,10 @@ GRPC_ROUTE = "GRPCRoute"
 TRAFFIC_POLICY = "TrafficPolicy"
 MTLS_POLICY = "MTLSPolicy"
 AUTHORIZATION_POLICY = "AuthorizationPolicy"
+NETWORK_POLICY = "NetworkPolicy"
 KINDS = (
     NAMESPACE, SERVICE, ENDPOINT_SLICE, POD, HTTP_ROUTE, GRPC_ROUTE, TRAFFIC_POLICY,
-    MTLS_POLICY, AUTHORIZATION_POLICY,
+    MTLS_POLICY, AUTHORIZATION_POLICY, NETWORK_POLICY,
 )
 
 
@@ -52,6 +55,7 @@ def kind_of(obj: MeshObject) -> str:
         TrafficPolicy: TRAFFIC_POLICY,
         MTLSPolicy: MTLS_POLICY,
         AuthorizationPolicy: AUTHORIZATION_POLICY,
+        NetworkPolicy: NETWORK_POLICY,
     }[type(obj)]
 
 

@@ -55,11 +55,12 @@ from ..model.routes import (
     RouteRule,
     ValueMatch,
 )
+from ..model import netpol
 from ..model.security import AuthorizationPolicy, MTLSPolicy
 from ..model.store import MeshObject
 from . import kube_types as k8s
 from . import policies
-from .kube_types import discovery, gateway
+from .kube_types import discovery, gateway, networking
 from .kube_types.base import describe, is_dns_label
 from .kube_types.meta import _timestamp
 from .kube_types.discovery import SERVICE_NAME_LABEL
@@ -101,6 +102,7 @@ _API_VERSIONS: dict[str, tuple[str, ...]] = {
     "TrafficPolicy": (POLICY_API_VERSION,),
     "MTLSPolicy": (POLICY_API_VERSION,),
     "AuthorizationPolicy": (POLICY_API_VERSION,),
+    "NetworkPolicy": ("networking.k8s.io/v1",),
 }
 
 _TCP_UPSTREAM = re.compile(
@@ -597,6 +599,55 @@ def _authorization_policy(o: _Object, obj: dict[str, Any]) -> AuthorizationPolic
     return AuthorizationPolicy(namespace=o.namespace, name=o.name, spec=spec, created=_created(obj))
 
 
+# NetworkPolicy (networking.k8s.io/v1) --------------------------------------------------------
+
+
+def _network_policy(o: _Object, obj: dict[str, Any]) -> netpol.NetworkPolicy:
+    policy = _validate(o, k8s.NetworkPolicy, obj)
+    spec = policy.spec
+    assert spec is not None and spec.pod_selector is not None  # validated
+
+    def rules(items: list[networking.IngressRule] | list[networking.EgressRule]) -> tuple[netpol.PolicyRule, ...]:
+        out = []
+        for item in items:
+            peers = item.from_ if isinstance(item, networking.IngressRule) else item.to
+            out.append(netpol.PolicyRule(
+                peers=tuple(_peer(p) for p in peers),
+                ports=tuple(netpol.PolicyPort(p.protocol, p.port, p.end_port) for p in item.ports),
+            ))
+        return tuple(out)
+
+    return netpol.NetworkPolicy(
+        namespace=o.namespace,
+        name=o.name,
+        pod_selector=_selector(spec.pod_selector),
+        policy_types=spec.types(),
+        ingress=rules(spec.ingress),
+        egress=rules(spec.egress),
+        created=_created(obj),
+    )
+
+
+def _selector(selector: networking.LabelSelector) -> netpol.LabelSelector:
+    return netpol.LabelSelector(
+        match_labels=_labels(selector.match_labels),
+        expressions=tuple(
+            netpol.Requirement(r.key, r.operator or "Exists", tuple(r.values))
+            for r in selector.match_expressions
+        ),
+    )
+
+
+def _peer(peer: networking.Peer) -> netpol.Peer:
+    if peer.ip_block is not None:
+        assert peer.ip_block.cidr is not None  # validated
+        return netpol.Peer(ip_block=netpol.IpBlock(peer.ip_block.cidr, tuple(peer.ip_block.except_)))
+    return netpol.Peer(
+        pod_selector=_selector(peer.pod_selector) if peer.pod_selector is not None else None,
+        namespace_selector=_selector(peer.namespace_selector) if peer.namespace_selector is not None else None,
+    )
+
+
 def _under(root: str, path: str) -> str:
     return f"{root}.{path}" if path and not path.startswith("[") else root + path
 
@@ -628,4 +679,5 @@ _CONVERTERS: dict[str, Callable[[_Object, dict[str, Any]], MeshObject]] = {
     "TrafficPolicy": _traffic_policy,
     "MTLSPolicy": _mtls_policy,
     "AuthorizationPolicy": _authorization_policy,
+    "NetworkPolicy": _network_policy,
 }

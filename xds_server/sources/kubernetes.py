@@ -63,6 +63,7 @@ from ..model.store import (
     KINDS,
     MTLS_POLICY,
     NAMESPACE,
+    NETWORK_POLICY,
     POD,
     SERVICE,
     TRAFFIC_POLICY,
@@ -99,6 +100,9 @@ WATCHED: dict[str, ResourceKind] = {
     AUTHORIZATION_POLICY: ResourceKind(
         AUTHORIZATION_POLICY, policy.GROUP, policy.VERSION, "authorizationpolicies"
     ),
+    # No status written: networking.k8s.io/v1 has no NetworkPolicy status since Kubernetes
+    # 1.27; what a policy means is shown by the admin API and `xds-server validate`.
+    NETWORK_POLICY: ResourceKind(NETWORK_POLICY, "networking.k8s.io", "v1", "networkpolicies"),
 }
 STATUS_KINDS = (HTTP_ROUTE, GRPC_ROUTE, TRAFFIC_POLICY, MTLS_POLICY, AUTHORIZATION_POLICY)
 

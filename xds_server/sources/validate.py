@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+from ..model import netpol
 from ..model.client_kinds import grpc_notes
-from ..model.mesh import Service, Workload
+from ..model.mesh import EndpointSlice, Namespace, Service, Workload
+from ..model.store import NETWORK_POLICY, ObjectKey
 from ..model.policy import TrafficPolicy
 from .mesh_files import MeshError, ParsedFile, mesh_files, read_file, resolve
 
@@ -54,8 +57,71 @@ def validate_directory(path: Path | str) -> list[MeshError]:
                     file=held.file, line=held.line, kind="TrafficPolicy", namespace=service.namespace,
                     name=service.name, field=field, severity="warning", message=message,
                 ))
+    errors += _network_policy_warnings(served)
     errors.sort(key=lambda e: (e.file, e.line or 0))
     return errors
+
+
+def _objects(served: dict[ObjectKey, Any]) -> dict[type, list[Any]]:
+    out: dict[type, list[Any]] = {}
+    for held in served.values():
+        out.setdefault(type(held.obj), []).append(held.obj)
+    return out
+
+
+def network_policy_view(objects: dict[type, list[Any]]) -> netpol.PodView:
+    return netpol.view_of(
+        objects.get(Workload, []), {n.name: n for n in objects.get(Namespace, [])},
+        objects.get(Service, []), objects.get(EndpointSlice, []),
+    )
+
+
+def _network_policy_warnings(served: dict[ObjectKey, Any]) -> list[MeshError]:
+    """What the sidecars cannot enforce by identity, on the NetworkPolicy that says it: pods it
+    selects that no sidecar protects, and rules matched by source IP instead of identity."""
+    objects = _objects(served)
+    policies: list[netpol.NetworkPolicy] = objects.get(netpol.NetworkPolicy, [])
+    if not policies:
+        return []
+    view = network_policy_view(objects)
+    found: dict[tuple[str, str, str], str] = {}
+    for workload in objects.get(Workload, []):
+        selecting = netpol.selected_by(workload, policies)
+        if not selecting:
+            continue
+        why = netpol.enforced_by_sidecar(workload)
+        if why is not None:
+            for policy in selecting:
+                found[(policy, "spec.podSelector", f"selects pod {workload.namespace}/{workload.name}: {why}")] = ""
+            continue
+        for enforcement in (netpol.resolve_ingress(workload, policies, view),
+                            netpol.resolve_egress(workload, policies, view)):
+            for note in enforcement.notes:
+                found[(note.policy, note.field, note.message)] = ""
+    out = []
+    for policy, field, message in sorted(found):
+        namespace, _, name = policy.partition("/")
+        held = served.get((NETWORK_POLICY, namespace, name))
+        out.append(MeshError(
+            file=held.file if held is not None else "", line=held.line if held is not None else None,
+            kind=NETWORK_POLICY, namespace=namespace, name=name, field=field, severity="warning",
+            message=message,
+        ))
+    return out
+
+
+def describe_pod(path: Path | str, namespace: str, pod: str) -> dict[str, Any] | None:
+    """Which NetworkPolicies select a pod of a mesh directory and what they allow (None: no
+    such pod)."""
+    root = Path(path)
+    paths = [root] if root.is_file() else mesh_files(root)
+    parsed = {f.as_posix(): r for f in paths if (r := read_file(f, f.as_posix())) is not None}
+    served, _ = resolve(parsed, {})
+    objects = _objects(served)
+    workload = next((w for w in objects.get(Workload, []) if (w.namespace, w.name) == (namespace, pod)), None)
+    if workload is None:
+        return None
+    return netpol.describe(workload, objects.get(netpol.NetworkPolicy, []), network_policy_view(objects))
 
 
 def has_errors(errors: list[MeshError]) -> bool:

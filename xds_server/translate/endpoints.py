@@ -8,21 +8,12 @@ from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from ..model.mesh import Endpoint, EndpointCondition, EndpointSlice, Service, ServicePort, Workload
+from ..model.mesh import slice_port as slice_port  # its home is the model; builders import it here
 from .names import cluster_name
 from .tls import mark_mtls
 
 WorkloadLookup = Callable[[str, str, str], Workload | None]  # (namespace, pod, ip)
 MtlsLookup = Callable[[Workload, int], bool]  # (workload, app port) -> clients use mTLS
-
-
-def slice_port(service_port: ServicePort, endpoint_slice: EndpointSlice) -> int | None:
-    """The endpoint port a service port maps to: matched by name, as kube-proxy does."""
-    for port in endpoint_slice.ports:
-        if port.name == service_port.name:
-            return port.port
-    if len(endpoint_slice.ports) == 1 and not service_port.name:
-        return endpoint_slice.ports[0].port
-    return None
 
 
 def load_assignment(

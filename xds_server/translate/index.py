@@ -19,6 +19,8 @@ Dependency keys are plain tuples, `(lookup, argument...)`:
   ("mtls", namespace), ("authz", namespace)
                                      the security policies of a namespace (the root
                                      namespace's apply everywhere: readers record both)
+  ("netpol", namespace), ("netpol-peers",)
+                                     NetworkPolicies (see netpol_index.py)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Hashable, Iterable
 
 from ..model.mesh import EndpointSlice, Namespace, Service, ServiceKey, Workload
+from ..model.netpol import PodView
 from ..model.policy import TrafficPolicy, TrafficPolicySpec
 from ..model.routes import Route
 from ..model.security import SecuritySettings
@@ -38,11 +41,13 @@ from ..model.store import (
     HTTP_ROUTE,
     MTLS_POLICY,
     NAMESPACE,
+    NETWORK_POLICY,
     POD,
     SERVICE,
     TRAFFIC_POLICY,
     ObjectChange,
 )
+from .netpol_index import PEERS, NetworkPolicyIndex
 from .security import SecurityIndex
 
 log = logging.getLogger(__name__)
@@ -55,10 +60,12 @@ RouteKey = tuple[str, str, str]
 class ModelIndex:
     def __init__(self, security: SecuritySettings | None = None) -> None:
         self.security = SecurityIndex(security)
+        self.netpols = NetworkPolicyIndex()
         self.services: dict[ServiceKey, Service] = {}
         self.slices: dict[ServiceKey, dict[str, EndpointSlice]] = defaultdict(dict)
         self.workloads: dict[PodKey, Workload] = {}
         self.workload_by_ip: dict[str, Workload] = {}
+        self.workloads_in: dict[str, dict[str, Workload]] = {}  # namespace -> pod name -> Pod
         self.routes: dict[RouteKey, Route] = {}
         self.routes_by_parent: dict[ServiceKey, set[RouteKey]] = defaultdict(set)
         self.policies_by_target: dict[ServiceKey, dict[tuple[str, str], TrafficPolicy]] = defaultdict(dict)
@@ -81,6 +88,25 @@ class ModelIndex:
         policy = self.policy_by_target.get(key)
         return policy.spec if policy is not None else None
 
+    def _beside_a_peer(self, pod: Workload) -> bool:
+        """Whether a pod backs a service that another pod a NetworkPolicy peer matches backs."""
+        for key in self.services_by_pod.get((pod.namespace, pod.name), ()):
+            for endpoint_slice in self.slices.get(key, {}).values():
+                for endpoint in endpoint_slice.endpoints:
+                    if not endpoint.pod or endpoint.pod == pod.name:
+                        continue
+                    other = self.workloads.get((endpoint_slice.namespace, endpoint.pod))
+                    if other is not None and self.netpols.matched(other, self.namespaces):
+                        return True
+        return False
+
+    def netpol_view(self) -> PodView:
+        """What NetworkPolicy peers resolve against (model/netpol.py)."""
+        return self.netpols.view(
+            self.workloads, self.namespaces, self.security.settings.trust_domain,
+            self.services, self.slices, self.services_by_pod, self.workloads_in,
+        )
+
     def routes_of(self, key: ServiceKey) -> list[Route]:
         return [self.routes[k] for k in sorted(self.routes_by_parent.get(key, ()))]
 
@@ -90,11 +116,20 @@ class ModelIndex:
         """Record one change; return the dependency keys it may have changed."""
         kind = change.kind
         if kind == SERVICE:
-            return self._apply_service(change)
+            deps = self._apply_service(change)
+            return deps | {PEERS} if self.netpols.service_changed() else deps
         if kind == ENDPOINT_SLICE:
-            return self._apply_slice(change)
+            deps = self._apply_slice(change)
+            if self.netpols.slice_changed(change, self.workloads, self.namespaces):
+                deps.add(PEERS)
+            return deps
         if kind == POD:
-            return self._apply_workload(change)
+            deps = self._apply_workload(change)
+            if self.netpols.pod_changed(change, self.workloads.values(), self.namespaces, self._beside_a_peer):
+                deps.add(PEERS)
+            return deps
+        if kind == NETWORK_POLICY:
+            return self.netpols.apply(change)
         if kind in (HTTP_ROUTE, GRPC_ROUTE):
             return self._apply_route(change)
         if kind == TRAFFIC_POLICY:
@@ -110,6 +145,8 @@ class ModelIndex:
                 self.namespaces.pop(change.key[2], None)
             else:
                 self.namespaces[change.new.name] = change.new
+            if self.netpols.namespace_changed():
+                return {("namespace", change.key[2]), PEERS}
             return {("namespace", change.key[2])}
         return set()
 
@@ -167,11 +204,17 @@ class ModelIndex:
         if old is not None:
             deps |= {("workload", old.namespace, old.name), ("workload-ip", old.ip)}
             self.workloads.pop((old.namespace, old.name), None)
+            in_namespace = self.workloads_in.get(old.namespace)
+            if in_namespace is not None:
+                in_namespace.pop(old.name, None)
+                if not in_namespace:
+                    del self.workloads_in[old.namespace]
             if self.workload_by_ip.get(old.ip) is old:
                 del self.workload_by_ip[old.ip]
         if new is not None:
             deps |= {("workload", new.namespace, new.name), ("workload-ip", new.ip)}
             self.workloads[(new.namespace, new.name)] = new
+            self.workloads_in.setdefault(new.namespace, {})[new.name] = new
             if new.ip:
                 self.workload_by_ip[new.ip] = new
         return deps

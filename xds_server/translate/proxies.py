@@ -18,10 +18,11 @@ from typing import Any
 from google.protobuf.message import Message
 
 from ..model.identity import Proof, ProxyClaim, proves_pod
+from ..model.netpol import Enforcement
 from ..model.mesh import OUTBOUND_PORT, AppProtocol, Service, ServiceKey, ServicePort, Workload
 from ..xds import types
 from ..xds.resource import Resource
-from . import capture, names, proxyless
+from . import capture, names, netpol, proxyless
 from .batch import Batch
 from .clusters import inbound_cluster
 from .dependencies import Parts
@@ -168,7 +169,10 @@ class ProxyBuilder:
             captured = workload.capture and proxy.claim.capture
             shared = captured and workload.outbound_port == OUTBOUND_PORT
             if captured:
-                built = self._capture_sidecar(proxy, workload, reader)
+                ingress, egress = reader.network_policy(workload)
+                # A pod isolated for egress gets its own outbound listener (guarded chains).
+                shared = shared and not egress.isolated
+                built = self._capture_sidecar(proxy, workload, reader, ingress, egress)
                 # The clusters its chains name: the same for every proxy, shared by name.
                 batch.put(self._static_clusters)
             else:
@@ -296,7 +300,10 @@ class ProxyBuilder:
             ))
         return {types.CLUSTER: clusters, types.ROUTE: routes, types.LISTENER: listeners}
 
-    def _capture_sidecar(self, proxy: Proxy, workload: Workload, reader: Reader) -> dict[str, list[Any]]:
+    def _capture_sidecar(
+        self, proxy: Proxy, workload: Workload, reader: Reader,
+        ingress: Enforcement, egress: Enforcement,
+    ) -> dict[str, list[Any]]:
         """A sidecar whose pod's traffic is captured (translate/capture.py). Outbound, on the
         standard port, it shares its namespace's listener (scopes.py; its view admits it), so
         an endpoint change costs one listener per namespace, not one per proxy; on another
@@ -305,15 +312,19 @@ class ProxyBuilder:
         namespace, pod = proxy.key
         ip = workload.ip or "127.0.0.1"
         listeners: list[Any] = []
-        if workload.outbound_port != OUTBOUND_PORT:
+        egress_guard = netpol.egress_filter(egress)
+        if workload.outbound_port != OUTBOUND_PORT or egress_guard is not None:
             reader.derived("capture-chains", namespace)
             head = capture.outbound_listener_head(
                 names.outbound_listener_name(namespace, pod), workload.outbound_port,
                 self.scopes.settings.outbound_traffic_policy, self.scopes.sniffed_ports(namespace),
             )
+            chains = self.scopes.capture_chains(namespace)
+            if egress_guard is not None:
+                netpol.guard_listener(head, egress_guard)  # its default (passthrough) chain
+                chains = netpol.guarded_chains(chains, egress_guard)
             listeners.append(Resource.from_bytes(
-                types.LISTENER, head.name,
-                capture.outbound_listener_bytes(head, self.scopes.capture_chains(namespace)),
+                types.LISTENER, head.name, capture.outbound_listener_bytes(head, chains)
             ))
         entries = self.app_ports(workload, reader)
         ports = self.distinct_ports(entries)
@@ -342,6 +353,9 @@ class ProxyBuilder:
             names.inbound_listener_name(namespace, pod), workload.inbound_port, app_ports,
             self.trust_domain, passthrough,
         )
+        ingress_guard = netpol.ingress_filter(ingress)
+        if ingress_guard is not None:
+            netpol.guard_listener(inbound, ingress_guard)
         listeners.append(inbound)
         return {types.CLUSTER: clusters, types.ROUTE: routes, types.LISTENER: listeners}
 

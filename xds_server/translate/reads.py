@@ -13,10 +13,12 @@ from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import TypeVar, overload
 
 from ..model.mesh import AppProtocol, EndpointSlice, Namespace, Service, ServiceKey, Workload
+from ..model.netpol import Enforcement
 from ..model.policy import TrafficPolicySpec
 from ..model.routes import Route
 from ..model.security import MtlsMode
 from .index import Dep, ModelIndex
+from .netpol_index import PEERS
 from .rbac import PortAuthz
 from .security import InboundSecurity
 
@@ -160,6 +162,18 @@ class Reader:
         select a workload of `namespace` (its own and the root namespace's)."""
         root = self.index.security.settings.root_namespace
         self.reads.update((("mtls", namespace), ("mtls", root), ("authz", namespace), ("authz", root)))
+
+    # NetworkPolicy --------------------------------------------------------------------------
+
+    def network_policy(self, workload: Workload) -> tuple[Enforcement, Enforcement]:
+        """The pod's NetworkPolicy (ingress, egress). Only an isolated pod's build depends on
+        what the peers resolve to."""
+        self.reads.add(("netpol", workload.namespace))
+        index = self.index
+        ingress, egress = index.netpols.enforcement(workload, index.netpol_view)
+        if ingress.isolated or egress.isolated:
+            self.reads.add(PEERS)
+        return ingress, egress
 
     def spiffe_ids(self, workloads: list[Workload]) -> tuple[str, ...]:
         return self.index.security.spiffe_ids(workloads)  # settings only: nothing to record

@@ -7,6 +7,7 @@ from .base import Invalid, KubeModel, field_path, problems
 from .core import Namespace, Pod, Service
 from .discovery import EndpointSlice
 from .gateway import GATEWAY_GROUP, GRPCRoute, HTTPRoute
+from .networking import NetworkPolicy
 
 __all__ = [
     "GATEWAY_GROUP",
@@ -16,6 +17,7 @@ __all__ = [
     "Invalid",
     "KubeModel",
     "Namespace",
+    "NetworkPolicy",
     "Pod",
     "Service",
     "field_path",
