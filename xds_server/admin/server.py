@@ -169,6 +169,9 @@ def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = Non
     csr_service = getattr(ca, "csr_service", None)
     if csr_service is not None:
         metrics.attach_refusals("ca", csr_service.failures)
+    server_stats = getattr(running.server, "stats", None)
+    if server_stats is not None:
+        metrics.attach_refusals("csds", server_stats.csds_refusals)
     metrics.attach_cache(running.cache)
     webhook = getattr(running, "webhook", None)
     if webhook is not None:
