@@ -101,7 +101,7 @@ NON_DEFAULT = {
     "xds.max_stream_opens_per_second": "25", "xds.stream_open_burst": "50",
     "xds.max_initializing_streams": "200", "xds.first_config_timeout": "45s",
     "sources.source": "{tmp}", "sources.resources": "{tmp}",
-    "sources.max_source_file_bytes": "1024", "sources.source_links": "any",
+    "admin.max_body_bytes": "2048", "sources.max_source_file_bytes": "1024", "sources.source_links": "any",
     "scope.default_export_to": ".,shared", "scope.tenant_label": "example.com/tenant",
     "scope.outbound_traffic_policy": "registry_only",
     "kubernetes.kubeconfig": "{kubeconfig}", "kubernetes.in_cluster": False,

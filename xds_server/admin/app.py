@@ -29,10 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..metrics import Metrics
 from .auth import Principal, Role, TokenStore, parse_bearer
 from .schemas import ErrorResponse
+from .settings import MAX_BODY_BYTES
 
 log = logging.getLogger("xds_server.admin")
 
-MAX_BODY_BYTES = 64 * 1024  # write requests are tiny
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: debug logs
 
 
@@ -164,7 +164,7 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
     return problems
 
 
-def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
+def create_app(ctx: AdminContext, *, docs: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     from .routes import ca, debug, health, mesh, proxies
 
     app = FastAPI(
@@ -184,7 +184,7 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
         # check in `observe`, so FastAPI counts the bytes as they arrive and stops past it (413).
         # (Starlette's limiter also rewrites `observe`'s JSON 413 for a declared oversize body
         # into its plain-text one: logged and counted here, but not in the API's error shape.)
-        max_body_size=MAX_BODY_BYTES,
+        max_body_size=max_body_bytes,
         docs_url="/docs" if docs else None,  # (--admin-docs: the pages load CDN scripts)
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json",
@@ -217,8 +217,8 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
     async def observe(request: Request, call_next):
         start = time.perf_counter()
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            response = error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            response = error_response(413, f"request body larger than {max_body_bytes} bytes")
         else:
             response = await call_next(request)
         route = request.scope.get("route")

@@ -54,7 +54,7 @@ class AdminServer:
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.context = context
         self.settings = settings
-        self.app = create_app(context, docs=settings.docs)
+        self.app = create_app(context, docs=settings.docs, max_body_bytes=settings.max_body_bytes)
         self._ssl_context = ssl_context
         self._http = HttpTask(self.app, f"admin server on {self.settings.address}")
         self._renewal: asyncio.Task | None = None

@@ -314,6 +314,11 @@ class AdminSection(Section):
         False, "--admin-docs",
         "Serve interactive API docs at /docs and /redoc (their pages load Swagger UI and ReDoc "
         "from public CDNs); /openapi.json is always served.")
+    max_body_bytes: int = setting(
+        _ADMIN.max_body_bytes, "--admin-max-body-bytes",
+        "Largest admin API request body, for every transfer encoding (a chunked body is "
+        "counted as it arrives); refused with 413 before it is buffered or authenticated.",
+        ge=1)
     identity_namespace: str = setting(
         _ADMIN.identity_namespace, "--admin-identity-namespace",
         "Namespace in the admin server's own SPIFFE ID (its --admin-mtls certificate).")

@@ -143,7 +143,7 @@ class ServeSettings(BaseSettings):
         if self.admin.address is not None:
             admin = AdminSettings(
                 address=self.admin.address, tokens_file=self.admin.tokens_file,
-                mtls=self.admin.mtls, docs=self.admin.docs,
+                mtls=self.admin.mtls, docs=self.admin.docs, max_body_bytes=self.admin.max_body_bytes,
                 identity_namespace=self.admin.identity_namespace,
                 identity_service_account=self.admin.identity_service_account,
             )
