@@ -25,6 +25,7 @@ import grpc
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.service.discovery.v3 import discovery_pb2
 
 from tests.integration.test_admin_api import metric, parse_metrics
 from tests.integration.test_sds_auth import bearer, node, spiffe
@@ -35,6 +36,7 @@ from tests.support.xds_client import XdsClient
 from xds_server.ca.agent import GrpcCsrSigner, SignError, build_csr
 from xds_server.demo.netns import in_netns
 from xds_server.sds import identity_key
+from xds_server.translate import names
 from xds_server.xds import types
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +54,11 @@ def mesh(directory: Path, web_1_ip: str) -> Path:
         documents.append(textwrap.dedent(f"""\
             apiVersion: v1
             kind: Pod
-            metadata: {{ name: {name}, namespace: shop, labels: {{ app: {account} }} }}
+            metadata:
+              name: {name}
+              namespace: shop
+              labels: {{ app: {account} }}
+              annotations: {{ sidecar.xds-server.io/inject: "true" }}
             spec: {{ serviceAccountName: {account}, containers: [{{ name: app, image: app }}] }}
             status: {{ podIP: {ip} }}
             """))
@@ -61,6 +67,19 @@ def mesh(directory: Path, web_1_ip: str) -> Path:
         kind: Service
         metadata: { name: web, namespace: shop }
         spec: { clusterIP: 10.96.0.10, selector: { app: web }, ports: [{ name: http, port: 80, targetPort: 8080 }] }
+        """))
+    documents.append(textwrap.dedent(f"""\
+        apiVersion: v1
+        kind: Service
+        metadata: {{ name: db, namespace: shop }}
+        spec: {{ clusterIP: 10.96.0.11, ports: [{{ name: tcp, port: 5432, appProtocol: tcp }}] }}
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata: {{ name: db-1, namespace: shop, labels: {{ kubernetes.io/service-name: db }} }}
+        addressType: IPv4
+        ports: [{{ name: tcp, port: 5432, appProtocol: tcp }}]
+        endpoints: [{{ addresses: ["{DB_IP}"], targetRef: {{ kind: Pod, name: db-0 }} }}]
         """))
     (directory / "mesh.yaml").write_text("---\n".join(documents))
     return directory
@@ -264,7 +283,8 @@ async def test_a_leaked_token_cannot_lock_its_sibling_pods_out(pod_server: PodSe
     assert await server.in_pod(**stream, address=server.off_host, pod="web-1") == {"ok": True}
 
 
-async def test_reconnects_of_an_identity_reuse_its_certificate(pod_server: PodServer) -> None:
+async def test_reconnects_reuse_the_certificate_and_pod_config_goes_to_the_proven_pod(
+        pod_server: PodServer) -> None:
     """An identity that reconnects gets the certificate it had (no new key, no new registry
     entry); another identity gets its own. (On this host: no private key is sent in clear
     off the host.)"""
@@ -283,6 +303,17 @@ async def test_reconnects_of_an_identity_reuse_its_certificate(pod_server: PodSe
                               service_account="db", pod="db-0", pod_ip=DB_IP, secret=True,
                               address=server.local)
     assert db["ok"] and db["serial"] != serials[0]
+    # Pod-scoped config goes only to the proven pod: web's token claiming db-0 gets its
+    # namespace's shared config and none of db-0's listeners; db's own token gets them.
+    pod_listener = names.inbound_listener_name("shop", "db-0")
+    stranger = await server.on_node(op="stream", token=token, namespace="shop", service_account="web",
+                                    pod="db-0", pod_ip=DB_IP, listeners=True, address=server.local)
+    assert stranger["ok"] and pod_listener not in stranger["listeners"], stranger
+    assert names.capture_outbound_listener_name("shop") in stranger["listeners"]
+    owner = await server.on_node(op="stream", token=server.token("db"), namespace="shop",
+                                 service_account="db", pod="db-0", pod_ip=DB_IP, listeners=True,
+                                 address=server.local)
+    assert owner["ok"] and pod_listener in owner["listeners"], owner
     listed = server.api("/api/v1/ca/certificates")
     workload = [c for c in listed["certificates"] if c["spiffe_id"].startswith("spiffe://")]
     assert sorted(c["spiffe_id"] for c in workload) == [spiffe("shop", "db"), spiffe("shop", "web")]
@@ -364,12 +395,21 @@ async def test_every_refusal_holds_and_is_counted(limited: tuple[Serve, str, str
             await wide.request(types.CLUSTER, [f"c{i}" for i in range(21)])
             code, details = await wide.closed_with(timeout=30)
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "(limit 20)" in details
-            growing = client.ads(node=node("shop", "web"))
-            await growing.request(types.CLUSTER, [f"c{i}" for i in range(20)])
-            await growing.recv()
+            growing = client.ads_delta(node=node("shop", "web"))
+            await growing.request(types.CLUSTER, [f"c{i}" for i in range(20)])  # none exists: no answer
             await growing.request(types.ENDPOINT, [f"e{i}" for i in range(11)])
             code, details = await growing.closed_with(timeout=30)
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "on one stream (limit 30)" in details
+            # Fetch keeps the per-request limit too.
+            fetch = client.channel.unary_unary(
+                "/envoy.service.cluster.v3.ClusterDiscoveryService/FetchClusters",
+                request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                response_deserializer=discovery_pb2.DiscoveryResponse.FromString)
+            with pytest.raises(grpc.aio.AioRpcError) as fetched:
+                await fetch(discovery_pb2.DiscoveryRequest(node=node("shop", "web"),
+                                                           resource_names=[f"c{i}" for i in range(21)]),
+                            metadata=bearer(web), timeout=30)
+            assert fetched.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             # Another identity's secret is never answered.
             thief = client.ads(node=node("shop", "web"))
             await thief.request(types.SECRET, [identity_key(spiffe("shop", "db"))])
@@ -381,6 +421,13 @@ async def test_every_refusal_holds_and_is_counted(limited: tuple[Serve, str, str
                 await signer.sign(build_csr(ec.generate_private_key(ec.SECP256R1())), None)
         finally:
             await signer.close()
+        # A CSR lifetime of 1e20 seconds: the caller's mistake, named, no INTERNAL.
+        async with grpc.aio.insecure_channel(address) as channel:
+            sign = channel.unary_unary("/xds_server.ca.v1.CertificateService/Sign")
+            with pytest.raises(grpc.aio.AioRpcError) as bad_ttl:
+                await sign(b'{"csr": "x", "ttl_seconds": 1e20}', metadata=bearer(web), timeout=30)
+        assert bad_ttl.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ttl_seconds" in (bad_ttl.value.details() or "")
         # A chunked admin body past the limit, before authentication.
         async def chunks() -> AsyncIterator[bytes]:
             for _ in range(64):
@@ -393,7 +440,7 @@ async def test_every_refusal_holds_and_is_counted(limited: tuple[Serve, str, str
         (source / "link.yaml").symlink_to(tmp_path / "outside.yaml")
 
         await _eventually_metric(http, "xds_server_stream_limit_refusals_total", 1, limit="first-request-timeout")
-        await _eventually_metric(http, "xds_server_stream_limit_refusals_total", 1, limit="names-per-request")
+        await _eventually_metric(http, "xds_server_stream_limit_refusals_total", 2, limit="names-per-request")
         await _eventually_metric(http, "xds_server_stream_limit_refusals_total", 1, limit="names-per-stream")
         await _eventually_metric(http, "xds_server_auth_failures_total", 1, surface="sds", reason="other-identity")
         samples = parse_metrics((await http.get("/metrics")).text)

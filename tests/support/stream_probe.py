@@ -5,9 +5,10 @@ server then sees the connection come from that namespace's address, as from a po
 It reads one JSON command per line on stdin and answers each with one JSON line on stdout:
 
 - `{"op": "stream", "address", "token", "namespace", "service_account", "pod", "pod_ip"?,
-  "secret"?: true}`: a new channel and ADS stream with that bearer token and node; asks for
-  clusters (and the `default` secret). Answers `{"ok": true, "serial": HEX?}` and keeps the
-  stream open, or `{"ok": false, "code", "details"}` with the status the server ended it with.
+  "secret"?: true, "listeners"?: true}`: a new channel and ADS stream with that bearer token
+  and node; asks for clusters (and the `default` secret, the listeners). Answers `{"ok": true,
+  "serial": HEX?, "listeners": [names]?}` and keeps the stream open, or `{"ok": false, "code",
+  "details"}` with the status the server ended it with.
 - `{"op": "close"}`: closes every open stream; answers `{"ok": true, "closed": N}`.
 - `{"op": "csds", "address", "token"?}`: one FetchClientStatus call; `{"ok": true,
   "configs": N}` or `{"ok": false, "code", "details"}`.
@@ -58,6 +59,9 @@ async def _stream(command: dict[str, Any], open_clients: list[XdsClient]) -> dic
             secret = sotw_resources(await stream.recv(timeout=15))["default"]
             pem = secret.tls_certificate.certificate_chain.inline_bytes
             answer["serial"] = format(x509.load_pem_x509_certificate(pem).serial_number, "x")
+        if command.get("listeners"):
+            await stream.request(types.LISTENER)
+            answer["listeners"] = sorted(sotw_resources(await stream.recv(timeout=15)))
     except StreamClosed as closed:
         await client.close()
         return {"ok": False, "code": closed.code.name, "details": closed.details}
