@@ -353,6 +353,7 @@ async def limited(tmp_path: Path) -> AsyncIterator[tuple[Serve, str, str, Tokens
         "--admin-tokens-file", str(tokens_file), "--debounce-quiet", "0.02", "--shutdown-grace", "1",
         "--first-request-timeout", "1s", "--max-names-per-request", "20", "--max-names-per-stream", "30",
         "--admin-max-body-bytes", "4096", "--max-source-file-bytes", "65536",
+        "--max-requests-per-second", "0.2", "--request-burst", "4",
     ])
     await serve.start()
     try:
@@ -410,6 +411,16 @@ async def test_every_refusal_holds_and_is_counted(limited: tuple[Serve, str, str
                                                            resource_names=[f"c{i}" for i in range(21)]),
                             metadata=bearer(web), timeout=30)
             assert fetched.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # A forged token gets nothing; a stream sending faster than its rate is ended.
+            forged = client.ads(node=node("shop", "web"), metadata=bearer("forged." + "x" * 30))
+            await forged.request(types.CLUSTER)
+            code, _ = await forged.closed_with(timeout=30)
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            flood = client.ads(node=node("shop", "web"))
+            for _ in range(5):  # one more than the burst
+                await flood.request(types.ROUTE, ["r"])
+            code, details = await flood.closed_with(timeout=30)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "requests per second" in details
             # Another identity's secret is never answered.
             thief = client.ads(node=node("shop", "web"))
             await thief.request(types.SECRET, [identity_key(spiffe("shop", "db"))])
@@ -443,9 +454,11 @@ async def test_every_refusal_holds_and_is_counted(limited: tuple[Serve, str, str
         await _eventually_metric(http, "xds_server_stream_limit_refusals_total", 2, limit="names-per-request")
         await _eventually_metric(http, "xds_server_stream_limit_refusals_total", 1, limit="names-per-stream")
         await _eventually_metric(http, "xds_server_auth_failures_total", 1, surface="sds", reason="other-identity")
+        await _eventually_metric(http, "xds_server_stream_limit_refusals_total", 1, limit="request-rate")
         samples = parse_metrics((await http.get("/metrics")).text)
-        assert sum(v for (name, labels), v in samples.items()
-                   if name == "xds_server_auth_failures_total" and ("surface", "ca") in labels) >= 1
+        for surface in ("xds", "ca"):  # the forged stream token, the forged CSR token
+            assert sum(v for (name, labels), v in samples.items()
+                       if name == "xds_server_auth_failures_total" and ("surface", surface) in labels) >= 1
         assert metric(samples, "xds_server_admin_requests_total", method="POST", route="unmatched",
                       code="413") + metric(samples, "xds_server_admin_requests_total", method="POST",
                                            route="/api/v1/push", code="413") == 1
