@@ -104,3 +104,15 @@ def test_without_a_pod_registry_the_bound_is_per_identity() -> None:
     with pytest.raises(StreamRefused) as refused:
         admit(guard, "web-1", 3)
     assert refused.value.reason == "too many streams for identity shop/web (limit 2)"
+
+
+def test_addresses_are_compared_as_addresses() -> None:
+    token = Proof("shop", "web", "workload-token")
+    guard = StreamGuard(Authenticator({"web-6": token}),  # type: ignore[arg-type]
+                        GuardSettings(max_streams_per_identity=1, max_unverified_streams_per_identity=1))
+    guard.pods = lambda namespace, pod: ("web", "fd00:0:0:0::0006")
+    admit(guard, "web-6", 1, peer="ipv6:%5Bfd00::6%5D:443")  # the pod's own pool
+    admit(guard, "web-6", 2, peer="ipv6:[fd00::7]:443")  # another address: unverified pool
+    with pytest.raises(StreamRefused) as refused:
+        admit(guard, "web-6", 3, peer="ipv6:[fd00::6]:444")
+    assert "in pod web-6 (limit 1)" in refused.value.reason

@@ -40,6 +40,7 @@ Failures are counted by reason (`stats.auth_failures`) and logged without the to
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -356,6 +357,13 @@ class _Bucket:
         self.at = time.monotonic()
 
 
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
 class StreamGuard(StreamHooks):
     """What the xDS server asks before and while it serves a stream (see module doc)."""
 
@@ -447,8 +455,8 @@ class StreamGuard(StreamHooks):
             return False
         address = peer_ip(peer)
         if address is not None and not peer_is_loopback(peer):
-            return address == ip
-        return claim.ip == ip
+            return _same_ip(address, ip)
+        return _same_ip(claim.ip, ip)
 
     def requested(self, conn: Connection) -> None:
         """Count one request against the stream's rate. Raises StreamRefused."""
