@@ -362,6 +362,13 @@ async def limited(tmp_path: Path) -> AsyncIterator[tuple[Serve, str, str, Tokens
         await serve.stop()
 
 
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def _token(ca_dir: Path, service_account: str) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "xds_server.cli", "token", "create", "--ca-dir", str(ca_dir),
@@ -439,15 +446,25 @@ async def test_every_refusal_holds_and_is_counted(limited: tuple[Serve, str, str
                 await sign(b'{"csr": "x", "ttl_seconds": 1e20}', metadata=bearer(web), timeout=30)
         assert bad_ttl.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "ttl_seconds" in (bad_ttl.value.details() or "")
-        # A chunked admin body past the limit, before authentication.
-        async def chunks() -> AsyncIterator[bytes]:
-            for _ in range(64):
-                yield b"x" * 1024
+        # A chunked admin body past the limit (256 MiB offered), before authentication: refused
+        # with 413, and the server's memory does not follow what was sent.
+        assert serve.proc is not None
+        before = _rss_bytes(serve.proc.pid)
 
-        too_big = await http.post("/api/v1/push", content=chunks(), headers={"content-type": "application/json"})
-        assert too_big.status_code == 413
-        # Source files past the size limit or linked from outside the directory.
-        (source / "huge.yaml").write_bytes(b"#" * (65536 + 1))
+        async def chunks() -> AsyncIterator[bytes]:
+            piece = b"x" * (1024 * 1024)
+            for _ in range(256):
+                yield piece
+
+        try:
+            too_big = await http.post("/api/v1/push", content=chunks(),
+                                      headers={"content-type": "application/json"})
+            assert too_big.status_code == 413
+        except httpx.TransportError:
+            pass  # the server may close the connection before the client stops writing
+        # Source files past the size limit (a sparse 256 MiB file) or linked from outside.
+        with (source / "huge.yaml").open("wb") as huge:
+            huge.truncate(256 * 1024 * 1024)
         (source / "link.yaml").symlink_to(tmp_path / "outside.yaml")
 
         await _eventually_metric(http, "xds_server_stream_limit_refusals_total", 1, limit="first-request-timeout")
@@ -467,5 +484,9 @@ async def test_every_refusal_holds_and_is_counted(limited: tuple[Serve, str, str
         errors = (await http.get("/api/v1/sources", headers=tokens.auth("read"))).json()["sources"][0]["errors"]
         texts = {e["file"]: e["text"] for e in errors}
         assert "64 KiB limit" in texts["huge.yaml"] and "out of the source directory" in texts["link.yaml"]
+        # Neither the body nor the file was held: far less than either size (before the
+        # limits, a 256 MB body grew the server by 687 MB, a 100 MB file by 553 MB).
+        grown = _rss_bytes(serve.proc.pid) - before
+        assert grown < 64 * 1024 * 1024, grown
     assert serve.proc is not None and serve.proc.returncode is None  # it kept serving
     assert "Traceback" not in "".join(serve.lines)
