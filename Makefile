@@ -32,9 +32,10 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 setup: system-packages $(TEST_STAMP)
 
 # System packages the project uses: iptables (`xds-server iptables`, pods as network
-# namespaces in tests) and iproute2. Installed when missing and running as root; otherwise
-# named, and the tests that need them fail saying what is missing.
-SYSTEM_TOOLS := iptables-restore:iptables ip:iproute2
+# namespaces in tests), iproute2, and chromium (the headless browser tests drive the admin
+# docs pages with). Installed when missing and running as root; otherwise named, and the
+# tests that need them fail saying what is missing.
+SYSTEM_TOOLS := iptables-restore:iptables ip:iproute2 chromium:chromium
 system-packages:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \

@@ -185,11 +185,13 @@ def create_app(ctx: AdminContext, *, docs: bool = False, max_body_bytes: int = M
         # (Starlette's limiter also rewrites `observe`'s JSON 413 for a declared oversize body
         # into its plain-text one: logged and counted here, but not in the API's error shape.)
         max_body_size=max_body_bytes,
-        docs_url="/docs" if docs else None,  # (--admin-docs: the pages load CDN scripts)
-        redoc_url="/redoc" if docs else None,
+        docs_url=None,  # (--admin-docs: served below, from this server only)
+        redoc_url=None,
         openapi_url="/openapi.json",
     )
     app.state.context = ctx
+    if docs:
+        _add_docs(app)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -250,3 +252,46 @@ def create_app(ctx: AdminContext, *, docs: bool = False, max_body_bytes: int = M
     app.include_router(ca.router)
     app.include_router(debug.router)
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc with every script, style and icon served by
+    this server (the files of the `fastapi-offline` package): FastAPI's own pages load them
+    from public CDNs (and ReDoc Google's fonts), which breaks offline and tells third parties
+    who reads the docs. Swagger UI's validator badge (a request to validator.swagger.io with
+    the document's URL) is off."""
+    from importlib.resources import files
+
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from starlette.responses import HTMLResponse
+
+    assets = files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    def same_origin_only(page: HTMLResponse) -> HTMLResponse:
+        # The bundles still name a few outside URLs (ReDoc's footer logo): the browser is told
+        # to fetch nothing from anywhere but here (inline: the pages' own start-up scripts).
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return same_origin_only(get_swagger_ui_html(
+            openapi_url="/openapi.json", title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None}))
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return same_origin_only(get_redoc_html(
+            openapi_url="/openapi.json", title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False))

@@ -15,9 +15,8 @@ class AdminSettings:
     address: str = DEFAULT_ADDRESS
     tokens_file: Path | None = None
     mtls: bool = False  # require client certificates from the mesh CA
-    # Interactive docs (/docs, /redoc): their pages load Swagger UI and ReDoc from public
-    # CDNs, which breaks offline and tells third parties who opens them. Off by default;
-    # /openapi.json is always served.
+    # Interactive docs (/docs, /redoc), their files served by the admin server itself (app.py
+    # `_add_docs`). Off by default; /openapi.json is always served.
     docs: bool = False
     # The largest request body, for every transfer encoding (a chunked body is counted as it
     # arrives), checked before the body is read or the caller authenticated.

@@ -312,8 +312,9 @@ class AdminSection(Section):
         "Serve the admin API over TLS, requiring client certificates from the mesh CA.")
     docs: bool = setting(
         False, "--admin-docs",
-        "Serve interactive API docs at /docs and /redoc (their pages load Swagger UI and ReDoc "
-        "from public CDNs); /openapi.json is always served.")
+        "Serve interactive API docs at /docs and /redoc (Swagger UI and ReDoc, their files "
+        "served by this server: nothing is fetched from elsewhere); /openapi.json is always "
+        "served.")
     max_body_bytes: int = setting(
         _ADMIN.max_body_bytes, "--admin-max-body-bytes",
         "Largest admin API request body, for every transfer encoding (a chunked body is "
