@@ -32,9 +32,9 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 setup: system-packages $(TEST_STAMP)
 
 # System packages the project uses: iptables (`xds-server iptables`, pods as network
-# namespaces in tests), iproute2, and chromium (the /ui page's tests drive it headless
-# through Playwright). Installed when missing and running as root; otherwise
-# named, and the tests that need them fail saying what is missing.
+# namespaces in tests), iproute2, and chromium (headless browser tests of the /ui page and
+# the admin docs, driven by Playwright). Installed when missing and running as root;
+# otherwise named, and the tests that need them fail saying what is missing.
 SYSTEM_TOOLS := iptables-restore:iptables ip:iproute2 chromium:chromium
 system-packages:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \

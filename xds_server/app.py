@@ -17,6 +17,7 @@ from .config import is_loopback, parse_address
 from .model.security import SecuritySettings
 from .model.store import MeshStore
 from .gc_policy import DrainCollector
+from .sources.reading import ReadLimits
 from .translate.controller import MeshController
 from .translate.scope import ScopeSettings
 from .xds.auth import AuthMode
@@ -50,6 +51,8 @@ class AppConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     source: Path | None = None  # a directory of Kubernetes-shaped YAML (the mesh)
     resources: Path | None = None  # a directory of raw Envoy resources (YAML/JSON)
+    # Bounds on reading both directories (file size, symbolic links).
+    source_limits: ReadLimits = field(default_factory=ReadLimits)
     scope: ScopeSettings = field(default_factory=ScopeSettings)
     kubernetes: KubernetesConfig | None = None  # the mesh from a Kubernetes API server
     admin: AdminSettings | None = None  # the admin HTTP API, when set
@@ -141,7 +144,7 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
     sources: dict[str, Any] = {}
     stop = asyncio.Event()
     if config.resources is not None:
-        directory = ResourceDirectory(config.resources, RawResources(cache))
+        directory = ResourceDirectory(config.resources, RawResources(cache), config.source_limits)
         sources["resources"] = directory
         errors = directory.load()
         log.info(
@@ -164,7 +167,7 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
         if config.source is not None:
             from .sources.mesh_files import MeshDirectory
 
-            mesh = MeshDirectory(config.source, store)
+            mesh = MeshDirectory(config.source, store, limits=config.source_limits)
             sources["files"] = mesh
             mesh_errors = mesh.load()
             log.info(
@@ -192,6 +195,8 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         security.attach(server)
+        if controller is not None:  # the stream bound is fair per pod it can verify
+            security.guard.pods = controller.pod_of
         tasks.append(asyncio.create_task(security.run(stop), name="security"))
     load = attach_load_reports(server, store, config.load_reports, security)
     kube = None

@@ -44,6 +44,9 @@ if TYPE_CHECKING:  # imported for annotations only: metrics must not import the 
 log = logging.getLogger("xds_server.metrics")
 
 NAMESPACE = "xds_server"
+# Every bound a stream can hit (`stream_limit_refusals_total`), exported at 0 before the first.
+STREAM_LIMITS = ("streams-per-identity", "streams-unverified-pods", "request-rate",
+                 "names-per-request", "names-per-stream", "first-request-timeout")
 
 # Seconds: a push to a local Envoy takes well under a millisecond; a stuck client seconds.
 PUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -444,6 +447,23 @@ class _LiveCollector(Collector):
             failures.add_metric([surface, reason], count)
         yield failures
 
+        limits = CounterMetricFamily(
+            f"{ns}_stream_limit_refusals", "xDS streams and requests refused or ended for a "
+            "bound, by limit (streams-per-identity: a pod's streams of one identity, "
+            "--max-streams-per-identity; streams-unverified-pods: an identity's streams from "
+            "pods it does not prove; request-rate; names-per-request; names-per-stream; "
+            "first-request-timeout).", labels=["limit"])
+        by_limit: collections.Counter[str] = collections.Counter(
+            {name: 0 for name in STREAM_LIMITS})
+        by_limit.update(dict(getattr(stats, "limited", None) or {}))
+        server_stats = getattr(server, "stats", None)
+        if server_stats is not None:
+            by_limit.update(dict(getattr(server_stats, "limits", None) or {}))
+            by_limit["first-request-timeout"] += getattr(server_stats, "first_request_timeouts", 0)
+        for name, count in sorted(by_limit.items()):
+            limits.add_metric([name], count)
+        yield limits
+
         errors = GaugeMetricFamily(f"{ns}_source_errors",
                                    "Current problems in each source's input (invalid objects, "
                                    "unparsable files); the last good state is served.",
@@ -459,6 +479,17 @@ class _LiveCollector(Collector):
             synced.add_metric([name], 1.0 if getattr(source, "synced", True) else 0.0)
         yield errors
         yield synced
+        refused_files = CounterMetricFamily(
+            f"{ns}_source_files_refused", "Source files not read, by source and reason "
+            "(too-large: over --max-source-file-bytes; link-outside: a symbolic link out of "
+            "the directory), counted at each read attempt.", labels=["source", "reason"])
+        for name, source in sorted(self.sources.items()):
+            reader = getattr(source, "reader", None)
+            if reader is None:
+                continue
+            for reason in ("link-outside", "too-large"):
+                refused_files.add_metric([name, reason], reader.refused.get(reason, 0))
+        yield refused_files
 
         if self.registry is not None:
             records = self.registry.records()

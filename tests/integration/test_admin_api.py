@@ -291,7 +291,7 @@ async def test_serve_enforces_tokens_and_never_logs_them(tmp_path: Path) -> None
                 assert metric(samples, "xds_server_source_errors", source="resources") == 0
                 spec = (await http.get("/openapi.json")).json()
                 assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
-                # Interactive docs load scripts from public CDNs: off unless --admin-docs.
+                # Interactive docs: off unless --admin-docs.
                 assert (await http.get("/docs")).status_code == 404
                 assert (await http.get("/redoc")).status_code == 404
 
@@ -665,13 +665,20 @@ async def test_readyz_reports_each_check() -> None:
 
 
 async def test_interactive_docs_are_served_only_when_asked_for() -> None:
-    """--admin-docs: /docs and /redoc (their pages load CDN scripts); /openapi.json always."""
+    """--admin-docs: /docs and /redoc, their files served here and a policy that lets the
+    browser fetch nothing elsewhere (test_admin_docs_browser.py drives them in a browser);
+    /openapi.json always."""
     for docs, status in ((False, 404), (True, 200)):
         stack = await AdminStack(docs=docs).start()
         try:
             async with stack.client(token=None) as http:
-                assert (await http.get("/docs")).status_code == status
-                assert (await http.get("/redoc")).status_code == status
+                for page in ("/docs", "/redoc"):
+                    response = await http.get(page)
+                    assert response.status_code == status
+                    if docs:
+                        assert "default-src 'self'" in response.headers["content-security-policy"]
+                        assert "cdn." not in response.text and "fonts.googleapis" not in response.text
+                assert (await http.get("/docs-assets/swagger-ui-bundle.js")).status_code == status
                 assert (await http.get("/openapi.json")).status_code == 200
         finally:
             await stack.close()

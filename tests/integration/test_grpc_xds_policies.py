@@ -231,3 +231,35 @@ async def test_failure_percentage_ejects_failing_backend(mesh: GrpcMesh) -> None
     assert failing.proc is not None and failing.proc.returncode is None
     assert mesh.server.stats.nacks == 0
 
+
+
+async def test_a_missing_backend_fails_with_the_status_gateway_api_intends(mesh: GrpcMesh) -> None:
+    """A backendRef to a Service that does not exist: its share of an HTTPRoute's calls gets
+    the 500 Gateway API requires, which gRPC reads as UNKNOWN (not retried); a GRPCRoute's
+    gets UNAVAILABLE, as the GRPCRoute spec requires. The valid share keeps working, and no
+    client waits for a cluster that does not exist."""
+    await mesh.greeters(1)
+    client = await mesh.client(interval=0.05)
+    await _ok_run(client, 3, 40, "calls before any route")
+    parent = [{"group": "", "kind": "Service", "name": "greeter", "port": 50051}]
+    mesh.write(f"route-{NS}-greeter.yaml", {
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "greeter", "namespace": NS},
+        "spec": {"parentRefs": parent, "rules": [{"backendRefs": [
+            {"name": "greeter", "port": 50051, "weight": 1}, {"name": "nowhere", "port": 50051, "weight": 1}]}]},
+    })
+    await _grpc_route(mesh, "httproute/shop/greeter")
+    await mesh.until(mesh.client_routes_synced, 20, "the client ACKs the split with a missing backend")
+    failed = await client.until(lambda e: not e["ok"], 20, "a call to the missing backend")
+    assert failed["code"] == "UNKNOWN" and "Fault injected" in failed["details"], failed
+    await client.until(lambda e: e["ok"], 20, "a call to the valid backend after it")
+    mesh.write(f"grpcroute-{NS}-greeter.yaml", {
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"name": "greeter", "namespace": NS},
+        "spec": {"parentRefs": parent, "rules": [{"backendRefs": [{"name": "nowhere", "port": 50051}]}]},
+    })
+    await _grpc_route(mesh, "grpcroute/shop/greeter")
+    await mesh.until(mesh.client_routes_synced, 20, "the client ACKs the GRPCRoute")
+    run = await client.until(lambda e: not e["ok"] and e["code"] == "UNAVAILABLE", 20, "an UNAVAILABLE call")
+    assert "Fault injected" in run["details"], run
+    assert mesh.server.stats.nacks == 0

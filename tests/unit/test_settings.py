@@ -22,6 +22,7 @@ from xds_server.security import SecurityConfig
 from xds_server.settings import ServeSettings, leaves
 from xds_server.sources.kubernetes import KubeSettings
 from xds_server.sources.leader import LeaderSettings
+from xds_server.sources.reading import ReadLimits
 from xds_server.translate.scope import ScopeSettings
 from xds_server.xds.auth import GuardSettings
 from xds_server.inject.settings import WebhookSettings
@@ -101,6 +102,7 @@ NON_DEFAULT = {
     "xds.max_stream_opens_per_second": "25", "xds.stream_open_burst": "50",
     "xds.max_initializing_streams": "200", "xds.first_config_timeout": "45s",
     "sources.source": "{tmp}", "sources.resources": "{tmp}",
+    "admin.max_body_bytes": "2048", "sources.max_source_file_bytes": "1024", "sources.source_links": "any",
     "scope.default_export_to": ".,shared", "scope.tenant_label": "example.com/tenant",
     "scope.outbound_traffic_policy": "registry_only",
     "kubernetes.kubeconfig": "{kubeconfig}", "kubernetes.in_cluster": False,
@@ -114,7 +116,8 @@ NON_DEFAULT = {
     "kubernetes.renew_deadline": "20s", "kubernetes.retry_period": "5s",
     "auth.mode": "tokens", "auth.token_audiences": "a,b",
     "auth.revocation_check_seconds": "10s",
-    "limits.max_streams_per_identity": "5", "limits.max_requests_per_second": "7.5",
+    "limits.max_streams_per_identity": "5", "limits.max_unverified_streams_per_identity": "3",
+    "limits.max_requests_per_second": "7.5",
     "limits.request_burst": "9",
     "ca.ca_dir": "{tmp}/ca", "ca.trust_domain": "example.org", "ca.workload_ttl": "2h",
     "ca.key_algorithm": "rsa-2048", "ca.clock_skew": "1m", "ca.renewal_jitter": "0.2",
@@ -168,6 +171,7 @@ def test_every_dataclass_field_is_reachable_from_a_setting(tmp_path: Path) -> No
         (config.scope, ScopeSettings()), (config.mesh_security, SecuritySettings()),
         (config.kubernetes.watch, KubeSettings()),
         (config.kubernetes.watch.leader, LeaderSettings()),
+        (config.source_limits, ReadLimits()),
     ]
     for value, default in built:
         for field in dataclasses.fields(default):

@@ -474,6 +474,43 @@ def test_weights_zero_invalid_and_all_zero() -> None:
     assert route_named(vh, "rule/6/match/0").route.cluster == names.cluster_name(API.key, 9090)
 
 
+def _invalid_share(vh: rc.VirtualHost, suffix: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    action = route_named(vh, suffix).route
+    shares = [(c.name, c.weight.value) for c in action.weighted_clusters.clusters]
+    failing = action.weighted_clusters.clusters[-1]
+    fault = fault_pb2.HTTPFault()
+    failing.typed_per_filter_config[names.FAULT_FILTER].Unpack(fault)
+    return shares, as_dict(fault.abort)
+
+
+@pytest.mark.parametrize("kind", ["HTTPRoute", "GRPCRoute"])
+def test_a_missing_backend_answers_what_gateway_api_says_in_both_forms(kind: str) -> None:
+    """HTTPRoute: 500 (gRPC reads it as UNKNOWN); GRPCRoute: UNAVAILABLE (Envoy's 503 local
+    reply is UNAVAILABLE to a gRPC client). The gRPC form never names a cluster that does not
+    exist: the invalid share goes to the parent's own cluster and is aborted before it."""
+    own = names.cluster_name(API.key, 8080)
+    routes = [route("r", rule(backends=to((API_V2.key, 3), (MISSING, 1))),
+                    rule(prefix("/gone"), backends=to(MISSING)), kind=kind)]
+    envoy = vhost(routes)
+    split = route_named(envoy, "rule/0/match/0").route
+    assert [(c.name, c.weight.value) for c in split.weighted_clusters.clusters] == [
+        (names.cluster_name(API_V2.key, 8080), 3), (INVALID_BACKEND_CLUSTER, 1)]
+    expected = rc.RouteAction.SERVICE_UNAVAILABLE if kind == "GRPCRoute" else rc.RouteAction.INTERNAL_SERVER_ERROR
+    assert split.cluster_not_found_response_code == expected
+    assert route_named(envoy, "rule/1/match/0").direct_response.status == (503 if kind == "GRPCRoute" else 500)
+
+    sp = API.port(8080)
+    assert sp is not None
+    grpc_form = service_virtual_host(API, sp, routes, None, SERVICES, local=True, default_port=False, grpc=True)
+    abort = {"grpc_status": 14} if kind == "GRPCRoute" else {"http_status": 500}
+    shares, got = _invalid_share(grpc_form, "rule/0/match/0")
+    assert shares == [(names.cluster_name(API_V2.key, 8080), 3), (own, 1)]
+    assert got == {**abort, "percentage": {"numerator": 100}}
+    shares, got = _invalid_share(grpc_form, "rule/1/match/0")
+    assert shares == [(own, 1)] and got == {**abort, "percentage": {"numerator": 100}}
+    assert INVALID_BACKEND_CLUSTER not in json.dumps(as_dict(grpc_form))
+
+
 def test_backend_port_defaults_to_parent_port() -> None:
     vh = vhost([route("p", rule(backends=to(API.key)), port=9090)], port=9090)
     assert vh.routes[0].route.cluster == names.cluster_name(API.key, 9090)

@@ -29,10 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..metrics import Metrics
 from .auth import Principal, Role, TokenStore, parse_bearer
 from .schemas import ErrorResponse
+from .settings import MAX_BODY_BYTES
 
 log = logging.getLogger("xds_server.admin")
 
-MAX_BODY_BYTES = 64 * 1024  # write requests are tiny
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: debug logs
 
 
@@ -165,7 +165,7 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
     return problems
 
 
-def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
+def create_app(ctx: AdminContext, *, docs: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     from .routes import ca, debug, health, mesh, netpol, proxies, ui
 
     app = FastAPI(
@@ -185,12 +185,14 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
         # check in `observe`, so FastAPI counts the bytes as they arrive and stops past it (413).
         # (Starlette's limiter also rewrites `observe`'s JSON 413 for a declared oversize body
         # into its plain-text one: logged and counted here, but not in the API's error shape.)
-        max_body_size=MAX_BODY_BYTES,
-        docs_url="/docs" if docs else None,  # (--admin-docs: the pages load CDN scripts)
-        redoc_url="/redoc" if docs else None,
+        max_body_size=max_body_bytes,
+        docs_url=None,  # (--admin-docs: served below, from this server only)
+        redoc_url=None,
         openapi_url="/openapi.json",
     )
     app.state.context = ctx
+    if docs:
+        _add_docs(app)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -218,8 +220,8 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
     async def observe(request: Request, call_next):
         start = time.perf_counter()
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            response = error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            response = error_response(413, f"request body larger than {max_body_bytes} bytes")
         else:
             response = await call_next(request)
         route = request.scope.get("route")
@@ -254,3 +256,46 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
     app.include_router(ui.router)
     app.include_router(ui.api)
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc with every script, style and icon served by
+    this server (the files of the `fastapi-offline` package): FastAPI's own pages load them
+    from public CDNs (and ReDoc Google's fonts), which breaks offline and tells third parties
+    who reads the docs. Swagger UI's validator badge (a request to validator.swagger.io with
+    the document's URL) is off."""
+    from importlib.resources import files
+
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from starlette.responses import HTMLResponse
+
+    assets = files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    def same_origin_only(page: HTMLResponse) -> HTMLResponse:
+        # The bundles still name a few outside URLs (ReDoc's footer logo): the browser is told
+        # to fetch nothing from anywhere but here (inline: the pages' own start-up scripts).
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return same_origin_only(get_swagger_ui_html(
+            openapi_url="/openapi.json", title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None}))
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return same_origin_only(get_redoc_html(
+            openapi_url="/openapi.json", title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False))

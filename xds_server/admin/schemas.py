@@ -115,7 +115,8 @@ class ServerInfo(BaseModel):
     serving: bool
     streams: int
     proxies: int
-    stats: dict[str, int]
+    # Counters; those kept by reason (limits, csds_refusals) as {reason: count}.
+    stats: dict[str, int | dict[str, int]]
     # Admission and push queues: initializing streams, push-slot waiters by queue (first
     # config, incremental), writes in flight, refusals by reason, and their limits.
     overload: dict[str, int] = Field(default_factory=dict)

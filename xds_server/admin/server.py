@@ -54,7 +54,7 @@ class AdminServer:
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.context = context
         self.settings = settings
-        self.app = create_app(context, docs=settings.docs)
+        self.app = create_app(context, docs=settings.docs, max_body_bytes=settings.max_body_bytes)
         self._ssl_context = ssl_context
         self._http = HttpTask(self.app, f"admin server on {self.settings.address}")
         self._renewal: asyncio.Task | None = None
@@ -169,6 +169,9 @@ def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = Non
     csr_service = getattr(ca, "csr_service", None)
     if csr_service is not None:
         metrics.attach_refusals("ca", csr_service.failures)
+    server_stats = getattr(running.server, "stats", None)
+    if server_stats is not None:
+        metrics.attach_refusals("csds", server_stats.csds_refusals)
     metrics.attach_cache(running.cache)
     webhook = getattr(running, "webhook", None)
     if webhook is not None:

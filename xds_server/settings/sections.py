@@ -16,6 +16,7 @@ from ..config import ConfigError
 from ..inject.settings import InjectorSettings, WebhookSettings
 from ..model.security import MtlsMode, SecuritySettings
 from ..security import SecurityConfig
+from ..sources.reading import Links, ReadLimits
 from ..translate.capture import OutboundTrafficPolicy
 from ..translate.scope import ScopeSettings
 from ..xds.auth import AuthMode, GuardSettings
@@ -35,6 +36,7 @@ _SCOPE = ScopeSettings()
 _MESH = SecuritySettings()
 _WEBHOOK = WebhookSettings()
 _INJECTOR = InjectorSettings()
+_READS = ReadLimits()
 
 
 class LoggingSection(Section):
@@ -145,6 +147,14 @@ class SourcesSection(Section):
     resources: DirectoryPath | None = setting(
         None, "--resources",
         "Directory of raw Envoy resources (YAML/JSON, typed by @type), hot-reloaded.")
+    max_source_file_bytes: int = setting(
+        _READS.max_file_bytes, "--max-source-file-bytes",
+        "Largest file read from --source or --resources; a larger one is reported and not "
+        "read.", ge=1)
+    source_links: Links = setting(
+        _READS.links, "--source-links",
+        "Symbolic links followed in --source and --resources: inside (those whose target is "
+        "inside the directory, as a mounted ConfigMap's) or any.")
 
 
 class ScopeSection(Section):
@@ -236,7 +246,14 @@ class AuthSection(Section):
 class LimitsSection(Section):
     max_streams_per_identity: int = setting(
         _GUARD.max_streams_per_identity, "--max-streams-per-identity",
-        "Open xDS streams one identity may hold (0: unbounded).", ge=0)
+        "Open xDS streams one identity may hold per pod it proves: a pod-bound token's pod, "
+        "or a mesh pod of that service account whose IP the stream comes from (0: unbounded).",
+        ge=0)
+    max_unverified_streams_per_identity: int = setting(
+        _GUARD.max_unverified_streams_per_identity, "--max-unverified-streams-per-identity",
+        "Open xDS streams one identity may hold, all together, from pods it does not prove "
+        "(unknown pod, another service account or IP): a leaked token fills only this pool, "
+        "never a proven pod's (0: unbounded).", ge=0)
     max_requests_per_second: float = setting(
         _GUARD.max_requests_per_second, "--max-requests-per-second",
         "Requests per second per stream (0: unbounded).", ge=0)
@@ -302,8 +319,14 @@ class AdminSection(Section):
         "Serve the admin API over TLS, requiring client certificates from the mesh CA.")
     docs: bool = setting(
         False, "--admin-docs",
-        "Serve interactive API docs at /docs and /redoc (their pages load Swagger UI and ReDoc "
-        "from public CDNs); /openapi.json is always served.")
+        "Serve interactive API docs at /docs and /redoc (Swagger UI and ReDoc, their files "
+        "served by this server: nothing is fetched from elsewhere); /openapi.json is always "
+        "served.")
+    max_body_bytes: int = setting(
+        _ADMIN.max_body_bytes, "--admin-max-body-bytes",
+        "Largest admin API request body, for every transfer encoding (a chunked body is "
+        "counted as it arrives); refused with 413 before it is buffered or authenticated.",
+        ge=1)
     identity_namespace: str = setting(
         _ADMIN.identity_namespace, "--admin-identity-namespace",
         "Namespace in the admin server's own SPIFFE ID (its --admin-mtls certificate).")

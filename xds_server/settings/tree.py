@@ -19,6 +19,7 @@ from ..config import ConfigError
 from ..inject.settings import InjectorSettings, WebhookSettings
 from ..model.security import SecuritySettings
 from ..security import DEFAULT_TOKEN_AUDIENCE, SecurityConfig
+from ..sources.reading import ReadLimits
 from ..translate.scope import ScopeSettings
 from ..xds.auth import AuthMode, GuardSettings
 from ..xds.lrs import LrsSettings
@@ -124,6 +125,7 @@ class ServeSettings(BaseSettings):
             server.control_plane_id = x.control_plane_id
         guard = GuardSettings(
             max_streams_per_identity=limits.max_streams_per_identity,
+            max_unverified_streams_per_identity=limits.max_unverified_streams_per_identity,
             max_requests_per_second=limits.max_requests_per_second,
             request_burst=(limits.request_burst if limits.request_burst is not None
                            else max(1, int(limits.max_requests_per_second * 5))),
@@ -142,7 +144,7 @@ class ServeSettings(BaseSettings):
         if self.admin.address is not None:
             admin = AdminSettings(
                 address=self.admin.address, tokens_file=self.admin.tokens_file,
-                mtls=self.admin.mtls, docs=self.admin.docs,
+                mtls=self.admin.mtls, docs=self.admin.docs, max_body_bytes=self.admin.max_body_bytes,
                 identity_namespace=self.admin.identity_namespace,
                 identity_service_account=self.admin.identity_service_account,
             )
@@ -152,6 +154,7 @@ class ServeSettings(BaseSettings):
         return AppConfig(
             webhook=self._webhook_config(security),
             server=server, source=self.sources.source, resources=self.sources.resources,
+            source_limits=ReadLimits(self.sources.max_source_file_bytes, self.sources.source_links),
             scope=ScopeSettings(default_export_to=self.scope.default_export_to or ("*",),
                                 tenant_label=self.scope.tenant_label,
                                 outbound_traffic_policy=self.scope.outbound_traffic_policy),

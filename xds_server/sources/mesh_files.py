@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .reading import Refused, read_bounded
+from .reading import BoundedReader, ReadLimits, Refused
 from .watch import ChangedPaths, watch_changes
 from ..model.store import KINDS, MeshObject, MeshStore, ObjectChange, ObjectKey, key_of
 from .k8s_objects import ObjectError, convert
@@ -326,14 +326,15 @@ def digest_of(raw: bytes) -> str:
 
 
 def read_file(
-    path: Path, display: str, known: str | None = None, *, root: Path | None = None
+    path: Path, display: str, known: str | None = None, *, root: Path | None = None,
+    reader: BoundedReader | None = None,
 ) -> ParsedFile | None:
     """Parse one file (errors name it `display`); None when its content digest is still
     `known`. A file past the size limit or a link out of `root` (the source directory) is
     reported and not read (sources/reading.py).
     Raises FileNotFoundError if the file is gone."""
     try:
-        raw = read_bounded(path, root)
+        raw = (reader or BoundedReader()).read(path, root)
     except FileNotFoundError:
         raise
     except Refused as e:
@@ -363,8 +364,11 @@ class MeshDirectory:
     changed; a reload told which paths changed (by the watcher) reads only those files.
     """
 
-    def __init__(self, directory: Path, store: MeshStore, source_name: str = "files") -> None:
+    def __init__(self, directory: Path, store: MeshStore, source_name: str = "files",
+                 limits: ReadLimits | None = None) -> None:
         self.directory = Path(directory)
+        # Bounded reads; `reader.refused` counts refused files for the metrics.
+        self.reader = BoundedReader(limits or ReadLimits())
         self._store = store
         self._source = source_name
         self._files: dict[str, ParsedFile] = {}
@@ -418,7 +422,8 @@ class MeshDirectory:
                 if not path.is_file():
                     raise FileNotFoundError(file)
                 self.reads[file] += 1
-                scan.parsed[file] = read_file(path, file, known.get(file), root=self.directory)
+                scan.parsed[file] = read_file(path, file, known.get(file), root=self.directory,
+                                               reader=self.reader)
             except FileNotFoundError:  # deleted (or deleted while scanning): gone
                 scan.gone.add(file)
         return scan

@@ -29,7 +29,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from ..protos import import_all, registered_class
-from .reading import Refused, read_bounded
+from .reading import BoundedReader, ReadLimits, Refused
 from .watch import watch_directory
 
 log = logging.getLogger(__name__)
@@ -309,8 +309,10 @@ class _FileState:
 class ResourceDirectory:
     """Keeps `sink` in step with the resource files under `directory`."""
 
-    def __init__(self, directory: Path, sink: RawSink) -> None:
+    def __init__(self, directory: Path, sink: RawSink, limits: ReadLimits | None = None) -> None:
         self.directory = Path(directory)
+        # Bounded reads; `reader.refused` counts refused files for the metrics.
+        self.reader = BoundedReader(limits or ReadLimits())
         self._sink = sink
         self._files: dict[Path, _FileState] = {}
         self._errors: list[ResourceError] = []
@@ -361,7 +363,7 @@ class ResourceDirectory:
                 continue
             file = relative.as_posix()
             try:
-                raw = read_bounded(path, self.directory)
+                raw = self.reader.read(path, self.directory)
             except FileNotFoundError:  # deleted while scanning: gone
                 continue
             except Refused as e:

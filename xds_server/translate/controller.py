@@ -138,6 +138,12 @@ class MeshController:
             return claim.key
         return stranger_key(claim, proof)
 
+    def pod_of(self, namespace: str, pod: str) -> tuple[str, str] | None:
+        """A pod the mesh knows: (its service account, its IP); None otherwise. The stream
+        guard verifies claimed pods with it (xds/auth.py `PodLookup`)."""
+        known = self.index.workloads.get((namespace, pod))
+        return (known.service_account, known.ip) if known is not None else None
+
     def release(self, verified: VerifiedProxy) -> None:
         """A stream ended; the last stream of a proxy takes its own resources with it."""
         held = self._stranger_streams.pop(id(verified), None)

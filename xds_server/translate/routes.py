@@ -28,7 +28,7 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from ..regex import re2_error
 from ..model.client_kinds import GRPC_MAX_RETRIES, grpc_retry_conditions
 from ..model.mesh import AppProtocol, Service, ServiceKey, ServicePort
-from ..model.policy import LocalRateLimit, Retries, TrafficPolicySpec
+from ..model.policy import Fault, FaultAbort, LocalRateLimit, Retries, TrafficPolicySpec
 from ..model.routes import (
     BackendRef,
     HeaderModifier,
@@ -62,6 +62,11 @@ DEFAULT_ROUTE_TIMEOUT = 15.0
 # cluster has this name (cluster names are `outbound|...`/`inbound|...`), so Envoy answers
 # that share with the route's cluster_not_found_response_code: 500, as Gateway API requires.
 INVALID_BACKEND_CLUSTER = "invalid-backend-ref"
+# The answer for the share of invalid backendRefs. Gateway API: 500 for an HTTPRoute; UNAVAILABLE
+# for a GRPCRoute (its spec says so; Envoy sends a 503 local reply to a gRPC request as
+# UNAVAILABLE, and a 500 as UNKNOWN, gRPC's HTTP mapping).
+INVALID_BACKEND_HTTP_STATUS = {"HTTPRoute": 500, "GRPCRoute": 503}
+GRPC_UNAVAILABLE = 14
 # How many times a retry may re-pick a host to avoid the ones already tried.
 RETRY_HOST_SELECTION_ATTEMPTS = 5
 PREVIOUS_HOSTS_PREDICATE = "envoy.retry_host_predicates.previous_hosts"
@@ -613,8 +618,17 @@ def _forward(
     """Fill the route's action for a forwarding rule (backendRefs), or answer 500.
 
     Gateway API: each backendRef gets its weight's share; a ref to a Service that does not
-    exist (or lacks the port) gets its share answered with 500; weight 0 receives nothing;
-    no backendRefs, all weights 0, or no valid backend with weight: every request gets 500.
+    exist (or lacks the port) gets its share answered with 500 (UNAVAILABLE for a GRPCRoute);
+    weight 0 receives nothing; no backendRefs, all weights 0, or no valid backend with weight:
+    every request gets that answer.
+
+    grpc: gRPC has no direct response (a route without a forwarding action fails with
+    UNAVAILABLE, gRFC A28), and an unknown cluster name would hold every channel of the
+    namespace until gRPC gives the name up (15 s). So the invalid share is a weighted entry to
+    the parent service's own cluster that never reaches it: a fault abort of 100 % in the
+    entry's own filter config (gRFC A33; it wins over a TrafficPolicy's route-level fault),
+    with the HTTPRoute's 500 (which gRPC maps to UNKNOWN, not retried) or the GRPCRoute's
+    UNAVAILABLE.
     """
     rule = entry.rule
     # By (cluster, the backendRef's own header filters): refs to one cluster with the same
@@ -628,9 +642,12 @@ def _forward(
         else:
             key = (cluster, ref.request_headers, ref.response_headers)
             weights[key] = weights.get(key, 0) + max(ref.weight, 0)
+    status = INVALID_BACKEND_HTTP_STATUS.get(entry.route.kind, 500)
     if sum(weights.values()) == 0:
-        route.direct_response.status = 500
-        return
+        if not grpc:
+            route.direct_response.status = status
+            return
+        weights, invalid = {}, 1
     action = route.route
     filtered = any(request or response for _, request, response in weights)
     if len(weights) == 1 and not invalid and not filtered:
@@ -646,9 +663,16 @@ def _forward(
             if response is not None:
                 entry_.response_headers_to_add.extend(_headers_to_add(response))
                 entry_.response_headers_to_remove.extend(h for h in response.remove if _modifiable(h))
-        if invalid:
+        if invalid and grpc:
+            failing = action.weighted_clusters.clusters.add(name=names.cluster_name(parent.key, port.port))
+            failing.weight.value = invalid
+            abort = (FaultAbort(100.0, grpc_status=GRPC_UNAVAILABLE) if status == 503
+                     else FaultAbort(100.0, http_status=status))
+            failing.typed_per_filter_config[names.FAULT_FILTER].CopyFrom(fault_per_route(Fault(abort=abort)))
+        elif invalid:
             action.weighted_clusters.clusters.add(name=INVALID_BACKEND_CLUSTER).weight.value = invalid
-            action.cluster_not_found_response_code = rc.RouteAction.INTERNAL_SERVER_ERROR
+            action.cluster_not_found_response_code = (
+                rc.RouteAction.SERVICE_UNAVAILABLE if status == 503 else rc.RouteAction.INTERNAL_SERVER_ERROR)
     if rule.rewrite is not None:
         if rule.rewrite.hostname:
             action.host_rewrite_literal = rule.rewrite.hostname

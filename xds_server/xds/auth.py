@@ -40,6 +40,7 @@ Failures are counted by reason (`stats.auth_failures`) and logged without the to
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -61,7 +62,7 @@ from ..model.identity import (
     ProxyClaim,
     VerifiedProxy,
 )
-from .connection import Connection, peer_is_loopback
+from .connection import Connection, peer_ip, peer_is_loopback
 from .tls import PeerCertificate
 from .hooks import StreamHooks, StreamRefused
 
@@ -72,6 +73,7 @@ __all__ = [
     "AuthUnavailable",
     "Authenticator",
     "GuardSettings",
+    "PodLookup",
     "StreamGuard",
     "StreamRefused",
     "TokenReview",
@@ -333,11 +335,24 @@ class Authenticator:
         return None
 
 
+# (namespace, pod) -> (its service account, its IP), or None for a pod the mesh does not know:
+# the pod registry the stream bound checks claims against (wired by the composition root).
+PodLookup = Callable[[str, str], "tuple[str, str] | None"]
+
+# The slot pool of an identity's streams whose claimed pod could not be verified.
+UNVERIFIED_POD = "~unverified"
+
+
 @dataclass
 class GuardSettings:
     """Bounds per identity and per stream (CONFORMANCE rule 19). 0 turns a bound off."""
 
-    max_streams_per_identity: int = 4096  # per pod, for pod-bound credentials
+    # Per verified pod of an identity (see `StreamGuard.slot`); per identity without a pod
+    # registry to check claims against.
+    max_streams_per_identity: int = 4096
+    # All of an identity's streams whose pod is not verified share this many: a leaked
+    # credential that is not pod-bound can fill only this pool, never a verified pod's.
+    max_unverified_streams_per_identity: int = 256
     # Envoy sends one request per response (its ACK) plus subscription changes: a few per
     # second when busy, bursts of a few hundred when a large config first arrives.
     max_requests_per_second: float = 200.0
@@ -369,6 +384,13 @@ class _Bucket:
         self.at = time.monotonic()
 
 
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
 class StreamGuard(StreamHooks):
     """What the xDS server asks before and while it serves a stream (see module doc)."""
 
@@ -383,6 +405,8 @@ class StreamGuard(StreamHooks):
         self._per_identity: Counter[Hashable] = Counter()
         self._buckets: dict[int, _Bucket] = {}
         self._slots: dict[int, Hashable] = {}  # stream id -> identity slot it holds
+        # The mesh's pods, to verify the pod a stream claims (None: no mesh, bound per identity).
+        self.pods: PodLookup | None = None
 
     @property
     def mode(self) -> AuthMode:
@@ -409,20 +433,57 @@ class StreamGuard(StreamHooks):
                 raise StreamRefused(code, err.reason, counter) from None
         if proof is not None:
             self.stats.authenticated[proof.method] += 1
-            # A pod-bound credential (a projected Kubernetes token) has a bound of its own: a
-            # leaked one can use up only its pod's streams, not its siblings'.
-            slot: Hashable = (str(proof.identity), proof.pod) if proof.pod else str(proof.identity)
-        else:
-            slot = ("unproven", claim.namespace, claim.service_account)
-        limit = self.settings.max_streams_per_identity
+        slot, limit, pool = self.slot(proof, claim, conn.peer)
         if limit and self._per_identity[slot] >= limit:
-            self.stats.limited["streams-per-identity"] += 1
-            reason = f"too many streams for identity {proof.identity if proof else slot} (limit {limit})"
-            log.warning("stream refused: %s", reason, extra={"peer": conn.peer})
-            raise StreamRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, reason, "streams-per-identity")
+            counter = "streams-unverified-pods" if pool == UNVERIFIED_POD else "streams-per-identity"
+            self.stats.limited[counter] += 1
+            who = proof.identity if proof else f"{claim.namespace}/{claim.service_account}"
+            where = (" from pods it could not verify" if pool == UNVERIFIED_POD
+                     else f" in pod {pool}" if pool else "")
+            reason = f"too many streams for identity {who}{where} (limit {limit})"
+            log.warning("stream refused: %s", reason, extra={"peer": conn.peer, "proxy": claim.node_id,
+                                                              "reason": counter})
+            raise StreamRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, reason, counter)
         self._per_identity[slot] += 1
         self._slots[conn.state.id] = slot
         return VerifiedProxy(claim, proof)
+
+    def slot(self, proof: Proof | None, claim: ProxyClaim, peer: str) -> tuple[Hashable, int, str]:
+        """The slot pool a new stream counts against: (key, limit, pod or UNVERIFIED_POD or "").
+
+        Fair per pod, so one leaked credential cannot lock its identity's other pods out:
+        - a pod-bound credential (a projected token; authentication checked the node claims
+          that pod): the pod's own pool;
+        - another credential of the identity: the claimed pod's own pool when the mesh knows
+          that pod with this service account and the connection comes from the pod's IP (or,
+          when the peer address tells nothing, from this host (loopback, a Unix socket), the
+          node states the pod's IP); otherwise the identity's small shared pool of unverified
+          claims (`max_unverified_streams_per_identity`), which no verified pod draws from.
+        Without a pod registry the bound is per identity."""
+        per_pod = self.settings.max_streams_per_identity
+        if proof is None:
+            return ("unproven", claim.namespace, claim.service_account), per_pod, ""
+        identity = str(proof.identity)
+        if proof.pod:
+            return (identity, proof.pod), per_pod, proof.pod
+        if self.pods is None:
+            return identity, per_pod, ""
+        if claim.pod and self._pod_verified(proof, claim, peer):
+            return (identity, claim.pod), per_pod, claim.pod
+        return (identity, UNVERIFIED_POD), self.settings.max_unverified_streams_per_identity, UNVERIFIED_POD
+
+    def _pod_verified(self, proof: Proof, claim: ProxyClaim, peer: str) -> bool:
+        assert self.pods is not None
+        known = self.pods(claim.namespace, claim.pod)
+        if known is None:
+            return False
+        service_account, ip = known
+        if service_account != proof.service_account or not ip:
+            return False
+        address = peer_ip(peer)
+        if address is not None and not peer_is_loopback(peer):
+            return _same_ip(address, ip)
+        return _same_ip(claim.ip, ip)
 
     def requested(self, conn: Connection) -> None:
         """Count one request against the stream's rate. Raises StreamRefused."""
@@ -452,7 +513,10 @@ class StreamGuard(StreamHooks):
                 del self._per_identity[slot]
 
     def streams_of(self, identity: Identity) -> int:
-        return self._per_identity.get(str(identity), 0)
+        """Open streams of an identity, over all its slot pools."""
+        name = str(identity)
+        return sum(count for key, count in self._per_identity.items()
+                   if key == name or (isinstance(key, tuple) and key[0] == name))
 
     async def watch_revocations(
         self, connections: Callable[[], Iterable[Connection]],

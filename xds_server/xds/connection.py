@@ -20,17 +20,25 @@ if TYPE_CHECKING:
 
 
 def peer_is_loopback(peer: str) -> bool:
-    """gRPC peer strings: `ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:/path`."""
-    scheme, _, rest = peer.partition(":")
+    """gRPC peer strings: `ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000` (or `%5B::1%5D`),
+    `unix:/path`."""
+    scheme = peer.partition(":")[0]
     if scheme in ("unix", "unix-abstract"):
         return True  # only local processes reach a unix socket
+    ip = peer_ip(peer)
+    return ip is not None and ipaddress.ip_address(ip).is_loopback
+
+
+def peer_ip(peer: str) -> str | None:
+    """The IP address of a gRPC peer string, or None (a Unix socket, an unknown scheme)."""
+    scheme, _, rest = peer.partition(":")
     if scheme not in ("ipv4", "ipv6"):
-        return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
+        return None
+    host = rest.rsplit(":", 1)[0].replace("%5B", "[").replace("%5D", "]").strip("[]")
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return str(ipaddress.ip_address(host))
     except ValueError:
-        return False
+        return None
 
 
 def proxy_label(node: base_pb2.Node | None) -> str:

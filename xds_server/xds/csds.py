@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -377,21 +378,35 @@ else:
 
 
 class ClientStatusService(_Servicer):
-    """The gRPC servicer; `connections` returns the server's live xDS connections."""
+    """The gRPC servicer; `connections` returns the server's live xDS connections. Calls the
+    authorizer refuses are counted in `refusals`, by the status they got."""
 
     def __init__(
-        self, connections: Callable[[], Iterable[Connection]], authorize: Authorize | None = None
+        self, connections: Callable[[], Iterable[Connection]], authorize: Authorize | None = None,
+        refusals: Counter[str] | None = None,
     ) -> None:
         self.builder = StatusBuilder(connections)
         self._authorize = authorize
+        self.refusals: Counter[str] = refusals if refusals is not None else Counter()
+
+    async def _check(self, context: aio.ServicerContext[Any, Any]) -> None:
+        if self._authorize is None:
+            return
+        try:
+            await self._authorize(context)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # the authorizer aborted the call (grpc raises to end it)
+            code = context.code() if callable(getattr(context, "code", None)) else None
+            self.refusals[code.name.lower() if isinstance(code, grpc.StatusCode) else "refused"] += 1
+            raise
 
     async def FetchClientStatus(
         self,
         request: csds_pb2.ClientStatusRequest,
         context: aio.ServicerContext[csds_pb2.ClientStatusRequest, csds_pb2.ClientStatusResponse],
     ) -> csds_pb2.ClientStatusResponse:
-        if self._authorize is not None:
-            await self._authorize(context)
+        await self._check(context)
         try:
             return await self.builder.response(request)
         except MatcherError as err:
@@ -403,8 +418,7 @@ class ClientStatusService(_Servicer):
         request_iterator: AsyncIterator[csds_pb2.ClientStatusRequest],
         context: aio.ServicerContext[csds_pb2.ClientStatusRequest, csds_pb2.ClientStatusResponse],
     ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
-        if self._authorize is not None:
-            await self._authorize(context)
+        await self._check(context)
         async for request in request_iterator:
             try:
                 response = await self.builder.response(request)
@@ -418,7 +432,8 @@ def add_to_server(
     server: aio.Server,
     connections: Callable[[], Iterable[Connection]],
     authorize: Authorize | None = None,
+    refusals: Counter[str] | None = None,
 ) -> ClientStatusService:
-    servicer = ClientStatusService(connections, authorize)
+    servicer = ClientStatusService(connections, authorize, refusals)
     csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(servicer, server)
     return servicer

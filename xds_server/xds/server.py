@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -152,6 +153,9 @@ class ServerStats:
     flushes: int = 0
     slow_writes: int = 0  # writes that outlived slow_write_seconds
     first_request_timeouts: int = 0  # streams ended for sending no request in time
+    # Requests refused for a bound (names-per-request, names-per-stream): the stream ends.
+    limits: Counter[str] = field(default_factory=Counter)
+    csds_refusals: Counter[str] = field(default_factory=Counter)  # by the status they got
     refused_open_rate: int = 0  # stream opens refused: over max_stream_opens_per_second
     refused_initializing: int = 0  # stream opens refused: max_initializing_streams reached
     first_configs: int = 0  # streams brought to their first full config
@@ -216,7 +220,8 @@ class XdsServer:
         for handler in self.extra_handlers:
             server.add_generic_rpc_handlers([handler])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        csds.add_to_server(server, lambda: self.connections, self.csds_authorize)
+        csds.add_to_server(server, lambda: self.connections, self.csds_authorize,
+                           self.stats.csds_refusals)
         service_names = list(SERVICES) + [
             csds.SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -429,6 +434,8 @@ class XdsServer:
             try:
                 added = state.on_request(request).added
             except ProtocolError as err:
+                if err.limit:
+                    self.stats.limits[err.limit] += 1
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             conn = Connection(state, context.peer(), f"Fetch {types.short_name(type_url)}")
             conn.metadata = tuple(context.invocation_metadata() or ())
@@ -585,6 +592,8 @@ class XdsServer:
                     result = state.on_request(request)
                 except ProtocolError as err:
                     self.stats.protocol_errors += 1
+                    if err.limit:
+                        self.stats.limits[err.limit] += 1
                     log.warning(
                         "protocol error, closing stream: %s", err,
                         extra={"proxy": conn.proxy_id, "peer": conn.peer},

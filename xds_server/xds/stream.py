@@ -51,7 +51,12 @@ class Variant(Enum):
 
 
 class ProtocolError(Exception):
-    """A request that breaks the protocol; the stream is closed with INVALID_ARGUMENT."""
+    """A request that breaks the protocol; the stream is closed with INVALID_ARGUMENT.
+    `limit` names the bound it broke, if it broke one (counted per bound)."""
+
+    def __init__(self, message: str, limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +224,8 @@ class StreamState(ABC):
 
     def _check_names(self, count: int) -> None:
         if count > self._max_names:
-            raise ProtocolError(f"{count} resource names in one request (limit {self._max_names})")
+            raise ProtocolError(f"{count} resource names in one request (limit {self._max_names})",
+                                "names-per-request")
 
     def _check_subscriptions(self, state: TypeState, added: int, dropped: int) -> None:
         """Names subscribed on the whole stream, with this change: bounded, so one stream
@@ -227,7 +233,8 @@ class StreamState(ABC):
         total = sum(len(t.names) for t in self.types.values()) + added - dropped
         if total > self._max_stream_names:
             raise ProtocolError(
-                f"{total} resource names subscribed on one stream (limit {self._max_stream_names})"
+                f"{total} resource names subscribed on one stream (limit {self._max_stream_names})",
+                "names-per-stream",
             )
 
     def _settle(self, state: TypeState, nonce: str, version: str, request: Request) -> Ack | None:

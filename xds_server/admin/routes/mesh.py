@@ -26,7 +26,9 @@ async def server_info(request: Request) -> dict:
         "serving": bool(getattr(server, "serving", True)),
         "streams": len(server.connections),
         "proxies": len(views.group_connections(server.connections)),
-        "stats": dataclasses.asdict(server.stats),
+        # (Not dataclasses.asdict: it rebuilds a Counter from (key, count) pairs as keys.)
+        "stats": {f.name: dict(v) if isinstance(v := getattr(server.stats, f.name), dict) else v
+                  for f in dataclasses.fields(server.stats)},
         "overload": server.overload() if hasattr(server, "overload") else {},
     }
 
