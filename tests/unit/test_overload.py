@@ -408,6 +408,29 @@ async def test_push_slots_serve_first_config_waiters_before_incremental_ones():
     await asyncio.wait_for(slots.acquire(first=False), 0.1)
 
 
+async def test_push_slots_a_waiter_cancelled_just_before_a_release_ends_quietly():
+    """Seen in the soak (a client dropping its stream while its push waited for a slot): the
+    waiter's future is cancelled at once, its CancelledError arrives a loop turn later, and a
+    release in between pops the cancelled future. The waiter must end with CancelledError
+    (not a ValueError that gRPC logs as a servicer traceback) and the slot must go on."""
+    from xds_server.xds.push import PushSlots
+
+    slots = PushSlots(1)
+    await slots.acquire(first=False)  # held
+    gone = asyncio.create_task(slots.acquire(first=False))
+    await asyncio.sleep(0)
+    nxt = asyncio.create_task(slots.acquire(first=False))
+    await asyncio.sleep(0)
+    gone.cancel()
+    slots.release()  # before `gone` runs its handler: skips it, grants `nxt`
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await asyncio.wait_for(nxt, 1)
+    assert (slots.waiting_first, slots.waiting_incremental) == (0, 0)
+    slots.release()
+    await asyncio.wait_for(slots.acquire(first=False), 0.1)  # the capacity is intact
+
+
 def test_token_bucket_admits_the_burst_then_the_rate():
     from xds_server.xds.push import TokenBucket
 
