@@ -422,7 +422,9 @@ class LoadClient:
             await call.write(first.SerializeToString())
             if st.held_cds:
                 # A resumed stream asks for everything it had at once (Envoy does), with the
-                # version it last accepted; no nonce on a new stream.
+                # version it last accepted; no nonce on a new stream. It holds its clusters:
+                # a server may leave an unchanged complete set unsent.
+                st.got_cds = bool(st.cds_version)
                 st.eds_names = tuple(sorted(st.held_cds))
                 await call.write(self._eds_prefix_for(st.eds_names)
                                  + DiscoveryRequest(version_info=st.eds_version).SerializeToString())

@@ -65,6 +65,37 @@ def log(msg: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+class EventProc(Proc):
+    """A bench process whose events are never lost: one that arrives while another is awaited
+    (the server's "churned" racing a "state" answer) is kept for the `expect` that wants it."""
+
+    async def expect(self, event: str, timeout: float) -> dict:
+        stash: list[dict] = self.__dict__.setdefault("stash", [])
+        for i, msg in enumerate(stash):
+            if msg.get("event") == event:
+                return stash.pop(i)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name}: no {event!r} event within {timeout}s")
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), left)
+            except TimeoutError:
+                raise TimeoutError(f"{self.name}: no {event!r} event within {timeout}s") from None
+            if not line:
+                rc = await self.proc.wait()
+                raise RuntimeError(f"{self.name} exited (rc={rc}) while waiting for {event!r}")
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if msg.get("event") == event:
+                return msg
+            stash.append(msg)
+
+
 def q(values: list[float]) -> dict:
     return {"n": len(values), "p50": round(pct(values, 50), 1), "p99": round(pct(values, 99), 1),
             "max": round(max(values), 1) if values else None}
@@ -194,7 +225,7 @@ def connected(reports: list[dict], n: int, t0: int, t1: int) -> dict:
             "seconds": len(fr)}
 
 
-async def wait_all_full(clients: list[Proc], n: int, timeout: float) -> float | None:
+async def wait_all_full(clients: list[EventProc], n: int, timeout: float) -> float | None:
     t = time.monotonic()
     while time.monotonic() - t < timeout:
         for c in clients:
@@ -206,7 +237,7 @@ async def wait_all_full(clients: list[Proc], n: int, timeout: float) -> float | 
     return None
 
 
-async def server_state(server: Proc) -> dict:
+async def server_state(server: EventProc) -> dict:
     server.send(cmd="state")
     return await server.expect("state", 60)
 
@@ -218,9 +249,9 @@ async def run(args: argparse.Namespace, out_dir: Path) -> dict:
         argv.append(f"--tracemalloc={args.tracemalloc}")
     os.environ["XDS_SERVER_ADMIN_TOKENS"] = json.dumps(
         {"tokens": [{"name": "soak", "token": ADMIN_TOKEN, "role": "read"}]})
-    server = await Proc.start("server", argv)
+    server = await EventProc.start("server", argv)
     del os.environ["XDS_SERVER_ADMIN_TOKENS"]
-    clients: list[Proc] = []
+    clients: list[EventProc] = []
     report: dict = {"args": vars(args), "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                     "loadavg_start": os.getloadavg()}
     probe = None
@@ -240,7 +271,7 @@ async def run(args: argparse.Namespace, out_dir: Path) -> dict:
         n_total = sum(s for _, s in plan)
         t_sync = time.monotonic()
         for i, (mode, size) in enumerate(plan):
-            clients.append(await Proc.start(f"client{i}-{mode}", [
+            clients.append(await EventProc.start(f"client{i}-{mode}", [
                 PY, str(BENCH / "loadclient.py"), f"--target=127.0.0.1:{port}", f"--streams={size}",
                 f"--mode={mode}", f"--node-prefix=s{i}", f"--sync-timeout={args.sync_timeout}",
                 "--resume", f"--give-up={args.give_up}", f"--sample-every={args.sample_every}"]))
@@ -332,11 +363,14 @@ async def run(args: argparse.Namespace, out_dir: Path) -> dict:
             left = args.storm
             t_storm = time.time_ns()
             ws = time.time()
+            dropping = []
             for c, (_mode, size) in zip(clients, plan):
                 take = min(size, left)
                 left -= take
                 if take:
                     c.send(cmd="drop", count=take)
+                    dropping.append(c)
+            await asyncio.gather(*(c.expect("dropped", 60) for c in dropping))
             back = await wait_all_full(clients, n_total, 300)
             we = time.time()
             report["storm"] = {"streams": args.storm - left,
