@@ -274,7 +274,9 @@ async def run(args: argparse.Namespace, out_dir: Path) -> dict:
             clients.append(await EventProc.start(f"client{i}-{mode}", [
                 PY, str(BENCH / "loadclient.py"), f"--target=127.0.0.1:{port}", f"--streams={size}",
                 f"--mode={mode}", f"--node-prefix=s{i}", f"--sync-timeout={args.sync_timeout}",
-                "--resume", f"--give-up={args.give_up}", f"--sample-every={args.sample_every}"]))
+                "--resume", f"--give-up={args.give_up}", f"--sample-every={args.sample_every}",
+                # Proxies do not take turns: every stream may be opening at once.
+                f"--open-concurrency={size}"]))
         synced = await asyncio.gather(*(c.expect("synced", args.sync_timeout + 60) for c in clients))
         report["initial_sync"] = {
             "seconds": round(time.monotonic() - t_sync, 2),
