@@ -375,9 +375,12 @@ async def run(args: argparse.Namespace, out_dir: Path) -> dict:
             await asyncio.gather(*(c.expect("dropped", 60) for c in dropping))
             back = await wait_all_full(clients, n_total, 300)
             we = time.time()
+            after = (await server_state(server))["stats"]
             report["storm"] = {"streams": args.storm - left,
                                "all_back_s": round(back, 2) if back is not None else None,
-                               "admin": probe.window(ws, we)}
+                               "admin": probe.window(ws, we),
+                               "refused": {k: after[k] - report["server_stats"][k]
+                                           for k in ("refused_open_rate", "refused_initializing")}}
             log(f"storm: {report['storm']}")
         t_end = time.time_ns()
 
@@ -456,7 +459,7 @@ def markdown(r: dict) -> str:
         s = r["storm"]
         lines.append(f"| storm: {s['streams']} streams dropped at once | all back at full config in "
                      f"{s['all_back_s']} s; reconnect p50 {s['reconnect']['ms']['p50']}, p99 "
-                     f"{s['reconnect']['ms']['p99']} ms |")
+                     f"{s['reconnect']['ms']['p99']} ms; server refusals {s['refused']} |")
         for path, v in s["admin"].items():
             lines.append(f"| admin {path} during the storm (ms) | p50 {v['p50']}, p99 {v['p99']}, "
                          f"max {v['max']}, {v['failed']} failed |")
