@@ -168,14 +168,14 @@ def delivery(changes: list[list], reports: list[dict], bound_ms: float, t_end: i
     for kind in ("eds", "add", "remove"):
         lat: list[float] = []
         missed = interrupted = late = 0
-        for k, name, gen, t0 in (c for c in changes if c[0] == kind):
-            for t_full, t_closed, eds, cds in conns[: bisect.bisect_left(starts, t0)]:
+        for _kind, name, gen, t0 in (c for c in changes if c[0] == kind):
+            for _t_full, t_closed, eds, cds in conns[: bisect.bisect_left(starts, t0)]:
                 if t_closed <= t0:
                     continue
                 got = None
                 if kind == "eds":
                     ts, gens = eds.get(name, ((), ()))
-                    for t, g in zip(ts, gens):
+                    for t, g in zip(ts, gens, strict=True):
                         if g >= gen and t >= t0 - 5_000_000:
                             got = t
                             break
@@ -201,7 +201,7 @@ def reconnects(reports: list[dict], t0: int, t1: int) -> dict:
     """Drop (or first try) to full config, for connections that reached it in [t0, t1]."""
     lat, b_delta, b_sotw = [], [], []
     for rep in reports:
-        for sid, conn, want, _open, t_full, _closed, nbytes, _how in rep["connections"]:
+        for _sid, _conn, want, _open, t_full, _closed, nbytes, _how in rep["connections"]:
             if t_full and t0 <= t_full <= t1:
                 lat.append((t_full - want) / 1e6)
                 (b_delta if rep["mode"] == "delta" else b_sotw).append(nbytes)
@@ -301,7 +301,7 @@ async def run(args: argparse.Namespace, out_dir: Path) -> dict:
         changes_file = out_dir / f"soak-changes-{stamp}.json"
         server.send(cmd="churn", eds_per_second=args.eds_per_second, cluster_every=args.cluster_every,
                     duration=args.duration, log=str(changes_file))
-        for c, (_mode, size) in zip(clients, plan):
+        for c, (_mode, size) in zip(clients, plan, strict=True):
             share = args.churn_per_second * size / n_total
             c.send(cmd="churn", per_second=share, group=max(1, round(share)), duration=args.duration)
         spy = None
@@ -366,7 +366,7 @@ async def run(args: argparse.Namespace, out_dir: Path) -> dict:
             t_storm = time.time_ns()
             ws = time.time()
             dropping = []
-            for c, (_mode, size) in zip(clients, plan):
+            for c, (_mode, size) in zip(clients, plan, strict=True):
                 take = min(size, left)
                 left -= take
                 if take:
