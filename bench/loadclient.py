@@ -612,12 +612,13 @@ class LoadClient:
         at = loop.time()
         cursor = drops = 0
         while loop.time() < end and not self.closing:
+            dropped = 0
             for _ in range(group):
                 st = self.states[cursor % self.n]
                 cursor += 1
-                if self.drop(st, "churn"):
-                    drops += 1
-            self.drops += drops
+                dropped += self.drop(st, "churn")
+            drops += dropped
+            self.drops += dropped
             at += interval
             await asyncio.sleep(max(0.0, at - loop.time()))
         emit("churned", drops=drops)
