@@ -80,3 +80,11 @@ def push_target(round_no: int, n: int = DEFAULT_SERVICES) -> tuple[int, str]:
     index = (round_no - 1) % n
     return index, service_name(index)
 
+
+
+def generation_of(a: endpoint_pb2.ClusterLoadAssignment) -> int:
+    """The generation `cla` wrote into an assignment (0 for one it did not make)."""
+    for loc in a.endpoints:
+        for lb in loc.lb_endpoints:
+            return max(0, lb.load_balancing_weight.value - 1)
+    return 0

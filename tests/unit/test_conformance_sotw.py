@@ -859,6 +859,34 @@ async def test_rule_12_first_wildcard_request_is_answered_even_when_empty(
     assert sotw_names(await ads.recv()) == ["n"]
 
 
+async def test_rule_12_a_reconnect_holding_the_current_set_is_not_sent_it_again(server, cache, client):
+    """Issue 15 (a reconnect costs what changed), SotW: a new stream whose first wildcard CDS
+    request carries the version of the complete set it already holds is not sent that set
+    again (the xDS protocol allows it for wildcard LDS/CDS; the client has its config, so no
+    initial fetch waits); the next change is sent as usual, and a client holding an older set
+    gets the whole current one."""
+    cache.set_type(CDS, [cluster(n) for n in ("a", "b", "c")])
+    first = client.ads()
+    await first.request(CDS)
+    held = await first.recv()
+    await first.ack(held)
+    await first.cancel()
+
+    resumed = client.ads()
+    await resumed.request(CDS, version=held.version_info)
+    await resumed.expect_silence()
+    cache.update(CDS, [cluster("d")])
+    changed = await resumed.recv()
+    assert sotw_names(changed) == ["a", "b", "c", "d"]
+    await resumed.ack(changed)
+    await resumed.expect_silence()
+
+    stale = client.ads()
+    await stale.request(CDS, version=held.version_info)
+    got = await stale.recv()
+    assert sotw_names(got) == ["a", "b", "c", "d"] and got.version_info == changed.version_info
+
+
 async def test_rule_12_per_type_service_wildcard_answered_when_empty(server, cache, client):
     stream = client.sotw(LDS)
     await stream.request("")

@@ -53,8 +53,14 @@ class DeltaStream(StreamState):
         was_wildcard = state.wildcard
         first = not state.seen_request
         if not state.seen_request:
-            # Rule 14: resume from what the client already has.
-            state.known.update(request.initial_resource_versions)
+            # Rule 14: resume from what the client already has. Interned: the protobuf map
+            # hands out fresh strings, and every resumed stream would otherwise keep its own
+            # copy of each name and version (~32 KB a stream at 200 resources, measured in
+            # bench/soak.py), which a reconnect churn turns into server memory that stays.
+            state.known.update(
+                (sys.intern(name), sys.intern(version))
+                for name, version in request.initial_resource_versions.items()
+            )
             # Rule 15: a first request naming nothing is (legacy) wildcard.
             if not subscribe and not unsubscribe:
                 state.wildcard = True

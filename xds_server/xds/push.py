@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable
@@ -153,7 +154,10 @@ class PushSlots:
             if future.done() and not future.cancelled():
                 self.release()  # granted as we were cancelled: pass it on
             else:
-                queue.remove(future)
+                # A release may already have popped (and skipped) the cancelled future
+                # between its cancellation and this handler: then it is gone already.
+                with contextlib.suppress(ValueError):
+                    queue.remove(future)
             raise
         if first:
             self.granted_first += 1

@@ -9,6 +9,7 @@ That keeps the per-stream cost of a push at a byte join instead of a protobuf co
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -67,7 +68,8 @@ class Resource:
     def from_bytes(
         cls, type_url: str, name: str, body: bytes, warms_with: str | None = None, *, key: str = ""
     ) -> Resource:
-        version = content_version(body)
+        # Interned, so a resumed stream's copy of a version (delta.py) is this same string.
+        version = sys.intern(content_version(body))
         packed = any_pb2.Any(type_url=type_url, value=body)
         sotw_entry = discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()
         delta_entry = discovery_pb2.DeltaDiscoveryResponse(

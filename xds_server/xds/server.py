@@ -73,7 +73,11 @@ class ServerSettings:
     allow_plaintext_tokens_off_host: bool = False
     debounce_quiet: float = 0.1  # seconds without a change before pushing; 0 = off
     debounce_max: float = 1.0  # longest a burst of changes may delay a push
-    max_concurrent_pushes: int = 1000  # responses being written at once
+    # Responses being written at once. Also the most writes one event-loop turn starts: gRPC
+    # accepts new streams one per loop turn or two, so long turns starve reconnects before
+    # admission even sees them (bench/soak.py at 5,000 streams: with 1,000, reconnects took
+    # p50 10 s and p99 27 s under churn; with 64, p50 0.6 s and p99 2.0 s; bench/RESULTS.md).
+    max_concurrent_pushes: int = 64
     slow_write_seconds: float = 1.0  # a write slower than this stops counting against the cap
     keepalive_time: float = 30.0  # server pings an idle connection this often
     keepalive_timeout: float = 10.0  # and closes it if the ping is not answered in time

@@ -4,6 +4,7 @@ responses are built (CONFORMANCE rules 9-12; shared rules in `stream.py`)."""
 from __future__ import annotations
 
 import sys
+import time
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -65,6 +66,9 @@ class SotwStream(StreamState):
             # Rule 12: an empty first request and an explicit "*" both mean wildcard.
             state.legacy_wildcard = not requested and not wants_wildcard
             wildcard = state.legacy_wildcard or wants_wildcard
+            if state.full_state and wildcard and not requested:
+                # A reconnecting client names the complete set it holds (see _sotw_full_push).
+                state.resume_version = request.version_info
         elif wants_wildcard:
             wildcard = True
         elif not requested:
@@ -153,6 +157,20 @@ class SotwStream(StreamState):
         removed = state.last_full.keys() - targets.keys()
         if version is None:
             version = set_version({n: r.version for n, r in targets.items()})
+        if state.resume_version:
+            resumed, state.resume_version = state.resume_version, ""
+            if resumed == version and not state.names:
+                # A new stream whose client already holds this complete set: its first
+                # wildcard request carries the set's version (a content hash, equal on every
+                # replica). The xDS protocol lets a server skip resending then ("generally
+                # safe for wildcard LDS and CDS requests"), and the client has its config, so
+                # it waits for no initial fetch (rule 12 is for a client that has nothing).
+                # A reconnect then costs what changed, as a delta resume does.
+                state.full_version = state.sent_version = state.acked_version = version
+                state.last_full = targets
+                state.must_reply = False
+                state.acked_at = time.time()
+                return None
         if version == state.full_version and not state.must_reply:
             state.removal_pending = False
             return None

@@ -104,6 +104,9 @@ class TypeState:
     inflight_pass: int = 0
     applied_pass: int = 0
     must_reply: bool = False  # answer even an empty set (rule 12)
+    # SotW Listener/Cluster: the version_info of a new stream's first wildcard request (what a
+    # reconnecting client holds), compared once with the complete set before it is sent.
+    resume_version: str = ""
     sent_at: float = 0.0
     acked_at: float = 0.0
 
