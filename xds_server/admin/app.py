@@ -165,7 +165,7 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
 
 
 def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
-    from .routes import ca, debug, health, mesh, proxies
+    from .routes import ca, debug, health, mesh, proxies, tokens
 
     app = FastAPI(
         title="xds-server admin API",
@@ -248,5 +248,6 @@ def create_app(ctx: AdminContext, *, docs: bool = False) -> FastAPI:
     app.include_router(proxies.router)
     app.include_router(mesh.router)
     app.include_router(ca.router)
+    app.include_router(tokens.router)
     app.include_router(debug.router)
     return app

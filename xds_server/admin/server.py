@@ -170,6 +170,9 @@ def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = Non
     if csr_service is not None:
         metrics.attach_refusals("ca", csr_service.failures)
     metrics.attach_cache(running.cache)
+    store = getattr(ca, "store", None)
+    if store is not None:
+        metrics.attach_shared(store)
     webhook = getattr(running, "webhook", None)
     if webhook is not None:
         metrics.attach_webhook(webhook.stats)

@@ -267,6 +267,40 @@ class CaSection(Section):
                                    "Reload the CA files when they change.")
 
 
+class SharedSection(Section):
+    redis_url: str | None = setting(
+        None, "--redis-url",
+        "Share state with the other replicas through this Redis (redis://HOST:PORT/DB or "
+        "rediss://...): one CA and token key for all (sealed with --state-key-file), workload-"
+        "token revocations on every replica. No password in the URL (--redis-password-file).",
+        default_text="none: this process only", pattern=r"^rediss?://")
+    redis_password_file: FilePath | None = setting(
+        None, "--redis-password-file", "File holding the Redis password (e.g. a mounted Secret).")
+    redis_ca_file: FilePath | None = setting(
+        None, "--redis-ca-file", "PEM roots that verify a rediss:// server.",
+        default_text="the system's")
+    redis_key_prefix: str = setting(
+        "xds-server:", "--redis-key-prefix",
+        "Prefix of every key and channel (control planes sharing one Redis use different ones).",
+        min_length=1)
+    redis_timeout: Seconds = setting(2.0, "--redis-timeout",
+                                     "Longest one Redis operation (and connect) may take.", gt=0)
+    state_key_file: FilePath | None = setting(
+        None, "--state-key-file",
+        "The key sealing every secret in shared state: 32 random bytes, base64 (`xds-server "
+        "state-key create`); the same file on every replica. Required with --redis-url.")
+    replica_id: str | None = setting(
+        None, "--replica-id", "This replica's name in shared state.",
+        default_text="HOSTNAME-PID", min_length=1)
+
+    @model_validator(mode="after")
+    def _key_with_redis(self) -> SharedSection:
+        if self.redis_url and self.state_key_file is None:
+            raise ConfigError("--redis-url needs --state-key-file (the key sealing shared "
+                              "secrets; `xds-server state-key create` writes one)")
+        return self
+
+
 class MeshSection(Section):
     mtls_mode: Annotated[MtlsMode, BeforeValidator(upper_case)] = setting(
         _MESH.default_mode, "--mtls-mode",

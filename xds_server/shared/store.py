@@ -106,6 +106,22 @@ class RedisSettings:
         return password
 
 
+def default_replica_id() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class SharedConfig:
+    """`serve`'s shared state: where Redis is, the key that seals, who this replica is."""
+
+    redis: RedisSettings
+    state_key_file: Path
+    replica: str = ""
+
+
 Handler = Callable[[bytes], Awaitable[None] | None]
 
 
@@ -221,6 +237,11 @@ class SharedStore:
                 pipe.pexpire(self.name(key), int(ttl * 1000))
             await self._call("hset", pipe.execute())
 
+    async def hget(self, key: str, field: str) -> bytes | None:
+        value = await self._call("hget", self.client.hget(self.name(key), field))
+        self.bytes_in += len(value or b"")
+        return value
+
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
         values = await self._call("hgetall", self.client.hgetall(self.name(key)))
         self.bytes_in += sum(len(k) + len(v) for k, v in values.items())
@@ -249,6 +270,19 @@ class SharedStore:
             log.error("refused a shared-state entry: %s", err,
                       extra={"entry": self.name(key), "reason": err.reason})
             raise
+
+    def open_sealed(self, name: str, blob: bytes) -> bytes:
+        """Open an entry read by other means (a hash field); SealError counted and logged."""
+        try:
+            return unseal(self.key, self.name(name), blob)
+        except SealError as err:
+            self.refused[err.reason] += 1
+            log.error("refused a shared-state entry: %s", err,
+                      extra={"entry": self.name(name), "reason": err.reason})
+            raise
+
+    def sealed(self, name: str, plaintext: bytes) -> bytes:
+        return seal(self.key, self.name(name), plaintext)
 
     async def set_sealed(self, key: str, plaintext: bytes, *, only_if_absent: bool = False) -> bool:
         return await self.set(key, seal(self.key, self.name(key), plaintext),

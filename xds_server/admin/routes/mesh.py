@@ -19,7 +19,8 @@ Section = Literal["namespaces", "services", "endpoints", "workloads", "routes", 
 
 @router.get("/server", response_model=ServerInfo, summary="The xDS server: address and counters")
 async def server_info(request: Request) -> dict:
-    server = context(request).server
+    ctx = context(request)
+    server = ctx.server
     return {
         "xds_address": server.address,
         "control_plane_id": server.settings.control_plane_id,
@@ -28,6 +29,7 @@ async def server_info(request: Request) -> dict:
         "proxies": len(views.group_connections(server.connections)),
         "stats": dataclasses.asdict(server.stats),
         "overload": server.overload() if hasattr(server, "overload") else {},
+        "shared_state": ctx.security.shared_status() if ctx.security is not None else None,
     }
 
 

@@ -1,0 +1,139 @@
+"""Replicas that act as one: three real `xds-server serve` processes with one real Redis.
+
+What an operator relies on: every replica serves the same trust bundle and signs with the one
+root (exactly one replica created it); a workload token made through one replica (admin API or
+`xds-server token create --redis-url`) is accepted by the others; a token revoked through one
+replica closes the streams it opened on another at once (pub/sub, not the periodic check,
+which these replicas run only every 10 minutes); Redis never holds a private key in clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from cryptography import x509
+from google.protobuf import struct_pb2
+
+from envoy.config.core.v3 import base_pb2
+
+from tests.support.replicas import ROOT, Replicas
+from tests.support.xds_client import StreamClosed, XdsClient, sotw_resources
+from xds_server.xds import types
+
+pytestmark = pytest.mark.slow
+
+
+def node(namespace: str, service_account: str, pod: str) -> base_pb2.Node:
+    metadata = struct_pb2.Struct()
+    metadata.update({"namespace": namespace, "service_account": service_account, "pod": pod})
+    return base_pb2.Node(id=f"{pod}.{namespace}", cluster=f"{service_account}.{namespace}",
+                         metadata=metadata)
+
+
+async def fetch_secrets(address: str, token: str, proxy: base_pb2.Node) -> dict:
+    async with XdsClient(address, metadata=[("authorization", f"Bearer {token}")]) as client:
+        stream = client.ads(node=proxy)
+        await stream.request(types.SECRET, ["default", "ROOTCA"])
+        got: dict = {}
+        while not {"default", "ROOTCA"} <= set(got):
+            response = await stream.recv(timeout=20)
+            got.update(sotw_resources(response))
+            await stream.ack(response)
+        return got
+
+
+@pytest.fixture
+def replicas(tmp_path: Path):
+    group = Replicas(tmp_path, 3, ["--revocation-check-interval", "600s"])
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()
+
+
+async def test_replicas_share_one_ca_and_token_issuer(replicas: Replicas) -> None:
+    r0, r1, r2 = replicas.members
+    bundles = {r.name: replicas.admin(r, "GET", "/api/v1/ca/trust-bundle").json()["pem"]
+               for r in replicas.members}
+    assert len(set(bundles.values())) == 1, "every replica serves the same trust bundle"
+    roots = x509.load_pem_x509_certificates(bundles[r0.name].encode())
+    assert len(roots) == 1
+    created = [r.name for r in replicas.members
+               if any("created the shared CA" in str(line.get("msg")) for line in r.logs())]
+    assert len(created) == 1, f"exactly one replica creates the root, got {created}"
+
+    # Degraded or not, the admin API says where shared state stands.
+    server = replicas.admin(r1, "GET", "/api/v1/server").json()
+    assert server["shared_state"]["up"] is True and server["shared_state"]["replica"] == r1.name
+    metrics = replicas.admin(r1, "GET", "/metrics").text
+    assert "xds_server_redis_up 1.0" in metrics
+
+    # A token made through replica 0 is accepted by replicas 1 and 2; both sign with the root.
+    made = replicas.admin(r0, "POST", "/api/v1/tokens",
+                          json={"namespace": "shop", "service_account": "web", "ttl": "1h"})
+    assert made.status_code == 201, made.text
+    token = made.json()["token"]
+    for i, replica in enumerate((r1, r2)):
+        secrets = await fetch_secrets(replica.xds_address, token, node("shop", "web", f"web-{i}"))
+        leaf = x509.load_pem_x509_certificates(
+            secrets["default"].tls_certificate.certificate_chain.inline_bytes)[0]
+        leaf.verify_directly_issued_by(roots[0])
+        assert secrets["ROOTCA"].validation_context.trusted_ca.inline_bytes.decode() == bundles[r0.name]
+
+    # The CLI signs with the shared key too.
+    cli = subprocess.run(
+        [sys.executable, "-m", "xds_server.cli", "token", "create", "-n", "shop", "--sa", "db",
+         "--ttl", "1h", "--ca-dir", str(replicas.directory / "cli-ca"), *replicas.shared_args],
+        capture_output=True, text=True, cwd=ROOT, env=replicas.env, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert not (replicas.directory / "cli-ca").exists(), "the CLI wrote no key of its own"
+    secrets = await fetch_secrets(r2.xds_address, cli.stdout.strip(), node("shop", "db", "db-0"))
+    assert "default" in secrets
+
+    # Nothing in Redis is a private key in clear.
+    raw = redis.Redis.from_url(replicas.redis.url, password="replicas-redis-password")
+    try:
+        for key in raw.scan_iter():
+            kind = raw.type(key)
+            values = ([raw.get(key)] if kind == b"string" else
+                      list(raw.hgetall(key).values()) if kind == b"hash" else [])
+            for value in values:
+                assert b"PRIVATE KEY" not in value and b"BEGIN" not in value, key
+    finally:
+        raw.close()
+
+
+async def test_revocation_through_one_replica_closes_a_stream_on_another(replicas: Replicas) -> None:
+    r0, _, r2 = replicas.members
+    made = replicas.admin(r0, "POST", "/api/v1/tokens",
+                          json={"namespace": "shop", "service_account": "web", "ttl": "1h"}).json()
+    proxy = node("shop", "web", "web-7")
+    async with XdsClient(r2.xds_address, metadata=[("authorization", f"Bearer {made['token']}")]) as client:
+        stream = client.ads(node=proxy)
+        await stream.request(types.SECRET, ["ROOTCA"])
+        first = await stream.recv(timeout=20)
+        await stream.ack(first)
+
+        started = time.monotonic()
+        revoked = await asyncio.to_thread(replicas.admin, r0, "DELETE", f"/api/v1/tokens/{made['token_id']}")
+        assert revoked.status_code == 200 and revoked.json()["revoked"] is True
+        code, details = await stream.closed_with(timeout=30)
+        elapsed = time.monotonic() - started
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details
+        # Not the periodic check (every 600 s here): the announcement closed it.
+        print(f"stream on another replica closed {elapsed:.2f} s after the revocation")
+        assert elapsed < 60
+
+    # A new stream with the revoked token is refused on every replica.
+    for replica in replicas.members:
+        with pytest.raises(StreamClosed) as refused:
+            await fetch_secrets(replica.xds_address, made["token"], node("shop", "web", "web-8"))
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
