@@ -137,3 +137,91 @@ async def test_revocation_through_one_replica_closes_a_stream_on_another(replica
         with pytest.raises(StreamClosed) as refused:
             await fetch_secrets(replica.xds_address, made["token"], node("shop", "web", "web-8"))
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+STATIC_CLUSTER = """\
+"@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+name: {name}
+type: STATIC
+connect_timeout: 1s
+load_assignment:
+  cluster_name: {name}
+  endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9}}}}}}}}]}}]
+"""
+
+
+def envoy_for(replica, token: str, directory: Path, pod: str):
+    import yaml
+
+    from tests.support.envoy import EnvoyProcess
+
+    token_file = directory / f"{pod}.token"
+    token_file.write_text(token)
+    out = subprocess.run(
+        [sys.executable, "-m", "xds_server.cli", "bootstrap", "--namespace", "shop",
+         "--service-account", "web", "--pod", pod, "--pod-ip", "127.0.0.1",
+         "--xds-address", replica.xds_address, "--admin-address", "127.0.0.1:0",
+         "--interception", "explicit", "--token-file", str(token_file)],
+        capture_output=True, text=True, cwd=ROOT, check=True, timeout=60)
+    return EnvoyProcess(yaml.safe_load(out.stdout), name=pod)
+
+
+async def test_redis_outage_is_not_an_outage(tmp_path: Path) -> None:
+    resources = tmp_path / "resources"
+    resources.mkdir()
+    (resources / "first.yaml").write_text(STATIC_CLUSTER.format(name="first"))
+    group = Replicas(tmp_path / "group", 2, ["--resources", str(resources),
+                                             "--revocation-check-interval", "600s"])
+    try:
+        group.start()
+        r0, r1 = group.members
+        made = group.admin(r0, "POST", "/api/v1/tokens",
+                           json={"namespace": "shop", "service_account": "web", "ttl": "1h"}).json()
+        later = group.admin(r0, "POST", "/api/v1/tokens",
+                            json={"namespace": "shop", "service_account": "web", "ttl": "1h"}).json()
+        with envoy_for(r1, made["token"], tmp_path, "web-0") as envoy:
+            envoy.wait_until(lambda: "first" in envoy.cluster_hosts(), timeout=60, message="first cluster")
+
+            group.redis.stop()
+            await eventually(lambda: group.admin(r1, "GET", "/api/v1/server").json()
+                             ["shared_state"]["up"] is False)
+            assert "xds_server_redis_up 0.0" in group.admin(r1, "GET", "/metrics").text
+            ready = group.admin(r1, "GET", "/readyz")
+            assert ready.status_code == 200, ready.text
+            assert "degraded" in ready.json()["checks"]["shared_state"]["detail"]
+
+            # Config keeps flowing: a new cluster reaches the Envoy while Redis is down.
+            (resources / "second.yaml").write_text(STATIC_CLUSTER.format(name="second"))
+            envoy.wait_until(lambda: "second" in envoy.cluster_hosts(), timeout=60, message="second cluster")
+
+            # A revocation made now applies on its replica at once and reaches the other
+            # when Redis returns.
+            revoked = group.admin(r0, "DELETE", f"/api/v1/tokens/{later['token_id']}")
+            assert revoked.status_code == 200
+            assert group.admin(r0, "GET", "/api/v1/server").json()["shared_state"]["revocations_pending"] == 1
+
+            group.redis.start()
+            await eventually(lambda: all(group.admin(r, "GET", "/api/v1/server").json()
+                                         ["shared_state"]["up"] for r in group.members))
+            await eventually(lambda: group.admin(r0, "GET", "/api/v1/server").json()
+                             ["shared_state"]["revocations_pending"] == 0)
+            with pytest.raises(StreamClosed) as refused:
+                await fetch_secrets(r1.xds_address, later["token"], node("shop", "web", "web-9"))
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert "revoked" in refused.value.details
+            # The Envoy kept its stream and config through all of it.
+            assert {"first", "second"} <= set(envoy.cluster_hosts())
+    finally:
+        group.stop()
+
+
+async def eventually(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if await asyncio.to_thread(predicate):
+                return
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.1)
