@@ -84,6 +84,11 @@ class SecurityConfig:
     # Replicas acting as one (--redis-url, --state-key-file): one CA and token key for all,
     # revocations on every replica. None: everything in this process and --ca-dir.
     shared: SharedConfig | None = None
+    # In a cluster (--kubeconfig/--in-cluster): the Secret holding the one CA and token key of
+    # every replica (created by the Lease holder), and an operator's plugged-in CA Secret.
+    # None: each replica keeps its CA in --ca-dir (with --redis-url: in Redis).
+    ca_secret: str | None = "xds-server-ca"
+    ca_plugin_secret: str | None = "cacerts"
 
 
 def _certificate_identity(authenticator: Authenticator) -> Any:
@@ -130,6 +135,7 @@ class Security:
         self.store: SharedStore | None = None  # shared state (set by `create`)
         self.shared_ca: SharedCA | None = None
         self.revocations: SharedRevocations | None = None
+        self.secret_ca: Any = None  # kube_ca.SecretCA, in a cluster
 
     @property
     def registry(self) -> Any:
@@ -168,14 +174,27 @@ class Security:
         *,
         kubernetes: Any = None,
         reviewer: Any = None,
+        is_leader: Any = None,
     ) -> Security:
         """`build`, with the CA loaded (or generated) in a worker thread, off the loop.
-        With shared state, the CA is first obtained from it (waiting while it cannot be)."""
+        With shared state (a CA Secret in a cluster, else Redis), the CA is first obtained
+        from it (waiting while it cannot be). `is_leader`: whether this replica holds the
+        Lease (it creates a missing CA Secret)."""
         store = shared_ca = None
-        if config.shared is not None and AuthMode(config.auth) is not AuthMode.NONE:
+        secret_ca = None
+        active = AuthMode(config.auth) is not AuthMode.NONE
+        if active and kubernetes is not None and config.ca_secret:
+            secret_ca = cls._secret_ca(config, kubernetes, is_leader)
+            try:
+                await secret_ca.obtain()
+            except BaseException:
+                secret_ca.api.close()
+                raise
+        if config.shared is not None and active:
             store, shared_ca = cls._shared(config)
             try:
-                await shared_ca.obtain()
+                if secret_ca is None:
+                    await shared_ca.obtain()
             except BaseException:
                 await store.client.aclose()
                 raise
@@ -183,8 +202,26 @@ class Security:
         security = cls.build(config, cache, listen_address, kubernetes=kubernetes,
                              reviewer=reviewer, loaded=loaded)
         if store is not None and shared_ca is not None:
-            security._share(store, shared_ca)
+            # With a CA Secret, Redis carries revocations only: the Secret is the CA's home.
+            security._share(store, shared_ca if secret_ca is None else None)
+        if secret_ca is not None:
+            assert security.authority is not None
+            secret_ca.attach(security.authority)
+            security.secret_ca = secret_ca
         return security
+
+    @staticmethod
+    def _secret_ca(config: SecurityConfig, kubernetes: Any, is_leader: Any) -> Any:
+        from .kube_ca import SecretCA
+        from .sources.kube_api import KubeApi, in_cluster_namespace, make_api_client
+
+        assert config.ca_secret
+        api = KubeApi(make_api_client(kubernetes.kubeconfig, in_cluster=kubernetes.in_cluster or None))
+        namespace = kubernetes.lease_namespace or in_cluster_namespace()
+        return SecretCA(api, namespace, config.ca_secret, config.ca_dir,
+                        is_leader=is_leader or (lambda: True),
+                        plugin_secret=config.ca_plugin_secret, trust_domain=config.trust_domain,
+                        key_algorithm=config.key_algorithm)
 
     @staticmethod
     def _shared(config: SecurityConfig) -> tuple[SharedStore, SharedCA]:
@@ -198,12 +235,13 @@ class Security:
         return store, SharedCA(store, config.ca_dir, trust_domain=config.trust_domain,
                                key_algorithm=config.key_algorithm)
 
-    def _share(self, store: SharedStore, shared_ca: SharedCA) -> None:
+    def _share(self, store: SharedStore, shared_ca: SharedCA | None) -> None:
         from .shared_tokens import SharedRevocations
 
         self.store, self.shared_ca = store, shared_ca
         assert self.authority is not None and self.tokens is not None
-        shared_ca.attach(self.authority)
+        if shared_ca is not None:
+            shared_ca.attach(self.authority)
         self.revocations = SharedRevocations(store, self.tokens, self.close_token_streams)
 
     def close_token_streams(self, token_ids: Any) -> int:
@@ -320,6 +358,8 @@ class Security:
                 self.certificates.run(stop, watch_files=self.config.watch_ca_files), name="sds"))
         if self.tls is not None:
             jobs.append(asyncio.create_task(self.tls.run(stop), name="xds-tls-certificate"))
+        if self.secret_ca is not None:
+            jobs.append(asyncio.create_task(self.secret_ca.run(stop), name="ca-secret"))
         if self.store is not None:
             jobs.append(asyncio.create_task(self.store.run(stop), name="shared-state"))
         if self.shared_ca is not None:
@@ -342,6 +382,8 @@ class Security:
                 await asyncio.gather(*jobs, return_exceptions=True)
             if self._kube_api is not None:
                 self._kube_api.close()
+            if self.secret_ca is not None:
+                self.secret_ca.api.close()
 
     # For the admin API -----------------------------------------------------------------------
 
@@ -381,6 +423,8 @@ class Security:
                                "renewals": self.tls.renewals}
         if self.store is not None:
             data["shared_state"] = self.shared_status()
+        if self.secret_ca is not None:
+            data["ca_secret"] = self.secret_ca.status()
         if self.sds is not None:
             data["sds"] = self.sds.status()
             data["identities"] = self.sds.identities()

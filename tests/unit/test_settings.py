@@ -118,6 +118,7 @@ NON_DEFAULT = {
     "ca.ca_dir": "{tmp}/ca", "ca.trust_domain": "example.org", "ca.workload_ttl": "2h",
     "ca.key_algorithm": "rsa-2048", "ca.clock_skew": "1m", "ca.renewal_jitter": "0.2",
     "ca.rotation_startup_grace": "1m", "ca.watch_ca_files": False,
+    "ca.ca_secret": "mesh-ca", "ca.ca_plugin_secret": "off",
     "shared.redis_url": "rediss://redis.ops.svc:6380/1", "shared.redis_password_file": "{kubeconfig}",
     "shared.redis_ca_file": "{kubeconfig}", "shared.redis_key_prefix": "cp-b:",
     "shared.redis_timeout": "3s", "shared.state_key_file": "{kubeconfig}",

@@ -35,6 +35,13 @@ _WEBHOOK = WebhookSettings()
 _INJECTOR = InjectorSettings()
 
 
+def _off(value: object) -> object:
+    """'off' (or none, empty) turns an optional name off."""
+    if value is None or str(value).strip().lower() in ("", "off", "none"):
+        return None
+    return value
+
+
 class LoggingSection(Section):
     level: Literal["debug", "info", "warning", "error"] = setting(
         "info", "--log-level", "Least severe level logged.")
@@ -265,6 +272,16 @@ class CaSection(Section):
         "(proxies reconnect first).")
     watch_ca_files: bool = setting(_SECURITY.watch_ca_files, "--watch-ca-files",
                                    "Reload the CA files when they change.")
+    ca_secret: Annotated[str | None, BeforeValidator(_off)] = setting(
+        _SECURITY.ca_secret, "--ca-secret",
+        "In a cluster: the Secret (in the server's namespace) holding the one CA and token key "
+        "of every replica; created by the Lease holder when missing, watched by all. 'off': "
+        "each replica keeps its own in --ca-dir.", min_length=1)
+    ca_plugin_secret: Annotated[str | None, BeforeValidator(_off)] = setting(
+        _SECURITY.ca_plugin_secret, "--ca-plugin-secret",
+        "In a cluster: an operator's CA Secret (ca-cert.pem, ca-key.pem, root-cert.pem, "
+        "cert-chain.pem) that wins over a generated root when --ca-secret is first created; "
+        "'off': none.", min_length=1)
 
 
 class SharedSection(Section):

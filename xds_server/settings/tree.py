@@ -139,7 +139,8 @@ class ServeSettings(BaseSettings):
             key_algorithm=ca.key_algorithm, limits=guard, clock_skew=ca.clock_skew,
             renewal_jitter=ca.renewal_jitter, rotation_startup_grace=ca.rotation_startup_grace,
             watch_ca_files=ca.watch_ca_files, tls_sans=x.tls_sans,
-            shared=self._shared_config(),
+            shared=self._shared_config(), ca_secret=ca.ca_secret,
+            ca_plugin_secret=ca.ca_plugin_secret,
         )
         admin = None
         if self.admin.address is not None:
