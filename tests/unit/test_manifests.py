@@ -481,8 +481,19 @@ def test_leader_election_is_a_role_in_the_server_namespace_only() -> None:
     role = find("Role", "xds-server-leader-election", SERVER_NAMESPACE)
     assert rules(role) == {("coordination.k8s.io", "leases", ("create", "get", "update"))}
     assert sorted(doc["kind"] for _, doc in DOCUMENTS if doc["kind"] in ("Role", "ClusterRole")) == [
-        "ClusterRole", "Role"
+        "ClusterRole", "Role", "Role"
     ]
+
+
+def test_the_ca_secret_is_reachable_by_name_in_the_server_namespace_only() -> None:
+    role = find("Role", "xds-server-ca-secret", SERVER_NAMESPACE)
+    by_names = {tuple(rule.get("resourceNames", ())): tuple(sorted(rule["verbs"])) for rule in role["rules"]}
+    assert by_names == {("xds-server-ca",): ("get", "list", "update", "watch"),
+                        ("cacerts",): ("get",),
+                        (): ("create",)}  # create cannot be limited by name (Kubernetes)
+    assert all(rule["resources"] == ["secrets"] and rule["apiGroups"] == [""] for rule in role["rules"])
+    for _, doc in of_kind("ClusterRole"):
+        assert all("secrets" not in rule["resources"] for rule in doc["rules"])
 
 
 def test_no_wildcards_and_no_secrets_anywhere() -> None:
@@ -491,7 +502,8 @@ def test_no_wildcards_and_no_secrets_anywhere() -> None:
             for rule in doc["rules"]:
                 for field in ("apiGroups", "resources", "verbs"):
                     assert "*" not in rule[field], f"{kind} {doc['metadata']['name']}: {field}: *"
-                assert "secrets" not in rule["resources"]
+                if doc["metadata"]["name"] != "xds-server-ca-secret":
+                    assert "secrets" not in rule["resources"]
                 assert not {"escalate", "bind", "impersonate", "delete", "deletecollection"} & set(rule["verbs"])
 
 
