@@ -136,6 +136,7 @@ class Security:
         self.shared_ca: SharedCA | None = None
         self.revocations: SharedRevocations | None = None
         self.secret_ca: Any = None  # kube_ca.SecretCA, in a cluster
+        self.proxy_status: Any = None  # shared_status.SharedProxyStatus, with shared state
 
     @property
     def registry(self) -> Any:
@@ -362,6 +363,14 @@ class Security:
             jobs.append(asyncio.create_task(self.secret_ca.run(stop), name="ca-secret"))
         if self.store is not None:
             jobs.append(asyncio.create_task(self.store.run(stop), name="shared-state"))
+        if self.store is not None and self._server is not None:
+            from .admin.views import proxies
+            from .shared_status import SharedProxyStatus
+
+            server, trust_domain = self._server, self.config.trust_domain
+            self.proxy_status = SharedProxyStatus(
+                self.store, lambda: proxies(server.connections, trust_domain))
+            jobs.append(asyncio.create_task(self.proxy_status.run(stop), name="shared-status"))
         if self.shared_ca is not None:
             jobs.append(asyncio.create_task(self.shared_ca.run(stop), name="shared-ca"))
         if self.revocations is not None:

@@ -233,3 +233,32 @@ async def eventually(predicate, timeout: float = 30.0) -> None:
             pass
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.1)
+
+
+async def test_status_answers_for_every_replica_and_a_killed_replica_drops_out(replicas: Replicas) -> None:
+    import signal
+
+    r0, _, r2 = replicas.members
+    made = replicas.admin(r0, "POST", "/api/v1/tokens",
+                          json={"namespace": "shop", "service_account": "web", "ttl": "1h"}).json()
+    async with XdsClient(r2.xds_address, metadata=[("authorization", f"Bearer {made['token']}")]) as client:
+        stream = client.ads(node=node("shop", "web", "web-3"))
+        await stream.request(types.SECRET, ["ROOTCA"])
+        await stream.ack(await stream.recv(timeout=20))
+
+        def listed_on_r0() -> dict:
+            answer = replicas.admin(r0, "GET", "/api/v1/proxies").json()
+            return {p["id"]: p.get("replica") for p in answer["proxies"]}
+
+        await eventually(lambda: listed_on_r0().get("web-3.shop") == "replica-2")
+        # The operator CLI, asking replica 0, shows the proxy served by replica 2.
+        shown = subprocess.run(
+            [sys.executable, "-m", "xds_server.cli", "status", "--admin-address",
+             f"127.0.0.1:{r0.admin_port}", "--token", replicas.tokens.read],
+            capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert shown.returncode == 0 and "web-3.shop" in shown.stdout, shown.stdout + shown.stderr
+
+        r2.stop(signal.SIGKILL)  # no goodbye: its entries expire
+        await eventually(lambda: "web-3.shop" not in listed_on_r0())
+        answer = replicas.admin(r0, "GET", "/api/v1/proxies").json()
+        assert answer["replicas"] == ["replica-0", "replica-1"] and answer["complete"] is True

@@ -92,10 +92,17 @@ class Proxy(BaseModel):
     streams: list[Stream]
     status: Status = Field(description="The worst status of its types.")
     types: dict[str, TypeStatus]
+    replica: str | None = Field(default=None, description="With shared state: the replica "
+                                "(--replica-id) serving it.")
 
 
 class ProxyList(BaseModel):
     proxies: list[Proxy]
+    replicas: list[str] | None = Field(
+        default=None, description="With shared state: the replicas whose proxies are listed.")
+    complete: bool | None = Field(
+        default=None, description="With shared state: false when Redis could not be asked "
+        "(only this replica's proxies are listed).")
 
 
 class ConfigDump(BaseModel):
