@@ -43,7 +43,10 @@ class SharedProxyStatus:
         return [{**entry, "replica": self.replica} for entry in self.entries()]
 
     async def publish(self) -> None:
-        document = json.dumps({"at": time.time(), "proxies": self.local()}, separators=(",", ":"))
+        entries = self.local()  # read on the loop: streams change there
+        # Fresh dicts nobody else holds: serialized in a thread, off the loop.
+        document = await asyncio.to_thread(
+            json.dumps, {"at": time.time(), "proxies": entries}, separators=(",", ":"))
         await self.store.hset(STATUS_HASH, self.replica, document.encode())
 
     async def control_plane(self) -> tuple[list[dict[str, Any]], list[str], bool]:
