@@ -32,10 +32,11 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 setup: system-packages $(TEST_STAMP)
 
 # System packages the project uses: iptables (`xds-server iptables`, pods as network
-# namespaces in tests), iproute2, and chromium (headless browser tests of the /ui page and
-# the admin docs, driven by Playwright). Installed when missing and running as root;
-# otherwise named, and the tests that need them fail saying what is missing.
-SYSTEM_TOOLS := iptables-restore:iptables ip:iproute2 chromium:chromium
+# namespaces in tests), iproute2, redis-server (tests start their own on a free port) and
+# chromium (headless browser tests of the /ui page and the admin docs, driven by Playwright).
+# Installed when missing and running as root; otherwise named, and the tests that need them
+# fail saying what is missing.
+SYSTEM_TOOLS := iptables-restore:iptables ip:iproute2 redis-server:redis-server chromium:chromium
 system-packages:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \

@@ -181,29 +181,26 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
     if config.admin is not None:
         server.csds_authorize = _csds_authorizer(config.admin)
     security = None
-    if config.security is not None:
-        from .security import Security
-
-        try:
-            # The CA is loaded (or its root generated) in a worker thread, off the loop.
-            security = await Security.create(config.security, cache, config.server.address,
-                                             kubernetes=config.kubernetes)
-        except BaseException:
-            stop.set()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        security.attach(server)
-        if controller is not None:  # the stream bound is fair per pod it can verify
-            security.guard.pods = controller.pod_of
-        tasks.append(asyncio.create_task(security.run(stop), name="security"))
-    load = attach_load_reports(server, store, config.load_reports, security)
+    load = None
     kube = None
     try:
         if config.kubernetes is not None:
             assert store is not None
+            # First: in a cluster the CA lives in a Secret the Lease holder creates, so leader
+            # election runs before the CA is obtained.
             kube = await _start_kubernetes(config.kubernetes, store, stop, tasks)
+        if config.security is not None:
+            from .security import Security
+
+            # The CA is loaded (or its root generated) in a worker thread, off the loop.
+            security = await Security.create(config.security, cache, config.server.address,
+                                             kubernetes=config.kubernetes,
+                                             is_leader=_lease_holder(kube))
+            security.attach(server)
+            if controller is not None:  # the stream bound is fair per pod it can verify
+                security.guard.pods = controller.pod_of
+            tasks.append(asyncio.create_task(security.run(stop), name="security"))
+        load = attach_load_reports(server, store, config.load_reports, security)
         if controller is not None:
             # Serve only once the first build is in the cache: no proxy sees a partial mesh.
             await controller.settled()
@@ -287,6 +284,14 @@ def attach_load_reports(server: XdsServer, store: MeshStore | None, settings: Lr
     aggregator.lrs_stats = service.stats
     server.extra_handlers.append(service.handler())
     return aggregator
+
+
+def _lease_holder(kube: Any) -> Any:
+    """Whether this replica holds the Lease now (always, without leader election)."""
+    if kube is None:
+        return None
+    elector = getattr(kube, "elector", None)
+    return (lambda: elector.is_leader) if elector is not None else (lambda: True)
 
 
 def check_plaintext(config: AppConfig, host: str) -> None:

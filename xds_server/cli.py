@@ -547,6 +547,15 @@ def _register_ca_commands() -> None:
 _register_ca_commands()
 
 
+def _register_shared_commands() -> None:
+    from .shared.cli import state_key
+
+    main.add_command(state_key)
+
+
+_register_shared_commands()
+
+
 def _register_admin_commands() -> None:
     from .admin.cli import COMMANDS
 

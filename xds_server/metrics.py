@@ -312,6 +312,10 @@ class Metrics:
         """Read the load-report aggregation (load_reports.py `LoadAggregator.collect`)."""
         self._live.load = load
 
+    def attach_shared(self, store: Any) -> None:
+        """Read the shared-state store (shared/store.py): Redis up, entries refused."""
+        self._live.shared = store
+
     def auth_failure(self, surface: str, reason: str) -> None:
         """Count a refused request (`surface`: admin, xds, ca; `reason`: a short fixed word)."""
         self._auth_failures[(surface, reason)] += 1
@@ -370,6 +374,7 @@ class _LiveCollector(Collector):
         self.registry: Any = None
         self.webhook: Mapping[str, int] | None = None
         self.load: Any = None
+        self.shared: Any = None
 
     def describe(self) -> list:
         return []  # dynamic: describing would mean collecting at registration
@@ -512,6 +517,19 @@ class _LiveCollector(Collector):
             for result, count in sorted(dict(self.webhook).items()):
                 answers.add_metric([result], count)
             yield answers
+        if self.shared is not None:
+            up = GaugeMetricFamily(f"{ns}_redis_up", "1 while the shared-state Redis answers; 0: "
+                                   "degraded (xDS keeps serving, sharing resumes on return).")
+            up.add_metric([], 1.0 if self.shared.up else 0.0)
+            refused = CounterMetricFamily(
+                f"{ns}_shared_state_refused", "Shared-state entries refused, never trusted, by "
+                "reason (malformed; other-key: sealed with another state key; forged: failed "
+                "authentication).", labels=["reason"])
+            for reason in ("malformed", "other-key", "forged"):
+                refused.add_metric([reason], self.shared.refused.get(reason, 0))
+            ops = CounterMetricFamily(f"{ns}_redis_operations", "Redis commands sent.")
+            ops.add_metric([], self.shared.ops)
+            yield from (up, refused, ops)
         if self.authority is not None:
             root = GaugeMetricFamily(f"{ns}_ca_expiry_timestamp_seconds",
                                      "Unix time the CA certificate that signs expires.")

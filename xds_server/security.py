@@ -25,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+
+import grpc
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .ca.authority import CLOCK_SKEW, CAError, CertificateAuthority, KeyAlgorithm
 from .model.identity import DEFAULT_TRUST_DOMAIN, Identity, validate_trust_domain
@@ -45,6 +47,12 @@ from .xds.auth import Authenticator, AuthMode, GuardSettings, StreamGuard
 from .xds.cache import ResourceCache
 from .xds.tls import peer_certificate
 from .xds.server import XdsServer
+from .shared.store import SharedConfig
+
+if TYPE_CHECKING:
+    from .shared.store import SharedStore
+    from .shared_ca import SharedCA
+    from .shared_tokens import SharedRevocations
 
 log = logging.getLogger("xds_server.security")
 
@@ -73,6 +81,14 @@ class SecurityConfig:
     # Names in the xDS TLS certificate besides `localhost` and the listen hosts
     # (`--xds-tls-san`: the Service DNS names clients dial).
     tls_sans: tuple[str, ...] = ()
+    # Replicas acting as one (--redis-url, --state-key-file): one CA and token key for all,
+    # revocations on every replica. None: everything in this process and --ca-dir.
+    shared: SharedConfig | None = None
+    # In a cluster (--kubeconfig/--in-cluster): the Secret holding the one CA and token key of
+    # every replica (created by the Lease holder), and an operator's plugged-in CA Secret.
+    # None: each replica keeps its CA in --ca-dir (with --redis-url: in Redis).
+    ca_secret: str | None = "xds-server-ca"
+    ca_plugin_secret: str | None = "cacerts"
 
 
 def _certificate_identity(authenticator: Authenticator) -> Any:
@@ -116,6 +132,11 @@ class Security:
         self._kube_api = kube_api
         self._server: XdsServer | None = None
         self.tls: ServingCertificateKeeper | None = None  # when the server serves TLS
+        self.store: SharedStore | None = None  # shared state (set by `create`)
+        self.shared_ca: SharedCA | None = None
+        self.revocations: SharedRevocations | None = None
+        self.secret_ca: Any = None  # kube_ca.SecretCA, in a cluster
+        self.proxy_status: Any = None  # shared_status.SharedProxyStatus, with shared state
 
     @property
     def registry(self) -> Any:
@@ -154,11 +175,104 @@ class Security:
         *,
         kubernetes: Any = None,
         reviewer: Any = None,
+        is_leader: Any = None,
     ) -> Security:
-        """`build`, with the CA loaded (or generated) in a worker thread, off the loop."""
+        """`build`, with the CA loaded (or generated) in a worker thread, off the loop.
+        With shared state (a CA Secret in a cluster, else Redis), the CA is first obtained
+        from it (waiting while it cannot be). `is_leader`: whether this replica holds the
+        Lease (it creates a missing CA Secret)."""
+        store = shared_ca = None
+        secret_ca = None
+        active = AuthMode(config.auth) is not AuthMode.NONE
+        if active and kubernetes is not None and config.ca_secret:
+            secret_ca = cls._secret_ca(config, kubernetes, is_leader)
+            try:
+                await secret_ca.obtain()
+            except BaseException:
+                secret_ca.api.close()
+                raise
+        if config.shared is not None and active:
+            store, shared_ca = cls._shared(config)
+            try:
+                if secret_ca is None:
+                    await shared_ca.obtain()
+            except BaseException:
+                await store.client.aclose()
+                raise
         loaded = await asyncio.to_thread(cls.load_ca, config)
-        return cls.build(config, cache, listen_address, kubernetes=kubernetes,
-                         reviewer=reviewer, loaded=loaded)
+        security = cls.build(config, cache, listen_address, kubernetes=kubernetes,
+                             reviewer=reviewer, loaded=loaded)
+        if store is not None and shared_ca is not None:
+            # With a CA Secret, Redis carries revocations only: the Secret is the CA's home.
+            security._share(store, shared_ca if secret_ca is None else None)
+        if secret_ca is not None:
+            assert security.authority is not None
+            secret_ca.attach(security.authority)
+            security.secret_ca = secret_ca
+        return security
+
+    @staticmethod
+    def _secret_ca(config: SecurityConfig, kubernetes: Any, is_leader: Any) -> Any:
+        from .kube_ca import SecretCA
+        from .sources.kube_api import KubeApi, in_cluster_namespace, make_api_client
+
+        assert config.ca_secret
+        api = KubeApi(make_api_client(kubernetes.kubeconfig, in_cluster=kubernetes.in_cluster or None))
+        namespace = kubernetes.lease_namespace or in_cluster_namespace()
+        return SecretCA(api, namespace, config.ca_secret, config.ca_dir,
+                        is_leader=is_leader or (lambda: True),
+                        plugin_secret=config.ca_plugin_secret, trust_domain=config.trust_domain,
+                        key_algorithm=config.key_algorithm)
+
+    @staticmethod
+    def _shared(config: SecurityConfig) -> tuple[SharedStore, SharedCA]:
+        from .shared.statekey import load_state_key
+        from .shared.store import SharedStore
+        from .shared_ca import SharedCA
+
+        assert config.shared is not None
+        key = load_state_key(config.shared.state_key_file)  # ConfigError naming the file
+        store = SharedStore(config.shared.redis, key, replica=config.shared.replica)
+        return store, SharedCA(store, config.ca_dir, trust_domain=config.trust_domain,
+                               key_algorithm=config.key_algorithm)
+
+    def _share(self, store: SharedStore, shared_ca: SharedCA | None) -> None:
+        from .shared_tokens import SharedRevocations
+
+        self.store, self.shared_ca = store, shared_ca
+        assert self.authority is not None and self.tokens is not None
+        if shared_ca is not None:
+            shared_ca.attach(self.authority)
+        self.revocations = SharedRevocations(store, self.tokens, self.close_token_streams)
+
+    def close_token_streams(self, token_ids: Any) -> int:
+        """Close, now, the open streams proven with one of these workload tokens."""
+        server = self._server
+        if server is None:
+            return 0
+        ids = set(token_ids)
+        closed = 0
+        for conn in list(server.connections):
+            proof = conn.proof
+            if proof is not None and proof.token_id in ids:
+                why = f"token {proof.token_id} was revoked"
+                self.guard.stats.revoked_streams += 1
+                log.warning("closing a stream: %s", why,
+                            extra={"proxy": conn.proxy_id, "identity": str(proof.identity)})
+                server.close_connection(conn, grpc.StatusCode.UNAUTHENTICATED, why)
+                closed += 1
+        return closed
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """Revoke a workload token on every replica (this one's streams closed at once).
+        False when it was already revoked. Raises ValueError for a malformed id."""
+        if self.tokens is None:
+            raise ConfigError("workload tokens need the CA: run with --auth tokens")
+        if self.revocations is not None:
+            return await self.revocations.revoke(token_id)
+        fresh = await asyncio.to_thread(self.tokens.revoke, token_id)
+        self.close_token_streams([token_id])
+        return fresh
 
     @classmethod
     def build(
@@ -246,6 +360,22 @@ class Security:
                 self.certificates.run(stop, watch_files=self.config.watch_ca_files), name="sds"))
         if self.tls is not None:
             jobs.append(asyncio.create_task(self.tls.run(stop), name="xds-tls-certificate"))
+        if self.secret_ca is not None:
+            jobs.append(asyncio.create_task(self.secret_ca.run(stop), name="ca-secret"))
+        if self.store is not None:
+            jobs.append(asyncio.create_task(self.store.run(stop), name="shared-state"))
+        if self.store is not None and self._server is not None:
+            from .admin.views import proxies
+            from .shared_status import SharedProxyStatus
+
+            server, trust_domain = self._server, self.config.trust_domain
+            self.proxy_status = SharedProxyStatus(
+                self.store, lambda: proxies(server.connections, trust_domain))
+            jobs.append(asyncio.create_task(self.proxy_status.run(stop), name="shared-status"))
+        if self.shared_ca is not None:
+            jobs.append(asyncio.create_task(self.shared_ca.run(stop), name="shared-ca"))
+        if self.revocations is not None:
+            jobs.append(asyncio.create_task(self.revocations.run(stop), name="shared-revocations"))
         if self._server is not None:
             server = self._server
             jobs.append(asyncio.create_task(self.guard.watch_revocations(
@@ -262,6 +392,8 @@ class Security:
                 await asyncio.gather(*jobs, return_exceptions=True)
             if self._kube_api is not None:
                 self._kube_api.close()
+            if self.secret_ca is not None:
+                self.secret_ca.api.close()
 
     # For the admin API -----------------------------------------------------------------------
 
@@ -274,6 +406,20 @@ class Security:
         await self.certificates.start_root_rotation()
         return self.sds.rotation_status()
 
+    def shared_status(self) -> dict[str, Any] | None:
+        """Redis (up or degraded), the shared CA and what waits to be re-published."""
+        if self.store is None:
+            return None
+        data: dict[str, Any] = {**self.store.status(), "replica": self.store.replica,
+                                "degraded": not self.store.up}
+        if self.shared_ca is not None:
+            data["ca"] = {"generation": self.shared_ca.generation,
+                          "created_here": self.shared_ca.created,
+                          "publish_pending": self.shared_ca.publish_pending}
+        if self.revocations is not None:
+            data["revocations_pending"] = len(self.revocations.pending)
+        return data
+
     def rotation_status(self) -> dict[str, Any] | None:
         """The rotation phase with bundle delivery (who still lacks the new bundle)."""
         return self.sds.rotation_status() if self.sds is not None else None
@@ -285,6 +431,10 @@ class Security:
             data["xds_tls"] = {"names": list(self.tls.names), "serial": cert.serial_hex,
                                "not_after": cert.not_after.isoformat(),
                                "renewals": self.tls.renewals}
+        if self.store is not None:
+            data["shared_state"] = self.shared_status()
+        if self.secret_ca is not None:
+            data["ca_secret"] = self.secret_ca.status()
         if self.sds is not None:
             data["sds"] = self.sds.status()
             data["identities"] = self.sds.identities()

@@ -297,7 +297,12 @@ async def test_serve_enforces_tokens_and_never_logs_them(tmp_path: Path) -> None
 
                 reads = [p for p, item in spec["paths"].items() if "get" in item and p.startswith("/api/")]
                 writes = [p for p, item in spec["paths"].items() if "post" in item]
-                assert set(writes) == {"/api/v1/push", "/api/v1/ca/root-rotation"}
+                assert set(writes) == {"/api/v1/push", "/api/v1/ca/root-rotation", "/api/v1/tokens"}
+                deletes = [p for p, item in spec["paths"].items() if "delete" in item]
+                assert deletes == ["/api/v1/tokens/{token_id}"]
+                assert (await http.delete("/api/v1/tokens/0123456789abcdef")).status_code == 401
+                r = await http.delete("/api/v1/tokens/0123456789abcdef", headers=tokens.auth("read"))
+                assert r.status_code == 403 and "admin role" in r.json()["error"]
                 concrete = [p.replace("{proxy_id}", "cli-proxy.shop").replace("{namespace}/{pod}", "shop/web-0")
                             for p in reads]
                 for path in concrete:  # no token, a wrong token, a malformed header: 401
@@ -351,7 +356,7 @@ async def test_serve_enforces_tokens_and_never_logs_them(tmp_path: Path) -> None
                 assert metric(samples, "xds_server_auth_failures_total", surface="admin",
                               reason="missing") >= len(concrete)
                 assert metric(samples, "xds_server_auth_failures_total", surface="admin",
-                              reason="forbidden") == 2
+                              reason="forbidden") == len(writes) + 1  # + the DELETE
 
             # The operator CLI against the real process.
             env = {"XDS_SERVER_ADMIN_ADDRESS": served.admin_url, "XDS_SERVER_ADMIN_TOKEN": tokens.read}

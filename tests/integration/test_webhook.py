@@ -353,6 +353,8 @@ async def test_the_server_keeps_the_ca_bundle_on_the_mesh_roots(tmp_path: Path) 
         configuration = webhook_configuration()
         name = configuration["metadata"]["name"]
         fake.create(configuration)
+        # The server's namespace, where its CA Secret goes (every real cluster has it).
+        fake.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})
         running = await start_app(AppConfig(
             server=ServerSettings(address="127.0.0.1:0", debounce_quiet=0),
             kubernetes=KubernetesConfig(kubeconfig=kubeconfig, watch=KubeSettings(

@@ -102,6 +102,7 @@ RESOURCE_TYPES: tuple[ResourceType, ...] = (
     ResourceType("", "v1", "services", "Service"),
     ResourceType("", "v1", "pods", "Pod"),
     ResourceType("", "v1", "configmaps", "ConfigMap", status=False),
+    ResourceType("", "v1", "secrets", "Secret", status=False),
     ResourceType("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", status=False),
     ResourceType("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute", crd=True),
     ResourceType("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute", crd=True),

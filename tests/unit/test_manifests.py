@@ -490,8 +490,19 @@ def test_leader_election_is_a_role_in_the_server_namespace_only() -> None:
     role = find("Role", "xds-server-leader-election", SERVER_NAMESPACE)
     assert rules(role) == {("coordination.k8s.io", "leases", ("create", "get", "update"))}
     assert sorted(doc["kind"] for _, doc in DOCUMENTS if doc["kind"] in ("Role", "ClusterRole")) == [
-        "ClusterRole", "Role"
+        "ClusterRole", "Role", "Role"
     ]
+
+
+def test_the_ca_secret_is_reachable_by_name_in_the_server_namespace_only() -> None:
+    role = find("Role", "xds-server-ca-secret", SERVER_NAMESPACE)
+    by_names = {tuple(rule.get("resourceNames", ())): tuple(sorted(rule["verbs"])) for rule in role["rules"]}
+    assert by_names == {("xds-server-ca",): ("get", "list", "update", "watch"),
+                        ("cacerts",): ("get",),
+                        (): ("create",)}  # create cannot be limited by name (Kubernetes)
+    assert all(rule["resources"] == ["secrets"] and rule["apiGroups"] == [""] for rule in role["rules"])
+    for _, doc in of_kind("ClusterRole"):
+        assert all("secrets" not in rule["resources"] for rule in doc["rules"])
 
 
 def test_no_wildcards_and_no_secrets_anywhere() -> None:
@@ -500,7 +511,8 @@ def test_no_wildcards_and_no_secrets_anywhere() -> None:
             for rule in doc["rules"]:
                 for field in ("apiGroups", "resources", "verbs"):
                     assert "*" not in rule[field], f"{kind} {doc['metadata']['name']}: {field}: *"
-                assert "secrets" not in rule["resources"]
+                if doc["metadata"]["name"] != "xds-server-ca-secret":
+                    assert "secrets" not in rule["resources"]
                 assert not {"escalate", "bind", "impersonate", "delete", "deletecollection"} & set(rule["verbs"])
 
 
@@ -623,7 +635,7 @@ def test_deployment_environment_is_accepted_by_xds_server_serve(monkeypatch: pyt
             assert ctx.params["xds_tls_address"] == env["XDS_SERVER_XDS_TLS_ADDRESS"]
 
 
-def test_xds_over_tls_is_served_on_the_pod_network_for_the_service_names() -> None:
+def test_xds_over_tls_is_served_on_the_pod_network_for_the_service_names(tmp_path: Path) -> None:
     """15012 (mutual TLS) and 15013 (tokens over TLS) listen on the pod network, and the
     server certificate names the Service as clients dial it."""
     container = server_container()
@@ -636,8 +648,34 @@ def test_xds_over_tls_is_served_on_the_pod_network_for_the_service_names() -> No
     sans = env["XDS_SERVER_XDS_TLS_SAN"].split(",")
     for dns in (f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"):
         assert dns in sans
+    # The Secret-mounted files exist only in the pod: stand-ins here.
+    for name in ("XDS_SERVER_REDIS_PASSWORD_FILE", "XDS_SERVER_STATE_KEY_FILE"):
+        (tmp_path / name).write_text("x")
+        env[name] = str(tmp_path / name)
     settings = ServeSettings.load(environ=env)
     assert settings.xds.tls_sans == tuple(sans)
+
+
+def test_replicas_share_state_through_secrets_and_redis() -> None:
+    """The Deployment reads the Redis password and the state key from Secrets mounted read-only
+    (no secret in the manifests or the environment), dials the Redis Service, and Redis
+    requires the same password."""
+    container = server_container()
+    env = {e["name"]: e["value"] for e in container["env"]}
+    spec = find("Deployment", "xds-server", SERVER_NAMESPACE)["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert set(secrets.values()) == {"xds-server-redis", "xds-server-state-key"}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"] if m["name"] in secrets}
+    for variable in ("XDS_SERVER_REDIS_PASSWORD_FILE", "XDS_SERVER_STATE_KEY_FILE"):
+        directory = str(Path(env[variable]).parent)
+        assert directory in mounts and mounts[directory]["readOnly"] is True
+    redis_service = find("Service", "redis", SERVER_NAMESPACE)
+    assert env["XDS_SERVER_REDIS_URL"] == (
+        f"redis://{redis_service['metadata']['name']}.{SERVER_NAMESPACE}.svc:"
+        f"{redis_service['spec']['ports'][0]['port']}/0")
+    redis = find("Deployment", "redis", SERVER_NAMESPACE)["spec"]["template"]["spec"]["containers"][0]
+    assert "--requirepass" in redis["args"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in redis["env"]} == {"xds-server-redis"}
 
 
 def test_service_exposes_the_xds_and_admin_ports() -> None:

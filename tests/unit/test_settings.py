@@ -122,6 +122,11 @@ NON_DEFAULT = {
     "ca.ca_dir": "{tmp}/ca", "ca.trust_domain": "example.org", "ca.workload_ttl": "2h",
     "ca.key_algorithm": "rsa-2048", "ca.clock_skew": "1m", "ca.renewal_jitter": "0.2",
     "ca.rotation_startup_grace": "1m", "ca.watch_ca_files": False,
+    "ca.ca_secret": "mesh-ca", "ca.ca_plugin_secret": "off",
+    "shared.redis_url": "rediss://redis.ops.svc:6380/1", "shared.redis_password_file": "{kubeconfig}",
+    "shared.redis_ca_file": "{kubeconfig}", "shared.redis_key_prefix": "cp-b:",
+    "shared.redis_timeout": "3s", "shared.state_key_file": "{kubeconfig}",
+    "shared.replica_id": "replica-z",
     "mesh.mtls_mode": "strict", "mesh.root_namespace": "mesh-root", "mesh.default_deny": True,
     "admin.address": "127.0.0.1:25014", "admin.tokens_file": "{kubeconfig}",
     "admin.mtls": True, "admin.docs": True, "admin.identity_namespace": "ops",
@@ -159,6 +164,10 @@ def test_every_dataclass_field_is_reachable_from_a_setting(tmp_path: Path) -> No
     assert config.kubernetes is not None and config.kubernetes.watch is not None
     assert config.admin is not None and config.security is not None
     assert config.webhook is not None
+    shared = config.security.shared
+    assert shared is not None and shared.replica == "replica-z"
+    assert (shared.redis.url, shared.redis.key_prefix, shared.redis.timeout) == (
+        "rediss://redis.ops.svc:6380/1", "cp-b:", 3.0)
     injector = config.webhook.injector
     assert (injector.proxy_image, injector.init_image, injector.xds_address) == (
         "mirror.example/proxy:1", "mirror.example/init:1", "xds.ops.svc:25010")

@@ -166,7 +166,7 @@ def _field_problems(exc: RequestValidationError) -> list[dict[str, str]]:
 
 
 def create_app(ctx: AdminContext, *, docs: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    from .routes import ca, debug, health, mesh, netpol, proxies, ui
+    from .routes import ca, debug, health, mesh, netpol, proxies, tokens, ui
 
     app = FastAPI(
         title="xds-server admin API",
@@ -252,6 +252,7 @@ def create_app(ctx: AdminContext, *, docs: bool = False, max_body_bytes: int = M
     app.include_router(mesh.router)
     app.include_router(netpol.router)
     app.include_router(ca.router)
+    app.include_router(tokens.router)
     app.include_router(debug.router)
     app.include_router(ui.router)
     app.include_router(ui.api)

@@ -92,10 +92,17 @@ class Proxy(BaseModel):
     streams: list[Stream]
     status: Status = Field(description="The worst status of its types.")
     types: dict[str, TypeStatus]
+    replica: str | None = Field(default=None, description="With shared state: the replica "
+                                "(--replica-id) serving it.")
 
 
 class ProxyList(BaseModel):
     proxies: list[Proxy]
+    replicas: list[str] | None = Field(
+        default=None, description="With shared state: the replicas whose proxies are listed.")
+    complete: bool | None = Field(
+        default=None, description="With shared state: false when Redis could not be asked "
+        "(only this replica's proxies are listed).")
 
 
 class ConfigDump(BaseModel):
@@ -120,6 +127,10 @@ class ServerInfo(BaseModel):
     # Admission and push queues: initializing streams, push-slot waiters by queue (first
     # config, incremental), writes in flight, refusals by reason, and their limits.
     overload: dict[str, int] = Field(default_factory=dict)
+    shared_state: dict[str, Any] | None = Field(
+        default=None, description="Redis shared with the other replicas: up, or degraded (xDS "
+        "keeps serving; what could not be shared is re-published when it returns); refused "
+        "entries by reason. Absent without --redis-url.")
 
 
 class Model(BaseModel):
@@ -223,6 +234,28 @@ class RotationRequest(_Strict):
 class RotationResult(BaseModel):
     action: str
     rotation: dict[str, Any]
+
+
+# Workload tokens ----------------------------------------------------------------------------
+
+
+class TokenRequest(_Strict):
+    namespace: str = Field(min_length=1, max_length=63)
+    service_account: str = Field(min_length=1, max_length=253)
+    ttl: str = Field(default="24h", min_length=1, max_length=16,
+                     description="Lifetime: 1h, 24h, 30d (at most 365d).")
+
+
+class TokenIssued(BaseModel):
+    token: str = Field(description="The bearer token (shown once; never logged).")
+    token_id: str
+    identity: str
+    expires_at: str
+
+
+class TokenRevoked(BaseModel):
+    token_id: str
+    revoked: bool = Field(description="false: it was already revoked.")
 
 
 # Debug --------------------------------------------------------------------------------------

@@ -173,6 +173,9 @@ def context_from(running: Any, tokens: TokenStore, metrics: Metrics | None = Non
     if server_stats is not None:
         metrics.attach_refusals("csds", server_stats.csds_refusals)
     metrics.attach_cache(running.cache)
+    store = getattr(ca, "store", None)
+    if store is not None:
+        metrics.attach_shared(store)
     webhook = getattr(running, "webhook", None)
     if webhook is not None:
         metrics.attach_webhook(webhook.stats)

@@ -40,6 +40,55 @@ _ca_dir = click.option(
 )
 
 
+_redis_url = click.option(
+    "--redis-url", envvar="XDS_SERVER_REDIS_URL",
+    help="Act on the shared state of replicas using this Redis (with --state-key-file): the "
+         "token is signed with the shared key, a revocation reaches every replica.")
+_state_key_file = click.option(
+    "--state-key-file", envvar="XDS_SERVER_STATE_KEY_FILE",
+    type=click.Path(dir_okay=False, path_type=Path), help="The replicas' state key.")
+_redis_password_file = click.option(
+    "--redis-password-file", envvar="XDS_SERVER_REDIS_PASSWORD_FILE",
+    type=click.Path(dir_okay=False, path_type=Path), help="File holding the Redis password.")
+_redis_key_prefix = click.option(
+    "--redis-key-prefix", envvar="XDS_SERVER_REDIS_KEY_PREFIX", default="xds-server:",
+    show_default=True, help="Prefix of the replicas' keys.")
+_redis_ca_file = click.option(
+    "--redis-ca-file", envvar="XDS_SERVER_REDIS_CA_FILE",
+    type=click.Path(dir_okay=False, path_type=Path), help="Roots verifying a rediss:// server.")
+
+
+def _shared_options(command):
+    for option in (_redis_ca_file, _redis_key_prefix, _redis_password_file, _state_key_file, _redis_url):
+        command = option(command)
+    return command
+
+
+def _run_shared(action, redis_url: str, state_key_file: Path | None, password_file: Path | None,
+                key_prefix: str, ca_file: Path | None):
+    """Run `action(store)` against the shared state; errors as click exceptions."""
+    from ..shared.sealed import SealError
+    from ..shared.statekey import load_state_key
+    from ..shared.store import RedisSettings, SharedStateUnavailable, SharedStore
+
+    if state_key_file is None:
+        raise click.UsageError("--redis-url needs --state-key-file")
+
+    async def run():
+        settings = RedisSettings(url=redis_url, password_file=password_file, ca_file=ca_file,
+                                 key_prefix=key_prefix)
+        store = SharedStore(settings, load_state_key(state_key_file), replica="cli")
+        try:
+            return await action(store)
+        finally:
+            await store.client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (ConfigError, SealError, SharedStateUnavailable, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+
+
 @click.group("token")
 def token() -> None:
     """Workload tokens issued by this server (for workloads outside Kubernetes)."""
@@ -51,13 +100,37 @@ def token() -> None:
 @click.option("--ttl", type=DURATION, default="24h", show_default=True,
               help="Lifetime, e.g. 1h, 24h, 30d.")
 @_ca_dir
-def token_create(namespace: str, service_account: str, ttl: timedelta, ca_dir: Path) -> None:
+@_shared_options
+def token_create(namespace: str, service_account: str, ttl: timedelta, ca_dir: Path,
+                 redis_url: str | None, state_key_file: Path | None,
+                 redis_password_file: Path | None, redis_key_prefix: str,
+                 redis_ca_file: Path | None) -> None:
     """Create a token. The token goes to stdout (only it, for scripts); its id and expiry
     to stderr."""
     from .tokens import TokenIssuer
 
+    if redis_url:
+        async def shared_issuer(store):
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import ec
+
+            from ..shared_ca import CA_ENTRY, decode
+            from .tokens import TOKEN_KEY
+
+            data = await store.get_sealed(CA_ENTRY)
+            if data is None:
+                raise click.ClickException("no shared CA in Redis yet: start a replica first")
+            key = serialization.load_pem_private_key(decode(data)[0][TOKEN_KEY], password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise click.ClickException("the shared token-signing key is not ECDSA P-256")
+            return TokenIssuer(ca_dir, key=key)
+
+        issuer = _run_shared(shared_issuer, redis_url, state_key_file, redis_password_file,
+                             redis_key_prefix, redis_ca_file)
+    else:
+        issuer = None
     try:
-        issued = TokenIssuer(ca_dir).issue(namespace, service_account, ttl)
+        issued = (issuer or TokenIssuer(ca_dir)).issue(namespace, service_account, ttl)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     click.echo(issued.token)
@@ -71,10 +144,26 @@ def token_create(namespace: str, service_account: str, ttl: timedelta, ca_dir: P
 @token.command("revoke")
 @click.argument("token_id")
 @_ca_dir
-def token_revoke(token_id: str, ca_dir: Path) -> None:
-    """Revoke a token by id. A running server applies it on the next verification."""
-    from .tokens import TokenIssuer
+@_shared_options
+def token_revoke(token_id: str, ca_dir: Path, redis_url: str | None, state_key_file: Path | None,
+                 redis_password_file: Path | None, redis_key_prefix: str,
+                 redis_ca_file: Path | None) -> None:
+    """Revoke a token by id. A running server applies it on the next verification; with
+    --redis-url every replica closes its streams at once."""
+    from .tokens import TokenIssuer, validate_token_id
 
+    if redis_url:
+        async def revoke(store):
+            from ..shared_tokens import store_revocation
+            from .authority import utcnow
+
+            validate_token_id(token_id)
+            await store_revocation(store, token_id, utcnow().isoformat())
+
+        _run_shared(revoke, redis_url, state_key_file, redis_password_file, redis_key_prefix,
+                    redis_ca_file)
+        click.echo(f"token {token_id} revoked on every replica", err=True)
+        return
     try:
         fresh = TokenIssuer(ca_dir).revoke(token_id)
     except ValueError as err:

@@ -89,6 +89,7 @@ class TokenIssuer:
         max_ttl: timedelta = MAX_TOKEN_TTL,
         leeway: timedelta = LEEWAY,
         clock: Clock = utcnow,
+        key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.issuer = issuer
@@ -96,13 +97,16 @@ class TokenIssuer:
         self.max_ttl = max_ttl
         self.leeway = leeway
         self.clock = clock
-        self._key = self._load_or_create_key()
+        # `key`: a key held in memory (the CLI acting on shared state): nothing read or written.
+        self._key = key if key is not None else self._load_or_create_key()
         self._public_key = self._key.public_key()
         self.key_id = _key_id(self._public_key)
         self._lock = threading.Lock()
         self._revoked: dict[str, str] = {}
         self._revoked_identities: dict[str, str] = {}  # "ns/sa" -> when (ISO 8601)
         self._revoked_stat: tuple[int, int, int] | None = None
+        # Revocations made on other replicas (the shared state), besides the file's.
+        self._shared_revoked: dict[str, str] = {}
 
     # -- key -----------------------------------------------------------------------------
 
@@ -261,6 +265,8 @@ class TokenIssuer:
 
     def is_revoked(self, token_id: str) -> bool:
         with self._lock:
+            if token_id in self._shared_revoked:
+                return True
             self._refresh_revoked()
             return token_id in self._revoked
 
@@ -268,7 +274,14 @@ class TokenIssuer:
         """token id -> when it was revoked (ISO 8601)."""
         with self._lock:
             self._refresh_revoked()
-            return dict(self._revoked)
+            return {**self._shared_revoked, **self._revoked}
+
+    def add_shared_revocations(self, revoked: dict[str, str]) -> list[str]:
+        """Revocations learnt from the shared state (token id -> when); returns the new ids."""
+        with self._lock:
+            new = [tid for tid in revoked if tid not in self._shared_revoked]
+            self._shared_revoked.update(revoked)
+            return new
 
     def revoke(self, token_id: str) -> bool:
         """Revoke a token by id (persisted). False if it was already revoked.

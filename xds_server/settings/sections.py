@@ -39,6 +39,13 @@ _INJECTOR = InjectorSettings()
 _READS = ReadLimits()
 
 
+def _off(value: object) -> object:
+    """'off' (or none, empty) turns an optional name off."""
+    if value is None or str(value).strip().lower() in ("", "off", "none"):
+        return None
+    return value
+
+
 class LoggingSection(Section):
     level: Literal["debug", "info", "warning", "error"] = setting(
         "info", "--log-level", "Least severe level logged.")
@@ -289,6 +296,50 @@ class CaSection(Section):
         "(proxies reconnect first).")
     watch_ca_files: bool = setting(_SECURITY.watch_ca_files, "--watch-ca-files",
                                    "Reload the CA files when they change.")
+    ca_secret: Annotated[str | None, BeforeValidator(_off)] = setting(
+        _SECURITY.ca_secret, "--ca-secret",
+        "In a cluster: the Secret (in the server's namespace) holding the one CA and token key "
+        "of every replica; created by the Lease holder when missing, watched by all. 'off': "
+        "each replica keeps its own in --ca-dir.", min_length=1)
+    ca_plugin_secret: Annotated[str | None, BeforeValidator(_off)] = setting(
+        _SECURITY.ca_plugin_secret, "--ca-plugin-secret",
+        "In a cluster: an operator's CA Secret (ca-cert.pem, ca-key.pem, root-cert.pem, "
+        "cert-chain.pem) that wins over a generated root when --ca-secret is first created; "
+        "'off': none.", min_length=1)
+
+
+class SharedSection(Section):
+    redis_url: str | None = setting(
+        None, "--redis-url",
+        "Share state with the other replicas through this Redis (redis://HOST:PORT/DB or "
+        "rediss://...): one CA and token key for all (sealed with --state-key-file), workload-"
+        "token revocations on every replica. No password in the URL (--redis-password-file).",
+        default_text="none: this process only", pattern=r"^rediss?://")
+    redis_password_file: FilePath | None = setting(
+        None, "--redis-password-file", "File holding the Redis password (e.g. a mounted Secret).")
+    redis_ca_file: FilePath | None = setting(
+        None, "--redis-ca-file", "PEM roots that verify a rediss:// server.",
+        default_text="the system's")
+    redis_key_prefix: str = setting(
+        "xds-server:", "--redis-key-prefix",
+        "Prefix of every key and channel (control planes sharing one Redis use different ones).",
+        min_length=1)
+    redis_timeout: Seconds = setting(2.0, "--redis-timeout",
+                                     "Longest one Redis operation (and connect) may take.", gt=0)
+    state_key_file: FilePath | None = setting(
+        None, "--state-key-file",
+        "The key sealing every secret in shared state: 32 random bytes, base64 (`xds-server "
+        "state-key create`); the same file on every replica. Required with --redis-url.")
+    replica_id: str | None = setting(
+        None, "--replica-id", "This replica's name in shared state.",
+        default_text="HOSTNAME-PID", min_length=1)
+
+    @model_validator(mode="after")
+    def _key_with_redis(self) -> SharedSection:
+        if self.redis_url and self.state_key_file is None:
+            raise ConfigError("--redis-url needs --state-key-file (the key sealing shared "
+                              "secrets; `xds-server state-key create` writes one)")
+        return self
 
 
 class MeshSection(Section):

@@ -20,6 +20,7 @@ from ..inject.settings import InjectorSettings, WebhookSettings
 from ..model.security import SecuritySettings
 from ..security import DEFAULT_TOKEN_AUDIENCE, SecurityConfig
 from ..sources.reading import ReadLimits
+from ..shared.store import RedisSettings, SharedConfig, default_replica_id
 from ..translate.scope import ScopeSettings
 from ..xds.auth import AuthMode, GuardSettings
 from ..xds.lrs import LrsSettings
@@ -34,6 +35,7 @@ from .sections import (
     LoggingSection,
     MeshSection,
     ScopeSection,
+    SharedSection,
     SourcesSection,
     WebhookSection,
     XdsSection,
@@ -56,6 +58,7 @@ class ServeSettings(BaseSettings):
     auth: AuthSection = Field(default_factory=AuthSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     ca: CaSection = Field(default_factory=CaSection)
+    shared: SharedSection = Field(default_factory=SharedSection)
     mesh: MeshSection = Field(default_factory=MeshSection)
     admin: AdminSection = Field(default_factory=AdminSection)
     webhook: WebhookSection = Field(default_factory=WebhookSection)
@@ -139,6 +142,8 @@ class ServeSettings(BaseSettings):
             key_algorithm=ca.key_algorithm, limits=guard, clock_skew=ca.clock_skew,
             renewal_jitter=ca.renewal_jitter, rotation_startup_grace=ca.rotation_startup_grace,
             watch_ca_files=ca.watch_ca_files, tls_sans=x.tls_sans,
+            shared=self._shared_config(), ca_secret=ca.ca_secret,
+            ca_plugin_secret=ca.ca_plugin_secret,
         )
         admin = None
         if self.admin.address is not None:
@@ -161,6 +166,21 @@ class ServeSettings(BaseSettings):
             kubernetes=self._kubernetes_config(), admin=admin, security=security,
             mesh_security=mesh, load_reports=LrsSettings(interval=x.load_report_interval),
         )
+
+    def _shared_config(self) -> SharedConfig | None:
+        shared = self.shared
+        if not shared.redis_url:
+            return None
+        if self.auth.mode is AuthMode.NONE:
+            raise ConfigError("--redis-url: shared state holds the CA and token revocations, "
+                              "which --auth none does not run")
+        assert shared.state_key_file is not None  # the section's check
+        redis = RedisSettings(url=shared.redis_url, password_file=shared.redis_password_file,
+                              ca_file=shared.redis_ca_file, key_prefix=shared.redis_key_prefix,
+                              timeout=shared.redis_timeout, connect_timeout=shared.redis_timeout)
+        redis.check()
+        return SharedConfig(redis=redis, state_key_file=shared.state_key_file,
+                            replica=shared.replica_id or default_replica_id())
 
     def _webhook_config(self, security: SecurityConfig) -> WebhookSettings | None:
         hook = self.webhook

@@ -78,6 +78,7 @@ class ResourceKind:
 
 
 LEASE = ResourceKind("Lease", "coordination.k8s.io", "v1", "leases")
+SECRET = ResourceKind("Secret", "", "v1", "secrets")
 TOKEN_REVIEW = ResourceKind("TokenReview", "authentication.k8s.io", "v1", "tokenreviews",
                             namespaced=False)
 
@@ -226,6 +227,7 @@ class KubeApi:
 
     def watch(self, kind: ResourceKind, watcher: k8s_watch.Watch, *, resource_version: str,
               timeout_seconds: int, label_selector: str | None = None,
+              namespace: str | None = None, field_selector: str | None = None,
               ) -> Generator[dict[str, Any], None, None]:
         """Events from `resource_version` on, as decoded by the official `Watch`: dicts with
         `type` and `object` (the raw dict). Ends when the server closes the watch (after
@@ -239,10 +241,11 @@ class KubeApi:
                 ("allowWatchBookmarks", "true"),
                 ("timeoutSeconds", str(timeout_seconds)),
                 ("labelSelector", label_selector),
+                ("fieldSelector", field_selector),
             ]
             # The read timeout only catches a dead connection: the server itself ends the
             # watch after timeout_seconds, so silence for longer than that means it is gone.
-            response = self._call("GET", kind.path(), query=query,
+            response = self._call("GET", kind.path(namespace), query=query,
                                   timeout=(CONNECT_TIMEOUT, timeout_seconds + 30.0))
             if not 200 <= response.status <= 299:
                 data = response.read()

@@ -43,6 +43,13 @@ def readiness(ctx: AdminContext) -> dict:
         checks["ca"] = {"ok": ok, "detail": detail}
     else:
         checks["ca"] = {"ok": True, "detail": "no CA configured"}
+    shared = ctx.security.shared_status() if ctx.security is not None else None
+    if shared is not None:
+        # Degraded is still ready: xDS serves from this replica's own sources and CA.
+        checks["shared_state"] = {
+            "ok": True,
+            "detail": f"Redis {shared['url']} up" if shared["up"] else
+            f"degraded: Redis {shared['url']} unreachable (serving; re-published when it returns)"}
     return {"ready": all(c["ok"] for c in checks.values()), "checks": checks}
 
 

@@ -19,7 +19,8 @@ Section = Literal["namespaces", "services", "endpoints", "workloads", "routes", 
 
 @router.get("/server", response_model=ServerInfo, summary="The xDS server: address and counters")
 async def server_info(request: Request) -> dict:
-    server = context(request).server
+    ctx = context(request)
+    server = ctx.server
     return {
         "xds_address": server.address,
         "control_plane_id": server.settings.control_plane_id,
@@ -30,6 +31,7 @@ async def server_info(request: Request) -> dict:
         "stats": {f.name: dict(v) if isinstance(v := getattr(server.stats, f.name), dict) else v
                   for f in dataclasses.fields(server.stats)},
         "overload": server.overload() if hasattr(server, "overload") else {},
+        "shared_state": ctx.security.shared_status() if ctx.security is not None else None,
     }
 
 

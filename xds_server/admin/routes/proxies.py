@@ -34,11 +34,18 @@ async def list_proxies(
                                                        "(the worst of their types) is this.")] = None,
 ):
     ctx = context(request)
-    proxies = views.proxies(ctx.server.connections, ctx.trust_domain)
+    shared = getattr(ctx.security, "proxy_status", None)
+    extra: dict = {}
+    if shared is not None:
+        # With shared state: the proxies of every replica, each with the replica serving it.
+        proxies, replicas, complete = await shared.control_plane()
+        extra = {"replicas": replicas, "complete": complete}
+    else:
+        proxies = views.proxies(ctx.server.connections, ctx.trust_domain)
     if status is not None:
         proxies = [p for p in proxies if p["status"] == status]
     # Documented by ProxyList; returned as built (thousands of proxies: no second validation).
-    return JSONResponse({"proxies": proxies})
+    return JSONResponse({"proxies": proxies, **extra})
 
 
 @router.get("/proxies/{proxy_id}", response_model=Proxy, summary="One proxy's status")

@@ -1,0 +1,1 @@
+"""State shared by the replicas of one control plane (Redis), sealed with the operator's key."""
