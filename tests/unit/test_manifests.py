@@ -602,10 +602,13 @@ def test_probes_use_the_admin_apis_health_endpoints() -> None:
                      "http-admin": 15014, "https-webhook": 15017}
 
 
-def test_no_plaintext_xds_off_the_pod_and_no_opt_out() -> None:
+def test_no_plaintext_xds_off_the_pod_and_no_opt_out(tmp_path: Path) -> None:
     """Tokens and keys never cross the pod network in clear: plaintext xDS keeps its loopback
     default, and the loud opt-out is not used."""
     env = {e["name"]: e["value"] for e in server_container()["env"]}
+    for name in ("XDS_SERVER_REDIS_PASSWORD_FILE", "XDS_SERVER_STATE_KEY_FILE"):
+        (tmp_path / name).write_text("x")  # mounted from Secrets in the cluster
+        env[name] = str(tmp_path / name)
     assert "XDS_SERVER_XDS_ADDRESS" not in env
     assert "XDS_SERVER_ALLOW_PLAINTEXT_TOKENS_OFF_HOST" not in env
     assert env["XDS_SERVER_AUTH"] == "tokens"
