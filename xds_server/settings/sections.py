@@ -63,6 +63,10 @@ class XdsSection(Section):
         "server's event loop; refused handshakes are counted by reason in "
         "xds_server_tls_handshake_refusals_total, then bytes are relayed to the gRPC server on "
         "an internal loopback port) or grpc (grpc core's TLS: refusals are not counted).")
+    tls_handshake_timeout: Seconds = setting(
+        _SERVER.tls_handshake_timeout, "--xds-tls-handshake-timeout",
+        "With --xds-tls-frontend python: a client whose TLS handshake is not done this long "
+        "after connecting is dropped (counted as reason timeout).", gt=0)
     tls_sans: Words = setting(
         (), "--xds-tls-san",
         "Name in the xDS TLS certificate (the names clients dial, e.g. the Service's DNS "

@@ -72,6 +72,8 @@ class ServerSettings:
     # (xds/tls_front.py: refusals counted by reason, bytes relayed to an internal loopback
     # listener), or "grpc", grpc core's own TLS (refusals not seen by Python).
     tls_frontend: str = "python"
+    # The front drops (and counts as "timeout") a client whose handshake is not done by then.
+    tls_handshake_timeout: float = 10.0
     # `--auth tokens` on a plaintext address beyond loopback is refused at start (app.py)
     # unless this is set: tokens and SDS keys would cross the network in clear.
     allow_plaintext_tokens_off_host: bool = False
@@ -288,7 +290,8 @@ class XdsServer:
     async def _start_front(self) -> None:
         assert self.tls is not None and self.settings.tls_address
         host, port = self.settings.tls_address.rsplit(":", 1)
-        front = TlsFront(self.tls, ("127.0.0.1", self._front_internal_port))
+        front = TlsFront(self.tls, ("127.0.0.1", self._front_internal_port),
+                         handshake_timeout=self.settings.tls_handshake_timeout)
         try:
             self.tls_port = await front.start(host.strip("[]") or None, int(port))  # type: ignore[arg-type]
         except OSError as err:

@@ -13,9 +13,10 @@ registered before the relay's first byte and removed at close. The relay binds i
 explicitly, so while it is registered no other socket on this host can connect from it; a
 caller of the internal port from anywhere else is plaintext loopback, as on --xds-address.
 
-The relay keeps flow control: each direction reads only after the other side took the last
-chunk (`drain`), so a slow reader pauses its writer's reads. A client's end of stream is
-passed on as a half-close; the server's closes the TLS side (TLS has no half-close).
+The relay is two protocols writing into each other's transport (no task or copy per chunk
+beyond asyncio's), with flow control: when one side's write buffer is full, the other side's
+reading pauses until it drains. An end of stream is passed on as a half-close where TCP allows,
+and closes the TLS side otherwise (TLS has no half-close in asyncio).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import socket
 import ssl
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .tls import RELAYED, PeerCertificate, TlsCredentials
 
@@ -36,7 +38,6 @@ log = logging.getLogger("xds_server.xds")
 __all__ = ["TlsFront", "REFUSAL_REASONS"]
 
 HANDSHAKE_TIMEOUT = 10.0  # a client that never finishes its handshake is dropped (counted)
-_CHUNK = 256 * 1024
 # OpenSSL verify codes (X509_V_ERR_*) to the reasons counted.
 _VERIFY_REASONS = {
     9: "not_yet_valid", 10: "expired",
@@ -89,7 +90,6 @@ def _certificate(der: bytes | None) -> PeerCertificate | None:
         uris = tuple(sans.get_values_for_type(x509.UniformResourceIdentifier))
     except x509.ExtensionNotFound:
         uris = ()
-    from cryptography.hazmat.primitives.serialization import Encoding
     return PeerCertificate(uris, cert.public_bytes(Encoding.PEM))
 
 
@@ -157,11 +157,10 @@ class TlsFront:
 
     async def _serve(self, raw: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=_CHUNK)
-        protocol = asyncio.StreamReaderProtocol(reader)
+        client = _Side()
         try:
             transport = await asyncio.wait_for(
-                loop.start_tls(raw, protocol, self.context(), server_side=True,
+                loop.start_tls(raw, client, self.context(), server_side=True,
                                ssl_handshake_timeout=self.handshake_timeout * 2),
                 self.handshake_timeout)
         except (OSError, TimeoutError, asyncio.TimeoutError, EOFError) as err:
@@ -170,10 +169,9 @@ class TlsFront:
         if transport is None:  # closed during the handshake
             self._refuse("protocol", raw, "closed")
             return
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        ssl_object = writer.get_extra_info("ssl_object")
+        client.connection_made(transport)  # start_tls does not call it
         try:
-            cert = _certificate(ssl_object.getpeercert(binary_form=True))
+            cert = _certificate(transport.get_extra_info("ssl_object").getpeercert(binary_form=True))
         except ValueError as err:
             self._refuse("bad_certificate", transport, err)
             return
@@ -185,19 +183,87 @@ class TlsFront:
             return
         self.accepted += 1
         host, port = self.internal
-        out_reader, out_writer = await asyncio.open_connection(
-            host, port, local_addr=(host, 0), limit=_CHUNK)
-        sock = out_writer.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        local = out_writer.get_extra_info("sockname")
-        key = (local[0], local[1])
-        RELAYED[key] = cert
+        server = _Side()
+        key: tuple[str, int] | None = None
         try:
-            await _relay(reader, writer, out_reader, out_writer)
+            relay, _ = await loop.create_connection(lambda: server, host, port,
+                                                    local_addr=(host, 0))
+            local = relay.get_extra_info("sockname")
+            key = (local[0], local[1])
+            RELAYED[key] = cert  # before the first byte: the stream's first call looks it up
+            client.pair(server)
+            await asyncio.gather(client.closed, server.closed)
         finally:
-            RELAYED.pop(key, None)
-            out_writer.transport.abort()
-            transport.abort()
+            if key is not None:
+                RELAYED.pop(key, None)
+            for side in (client, server):
+                if side.transport is not None:
+                    side.transport.abort()
+
+
+class _Side(asyncio.Protocol):
+    """One end of the relay: what it receives is written to the other end. Flow control:
+    when the other end's write buffer is full (`pause_writing` on it), this end stops
+    reading until it drains. An end of stream is passed on as a half-close where the other
+    transport can (plain TCP), else closes it (TLS has no half-close); a closed end closes
+    the other after its buffered bytes are written (`abort` after an error)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Side | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._early: list[bytes] = []  # received before the other end existed
+
+    def pair(self, other: _Side) -> None:
+        self.other, other.other = other, self
+        assert self.transport is not None and other.transport is not None
+        for data in self._early:
+            other.transport.write(data)
+        self._early.clear()
+        if self.closed.done():
+            other.transport.close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        other = self.other
+        if other is None or other.transport is None:
+            self._early.append(data)
+        else:
+            other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        other = self.other
+        if other is None or other.transport is None:
+            return False
+        if other.transport.can_write_eof():
+            other.transport.write_eof()
+            return self.transport is not None and self.transport.can_write_eof()
+        other.transport.close()
+        return False
+
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        other = self.other
+        if other is not None and other.transport is not None:
+            if exc is None:
+                other.transport.close()
+            else:
+                other.transport.abort()
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class _Accepting(asyncio.Protocol):
@@ -219,36 +285,3 @@ def _abort(transport: asyncio.BaseTransport) -> None:
         abort()
     else:
         transport.close()
-
-
-async def _relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
-                 server_reader: asyncio.StreamReader, server_writer: asyncio.StreamWriter) -> None:
-    upstream = asyncio.ensure_future(_pump(client_reader, server_writer, half_close=True))
-    downstream = asyncio.ensure_future(_pump(server_reader, client_writer, half_close=False))
-    try:
-        # The client's end of stream is passed on and the server's answer still flows; the
-        # server's end (or an error either way) ends the connection.
-        done, _ = await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
-        if downstream not in done:
-            if upstream.exception() is None:
-                await downstream
-    finally:
-        for task in (upstream, downstream):
-            task.cancel()
-        await asyncio.gather(upstream, downstream, return_exceptions=True)
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                half_close: bool) -> None:
-    while True:
-        data = await reader.read(_CHUNK)
-        if not data:
-            break
-        writer.write(data)
-        await writer.drain()  # backpressure: no more reading while the other side is full
-    if half_close and writer.can_write_eof():
-        writer.write_eof()
-    elif not half_close:
-        with contextlib.suppress(Exception):
-            writer.close()
-            await writer.wait_closed()
