@@ -161,3 +161,74 @@ async def test_a_relayed_certificate_is_the_identity_and_counts_nothing(front: T
     server_front = front.server.tls_front
     assert server_front is not None and not server_front.refusals
     assert server_front.accepted >= 1
+
+
+# The relay itself, in front of a plain TCP server we control ------------------------------
+
+
+async def test_the_relay_keeps_flow_control_and_passes_the_end_of_stream(tmp_path: Path) -> None:
+    """A server that does not read stops the client's writes (nothing piles up in the
+    front); once it reads, every byte arrives in order, then the client's end of stream; and
+    the relay socket's certificate is registered only while the relay is open."""
+    from xds_server.ca.serving import issue_serving_certificate
+    from xds_server.xds.tls import RELAYED
+    from xds_server.xds.tls import TlsCredentials
+    from xds_server.xds.tls_front import TlsFront
+
+    authority = CertificateAuthority(tmp_path / "ca")
+    serving = issue_serving_certificate(authority, ["localhost"])
+    assert serving.key_pem is not None
+    credentials = TlsCredentials(serving.chain_pem, serving.key_pem, authority.trust_bundle_pem)
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put((reader, writer))
+
+    listening = socket.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # inherited
+    listening.bind(("127.0.0.1", 0))
+    backend = await asyncio.start_server(on_connect, sock=listening)
+    front = TlsFront(credentials, ("127.0.0.1", backend.sockets[0].getsockname()[1]))
+    port = await front.start("127.0.0.1", 0)
+    cert = SvidIssuer(authority).issue_for_identity(Identity(*WEB))
+    context = _client_context(cert, authority.trust_bundle_pem, tmp_path)
+    client = await asyncio.to_thread(  # blocking: the front serves on this loop
+        lambda: context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=60)))
+    sent = [0]
+
+    def send(payload: bytes) -> None:  # a blocking client: sendall waits when TCP says so
+        view = memoryview(payload)
+        for at in range(0, len(payload), 1 << 20):
+            client.sendall(view[at:at + (1 << 20)])
+            sent[0] += len(view[at:at + (1 << 20)])
+
+    try:
+        server_reader, server_writer = await asyncio.wait_for(accepted.get(), 20)
+        peer = server_writer.get_extra_info("peername")
+        assert RELAYED[(peer[0], peer[1])].spiffe_ids == (f"spiffe://cluster.local/ns/{WEB[0]}/sa/{WEB[1]}",)
+        server_writer.transport.pause_reading()  # a server that does not read
+
+        # More than the kernel's buffers on the way can hold (up to 32 MiB to receive, 4 MiB
+        # to send per socket here): the rest must wait in the client, not in the front.
+        payload = os.urandom(96 * 1024 * 1024)
+        sending = asyncio.create_task(asyncio.to_thread(send, payload))
+        await asyncio.sleep(3)
+        assert not sending.done() and sent[0] < 64 * 1024 * 1024, "the client was never held back"
+
+        server_writer.transport.resume_reading()
+        received = await asyncio.wait_for(server_reader.readexactly(len(payload)), 120)
+        assert received == payload
+        await asyncio.wait_for(sending, 20)
+        client.close()
+        assert await asyncio.wait_for(server_reader.read(), 20) == b""  # the end passed on
+        for _ in range(200):
+            if (peer[0], peer[1]) not in RELAYED:
+                break
+            await asyncio.sleep(0.05)
+        assert (peer[0], peer[1]) not in RELAYED
+        server_writer.close()
+    finally:
+        client.close()
+        await front.stop()
+        backend.close()
+    assert not front.refusals and front.accepted == 1
