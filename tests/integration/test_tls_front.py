@@ -81,7 +81,8 @@ async def test_refusals_are_counted_in_the_metrics_of_a_running_server(tmp_path:
         sys.executable, "-m", "xds_server.cli", "--log-format", "text", "serve", "--auth", "tokens",
         "--admin-address", f"127.0.0.1:{admin}", "--ca-dir", str(ca_dir),
         "--xds-address", f"127.0.0.1:{free_port()}", "--xds-tls-address", f"127.0.0.1:{mtls}",
-        "--xds-tls-token-address", "off", "--xds-tls-handshake-timeout", "1s",
+        "--xds-tls-token-address", "off", "--xds-tls-frontend", "python",
+        "--xds-tls-handshake-timeout", "1s",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout is not None
@@ -134,7 +135,7 @@ async def test_refusals_are_counted_in_the_metrics_of_a_running_server(tmp_path:
 
 @pytest.fixture
 async def front(tmp_path: Path):
-    running = await TlsServer(tmp_path).start()
+    running = await TlsServer(tmp_path, frontend="python").start()
     yield running
     await running.close()
 
