@@ -35,7 +35,7 @@ from .tls import RELAYED, PeerCertificate, TlsCredentials
 
 log = logging.getLogger("xds_server.xds")
 
-__all__ = ["TlsFront", "REFUSAL_REASONS"]
+__all__ = ["REFUSAL_REASONS", "TlsFront"]
 
 HANDSHAKE_TIMEOUT = 10.0  # a client that never finishes its handshake is dropped (counted)
 # OpenSSL verify codes (X509_V_ERR_*) to the reasons counted.
@@ -163,7 +163,7 @@ class TlsFront:
                 loop.start_tls(raw, client, self.context(), server_side=True,
                                ssl_handshake_timeout=self.handshake_timeout * 2),
                 self.handshake_timeout)
-        except (OSError, TimeoutError, asyncio.TimeoutError, EOFError) as err:
+        except (OSError, TimeoutError, EOFError) as err:
             self._refuse(_reason(err), raw, err)
             return
         if transport is None:  # closed during the handshake
