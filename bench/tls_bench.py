@@ -3,7 +3,7 @@ latency to N streams, and what a server-certificate swap costs with N streams op
 
 The server runs in a child process (`--serve`): `serve --auth tokens` as security.py wires it
 (CA, guard, SDS, the TLS keeper), N raw clusters in the cache, plaintext on loopback and mutual
-TLS. It takes commands on stdin: `push` (one cluster changed; prints the change's time_ns) and
+TLS (its handshake by grpc core, or by the TLS front: `--transports`, in the same run). It takes commands on stdin: `push` (one cluster changed; prints the change's time_ns) and
 `swap` (a new server certificate; prints how long the swap took on the loop). The client
 (this process) opens N ADS streams spread over `--channels` connections, each asking CDS and
 ACKing, as the same workload identity (a workload token in plaintext, its SVID over mTLS).
@@ -52,6 +52,7 @@ async def serve(args: argparse.Namespace) -> None:
                                                  max_requests_per_second=0))
     security = Security.build(config, cache, "127.0.0.1:0")
     server = XdsServer(cache, ServerSettings(address="127.0.0.1:0", tls_address="127.0.0.1:0",
+                                             tls_frontend=args.tls_frontend,
                                              debounce_quiet=0, debounce_max=0))
     security.attach(server)
     await server.start()
@@ -123,7 +124,7 @@ class Stream:
 async def measure(kind: str, info: dict, proc, args: argparse.Namespace) -> dict:
     options = [("grpc.use_local_subchannel_pool", 1),
                ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    if kind == "mtls":
+    if kind.startswith("mtls"):
         creds = grpc.ssl_channel_credentials(info["bundle"].encode(), info["key"].encode(),
                                              info["cert"].encode())
         target = f"127.0.0.1:{info['mtls']}"
@@ -175,10 +176,12 @@ async def measure(kind: str, info: dict, proc, args: argparse.Namespace) -> dict
 
 async def client(args: argparse.Namespace) -> list[dict]:
     rows = []
-    for kind in ("plaintext", "mtls"):
+    for kind in args.transports.split(","):
+        frontend = kind.partition("-")[2] or "grpc"
         with tempfile.TemporaryDirectory() as ca_dir:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, __file__, "--serve", "--ca-dir", ca_dir,
+                "--tls-frontend", frontend,
                 "--clusters", str(args.clusters), stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, env={**os.environ, "XDS_SERVER_LOG_LEVEL": "error"},
                 limit=1 << 24)
@@ -201,6 +204,10 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=100, help="connections (TLS handshakes)")
     ap.add_argument("--clusters", type=int, default=50, help="clusters in each CDS response")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--transports", default="plaintext,mtls-grpc,mtls-python",
+                    help="comma-separated: plaintext (token), mtls-grpc (grpc core's TLS), "
+                         "mtls-python (the TLS front, --xds-tls-frontend python)")
+    ap.add_argument("--tls-frontend", default="python", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         import logging

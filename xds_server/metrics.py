@@ -469,6 +469,17 @@ class _LiveCollector(Collector):
             limits.add_metric([name], count)
         yield limits
 
+        front = getattr(server, "tls_front", None) if server is not None else None
+        if front is not None:
+            handshakes = CounterMetricFamily(
+                f"{ns}_tls_handshake_refusals", "TLS handshakes refused on the xDS mutual-TLS "
+                "port (--xds-tls-frontend python), by port and reason (unknown_ca, expired, "
+                "not_yet_valid, bad_certificate, no_certificate, no_spiffe_id, timeout, "
+                "protocol).", labels=["port", "reason"])
+            for reason, count in sorted(dict(front.refusals).items()):
+                handshakes.add_metric([front.port_label, reason], count)
+            yield handshakes
+
         errors = GaugeMetricFamily(f"{ns}_source_errors",
                                    "Current problems in each source's input (invalid objects, "
                                    "unparsable files); the last good state is served.",

@@ -94,8 +94,8 @@ class SecurityConfig:
 def _certificate_identity(authenticator: Authenticator) -> Any:
     """For the CSR service: the identity of a call's verified client certificate, or None."""
 
-    def identity(auth: Any) -> Identity | None:
-        cert = peer_certificate(auth)
+    def identity(auth: Any, peer: str) -> Identity | None:
+        cert = peer_certificate(auth, peer)
         return None if cert is None else authenticator.prove_certificate(cert).identity
 
     return identity

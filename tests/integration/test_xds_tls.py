@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[2]
 class TlsServer:
     """`serve --auth tokens` as it wires itself, with both TLS listeners on free ports."""
 
-    def __init__(self, tmp_path: Path, *, address: str = "127.0.0.1:0") -> None:
+    def __init__(self, tmp_path: Path, *, address: str = "127.0.0.1:0",
+                 frontend: str = "grpc") -> None:
         self.cache = ResourceCache()
         self.cache.set_type(types.CLUSTER, [cluster("shared")])
         config = SecurityConfig(auth=AuthMode.TOKENS, ca_dir=tmp_path / "ca",
@@ -55,7 +56,7 @@ class TlsServer:
         self.security = Security.build(config, self.cache, address)
         self.server = XdsServer(self.cache, ServerSettings(
             address=address, tls_address="127.0.0.1:0", tls_token_address="127.0.0.1:0",
-            debounce_quiet=0.01, debounce_max=0.05))
+            tls_frontend=frontend, debounce_quiet=0.01, debounce_max=0.05))
         self.security.attach(self.server)
         self.stop = asyncio.Event()
         self.task: asyncio.Task | None = None
@@ -115,9 +116,11 @@ class TlsServer:
         return self.security.tokens.create(namespace, service_account, timedelta(hours=1))
 
 
-@pytest.fixture
-async def tls(tmp_path: Path) -> AsyncIterator[TlsServer]:
-    running = await TlsServer(tmp_path).start()
+@pytest.fixture(params=["grpc", "python"])
+async def tls(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[TlsServer]:
+    """The server with either handshake on the mutual-TLS port: grpc core's, or the TLS
+    front's (--xds-tls-frontend python): what a client sees must be the same."""
+    running = await TlsServer(tmp_path, frontend=request.param).start()
     yield running
     await running.close()
 

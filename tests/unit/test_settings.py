@@ -99,6 +99,7 @@ NON_DEFAULT = {
     "xds.load_report_interval": "20s",
     "xds.tls_address": "127.0.0.1:25012", "xds.tls_token_address": "127.0.0.1:25013",
     "xds.tls_sans": "xds.example.org", "xds.allow_plaintext_tokens_off_host": True,
+    "xds.tls_frontend": "python", "xds.tls_handshake_timeout": "3s",
     "xds.max_stream_opens_per_second": "25", "xds.stream_open_burst": "50",
     "xds.max_initializing_streams": "200", "xds.first_config_timeout": "45s",
     "sources.source": "{tmp}", "sources.resources": "{tmp}",

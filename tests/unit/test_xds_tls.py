@@ -154,3 +154,25 @@ def test_tokens_in_clear_beyond_loopback_are_refused(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING, logger="xds_server"):
         check_plaintext(_config("0.0.0.0:15010", AuthMode.TOKENS, allow=True), "0.0.0.0")
     assert "INSECURE: --allow-plaintext-tokens-off-host" in caplog.text
+
+
+def test_a_relayed_peer_carries_the_fronts_certificate_and_is_not_local() -> None:
+    """Behind the TLS front (xds/tls_front.py) a call's gRPC peer is the relay socket: it
+    proves the certificate the front verified while registered, and is never a local caller
+    (CSDS, insecure-node-metadata); any other loopback peer proves nothing."""
+    from xds_server.xds.connection import peer_is_loopback
+    from xds_server.xds.tls import RELAYED, relayed
+
+    cert = PeerCertificate(("spiffe://cluster.local/ns/shop/sa/web",))
+    RELAYED[("127.0.0.1", 40001)] = cert
+    try:
+        peer = "ipv4:127.0.0.1:40001"
+        assert relayed(peer) is cert and peer_certificate({}, peer) is cert
+        assert transport_of({}, peer) == "tls" and not peer_is_loopback(peer)
+        other = "ipv4:127.0.0.1:40002"
+        assert peer_certificate({}, other) is None and transport_of({}, other) == "plaintext"
+        assert peer_is_loopback(other)
+        assert relayed("unix:/tmp/x") is None and relayed("ipv4:garbage") is None
+    finally:
+        del RELAYED[("127.0.0.1", 40001)]
+    assert peer_certificate({}, "ipv4:127.0.0.1:40001") is None

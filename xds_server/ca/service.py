@@ -41,7 +41,8 @@ SIGN_METHOD = f"/{SERVICE_NAME}/Sign"
 MAX_REQUEST_BYTES = 128 * 1024
 
 Authenticator = Callable[[str], "Identity | Awaitable[Identity]"]
-CertificateIdentity = Callable[[Mapping[str, Iterable[bytes]]], "Identity | None"]
+# (the call's auth context, its peer): the peer names the TLS front's relay (xds/tls.py).
+CertificateIdentity = Callable[[Mapping[str, Iterable[bytes]], str], "Identity | None"]
 
 
 def encode_json(message: dict) -> bytes:
@@ -96,7 +97,7 @@ class CertificateService:
         try:
             identity = None
             if self.certificate_identity is not None:
-                identity = self.certificate_identity(context.auth_context())
+                identity = self.certificate_identity(context.auth_context(), context.peer())
             if identity is None:
                 identity = await authenticate(self.authenticator, context.invocation_metadata())
         except AuthError as err:

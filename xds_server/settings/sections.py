@@ -66,6 +66,16 @@ class XdsSection(Section):
         "HOST:PORT for the same services over server-authenticated TLS: clients without a "
         "certificate yet prove who they are with a bearer token (first contact). 'off' "
         "disables it.")
+    tls_frontend: Literal["python", "grpc"] = setting(
+        _SERVER.tls_frontend, "--xds-tls-frontend",
+        "Who performs the mutual-TLS handshake of --xds-tls-address: python (a front in the "
+        "server's event loop; refused handshakes are counted by reason in "
+        "xds_server_tls_handshake_refusals_total, then bytes are relayed to the gRPC server on "
+        "an internal loopback port) or grpc (grpc core's TLS: refusals are not counted).")
+    tls_handshake_timeout: Seconds = setting(
+        _SERVER.tls_handshake_timeout, "--xds-tls-handshake-timeout",
+        "With --xds-tls-frontend python: a client whose TLS handshake is not done this long "
+        "after connecting is dropped (counted as reason timeout).", gt=0)
     tls_sans: Words = setting(
         (), "--xds-tls-san",
         "Name in the xDS TLS certificate (the names clients dial, e.g. the Service's DNS "

@@ -118,6 +118,7 @@ class ServeSettings(BaseSettings):
             max_names_per_stream=x.max_names_per_stream, shutdown_grace=x.shutdown_grace,
             first_request_timeout=x.first_request_timeout,
             tls_address=x.tls_address, tls_token_address=x.tls_token_address,
+            tls_frontend=x.tls_frontend, tls_handshake_timeout=x.tls_handshake_timeout,
             allow_plaintext_tokens_off_host=x.allow_plaintext_tokens_off_host,
             max_stream_opens_per_second=x.max_stream_opens_per_second,
             stream_open_burst=x.stream_open_burst,

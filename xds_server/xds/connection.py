@@ -14,6 +14,7 @@ from envoy.config.core.v3 import base_pb2
 from ..bearer import Metadata
 from ..model.identity import Identity, Proof, ProxyClaim, VerifiedProxy
 from .stream import StreamState
+from .tls import relayed
 
 if TYPE_CHECKING:
     from .tls import PeerCertificate
@@ -23,6 +24,8 @@ def peer_is_loopback(peer: str) -> bool:
     """gRPC peer strings: `ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000` (or `%5B::1%5D`),
     `unix:/path`."""
     scheme = peer.partition(":")[0]
+    if relayed(peer) is not None:
+        return False  # the TLS front's relay (xds/tls_front.py): the client is elsewhere
     if scheme in ("unix", "unix-abstract"):
         return True  # only local processes reach a unix socket
     ip = peer_ip(peer)

@@ -201,7 +201,7 @@ class LoadReportingService:
             return None
         try:
             return await self._authenticate(context.invocation_metadata(), claim, peer,
-                                            peer_certificate(context.auth_context()))
+                                            peer_certificate(context.auth_context(), peer))
         except AuthError as err:
             self.stats.refused["unauthenticated"] += 1
             log.warning("load report stream refused: %s", err.reason,

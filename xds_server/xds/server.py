@@ -36,7 +36,8 @@ from .connection import Connection, proxy_label
 from .hooks import HookChain, StreamHooks, StreamRefused
 from .node import proxy_claim
 from .push import Debouncer, Pending, PushSlots, SubscriptionIndex, TokenBucket
-from .tls import TlsCredentials, peer_certificate, transport_of
+from .tls import TlsCredentials, peer_certificate, relayed, transport_of
+from .tls_front import TlsFront
 from .stream import MAX_TRACKED_CHANGES, Ack, ProtocolError, Request, Variant, new_stream
 
 __all__ = ["Connection", "ServerSettings", "XdsServer", "proxy_label"]
@@ -68,6 +69,13 @@ class ServerSettings:
     # server-authenticated TLS for bearer tokens on `tls_token_address`. None: not served.
     tls_address: str | None = None
     tls_token_address: str | None = None
+    # Who performs the mutual-TLS handshake on `tls_address`: "python", the TLS front
+    # (xds/tls_front.py: refusals counted by reason, bytes relayed to an internal loopback
+    # listener), or "grpc", grpc core's own TLS (refusals not seen by Python). grpc by
+    # default: the front costs ~1.5x on push latency p50 and stream opens (bench/RESULTS.md).
+    tls_frontend: str = "grpc"
+    # The front drops (and counts as "timeout") a client whose handshake is not done by then.
+    tls_handshake_timeout: float = 10.0
     # `--auth tokens` on a plaintext address beyond loopback is refused at start (app.py)
     # unless this is set: tokens and SDS keys would cross the network in clear.
     allow_plaintext_tokens_off_host: bool = False
@@ -215,6 +223,10 @@ class XdsServer:
         self.tls: TlsCredentials | None = None
         self.tls_port = 0  # mutual TLS, once started
         self.tls_token_port = 0  # server-authenticated TLS (tokens), once started
+        # The mutual-TLS port's Python front, when `tls_frontend` is "python" (its refusal
+        # counts are read by metrics), and its internal loopback plaintext port.
+        self.tls_front: TlsFront | None = None
+        self._front_internal_port = 0
 
     # Life cycle -----------------------------------------------------------------------------
 
@@ -243,6 +255,8 @@ class XdsServer:
             raise OSError(f"cannot listen on the Unix socket {unix}")
         self._add_tls_ports(server)
         await server.start()
+        if self._front_internal_port:
+            await self._start_front()
         if self.settings.unix_socket:
             os.chmod(self.settings.unix_socket, 0o666)  # sidecars run as their own UID
         self._server = server
@@ -265,6 +279,12 @@ class XdsServer:
                         extra={"address": ",".join(a for a, _ in wanted)})
             return
         for address, mutual in wanted:
+            if mutual and self.settings.tls_frontend == "python":
+                # Loopback only, never announced: reached through the front's relay.
+                self._front_internal_port = server.add_insecure_port("127.0.0.1:0")
+                if self._front_internal_port == 0:
+                    raise OSError("cannot listen on 127.0.0.1 for the TLS front's relay")
+                continue
             credentials = self.tls.server_credentials(client_certificates=mutual)
             try:
                 port = server.add_secure_port(address, credentials)
@@ -276,6 +296,19 @@ class XdsServer:
                 self.tls_port = port
             else:
                 self.tls_token_port = port
+
+    async def _start_front(self) -> None:
+        assert self.tls is not None and self.settings.tls_address
+        host, port = self.settings.tls_address.rsplit(":", 1)
+        front = TlsFront(self.tls, ("127.0.0.1", self._front_internal_port),
+                         handshake_timeout=self.settings.tls_handshake_timeout)
+        try:
+            self.tls_port = await front.start(host.strip("[]") or None, int(port))  # type: ignore[arg-type]
+        except OSError as err:
+            assert self._server is not None
+            await self._server.stop(0)
+            raise OSError(f"cannot listen on {self.settings.tls_address}: {err.strerror or err}") from err
+        self.tls_front = front
 
     @property
     def address(self) -> str:
@@ -314,6 +347,8 @@ class XdsServer:
             conn.wake.set()
         await self._server.stop(grace)
         self._server = None
+        if self.tls_front is not None:
+            await self.tls_front.stop()
         log.info("xDS server stopped")
 
     async def wait_closed(self) -> None:
@@ -745,13 +780,16 @@ class XdsServer:
 def _read_transport(conn: Connection, context: XdsContext) -> None:
     """What the call's transport proved: TLS or not, and the verified client certificate."""
     auth = context.auth_context()
-    conn.transport = transport_of(auth)
-    conn.peer_certificate = peer_certificate(auth)
+    peer = context.peer()
+    conn.transport = transport_of(auth, peer)
+    conn.peer_certificate = peer_certificate(auth, peer)
 
 
 def local_caller(context: aio.ServicerContext[Any, Any]) -> bool:
     peer = context.peer()  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
     host = peer.split(":", 1)[1].rsplit(":", 1)[0].strip("[]") if ":" in peer else ""
+    if relayed(peer) is not None:
+        return False  # the TLS front's relay: its client is wherever it came from
     return peer.startswith("unix:") or is_loopback(host)
 
 

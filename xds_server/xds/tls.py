@@ -33,7 +33,32 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-__all__ = ["PeerCertificate", "TlsCredentials", "peer_certificate", "transport_of"]
+__all__ = ["PeerCertificate", "TlsCredentials", "peer_certificate", "relayed", "transport_of"]
+
+# Connections the TLS front (xds/tls_front.py) relays to the internal plaintext listener:
+# the relay socket's local (host, port), as the gRPC peer of the internal side, to the
+# certificate the front verified. Registered before the relay's first byte, removed at
+# close; the relay binds its port explicitly, so no other socket on the host holds it then.
+# A caller on the internal port that is not listed here proves nothing (plaintext loopback).
+RELAYED: dict[tuple[str, int], PeerCertificate] = {}
+
+
+def _relay_key(peer: str | None) -> tuple[str, int] | None:
+    """"ipv4:127.0.0.1:5555" -> ("127.0.0.1", 5555); None for anything else."""
+    if not peer or not peer.startswith(("ipv4:", "ipv6:")):
+        return None
+    host, _, port = peer.split(":", 1)[1].rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return None
+
+
+def relayed(peer: str | None) -> PeerCertificate | None:
+    """The certificate verified by the TLS front for a call whose gRPC peer is one of its
+    relay sockets, else None."""
+    key = _relay_key(peer)
+    return None if key is None else RELAYED.get(key)
 
 
 @dataclass(frozen=True)
@@ -61,12 +86,14 @@ def _values(auth: Mapping[str, Iterable[bytes]], key: str) -> tuple[str, ...]:
     return tuple(v.decode(errors="replace") for v in auth.get(key, ()) or ())
 
 
-def peer_certificate(auth: Mapping[str, Iterable[bytes]] | None) -> PeerCertificate | None:
-    """The verified client certificate of a call, from `context.auth_context()`; None when
-    the connection is not TLS or the client sent none. grpc puts the peer's SANs in
+def peer_certificate(auth: Mapping[str, Iterable[bytes]] | None,
+                     peer: str | None = None) -> PeerCertificate | None:
+    """The verified client certificate of a call, from `context.auth_context()` (grpc's own
+    TLS) or, given the call's `context.peer()`, from the TLS front's relay; None when the
+    connection is not TLS or the client sent none. grpc puts the peer's SANs in
     `x509_subject_alternative_name` (URIs among them) only after verifying the chain."""
     if not auth or _values(auth, "transport_security_type") != ("ssl",):
-        return None
+        return relayed(peer)
     pem = b"".join(auth.get("x509_pem_cert", ()) or ())
     if not pem:
         return None
@@ -75,10 +102,12 @@ def peer_certificate(auth: Mapping[str, Iterable[bytes]] | None) -> PeerCertific
     return PeerCertificate(uris, pem)
 
 
-def transport_of(auth: Mapping[str, Iterable[bytes]] | None) -> str:
-    """"tls" when the call came over TLS, else "plaintext" (the peer address then says
-    whether it stayed on this host)."""
-    return "tls" if auth and _values(auth, "transport_security_type") == ("ssl",) else "plaintext"
+def transport_of(auth: Mapping[str, Iterable[bytes]] | None, peer: str | None = None) -> str:
+    """"tls" when the call came over TLS (grpc's, or the TLS front's relay given the call's
+    peer), else "plaintext" (the peer address then says whether it stayed on this host)."""
+    if auth and _values(auth, "transport_security_type") == ("ssl",):
+        return "tls"
+    return "tls" if relayed(peer) is not None else "plaintext"
 
 
 @dataclass(frozen=True)
@@ -106,6 +135,12 @@ class TlsCredentials:
     @property
     def version(self) -> str:
         return self._material.version
+
+    def material(self) -> tuple[str, bytes, bytes, bytes]:
+        """(version, chain, key, roots) of now, read at once (the TLS front builds its
+        context from them)."""
+        m = self._material
+        return m.version, m.chain_pem, m.key_pem, m.roots_pem
 
     @property
     def chain_pem(self) -> bytes:
