@@ -30,9 +30,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from ..config import ConfigError, is_loopback
 from .sealed import SealError, seal, unseal
 from .statekey import StateKey
@@ -148,6 +145,13 @@ class SharedStore:
         }
         if settings.ca_file is not None:
             kwargs["ssl_ca_certs"] = str(settings.ca_file)
+        # Imported here, not at module level: every command imports this module, and only a
+        # process with --redis-url needs the client (the demo's unprivileged run may be on
+        # an interpreter older than 3.11.3, where redis-py needs async-timeout).
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self.client = aioredis.Redis.from_url(settings.url, **kwargs)
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -186,7 +190,7 @@ class SharedStore:
         self.ops += 1
         try:
             return await asyncio.wait_for(coro, self.settings.timeout + self.settings.connect_timeout)
-        except (RedisError, OSError, TimeoutError) as err:
+        except self._errors as err:
             raise self._failed(err, op) from None
 
     def status(self) -> dict[str, Any]:
@@ -367,7 +371,7 @@ class SharedStore:
                         except Exception:
                             log.exception("shared-state message handler failed",
                                           extra={"channel": channel})
-            except (RedisError, OSError, TimeoutError) as err:
+            except self._errors as err:
                 self._failed(err, "subscribe")
             finally:
                 with contextlib.suppress(Exception):
