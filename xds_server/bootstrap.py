@@ -8,6 +8,14 @@ connections without a restart, and a reconnect after the pod's token expired sti
 authenticates (the certificate is the credential; the bootstrap holds no secret). The server's
 certificate must name `server_name` (SNI and SAN check). This is the way off the host.
 
+Several xDS addresses (replicas; `--xds-address A --xds-address B` or `A,B`) become the
+endpoints of the one `xds-server` cluster: ADS and LRS stay one stream each, to one replica at
+a time; when that replica goes away the stream fails, Envoy retries with backoff and the
+round-robin load balancer picks the next endpoint, so the proxy fails over without a restart.
+Envoy's own two-server failover (`ApiConfigSource` with two gRPC services) is behind a restart
+feature flag and limited to a primary and one fallback, hence one cluster. With TLS every
+replica must present a certificate for the one `server_name`.
+
 With a token, the ADS gRPC service sends `authorization: Bearer <token>` as initial metadata
 on every stream: the credential the server checks before it sends anything (xds/auth.py).
 Envoy sends the literal value it was given, so the bootstrap must be written again when the
@@ -33,7 +41,7 @@ class SidecarSpec:
     service_account: str
     pod: str
     pod_ip: str
-    xds_address: str = "127.0.0.1:15010"
+    xds_address: str = "127.0.0.1:15010"  # one HOST:PORT, several comma-separated, or unix:/path
     admin_address: str = f"127.0.0.1:{ENVOY_ADMIN_PORT}"
     inbound_port: int = INBOUND_PORT
     outbound_port: int = OUTBOUND_PORT
@@ -54,6 +62,25 @@ class SidecarSpec:
     # the server's certificate checked for `server_name` (default: the xDS address's host).
     cert_dir: str | None = None
     server_name: str | None = None
+
+
+MAX_XDS_ADDRESSES = 16  # replicas a bootstrap lists; a Service name covers larger fleets
+
+
+def xds_addresses(value: str) -> list[str]:
+    """The xDS endpoints in `value` (comma-separated), in order, without repeats."""
+    out: list[str] = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"--xds-address: an empty address in {value!r}")
+        if item not in out:
+            out.append(item)
+    if len(out) > MAX_XDS_ADDRESSES:
+        raise ValueError(f"--xds-address: at most {MAX_XDS_ADDRESSES} addresses, got {len(out)}")
+    if len(out) > 1 and any(a.startswith("unix:") for a in out):
+        raise ValueError("--xds-address: a Unix socket cannot be listed with other addresses")
+    return out
 
 
 def _socket(address: str, setting: str) -> dict[str, Any]:
@@ -164,6 +191,8 @@ def _is_ip(host: str) -> bool:
 def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
     """A bootstrap dict (write it as YAML or JSON). The node metadata is what the server uses
     to know the proxy: namespace, service account, pod, pod IP, sidecar ports, labels."""
+    addresses = xds_addresses(spec.xds_address)
+    unix = addresses[0].startswith("unix:")
     grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": "xds-server"}}
     if spec.token:
         token = spec.token.strip()
@@ -200,13 +229,12 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
             "clusters": [
                 {
                     "name": "xds-server",
-                    "type": "STATIC" if spec.xds_address.startswith("unix:") else "STRICT_DNS",
+                    "type": "STATIC" if unix else "STRICT_DNS",
                     "connect_timeout": "1s",
                     "load_assignment": {
                         "cluster_name": "xds-server",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _socket(spec.xds_address, "--xds-address")}}]}
-                        ],
+                        "endpoints": [{"lb_endpoints": [
+                            {"endpoint": {"address": _socket(a, "--xds-address")}} for a in addresses]}],
                     },
                     "typed_extension_protocol_options": {
                         HTTP_PROTOCOL_OPTIONS: {
@@ -255,11 +283,14 @@ def sidecar_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
             "grpc_services": [copy.deepcopy(grpc_service)],
         }}
     if spec.cert_dir is not None:
-        if spec.xds_address.startswith("unix:"):
+        if unix:
             raise ValueError("--tls: a Unix socket xDS address stays on the host; TLS is for HOST:PORT")
-        host = parse_address(spec.xds_address, "--xds-address")[0].strip("[]")
+        hosts = {parse_address(a, "--xds-address")[0].strip("[]") for a in addresses}
+        if spec.server_name is None and len(hosts) > 1:
+            raise ValueError("--tls: the xDS addresses name different hosts; give --server-name, "
+                             "the one name every replica's certificate carries")
         xds_cluster = bootstrap["static_resources"]["clusters"][0]
-        xds_cluster["transport_socket"] = xds_tls_socket(spec.cert_dir, spec.server_name or host)
+        xds_cluster["transport_socket"] = xds_tls_socket(spec.cert_dir, spec.server_name or hosts.pop())
     if spec.readiness_port:
         listener, cluster = _readiness(spec)
         bootstrap["static_resources"]["listeners"] = [listener]

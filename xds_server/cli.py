@@ -45,6 +45,17 @@ def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+def _xds_addresses(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeated and comma-separated --xds-address values, each checked, in order."""
+    from .bootstrap import xds_addresses
+
+    try:
+        listed = xds_addresses(",".join(value)) if value else []
+    except ValueError as err:
+        raise click.BadParameter(str(err).removeprefix("--xds-address: ")) from None
+    return tuple(_address(ctx, param, item) for item in listed)
+
+
 # Options generated from the settings tree ---------------------------------------------------
 
 
@@ -268,8 +279,9 @@ def _message_class(type_url: str) -> Any:
 @click.option("--service-account", default="default")
 @click.option("--pod", required=True)
 @click.option("--pod-ip", required=True)
-@click.option("--xds-address", default=None, callback=lambda c, p, v: v if v is None else _address(c, p, v),
-              help="Where the server is.  [default: 127.0.0.1:15010; with --tls or --grpc "
+@click.option("--xds-address", "xds_address_list", multiple=True, callback=_xds_addresses,
+              help="Where the server is; repeat it (or give A,B) to list replicas Envoy fails "
+                   "over between (at most 16).  [default: 127.0.0.1:15010; with --tls or --grpc "
                    "127.0.0.1:15012, the mutual-TLS port]")
 @click.option("--admin-address", default="127.0.0.1:15000", callback=_address,
               help="Envoy admin: keep it on loopback.")
@@ -300,7 +312,7 @@ def _message_class(type_url: str) -> Any:
               help="How the pod's traffic reaches the sidecar: iptables capture, or the app "
                    "sending to the outbound port (the pod's sidecar.xds-server.io/interception).")
 def bootstrap_command(
-    namespace: str, service_account: str, pod: str, pod_ip: str, xds_address: str | None,
+    namespace: str, service_account: str, pod: str, pod_ip: str, xds_address_list: tuple[str, ...],
     admin_address: str, inbound_port: int, outbound_port: int, labels: tuple[str, ...], sotw: bool,
     tls: bool, grpc_client: bool, cert_dir: Path | None, server_name: str | None,
     token_file: Path | None, readiness_port: int, interception: str,
@@ -323,8 +335,11 @@ def bootstrap_command(
                                "credential; the token stays with the agent")
     if server_name is not None and not tls:
         raise click.UsageError("--server-name goes with --tls (gRPC checks the host of --xds-address)")
-    xds_address = xds_address or ("127.0.0.1:15012" if secure else "127.0.0.1:15010")
+    xds_address = ",".join(xds_address_list) or ("127.0.0.1:15012" if secure else "127.0.0.1:15010")
     if grpc_client:
+        if len(xds_address_list) > 1:
+            raise click.BadParameter("--grpc takes one address (a name that resolves to the "
+                                     "replicas spreads proxyless clients)", param_hint="--xds-address")
         from .grpc_bootstrap import grpc_bootstrap
 
         assert cert_dir is not None

@@ -97,6 +97,12 @@ BASE = ["bootstrap", "--namespace", "shop", "--pod", "web-1", "--pod-ip", "10.0.
     (["--cert-dir", "/c"], "--tls"),
     (["--server-name", "x"], "--server-name"),
     (["--tls", "--cert-dir", "/c", "--xds-address", "unix:/run/xds.sock"], "Unix socket"),
+    (["--xds-address", "a:1,,b:2"], "empty address"),
+    (["--xds-address", "a:1", "--xds-address", "unix:/run/xds.sock"], "Unix socket"),
+    (["--xds-address", ",".join(f"r{i}:15010" for i in range(17))], "at most 16"),
+    (["--xds-address", "a:1", "--xds-address", "b:notaport"], "--xds-address"),
+    (["--tls", "--cert-dir", "/c", "--xds-address", "a:15012,b:15012"], "--server-name"),
+    (["--grpc", "--cert-dir", "/c", "--xds-address", "a:15012", "--xds-address", "b:15012"], "one address"),
 ])
 def test_bootstrap_option_mistakes_are_named(args: list[str], message: str) -> None:
     result = CliRunner().invoke(main, BASE + args)
@@ -122,6 +128,34 @@ def test_bootstrap_tls_names_the_server_and_holds_no_secret(tmp_path: Path) -> N
     (san,) = tls["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"]
     assert san == {"san_type": "IP_ADDRESS", "matcher": {"exact": "127.0.0.1"}}
     assert "initial_metadata" not in text and "PRIVATE" not in text
+
+
+def test_bootstrap_lists_every_replica_as_an_endpoint_of_one_xds_cluster() -> None:
+    result = CliRunner().invoke(main, BASE + [
+        "--tls", "--cert-dir", "/c", "--server-name", "xds.mesh.svc",
+        "--xds-address", "10.0.0.1:15012,10.0.0.2:15012", "--xds-address", "10.0.0.3:15012",
+        "--xds-address", "10.0.0.1:15012"])  # a repeat is listed once
+    assert result.exit_code == 0, result.output
+    bootstrap = yaml.safe_load(result.output)
+    (xds,) = bootstrap["static_resources"]["clusters"]
+    (locality,) = xds["load_assignment"]["endpoints"]
+    hosts = [e["endpoint"]["address"]["socket_address"]["address"] for e in locality["lb_endpoints"]]
+    assert hosts == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    # ADS and load reports both use that one cluster: one stream each, to one replica at a time.
+    (ads,) = bootstrap["dynamic_resources"]["ads_config"]["grpc_services"]
+    (lrs,) = bootstrap["cluster_manager"]["load_stats_config"]["grpc_services"]
+    assert ads["envoy_grpc"]["cluster_name"] == lrs["envoy_grpc"]["cluster_name"] == "xds-server"
+    tls = xds["transport_socket"]["typed_config"]
+    assert tls["sni"] == "xds.mesh.svc"
+    (san,) = tls["common_tls_context"]["combined_validation_context"][
+        "default_validation_context"]["match_typed_subject_alt_names"]
+    assert san == {"san_type": "DNS", "matcher": {"exact": "xds.mesh.svc"}}
+    # Several ports on one host need no --server-name: the host is the name.
+    same_host = CliRunner().invoke(main, BASE + ["--tls", "--cert-dir", "/c", "--xds-address",
+                                                 "127.0.0.1:15012,127.0.0.1:15013"])
+    assert same_host.exit_code == 0, same_host.output
+    assert yaml.safe_load(same_host.output)["static_resources"]["clusters"][0]["transport_socket"][
+        "typed_config"]["sni"] == "127.0.0.1"
 
 
 def test_bootstrap_grpc_is_an_a65_bootstrap(tmp_path: Path) -> None:
