@@ -161,3 +161,27 @@ def test_workers_need_shared_state(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert shown.returncode == 2 and "--workers 2 needs shared state" in shown.stderr
     assert "Traceback" not in shown.stderr
+
+
+def test_workers_that_keep_crashing_stop_the_supervisor(tmp_path: Path) -> None:
+    """Another program holds the xDS port (without SO_REUSEPORT): every worker fails to bind;
+    the supervisor restarts them with backoff, then gives up and exits non-zero."""
+    import socket
+
+    group = Replicas(tmp_path, 1)
+    group.redis.start()
+    supervisor = Replica("replica-0", tmp_path, group.shared_args + ["--workers", "2"], group.env)
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", supervisor.xds_port))
+        holder.listen()
+        supervisor.start()
+        assert supervisor.proc is not None
+        assert supervisor.proc.wait(180) == 1
+        lines = [line.get("msg") for line in supervisor.logs()]
+        assert lines.count("worker exited; restarting it") >= 4
+        assert "workers keep crashing: stopping" in lines
+    finally:
+        holder.close()
+        supervisor.stop()
+        group.redis.stop()
