@@ -3,7 +3,9 @@
 A real supervisor process with a real redis-server: connections spread over both workers
 (SO_REUSEPORT) and the admin API (worker 0) lists the proxies of both; a token revoked through
 the admin API closes the streams on either worker; a SIGKILLed worker is restarted and serves
-new clients; SIGTERM to the supervisor drains every worker and it exits 0.
+new clients; SIGTERM to the supervisor drains every worker (open streams end UNAVAILABLE) and
+it exits 0; a SIGKILLed supervisor takes its workers with it; workers that keep crashing make
+the supervisor exit 1.
 """
 
 from __future__ import annotations
@@ -103,6 +105,13 @@ async def test_streams_spread_over_workers_and_a_revocation_closes_them_on_both(
         for client, _ in opened:
             await client.close()
 
+    # A supervisor killed outright takes its workers with it: nothing keeps holding the port.
+    children = workers_of(supervisor)
+    assert supervisor.proc is not None
+    supervisor.proc.kill()
+    supervisor.proc.wait()
+    await eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children.values()))
+
 
 async def test_a_killed_worker_is_restarted_and_sigterm_drains_all(group: Replicas) -> None:
     supervisor = group.members[0]
@@ -145,9 +154,24 @@ async def test_a_killed_worker_is_restarted_and_sigterm_drains_all(group: Replic
             with contextlib.suppress(Exception):
                 await client.close()
 
+    # SIGTERM to the supervisor: every worker drains, its open streams end with UNAVAILABLE
+    # (so proxies reconnect elsewhere), and the supervisor exits 0.
     children = workers_of(supervisor)
-    supervisor.proc.send_signal(signal.SIGTERM)
-    assert supervisor.proc.wait(60) == 0
+    last = [f"last-{i}" for i in range(CONNECTIONS)]
+    open_now = await open_streams(supervisor.xds_address, made["token"], last)
+    try:
+        await eventually(lambda: {f"{p}.shop" for p in last} <= set(serving(group, supervisor)))
+        where = serving(group, supervisor)
+        assert {where[f"{p}.shop"] for p in last} == {"replica-0-w0", "replica-0-w1"}, where
+        supervisor.proc.send_signal(signal.SIGTERM)
+        for _, stream in open_now:
+            code, _ = await stream.closed_with(timeout=60)
+            assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for client, _ in open_now:
+            with contextlib.suppress(Exception):
+                await client.close()
+    assert await asyncio.to_thread(supervisor.proc.wait, 60) == 0
     for pid in children.values():  # every worker drained and exited with it
         assert not Path(f"/proc/{pid}").exists()
     lines = [line.get("msg") for line in supervisor.logs()]
