@@ -138,6 +138,7 @@ def serve_command(ctx: click.Context, /, **_: Any) -> None:
     if count > 1 and index is None:
         sys.exit(workers.supervise(count, sys.argv[1:], grace=config.server.shutdown_grace))
     if index is not None:
+        workers.tag_logs(index)
         config = workers.worker_config(config, index)
     try:
         asyncio.run(serve(config))

@@ -80,6 +80,18 @@ def worker_config(config: AppConfig, index: int) -> AppConfig:
                                webhook=config.webhook if first else None)
 
 
+def tag_logs(index: int) -> None:
+    """Every log line of worker `index` says so (`worker` field): the workers share stderr."""
+
+    def add_worker(record: logging.LogRecord) -> bool:
+        if not hasattr(record, "worker"):
+            record.worker = index
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(add_worker)
+
+
 def _die_with_parent() -> None:
     # A worker outliving a SIGKILLed supervisor would hold the ports forever.
     try:

@@ -95,6 +95,9 @@ async def test_streams_spread_over_workers_and_a_revocation_closes_them_on_both(
         where = serving(group, supervisor)
         # One admin API answers for both workers: each proxy is listed with the one serving it.
         assert {where[i] for i in ids} == {"replica-0-w0", "replica-0-w1"}, where
+        # The workers share stderr; each line says which worker wrote it.
+        serving_lines = [line for line in supervisor.logs() if line.get("msg") == "serving"]
+        assert sorted(line.get("worker") for line in serving_lines) == [0, 1]
 
         revoked = group.admin(supervisor, "DELETE", f"/api/v1/tokens/{made['token_id']}")
         assert revoked.status_code == 200 and revoked.json()["revoked"] is True
