@@ -23,6 +23,8 @@ Results: a JSON file under bench/out/ and a dated section appended to bench/RESU
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
+from typing import Any
 import asyncio
 import datetime as dt
 import importlib.metadata
@@ -129,7 +131,22 @@ def pct(values: list[float], p: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def cpu_seconds(p: psutil.Process) -> float:
+class ProcGroup:
+    """`--workers N`: the server's worker processes, read as one (CPU and RSS summed)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.members = [psutil.Process(pid) for pid in pids]
+        self.pid = pids[0]
+
+    def memory_info(self) -> Any:
+        return SimpleNamespace(rss=sum(p.memory_info().rss for p in self.members))
+
+    def cpu_times(self) -> Any:
+        times = [p.cpu_times() for p in self.members]
+        return SimpleNamespace(user=sum(t.user for t in times), system=sum(t.system for t in times))
+
+
+def cpu_seconds(p: Any) -> float:
     """Process CPU (user + sys) in clock ticks (10 ms): coarse, but counts exited threads."""
     t = p.cpu_times()
     return t.user + t.system
@@ -144,8 +161,10 @@ def system_busy() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def cpu_seconds_fine(p: psutil.Process) -> float:
+def cpu_seconds_fine(p: Any) -> float:
     """Process CPU in ns resolution: the sum of every live thread's schedstat run time."""
+    if isinstance(p, ProcGroup):
+        return sum(cpu_seconds_fine(member) for member in p.members)
     total = 0
     try:
         for task in os.scandir(f"/proc/{p.pid}/task"):
@@ -186,14 +205,15 @@ async def run_config(
     label = f"{kind}/{mode}/N={n}"
     load_before = await wait_quiet(args, label) if args.quiet_wait > 0 else float("nan")
     if kind == "ours":
-        argv = [PY, str(BENCH / "server_proc.py")] + [f"--setting={s}" for s in args.setting]
+        argv = [PY, str(BENCH / "server_proc.py"), f"--workers={args.workers}"] + [
+            f"--setting={s}" for s in args.setting]
     else:
         argv = [PY, str(BENCH / "floor_server.py")] + (["--sotw-eds-full"] if floor_full else [])
     server = await Proc.start(f"{kind}-server", argv)
     clients: list[Proc] = []
     try:
         ready = await server.expect("ready", 60)
-        ps = psutil.Process(ready["pid"])
+        ps: Any = ProcGroup(ready.get("pids") or [ready["pid"]])
         port = ready["port"]
         await asyncio.sleep(args.idle)
         rss0 = ps.memory_info().rss
@@ -304,7 +324,7 @@ async def run_config(
         for rd in rounds:
             del rd["_acks"]
         res = {
-            "server": kind,
+            "server": kind if kind == "floor" or args.workers == 1 else f"ours/{args.workers} workers",
             "mode": mode,
             "streams": n,
             "clients": k,
@@ -544,6 +564,8 @@ def main() -> None:
     ap.add_argument("--sync-timeout", type=float, default=180.0)
     ap.add_argument("--round-timeout", type=float, default=60.0)
     ap.add_argument("--setting", action="append", default=[], help="ServerSettings KEY=VALUE for ours")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="ours as N processes on one port (SO_REUSEPORT), as `serve --workers N`")
     ap.add_argument("--py-spy", default="", help="profile these servers (ours,floor) into out-dir")
     ap.add_argument("--py-spy-native", action="store_true", help="py-spy --native (C/Cython frames)")
     ap.add_argument(

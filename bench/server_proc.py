@@ -8,6 +8,12 @@ starts `XdsServer` with debounce off, and speaks the same control protocol as
                               prints {"event":"pushed","round":R,"name":..,"t0_ns":..}
   {"cmd":"stats"}          -> {"event":"stats"}
   {"cmd":"quit"}           -> server.stop(grace=1.0), prints {"event":"bye"}
+
+`--workers N` (N > 1) measures what `serve --workers N` gives: N of these processes, each with
+the whole mesh, bound to one port with SO_REUSEPORT (the kernel spreads the streams); this
+process only relays the commands to all of them at once, as a source change reaches every
+worker (each watches the same sources), and reports the earliest worker's t0 (so latency
+counts from the first change anywhere) and every worker's pid (CPU and RSS are summed).
 """
 
 from __future__ import annotations
@@ -51,7 +57,11 @@ async def main() -> None:
         metavar="KEY=VALUE",
         help="extra ServerSettings field (repeatable)",
     )
+    ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
+    if args.workers > 1:
+        await relay(args)
+        return
 
     from xds_server.xds import types
     from xds_server.xds.cache import ResourceCache
@@ -96,6 +106,47 @@ async def main() -> None:
         else:
             log(f"server_proc: unknown command {cmd!r}")
     await server.stop(grace=1.0)
+    emit("bye")
+
+
+async def relay(args: argparse.Namespace) -> None:
+    """`--workers N`: N worker processes on one port, commands relayed to every one."""
+    import json
+    import socket
+
+    with socket.socket() as probe:  # a free port for all the workers to share
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, __file__, f"--address=127.0.0.1:{port}", f"--services={args.services}",
+            "--setting=reuse_port=true", *(f"--setting={s}" for s in args.setting)]
+    workers = [await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE)
+               for _ in range(args.workers)]
+
+    async def event(worker: asyncio.subprocess.Process) -> dict:
+        assert worker.stdout is not None
+        return json.loads(await worker.stdout.readline())
+
+    def send(cmd: dict) -> None:
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.write((json.dumps(cmd) + "\n").encode())
+
+    ready = await asyncio.gather(*(event(w) for w in workers))
+    emit("ready", port=port, pid=os.getpid(), pids=[r["pid"] for r in ready], kind="ours",
+         workers=args.workers)
+    async for cmd in commands():
+        send(cmd)
+        if cmd.get("cmd") == "quit":
+            break
+        answers = await asyncio.gather(*(event(w) for w in workers))
+        if cmd.get("cmd") == "push":
+            emit("pushed", round=answers[0]["round"], name=answers[0]["name"],
+                 t0_ns=min(a["t0_ns"] for a in answers))
+        else:
+            emit(answers[0]["event"], **{k: v for k, v in answers[0].items() if k != "event"})
+    for worker in workers:
+        await worker.wait()
     emit("bye")
 
 

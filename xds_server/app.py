@@ -56,6 +56,9 @@ class AppConfig:
     scope: ScopeSettings = field(default_factory=ScopeSettings)
     kubernetes: KubernetesConfig | None = None  # the mesh from a Kubernetes API server
     admin: AdminSettings | None = None  # the admin HTTP API, when set
+    # False in `--workers` workers other than 0: the admin settings still authorize CSDS,
+    # but only worker 0 listens on the admin port (workers.py).
+    serve_admin: bool = True
     security: SecurityConfig | None = None  # authentication, CA and SDS (--auth ...)
     # Mesh mTLS/authorization defaults (--mtls-mode, --root-namespace, --default-deny); mTLS
     # itself is on only when proxies can get certificates (see `mesh_security`).
@@ -120,7 +123,7 @@ async def start_app(config: AppConfig) -> RunningApp:
     """Load the sources, start watching them and start the xDS server; return at once."""
     host, _ = parse_address(config.server.address, "--xds-address")
     admin_socket = None
-    if config.admin is not None:
+    if config.admin is not None and config.serve_admin:
         from .admin.server import bind_admin
 
         # Taken before anything starts: a busy admin port stops the start-up here, not after
@@ -219,7 +222,7 @@ async def _start(config: AppConfig, host: str, admin_socket: Any) -> RunningApp:
         except BaseException:
             await running.close(0)
             raise
-    if config.admin is not None:
+    if config.admin is not None and config.serve_admin:
         from .admin.server import start_admin
 
         try:

@@ -135,10 +135,22 @@ def serve_command(ctx: click.Context, /, **_: Any) -> None:
     Every option has an environment variable (XDS_SERVER_ and the option in capitals);
     an option given wins over its variable. Durations: 1.5s, 100ms, 1h30m, 7d or seconds.
     """
+    from . import workers
+
     try:
-        config = ServeSettings.load(given_flags(ctx)).app_config()
+        settings = ServeSettings.load(given_flags(ctx))
+        config = settings.app_config()
+        count = settings.xds.workers
+        index = workers.worker_index() if count > 1 else None
+        if count > 1:
+            workers.check_workers(config, count)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
+    if count > 1 and index is None:
+        sys.exit(workers.supervise(count, sys.argv[1:], grace=config.server.shutdown_grace))
+    if index is not None:
+        workers.tag_logs(index)
+        config = workers.worker_config(config, index)
     try:
         asyncio.run(serve(config))
     except (OSError, ConfigError) as err:

@@ -1001,3 +1001,10 @@ def test_autoscaling_reads_metrics_the_server_exports() -> None:
     example = [doc for path, doc in DOCUMENTS if path.startswith("example/")]
     assert any(d["kind"] == "Service" and d["metadata"]["name"] == "echo" for d in example)
     assert any(d["kind"] == "Deployment" and d["metadata"]["name"] == "echo" for d in example)
+
+
+def test_workers_match_the_cpu_limit_and_have_shared_state() -> None:
+    container = server_container()
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert int(env["XDS_SERVER_WORKERS"]) == int(container["resources"]["limits"]["cpu"])
+    assert env["XDS_SERVER_REDIS_URL"] and env["XDS_SERVER_STATE_KEY_FILE"]  # --workers needs both

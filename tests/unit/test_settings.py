@@ -96,6 +96,7 @@ NON_DEFAULT = {
     "xds.max_receive_message_bytes": "2000000", "xds.keepalive_time": "1m",
     "xds.keepalive_timeout": "20s", "xds.min_client_ping_interval": "5s",
     "xds.shutdown_grace": "1s", "xds.first_request_timeout": "3s", "xds.control_plane_id": "cp-1",
+    "xds.workers": 3,
     "xds.load_report_interval": "20s",
     "xds.tls_address": "127.0.0.1:25012", "xds.tls_token_address": "127.0.0.1:25013",
     "xds.tls_sans": "xds.example.org", "xds.allow_plaintext_tokens_off_host": True,
@@ -139,7 +140,10 @@ NON_DEFAULT = {
 }
 # Fields decided by the app, not by an operator: mTLS is on exactly when certificates can be
 # issued (--auth other than none), and the mesh's trust domain is the CA's (--trust-domain).
-DERIVED = {(SecuritySettings, "mtls"), (SecuritySettings, "trust_domain")}
+# Each `--workers` worker binds its ports with SO_REUSEPORT (workers.worker_config), never
+# a lone server.
+DERIVED = {(SecuritySettings, "mtls"), (SecuritySettings, "trust_domain"),
+           (ServerSettings, "reuse_port")}
 
 
 def _flags(tmp_path: Path) -> dict[str, dict[str, Any]]:

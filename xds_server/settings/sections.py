@@ -151,6 +151,12 @@ class XdsSection(Section):
         "How often sidecars send their load reports (LRS: requests, errors and in-flight per "
         "destination Service, for the metrics autoscalers read and the /ui page). At least 1s.",
         ge=1)
+    workers: int = setting(
+        1, "--workers",
+        "Server processes on this machine (one per core given): each serves the same xDS "
+        "ports (SO_REUSEPORT) from the same sources; worker 0 also runs the admin API and "
+        "webhook. More than 1 needs shared state (--redis-url) and fixed ports. At most 64.",
+        ge=1, le=64)
     control_plane_id: str | None = setting(
         None, "--control-plane-id",
         "Identifier in every response's control_plane field.",

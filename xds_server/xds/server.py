@@ -74,6 +74,10 @@ class ServerSettings:
     # listener), or "grpc", grpc core's own TLS (refusals not seen by Python). grpc by
     # default: the front costs ~1.5x on push latency p50 and stream opens (bench/RESULTS.md).
     tls_frontend: str = "grpc"
+    # `serve --workers N`: every worker process binds the same xDS ports (SO_REUSEPORT) and
+    # the kernel spreads connections over them. Off otherwise: a second server on a port in
+    # use must fail, not silently take half of its connections.
+    reuse_port: bool = False
     # The front drops (and counts as "timeout") a client whose handshake is not done by then.
     tls_handshake_timeout: float = 10.0
     # `--auth tokens` on a plaintext address beyond loopback is refused at start (app.py)
@@ -117,7 +121,7 @@ class ServerSettings:
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [
-            ("grpc.so_reuseport", 0),  # two servers must never silently share a port
+            ("grpc.so_reuseport", 1 if self.reuse_port else 0),
             ("grpc.keepalive_time_ms", int(self.keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
