@@ -346,6 +346,28 @@ def test_deleting_a_file_removes_its_resources(tmp_path: Path) -> None:
     assert set(cache.resources(CLUSTER)) == {"web"}
 
 
+def test_reloads_leave_the_meshs_own_resources_in_the_cache_alone(tmp_path: Path) -> None:
+    """`--resources` beside `--source`: the cache also holds what the mesh translation
+    published. Loading, editing and deleting raw files changes only the raw names; the mesh's
+    clusters stay (a reload used to replace the whole type, leaving mesh sidecars with routes
+    to clusters they no longer had)."""
+    cache = ResourceCache()
+    mesh_cluster = cluster_pb2.Cluster(name="outbound|80||api.shop.svc.cluster.local")
+    cache.update(CLUSTER, [mesh_cluster])
+    write_yaml(tmp_path / "c.yaml", CLUSTER_DOC)
+    directory = ResourceDirectory(tmp_path, RawResources(cache))
+    directory.load()
+    assert set(cache.resources(CLUSTER)) == {"web", mesh_cluster.name}
+
+    write_yaml(tmp_path / "c.yaml", CLUSTER_DOC, cluster("other"))
+    directory.load()
+    assert set(cache.resources(CLUSTER)) == {"web", "other", mesh_cluster.name}
+
+    (tmp_path / "c.yaml").unlink()
+    directory.load()
+    assert set(cache.resources(CLUSTER)) == {mesh_cluster.name}
+
+
 def test_only_changed_types_are_written(tmp_path: Path) -> None:
     write_yaml(tmp_path / "l.yaml", LISTENER_DOC)
     write_yaml(tmp_path / "c.yaml", CLUSTER_DOC)

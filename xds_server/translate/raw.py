@@ -27,7 +27,9 @@ class RawResources:
 
     def __init__(self, cache: ResourceCache) -> None:
         self.cache = cache
-        self._type_urls: set[str] = set()  # every type ever written, so a deletion empties it
+        # The names this source wrote, by type: the cache also holds what the mesh translation
+        # publishes, so a reload changes and removes only these (never the whole type).
+        self._written: dict[str, set[str]] = {}
         # One serialization per parsed message: an unchanged file hands over the same message
         # objects again, and they cost nothing (keyed by identity; the message is kept alive
         # by the entry so the id is not reused).
@@ -46,10 +48,13 @@ class RawResources:
                 serialized[id(message)] = held
                 out.append(held[1])
         self._serialized = serialized
-        self._type_urls.update(resources)
-        # set_type diffs by name and version, so untouched types and resources are not written.
-        for type_url in sorted(self._type_urls, key=order_key):
-            change = self.cache.set_type(type_url, resources.get(type_url, ()))
+        # update() compares by name and version, so untouched resources are not written.
+        for type_url in sorted(self._written.keys() | resources.keys(), key=order_key):
+            current = resources.get(type_url, [])
+            names = {resource.cache_key for resource in current}
+            gone = self._written.get(type_url, set()) - names
+            self._written[type_url] = names
+            change = self.cache.update(type_url, current, remove=gone)
             if change:
                 log.info(
                     "resources: %s: %d changed, %d removed",
