@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import math
 import statistics
 import sys
@@ -42,46 +41,11 @@ import psutil
 
 from bench import mesh
 from bench.publish import publish
-from bench.push_bench import Proc, cpu_seconds, fmt, machine, pct, wait_quiet
+from bench.push_bench import KeepingProc, Proc, cpu_seconds, fmt, machine, pct, wait_quiet
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PY = sys.executable
-
-
-class BufferedProc(Proc):
-    """A Proc whose `expect` keeps the events it was not waiting for: the storm waits for an
-    `sds_marked` while an EDS round's `eds_armed` / `eds_marked` arrive (one reader at a time)."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
-        super().__init__(name, proc)
-        self.stash: list[dict] = []
-
-    async def expect(self, event: str, timeout: float) -> dict:
-        for i, msg in enumerate(self.stash):
-            if msg.get("event") == event:
-                return self.stash.pop(i)
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{self.name}: no {event!r} event within {timeout}s")
-            try:
-                line = await asyncio.wait_for(self.proc.stdout.readline(), left)
-            except TimeoutError:
-                raise TimeoutError(f"{self.name}: no {event!r} event within {timeout}s") from None
-            if not line:
-                rc = await self.proc.wait()
-                raise RuntimeError(f"{self.name} exited (rc={rc}) while waiting for {event!r}")
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                log(f"{self.name}: stray output {line[:200]!r}")
-                continue
-            if msg.get("event") == event:
-                return msg
-            self.stash.append(msg)
 
 
 def log(msg: str) -> None:
@@ -154,7 +118,7 @@ async def run_storm(n: int, args: argparse.Namespace) -> dict:
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=logf,
         cwd=str(ROOT), limit=1 << 26,
     )
-    server = BufferedProc("ca-server", proc)
+    server = KeepingProc("ca-server", proc)
     clients: list[Proc] = []
     try:
         ready = await server.expect("ready", 60)
@@ -163,7 +127,7 @@ async def run_storm(n: int, args: argparse.Namespace) -> dict:
         sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
         t_sync = time.monotonic()
         for i, size in enumerate(sizes):
-            clients.append(await BufferedProc.start(f"client{i}", [
+            clients.append(await KeepingProc.start(f"client{i}", [
                 PY, str(BENCH / "sds_loadclient.py"), f"--target=127.0.0.1:{ready['port']}",
                 f"--streams={size}", f"--node-prefix=s{i}", f"--sync-timeout={args.sync_timeout}",
             ]))

@@ -58,9 +58,15 @@ def log(msg: str) -> None:
 
 
 class Proc:
+    """A bench child process speaking the control protocol (bench/control.py). An event that
+    arrives while another is awaited is logged and dropped, unless the class keeps it."""
+
+    keeps_other_events = False
+
     def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
         self.name = name
         self.proc = proc
+        self.stash: list[dict] = []
 
     @classmethod
     async def start(cls, name: str, argv: list[str]) -> Proc:
@@ -79,6 +85,9 @@ class Proc:
         self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
 
     async def expect(self, event: str, timeout: float) -> dict:
+        for i, msg in enumerate(self.stash):
+            if msg.get("event") == event:
+                return self.stash.pop(i)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while True:
@@ -99,7 +108,10 @@ class Proc:
                 continue
             if msg.get("event") == event:
                 return msg
-            log(f"{self.name}: ignoring {str(msg)[:200]}")
+            if self.keeps_other_events:
+                self.stash.append(msg)
+            else:
+                log(f"{self.name}: ignoring {str(msg)[:200]}")
 
     async def stop(self, timeout: float = 10.0) -> None:
         if self.proc.returncode is not None:
@@ -116,6 +128,14 @@ class Proc:
             log(f"{self.name}: did not quit in {timeout}s, killing pid {self.proc.pid}")
             self.proc.kill()
             await self.proc.wait()
+
+
+class KeepingProc(Proc):
+    """A Proc whose events are never lost: one that arrives while another is awaited (a
+    storm's marker racing a round's, the soak server's "churned" racing a "state" answer) is
+    kept for the `expect` that wants it (one reader at a time)."""
+
+    keeps_other_events = True
 
 
 # Statistics ---------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
 
-from bench.push_bench import PY, Proc, cpu_seconds_fine, pct, system_busy
+from bench.push_bench import PY, KeepingProc, cpu_seconds_fine, pct, system_busy
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -63,37 +63,6 @@ ADMIN_TOKEN = os.urandom(16).hex()
 
 def log(msg: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class EventProc(Proc):
-    """A bench process whose events are never lost: one that arrives while another is awaited
-    (the server's "churned" racing a "state" answer) is kept for the `expect` that wants it."""
-
-    async def expect(self, event: str, timeout: float) -> dict:
-        stash: list[dict] = self.__dict__.setdefault("stash", [])
-        for i, msg in enumerate(stash):
-            if msg.get("event") == event:
-                return stash.pop(i)
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{self.name}: no {event!r} event within {timeout}s")
-            try:
-                line = await asyncio.wait_for(self.proc.stdout.readline(), left)
-            except TimeoutError:
-                raise TimeoutError(f"{self.name}: no {event!r} event within {timeout}s") from None
-            if not line:
-                rc = await self.proc.wait()
-                raise RuntimeError(f"{self.name} exited (rc={rc}) while waiting for {event!r}")
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if msg.get("event") == event:
-                return msg
-            stash.append(msg)
 
 
 def q(values: list[float]) -> dict:
@@ -225,7 +194,7 @@ def connected(reports: list[dict], n: int, t0: int, t1: int) -> dict:
             "seconds": len(fr)}
 
 
-async def wait_all_full(clients: list[EventProc], n: int, timeout: float) -> float | None:
+async def wait_all_full(clients: list[KeepingProc], n: int, timeout: float) -> float | None:
     t = time.monotonic()
     while time.monotonic() - t < timeout:
         for c in clients:
@@ -237,7 +206,7 @@ async def wait_all_full(clients: list[EventProc], n: int, timeout: float) -> flo
     return None
 
 
-async def server_state(server: EventProc) -> dict:
+async def server_state(server: KeepingProc) -> dict:
     server.send(cmd="state")
     return await server.expect("state", 60)
 
@@ -249,9 +218,9 @@ async def run(args: argparse.Namespace, out_dir: Path) -> dict:
         argv.append(f"--tracemalloc={args.tracemalloc}")
     os.environ["XDS_SERVER_ADMIN_TOKENS"] = json.dumps(
         {"tokens": [{"name": "soak", "token": ADMIN_TOKEN, "role": "read"}]})
-    server = await EventProc.start("server", argv)
+    server = await KeepingProc.start("server", argv)
     del os.environ["XDS_SERVER_ADMIN_TOKENS"]
-    clients: list[EventProc] = []
+    clients: list[KeepingProc] = []
     report: dict = {"args": vars(args), "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                     "loadavg_start": os.getloadavg()}
     probe = None
@@ -271,7 +240,7 @@ async def run(args: argparse.Namespace, out_dir: Path) -> dict:
         n_total = sum(s for _, s in plan)
         t_sync = time.monotonic()
         for i, (mode, size) in enumerate(plan):
-            clients.append(await EventProc.start(f"client{i}-{mode}", [
+            clients.append(await KeepingProc.start(f"client{i}-{mode}", [
                 PY, str(BENCH / "loadclient.py"), f"--target=127.0.0.1:{port}", f"--streams={size}",
                 f"--mode={mode}", f"--node-prefix=s{i}", f"--sync-timeout={args.sync_timeout}",
                 "--resume", f"--give-up={args.give_up}", f"--sample-every={args.sample_every}",
