@@ -128,7 +128,8 @@ async def start_app(config: AppConfig) -> RunningApp:
 
         # Taken before anything starts: a busy admin port stops the start-up here, not after
         # the xDS server has accepted streams it would then cut.
-        admin_socket = bind_admin(config.admin.address)
+        admin_socket = bind_admin(config.admin.address,
+                                  any_port_if_taken=config.admin.any_port_if_taken)
     try:
         return await _start(config, host, admin_socket)
     except BaseException:

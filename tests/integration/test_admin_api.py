@@ -336,6 +336,9 @@ async def test_serve_enforces_tokens_and_never_logs_them(tmp_path: Path) -> None
                 assert r.status_code == 200 and r.json() == {"streams": 1, "proxies": ["cli-proxy.shop"]}
                 r = await http.post("/api/v1/push", json={"types": ["CDX"]}, headers=tokens.auth("admin"))
                 assert r.status_code == 422 and r.json()["fields"][0]["field"] == "types.0"
+                # No coercion: a number is not a boolean (found by the schema fuzzer).
+                r = await http.post("/api/v1/push", json={"resend": 0.0}, headers=tokens.auth("admin"))
+                assert r.status_code == 422 and r.json()["fields"][0]["field"] == "resend"
                 r = await http.post("/api/v1/push", json={"proxy": "nobody"}, headers=tokens.auth("admin"))
                 assert r.status_code == 404 and r.json()["fields"][0]["field"] == "proxy"
 

@@ -11,7 +11,10 @@ Status = Literal["SYNCED", "STALE", "NACKED", "NOT SENT"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: no unknown field and no coercion (`{"resend": 0.0}` is not `false`:
+    the document says boolean, so anything else is a 422 naming the field)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # Errors -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ an anonymous memfd, never a file on disk). The bearer token still decides the ro
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -32,15 +33,22 @@ from .settings import AdminSettings
 
 log = logging.getLogger("xds_server.admin")
 
-def bind_admin(address: str) -> socket.socket:
+def bind_admin(address: str, *, any_port_if_taken: bool = False) -> socket.socket:
     """The admin API's listening socket (bound early, so a taken port fails the start-up
-    before the xDS server accepts any stream). Raises OSError naming the flag."""
+    before the xDS server accepts any stream). Raises OSError naming the flag; with
+    `any_port_if_taken`, a port in use falls back to any free one (in the same bind, so two
+    processes starting together cannot both pass a check and then collide)."""
     host, port = parse_address(address, "--admin-address")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if not (any_port_if_taken and err.errno == errno.EADDRINUSE):
+                raise
+            sock.bind((host, 0))
     except OSError as err:
         sock.close()
         raise OSError(f"cannot listen on {address} (--admin-address): {err.strerror or err}") from None
@@ -80,7 +88,8 @@ class AdminServer:
         for name in ("uvicorn", "uvicorn.error"):
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.WARNING)
-        sock = sock or bind_admin(self.settings.address)
+        sock = sock or bind_admin(self.settings.address,
+                                  any_port_if_taken=self.settings.any_port_if_taken)
         self.host, self.port = sock.getsockname()[:2]
         await self._http.start(sock, self._ssl_context)
         log.info("admin API listening", extra={"address": self.address, "url": self.url,

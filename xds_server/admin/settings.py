@@ -21,6 +21,8 @@ class AdminSettings:
     # The largest request body, for every transfer encoding (a chunked body is counted as it
     # arrives), checked before the body is read or the caller authenticated.
     max_body_bytes: int = MAX_BODY_BYTES
+    # A taken port falls back to any free one (the demo, which prints the address it got).
+    any_port_if_taken: bool = False
     # The admin server's own identity when it serves mTLS (a SPIFFE ID under the trust domain).
     identity_namespace: str = "xds-system"
     identity_service_account: str = "xds-server"
