@@ -141,9 +141,10 @@ NON_DEFAULT = {
 # Fields decided by the app, not by an operator: mTLS is on exactly when certificates can be
 # issued (--auth other than none), and the mesh's trust domain is the CA's (--trust-domain).
 # Each `--workers` worker binds its ports with SO_REUSEPORT (workers.worker_config), never
-# a lone server.
+# a lone server. Only the demo lets a taken admin port fall back to a free one (it prints the
+# address it got); `serve` fails with the flag named.
 DERIVED = {(SecuritySettings, "mtls"), (SecuritySettings, "trust_domain"),
-           (ServerSettings, "reuse_port")}
+           (ServerSettings, "reuse_port"), (AdminSettings, "any_port_if_taken")}
 
 
 def _flags(tmp_path: Path) -> dict[str, dict[str, Any]]:
