@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from xds_server.cli import main
 from xds_server.config import ConfigError
@@ -18,9 +20,13 @@ from xds_server.shared.statekey import StateKey, load_state_key, parse_state_key
 
 def test_sealed_entry_opens_only_with_its_key_and_name() -> None:
     key = StateKey.generate()
-    blob = seal(key, "xds-server:ca", b"-----BEGIN PRIVATE KEY----- secret")
-    assert b"secret" not in blob and b"PRIVATE" not in blob
-    assert unseal(key, "xds-server:ca", blob) == b"-----BEGIN PRIVATE KEY----- secret"
+    # What the CA entry holds: a private key in PEM, made here (none is committed).
+    secret = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    blob = seal(key, "xds-server:ca", secret)
+    assert b"PRIVATE" not in blob and secret.splitlines()[1] not in blob
+    assert unseal(key, "xds-server:ca", blob) == secret
 
     with pytest.raises(SealError) as other:
         unseal(StateKey.generate(), "xds-server:ca", blob)
