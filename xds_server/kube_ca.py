@@ -37,7 +37,7 @@ from typing import Any
 from .ca.authority import CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, CertificateAuthority
 from .ca.tokens import TokenIssuer
 from .config import ConfigError
-from .shared_ca import SHARED_FILES, read_files, write_files
+from .shared_ca import SHARED_FILES, publish_on_change, read_files, write_files
 from .sources.kube_api import SECRET, ApiException, KubeApi, status_message
 
 log = logging.getLogger("xds_server.shared")
@@ -185,16 +185,7 @@ class SecretCA:
     def attach(self, authority: CertificateAuthority) -> None:
         """Write this replica's CA changes (rotation steps) back to the Secret."""
         self.authority = authority
-        previous = authority.changed
-
-        def changed(changed_authority: CertificateAuthority) -> None:
-            if previous is not None:
-                previous(changed_authority)
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.publish()))
-
-        authority.changed = changed
+        publish_on_change(authority, lambda: self._loop, self.publish)
 
     async def publish(self) -> None:
         async with self._lock:

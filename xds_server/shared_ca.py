@@ -32,6 +32,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .ca.authority import CA_CERT, CA_KEY, CERT_CHAIN, NEXT_CERT, NEXT_KEY, ROOT_CERT, CertificateAuthority
@@ -104,6 +105,23 @@ def decode(data: bytes) -> tuple[dict[str, bytes], int]:
         raise ValueError("the shared CA entry holds an oversized file")
     return files, generation
 
+
+
+def publish_on_change(authority: CertificateAuthority,
+                      loop_of: Callable[[], asyncio.AbstractEventLoop | None],
+                      publish: Callable[[], Awaitable[None]]) -> None:
+    """Chain `publish` onto the CA's change callback: a rotation step (run in a worker
+    thread) schedules the write of the shared copy on the owner's loop, once it runs."""
+    previous = authority.changed
+
+    def changed(changed_authority: CertificateAuthority) -> None:
+        if previous is not None:
+            previous(changed_authority)
+        loop = loop_of()
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(publish()))
+
+    authority.changed = changed
 
 class SharedCA:
     """Keeps `--ca-dir` equal to the shared `ca` entry on this replica (see the module doc)."""
@@ -200,16 +218,7 @@ class SharedCA:
     def attach(self, authority: CertificateAuthority) -> None:
         """Publish this replica's CA changes (rotation steps, new plugged-in files)."""
         self.authority = authority
-        previous = authority.changed
-
-        def changed(changed_authority: CertificateAuthority) -> None:
-            if previous is not None:
-                previous(changed_authority)
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.publish()))
-
-        authority.changed = changed
+        publish_on_change(authority, lambda: self._loop, self.publish)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
